@@ -1,0 +1,47 @@
+# pacs-xai: `make demo` runs the main job on the built-in demo model, `make test` runs the tests.
+# Both work from nothing: they create .venv, install what they need, then run.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# The CPU wheel of torch is installed first and pinned, so pip never pulls a CUDA build.
+TORCH  := torch==2.13.0
+SYSTEM_TOOLS := dciodvfy dcmdump dcmj2pnm storescu storescp echoscu
+SYSTEM_PACKAGES := dcmtk dicom3tools
+
+.PHONY: demo test train-demo system-deps clean help
+
+help:
+	@echo "make demo        explain phantom and real sample studies into demo-out/"
+	@echo "make test        run the test suite (installs DCMTK and dicom3tools when missing)"
+	@echo "make train-demo  retrain the shipped demo model (about 3 minutes on 2 cores)"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[test,demo,export]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pacs-xai demo run --out demo-out
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q
+
+train-demo: $(STAMP)
+	$(BIN)/pacs-xai demo train --out deploy/models/demo
+
+# The tests run the real DCMTK tools and dciodvfy; install them when they are missing.
+system-deps:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing $(SYSTEM_PACKAGES) (missing:$$missing)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null \
+	  || { echo "could not install $(SYSTEM_PACKAGES); install them with your package manager and run make test again"; exit 1; }; \
+	fi
+
+clean:
+	rm -rf demo-out test-artifacts .pytest_cache

@@ -1,0 +1,3 @@
+"""The running pacs-xai process: configuration, inference, explainers, CLI."""
+
+__version__ = "0.1.0"

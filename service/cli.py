@@ -1,0 +1,57 @@
+"""The ``pacs-xai`` command line.
+
+Every subcommand has ``--help`` with an example. Errors are one line that names the file and the
+reason; the exit code is 0 when everything worked, 1 when some input failed, 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from service import __version__
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pacs-xai",
+        formatter_class=_formatter,
+        description="Explain an image classifier's decisions on DICOM images and return them as DICOM objects.",
+        epilog="examples:\n  pacs-xai explain study/ --method gradcam --out results/ --png\n  pacs-xai demo run",
+    )
+    parser.add_argument("--version", action="version", version=f"pacs-xai {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (no patient data is logged)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from service.commands import demo as demo_commands
+    from service.commands import explain as explain_command
+
+    explain_command.register(commands, _formatter)
+    demo_commands.register(commands, _formatter)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.handler(args))
+
+
+def default_card_path() -> Path:
+    """The demo model's card shipped with the source tree (``deploy/models/demo/model.yaml``)."""
+    return Path(__file__).resolve().parents[1] / "deploy" / "models" / "demo" / "model.yaml"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``pacs-xai`` subcommand: argument parsing and printing, no domain logic."""

@@ -1,0 +1,119 @@
+"""``pacs-xai demo ...``: phantom data, training the demo model, and the end-to-end demo run."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from service.demo.phantoms import write_phantom_studies
+
+#: Real sample files used by ``demo run``: a CR chest radiograph (MONOCHROME1, JPEG 2000 lossless,
+#: from pydicom-data) that the demo model applies to, and a CT slice it does not apply to.
+REAL_SAMPLES = ("RG1_J2KR.dcm", "CT_small.dcm")
+
+
+def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="phantom data, demo model training, the demo run",
+        description="The built-in demo: synthetic chest radiographs and a classifier trained on them.",
+        epilog="examples:\n  pacs-xai demo run\n  pacs-xai demo train --out deploy/models/demo\n"
+        "  pacs-xai demo phantoms --out phantoms/ --count 9",
+        formatter_class=formatter,
+    )
+    sub = demo.add_subparsers(dest="demo_command", required=True, metavar="SUBCOMMAND")
+
+    run = sub.add_parser(
+        "run", formatter_class=formatter, help="explain phantom and real sample studies into demo-out/",
+        description="Generate phantom studies, take real sample files, explain them with Grad-CAM and "
+        "occlusion, write Secondary Captures and PNG previews, print a table.",
+        epilog="example:\n  pacs-xai demo run --out demo-out",
+    )
+    run.add_argument("--out", type=Path, default=Path("demo-out"), metavar="DIR", help="output folder (default: demo-out)")
+    run.add_argument("--method", action="append", dest="methods", metavar="NAME",
+                     help="explainer; repeat for several (default: gradcam and occlusion)")
+    run.set_defaults(handler=_run_demo)
+
+    train = sub.add_parser(
+        "train", formatter_class=formatter, help="train the demo model on phantoms (about 3 minutes on 2 cores)",
+        description="Train the demo CNN on phantom radiographs, print held-out accuracy, export ONNX + "
+        "TorchScript and write model.yaml with their sha256.",
+        epilog="example:\n  pacs-xai demo train --out deploy/models/demo",
+    )
+    train.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for demo.onnx, demo.pt, model.yaml")
+    train.add_argument("--epochs", type=int, default=None, metavar="N", help="training epochs (default: as shipped)")
+    train.add_argument("--seed", type=int, default=None, metavar="N", help="random seed (default: as shipped)")
+    train.set_defaults(handler=_train)
+
+    phantoms = sub.add_parser(
+        "phantoms", formatter_class=formatter, help="write phantom chest radiograph studies",
+        description="Write synthetic CR/DX chest studies (normal, nodule, effusion), one image each.",
+        epilog="example:\n  pacs-xai demo phantoms --out phantoms/ --count 9",
+    )
+    phantoms.add_argument("--out", type=Path, required=True, metavar="DIR")
+    phantoms.add_argument("--count", type=int, default=6, metavar="N", help="number of studies (default 6)")
+    phantoms.add_argument("--seed", type=int, default=0, metavar="N")
+    phantoms.set_defaults(handler=_phantoms)
+
+
+def _phantoms(args: argparse.Namespace) -> int:
+    for path, phantom in write_phantom_studies(args.out, studies=args.count, seed=args.seed):
+        print(f"{path}  {phantom.label}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from service.demo.train import TrainingSettings, main_progress, train
+
+    settings = TrainingSettings()
+    if args.epochs is not None:
+        settings = replace(settings, epochs=args.epochs)
+    if args.seed is not None:
+        settings = replace(settings, seed=args.seed)
+    report = train(args.out, settings, progress=main_progress)
+    per_class = ", ".join(f"{name} {acc:.1%}" for name, acc in report.per_class_accuracy.items())
+    print(f"held-out accuracy: {report.held_out_accuracy:.1%} ({per_class})")
+    for kind, path in report.files.items():
+        print(f"{kind}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    print(f"training took {report.seconds:.0f} s")
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from service.commands.explain import explain_paths, print_table
+    from service.cli import default_card_path
+    from service.inference.model import DeployedModel
+    from service.pipeline import ExplainPipeline
+
+    inputs = args.out / "input"
+    if inputs.exists():
+        shutil.rmtree(inputs)
+    print(f"writing phantom studies to {inputs}/", file=sys.stderr)
+    write_phantom_studies(inputs, studies=6)
+    for name in REAL_SAMPLES:
+        source = _sample_file(name)
+        if source is None:
+            print(f"note: sample {name} not found (install the 'demo' extra: pip install 'pacs-xai[demo]')", file=sys.stderr)
+        else:
+            shutil.copy(source, inputs / name)
+    model = DeployedModel.from_card_path(default_card_path())
+    print(f"model {model.card.name} {model.card.version} on {model.forward_runner.device}", file=sys.stderr)
+    pipeline = ExplainPipeline(model, methods=args.methods or ("gradcam", "occlusion"), outputs=("sc",))
+    rows, failures = explain_paths(pipeline, [inputs], args.out, png=True)
+    print_table(rows)
+    print(f"\nSecondary Captures and PNG previews: {args.out.resolve()}/")
+    return 1 if failures else 0
+
+
+def _sample_file(name: str) -> str | None:
+    from pydicom.data import get_testdata_file
+
+    try:
+        return get_testdata_file(name)
+    except (ValueError, OSError):
+        return None

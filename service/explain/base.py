@@ -1,0 +1,112 @@
+"""The explainer contract shared by every saliency method.
+
+- One class per method; settings in the constructor, validated there with messages that name
+  the value found.
+- ``explain(model, batch, targets)``: ``batch`` is float32 ``[B, C, H, W]`` (normalised model
+  input), ``targets`` holds one class index per sample; the result is a signed float32
+  ``[B, H, W]`` map at input resolution, raw scale (normalising and colour belong to the writers).
+- Batch-first: a batch with per-sample targets gives the same maps as B single runs.
+- ``model`` may always be a plain ``torch.nn.Module`` returning logits. Methods that need only
+  forward passes (``needs_gradients = False``) also take any :class:`~service.inference.runner.Runner`,
+  an ONNX Runtime model included.
+- No state kept between calls; hooks are released on every path.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import ClassVar, Union
+
+import numpy as np
+import torch
+
+from service.inference.runner import Runner
+
+ModelLike = Union[torch.nn.Module, Runner]
+ForwardFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ExplainerError(ValueError):
+    """An explainer cannot run with these settings, on this model, or on this input."""
+
+
+class Explainer(ABC):
+    """Base class of all saliency methods."""
+
+    #: Registry name, e.g. ``"gradcam"``.
+    name: ClassVar[str]
+    #: True when the method back-propagates (needs a torch module, not only a runner).
+    needs_gradients: ClassVar[bool]
+
+    def explain(self, model: ModelLike, batch: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
+        """Signed attribution maps ``[B, H, W]`` (float32) for ``targets`` on ``batch``."""
+        batch, target_tensor = check_batch_and_targets(batch, targets)
+        maps = self._explain(model, batch, target_tensor)
+        return maps.detach().to(torch.float32)
+
+    @abstractmethod
+    def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Method-specific work on a checked batch; ``targets`` is a long tensor ``[B]``."""
+
+
+def check_batch_and_targets(batch: torch.Tensor, targets: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check shapes and types of an explainer's input; return the batch and a long target tensor."""
+    if not isinstance(batch, torch.Tensor):
+        raise ExplainerError(f"batch must be a torch.Tensor [B, C, H, W], got {type(batch).__name__}")
+    if batch.ndim != 4:
+        raise ExplainerError(f"batch must have 4 dimensions [B, C, H, W], got shape {tuple(batch.shape)}")
+    if not batch.is_floating_point():
+        raise ExplainerError(f"batch must be floating point, got dtype {batch.dtype}")
+    target_tensor = torch.as_tensor(list(targets), dtype=torch.long, device=batch.device)
+    if target_tensor.ndim != 1 or target_tensor.numel() != batch.shape[0]:
+        raise ExplainerError(
+            f"need one target per sample: batch has {batch.shape[0]} samples, got {target_tensor.numel()} targets"
+        )
+    if (target_tensor < 0).any():
+        raise ExplainerError(f"targets must be class indices >= 0, got {target_tensor.tolist()}")
+    return batch, target_tensor
+
+
+def check_logits(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """Check that ``logits`` is ``[B, K]`` for the ``B`` targets and every target is below ``K``."""
+    if logits.ndim != 2 or logits.shape[0] != targets.numel():
+        raise ExplainerError(
+            f"model must return logits [B, K] with B = {targets.numel()}, got shape {tuple(logits.shape)}"
+        )
+    if targets.numel() and int(targets.max()) >= logits.shape[1]:
+        raise ExplainerError(
+            f"targets {targets.tolist()} out of range for a model with {logits.shape[1]} classes"
+        )
+
+
+def torch_module_of(model: ModelLike, method: str) -> torch.nn.Module:
+    """The differentiable module behind ``model``; a clear error when there is none (ONNX)."""
+    if isinstance(model, torch.nn.Module):
+        return model
+    module = getattr(model, "torch_module", None)
+    if isinstance(module, torch.nn.Module):
+        return module
+    raise ExplainerError(
+        f"{method} needs gradients, but the model runs on {type(model).__name__} without a torch module; "
+        "use a TorchScript/torch model card, or a forward-only method such as occlusion"
+    )
+
+
+def forward_function(model: ModelLike) -> ForwardFn:
+    """A no-grad forward pass ``[N, C, H, W] -> logits [N, K]`` for a torch module or a runner."""
+    if isinstance(model, torch.nn.Module):
+
+        def forward_torch(inputs: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return model(inputs)
+
+        return forward_torch
+    if isinstance(model, Runner):
+
+        def forward_runner(inputs: torch.Tensor) -> torch.Tensor:
+            logits = model.forward(np.ascontiguousarray(inputs.detach().cpu().numpy(), dtype=np.float32))
+            return torch.from_numpy(np.asarray(logits)).to(inputs.device)
+
+        return forward_runner
+    raise ExplainerError(f"model must be a torch.nn.Module or a Runner, got {type(model).__name__}")

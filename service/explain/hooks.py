@@ -1,0 +1,170 @@
+"""Access to a model's internals for the explainers: layer lookup, activation recording, eval mode.
+
+Everything here leaves the model as it found it: hooks and modes are released on every path,
+exceptions included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import torch
+from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.utils.hooks import RemovableHandle
+
+from service.explain.base import ExplainerError
+
+#: How many valid layer names an "unknown target layer" error lists.
+_NAMES_IN_ERROR = 10
+
+
+def _is_conv2d(module: nn.Module) -> bool:
+    """True for ``nn.Conv2d`` and for a TorchScript module compiled from one."""
+    if isinstance(module, nn.Conv2d):
+        return True
+    return isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", None) == "Conv2d"
+
+
+def resolve_module(model: nn.Module, target_layer: str | None) -> nn.Module:
+    """The submodule called ``target_layer`` (dotted name as in ``model.named_modules()``).
+
+    ``None`` picks the last ``nn.Conv2d`` in registration order (``model.modules()``), which is
+    the deepest convolution of a sequential CNN; name the layer explicitly where registration
+    order differs from execution order. Works on TorchScript modules too (lookup goes through
+    ``named_modules`` because ``get_submodule`` is not supported there).
+    """
+    modules = dict(model.named_modules())
+    if target_layer is None:
+        convs = [name for name, module in modules.items() if _is_conv2d(module)]
+        if not convs:
+            raise ExplainerError(
+                f"{type(model).__name__} has no Conv2d layer to default to; set target_layer to one of: "
+                f"{_some_names(modules)}"
+            )
+        return modules[convs[-1]]
+    if target_layer not in modules:
+        raise ExplainerError(
+            f"unknown target layer {target_layer!r} in {type(model).__name__}; valid names include: "
+            f"{_some_names(modules)}"
+        )
+    return modules[target_layer]
+
+
+def _some_names(modules: dict[str, nn.Module]) -> str:
+    """The last few non-root module names (the layers nearest the output), comma separated."""
+    names = [name for name in modules if name]
+    shown = names[-_NAMES_IN_ERROR:]
+    more = f" (and {len(names) - len(shown)} more)" if len(names) > len(shown) else ""
+    return (", ".join(repr(name) for name in shown) or "(none)") + more
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device of the module's first parameter or buffer; ``None`` when it has neither."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return None
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode; restore each one's own ``training`` flag on exit."""
+    saved = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in saved:
+            module.training = training
+
+
+@dataclass
+class LayerCall:
+    """One forward call of the recorded layer.
+
+    ``activation`` is a detached copy of the layer's output as the layer produced it (before
+    any in-place op downstream, e.g. ``ReLU(inplace=True)``); ``gradient`` is d(score)/d(output)
+    once a backward pass has reached the layer, same shape, else ``None``.
+    """
+
+    activation: torch.Tensor
+    edge: GradientEdge | None
+    gradient: torch.Tensor | None = None
+
+
+@dataclass
+class LayerRecorder:
+    """Context manager recording a module's forward outputs and the gradients flowing to them.
+
+    The forward hook copies the output and registers a tensor hook on it (not a module backward
+    hook): the tensor hook sees the gradient of the output as produced, even when a later
+    in-place op rewrites it, and each call of a reused module gets its own record. All hooks
+    are removed on exit, exceptions included. TorchScript modules cannot be hooked.
+    """
+
+    module: nn.Module
+    calls: list[LayerCall] = field(default_factory=list, init=False)
+    _handles: list[RemovableHandle] = field(default_factory=list, init=False, repr=False)
+
+    def __enter__(self) -> LayerRecorder:
+        if isinstance(self.module, torch.jit.ScriptModule):
+            raise ExplainerError(
+                f"cannot record layer {self.module.original_name} of a TorchScript module: torch does not "
+                "support hooks on ScriptModules; use an eager torch module or a forward-only method"
+            )
+        self.calls.clear()
+        self._handles.append(self.module.register_forward_hook(self._on_forward))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _on_forward(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+        if not isinstance(output, torch.Tensor):
+            raise ExplainerError(
+                f"layer {type(module).__name__} returns {type(output).__name__}, not a single tensor"
+            )
+        call = LayerCall(activation=output.detach().clone(), edge=None)
+        if output.requires_grad:
+            call.edge = get_gradient_edge(output)
+
+            def store_gradient(gradient: torch.Tensor) -> None:
+                call.gradient = gradient.detach()
+
+            self._handles.append(output.register_hook(store_gradient))
+        self.calls.append(call)
+
+    def only_call(self) -> LayerCall:
+        """The single recorded call; an error when the layer ran zero or several times."""
+        if len(self.calls) != 1:
+            raise ExplainerError(
+                f"layer {type(self.module).__name__} ran {len(self.calls)} times in one forward pass; "
+                "choose a target layer that runs exactly once"
+            )
+        return self.calls[0]
+
+    def backprop(self, score: torch.Tensor) -> None:
+        """Back-propagate the scalar ``score`` down to the recorded layer and no further.
+
+        Uses ``torch.autograd.grad`` with the layer's gradient edges as inputs, so nothing is
+        accumulated in any ``.grad`` and the layers before the target are not differentiated.
+        The gradients land in ``calls[i].gradient`` through the tensor hooks.
+        """
+        edges = [call.edge for call in self.calls if call.edge is not None]
+        if not edges:
+            raise ExplainerError(f"output of layer {type(self.module).__name__} does not require gradients")
+        torch.autograd.grad(score, edges, allow_unused=True)
+        if any(call.gradient is None for call in self.calls):
+            raise ExplainerError(f"the target score does not depend on layer {type(self.module).__name__}")

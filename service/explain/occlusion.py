@@ -1,0 +1,118 @@
+"""Occlusion: slide a baseline-filled square over the image and watch the target score drop."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from contextlib import nullcontext
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from service.explain.base import (
+    Explainer,
+    ExplainerError,
+    ForwardFn,
+    ModelLike,
+    check_logits,
+    forward_function,
+)
+from service.explain.hooks import eval_mode, module_device
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ExplainerError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def window_masks(size: int, window: int, stride: int, device: torch.device) -> torch.Tensor:
+    """Boolean ``[n, size]``: which positions of one axis each window position covers.
+
+    Windows start at ``0, stride, 2*stride, ...``, ``n = ceil((size - window) / stride) + 1``
+    of them, as in Captum; when ``size - window`` is not a multiple of ``stride`` the last
+    window runs past the border and is cropped there (it is not shifted back inside).
+    """
+    count = -(-(size - window) // stride) + 1
+    starts = torch.arange(count, device=device)[:, None] * stride
+    positions = torch.arange(size, device=device)[None, :]
+    return (positions >= starts) & (positions < starts + window)
+
+
+class Occlusion(Explainer):
+    """Occlusion (Zeiler & Fergus, 2014) with the semantics of Captum's ``Occlusion``.
+
+    A ``window`` x ``window`` square through all channels is set to ``baseline`` (normalised
+    input units) at every window position (see :func:`window_masks`). A pixel's value is the mean,
+    over the windows covering it, of ``f(x)[target] - f(x_occluded)[target]``: target-logit units,
+    positive where hiding the region lowers the target score. Forward passes only, so any runner
+    works; the occluded inputs of the whole batch go through the model ``chunk_size`` at a time.
+    """
+
+    name: ClassVar[str] = "occlusion"
+    needs_gradients: ClassVar[bool] = False
+
+    def __init__(self, window: int = 16, stride: int = 8, baseline: float = 0.0, chunk_size: int = 64) -> None:
+        self.window = _positive_int("window", window)
+        self.stride = _positive_int("stride", stride)
+        self.chunk_size = _positive_int("chunk_size", chunk_size)
+        if self.stride > self.window:
+            raise ExplainerError(
+                f"stride ({self.stride}) must not exceed window ({self.window}): pixels between windows "
+                "would get no attribution"
+            )
+        if isinstance(baseline, bool) or not isinstance(baseline, numbers.Real) or not math.isfinite(baseline):
+            raise ExplainerError(f"baseline must be a finite number, got {baseline!r}")
+        self.baseline = float(baseline)
+
+    def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        height, width = batch.shape[-2:]
+        if self.window > min(height, width):
+            raise ExplainerError(f"window ({self.window}) is larger than the {height}x{width} image")
+        device = module_device(model) if isinstance(model, nn.Module) else None
+        inputs = batch.detach().to(device if device is not None else batch.device)
+        targets = targets.to(inputs.device)
+        rows = window_masks(height, self.window, self.stride, inputs.device)
+        cols = window_masks(width, self.window, self.stride, inputs.device)
+        with eval_mode(model) if isinstance(model, nn.Module) else nullcontext():
+            drops = self._score_drops(forward_function(model), inputs, targets, rows, cols)
+        total = torch.einsum("bij,ih,jw->bhw", drops, rows.to(drops.dtype), cols.to(drops.dtype))
+        # Every pixel is covered when stride <= window; the clamp only keeps the division safe.
+        covering = rows.sum(dim=0)[:, None] * cols.sum(dim=0)[None, :]
+        return (total / covering.clamp_min(1)).to(batch.device)
+
+    def _score_drops(
+        self,
+        forward: ForwardFn,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+    ) -> torch.Tensor:
+        """``[B, n_rows, n_cols]``: target score of each image minus that with each window occluded."""
+        clean = torch.cat(
+            [
+                self._target_scores(forward, part, part_targets)
+                for part, part_targets in zip(inputs.split(self.chunk_size), targets.split(self.chunk_size))
+            ]
+        )
+        n_rows, n_cols = rows.shape[0], cols.shape[0]
+        per_image = n_rows * n_cols
+        drops = torch.empty(inputs.shape[0] * per_image, dtype=clean.dtype, device=inputs.device)
+        for start in range(0, drops.numel(), self.chunk_size):
+            stop = min(start + self.chunk_size, drops.numel())
+            # Flat index k -> (image k // per_image, window k % per_image); chunks cross image borders.
+            index = torch.arange(start, stop, device=inputs.device)
+            image, position = index // per_image, index % per_image
+            mask = rows[position // n_cols][:, :, None] & cols[position % n_cols][:, None, :]
+            occluded = torch.where(mask[:, None], self.baseline, inputs[image])
+            drops[start:stop] = clean[image] - self._target_scores(forward, occluded, targets[image])
+        return drops.view(inputs.shape[0], n_rows, n_cols)
+
+    @staticmethod
+    def _target_scores(forward: ForwardFn, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Each input's logit at its own target, ``[N]``."""
+        logits = forward(inputs)
+        check_logits(logits, targets)
+        return logits.gather(1, targets[:, None])[:, 0]

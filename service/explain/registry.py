@@ -1,0 +1,42 @@
+"""Registry names -> explainer classes.
+
+The table is a read-only mapping built from explicit imports: adding a method means adding one
+line here, and nothing can change the registry at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from service.explain.base import Explainer, ExplainerError
+from service.explain.cam import GradCAM
+from service.explain.occlusion import Occlusion
+
+_EXPLAINERS: Mapping[str, type[Explainer]] = MappingProxyType(
+    {cls.name: cls for cls in (GradCAM, Occlusion)}
+)
+
+
+def available_explainers() -> tuple[str, ...]:
+    """The registry names, sorted."""
+    return tuple(sorted(_EXPLAINERS))
+
+
+def explainer_class(name: str) -> type[Explainer]:
+    """The class registered as ``name``; a clear error listing the names when there is none."""
+    try:
+        return _EXPLAINERS[name]
+    except KeyError:
+        raise ExplainerError(
+            f"unknown explainer {name!r}; available: {', '.join(available_explainers())}"
+        ) from None
+
+
+def get_explainer(name: str, **params: object) -> Explainer:
+    """A configured explainer; ``params`` go to the method's constructor and are validated there."""
+    cls = explainer_class(name)
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise ExplainerError(f"bad settings for explainer {name!r}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Model cards and the runners that execute them (ONNX Runtime, TorchScript/torch)."""

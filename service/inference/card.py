@@ -1,0 +1,210 @@
+"""The model card: a YAML file beside the weights that says what the model is and how to feed it.
+
+A card is validated completely when it is loaded (schema, files present, sha256 of each weight
+file), so a wrong card stops the node at start-up, not at the first study. Whether the class list
+matches the model's output size is checked when a runner loads the weights
+(:func:`service.inference.runners.load_runner`).
+
+Example (``deploy/models/demo/model.yaml``)::
+
+    name: pacs-xai-demo-chest
+    version: 1.0.0
+    weights:
+      onnx: {file: demo.onnx, sha256: 3f1c...}
+      torchscript: {file: demo.pt, sha256: 9ab2...}
+      torch: {file: demo.pth, sha256: 41d0..., architecture: "service.demo.model:DemoNet"}
+    input: {channels: 1, rows: 224, columns: 224, aspect: letterbox, windowing: dicom,
+            mean: [0.5], std: [0.25]}
+    output: {activation: softmax, classes: [normal, nodule, effusion]}
+    target_layer: features.block4
+    applies_to: {modalities: [CR, DX], body_parts: [CHEST]}
+    defaults: {methods: [gradcam], outputs: [sc]}
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dicom_io.pixels import InputSpec
+
+#: onnx: ONNX Runtime, forward only. torchscript: a scripted module. torch: a state dict loaded
+#: into an eager ``nn.Module`` named by ``architecture``; the form CAM methods need, because
+#: TorchScript modules take no forward hooks.
+Runtime = Literal["onnx", "torchscript", "torch"]
+
+
+class ModelCardError(ValueError):
+    """The model card or its weight files are wrong; the message names the value and the file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WeightsFile(_Strict):
+    """One serialised form of the model."""
+
+    file: str = Field(description="Path of the weights, relative to the card's folder.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Lower-case hex SHA-256 of the file.")
+    architecture: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="For runtime torch: 'package.module:ClassName', built as Class(num_classes=K, in_channels=C).",
+    )
+
+
+class InputSection(_Strict):
+    """What the model takes: size, channels, pixel policy, normalisation (x - mean) / std."""
+
+    channels: Literal[1, 3] = 1
+    rows: int = Field(gt=0, le=4096)
+    columns: int = Field(gt=0, le=4096)
+    aspect: Literal["letterbox", "stretch"] = "letterbox"
+    windowing: Literal["dicom", "percentile"] = "dicom"
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    @model_validator(mode="after")
+    def _normalisation_per_channel(self) -> "InputSection":
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, self.channels):
+                raise ValueError(f"input.{name} has {len(values)} values; give 1 or {self.channels} (one per channel)")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"input.std must be > 0, got {list(self.std)}")
+        return self
+
+    def spec(self) -> InputSpec:
+        """The pixel pipeline's view of this section."""
+        return InputSpec(
+            rows=self.rows, columns=self.columns, channels=self.channels,
+            aspect=self.aspect, windowing=self.windowing,
+        )
+
+
+class OutputSection(_Strict):
+    """What the model returns: logits for ``classes``, turned into probabilities by ``activation``."""
+
+    activation: Literal["softmax", "sigmoid"] = "softmax"
+    classes: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, classes: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"output.classes has duplicates: {list(classes)}")
+        return classes
+
+
+class AppliesTo(_Strict):
+    """Which series the model is meant for; an empty list means any value."""
+
+    modalities: tuple[str, ...] = ()
+    sop_classes: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+
+
+class Defaults(_Strict):
+    """Explainers and output kinds produced when the configuration names none."""
+
+    methods: tuple[str, ...] = ("gradcam",)
+    outputs: tuple[str, ...] = ("sc",)
+
+
+class ModelCard(_Strict):
+    """A validated model card. Use :meth:`load`; ``folder`` is where the weight paths resolve."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    version: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._+-]+$")
+    description: str = ""
+    weights: dict[Runtime, WeightsFile] = Field(min_length=1)
+    input: InputSection
+    output: OutputSection
+    target_layer: str | None = Field(default=None, description="Layer for CAM-family explainers (dotted module name).")
+    applies_to: AppliesTo = AppliesTo()
+    defaults: Defaults = Defaults()
+    folder: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _torch_weights_name_their_architecture(self) -> "ModelCard":
+        torch_weights = self.weights.get("torch")
+        if torch_weights is not None and torch_weights.architecture is None:
+            raise ValueError("weights.torch needs 'architecture: package.module:ClassName' to rebuild the module")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelCard":
+        """Read, validate and check the weight files of the card at ``path``."""
+        card_path = Path(path)
+        if card_path.is_dir():
+            card_path = card_path / "model.yaml"
+        try:
+            raw = yaml.safe_load(card_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelCardError(f"model card not found: {card_path}") from None
+        except yaml.YAMLError as exc:
+            raise ModelCardError(f"model card {card_path} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ModelCardError(f"model card {card_path} must be a YAML mapping, got {type(raw).__name__}")
+        try:
+            card = cls(**raw, folder=card_path.parent)
+        except ValidationError as exc:
+            raise ModelCardError(f"model card {card_path} is invalid:\n{_explain(exc)}") from None
+        card.verify_weights()
+        return card
+
+    def weights_path(self, runtime: Runtime) -> Path:
+        """Absolute path of the weights for ``runtime``; a clear error if the card has none."""
+        if runtime not in self.weights:
+            raise ModelCardError(
+                f"model card {self.name} has no {runtime!r} weights; it has: {', '.join(sorted(self.weights))}"
+            )
+        return (self.folder / self.weights[runtime].file).resolve()
+
+    def verify_weights(self) -> None:
+        """Every weight file exists and has the sha256 the card states."""
+        for runtime, entry in self.weights.items():
+            path = self.weights_path(runtime)
+            if not path.is_file():
+                raise ModelCardError(f"model card {self.name}: {runtime} weights file missing: {path}")
+            digest = sha256_of(path)
+            if digest != entry.sha256:
+                raise ModelCardError(
+                    f"model card {self.name}: sha256 of {path} is {digest}, the card says {entry.sha256}; "
+                    "the weights changed without a new card (retrain or update the card)"
+                )
+
+    def applies_to_dataset(self, modality: str, sop_class_uid: str, body_part: str) -> str | None:
+        """``None`` when the model applies to a series with these attributes, else the reason it does not."""
+        rules = self.applies_to
+        if rules.modalities and modality not in rules.modalities:
+            return f"modality {modality or '(none)'} not in {list(rules.modalities)}"
+        if rules.sop_classes and sop_class_uid not in rules.sop_classes:
+            return f"SOP class {sop_class_uid} not in the card's list"
+        if rules.body_parts and body_part.upper() not in rules.body_parts:
+            return f"body part {body_part or '(none)'} not in {list(rules.body_parts)}"
+        return None
+
+
+def sha256_of(path: Path) -> str:
+    """Lower-case hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _explain(exc: ValidationError) -> str:
+    """One line per problem: where in the card, what is wrong, the value found."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        found = error.get("input")
+        shown = repr(found) if not isinstance(found, dict) else "{...}"
+        lines.append(f"  - {where}: {error['msg']} (found {shown[:80]})")
+    return "\n".join(lines)
