@@ -46,8 +46,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pydicom
@@ -82,9 +83,7 @@ logger = logging.getLogger(__name__)
 _GRAYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
 _PALETTE = "PALETTE COLOR"
 # Three-sample interpretations whose decoders hand back RGB (or YBR_FULL[_422] that we convert).
-_COLOUR = frozenset(
-    {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420", "YBR_PARTIAL_422"}
-)
+_COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420", "YBR_PARTIAL_422"})
 _SUPPORTED_TEXT = "MONOCHROME1, MONOCHROME2, PALETTE COLOR, RGB, YBR_FULL, YBR_FULL_422, YBR_RCT, YBR_ICT"
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float64)
@@ -147,18 +146,13 @@ class InputSpec:
             object.__setattr__(self, name, int(value))
         if isinstance(self.channels, bool) or self.channels not in (1, 3):
             raise ValueError(
-                f"InputSpec.channels must be 1 or 3, got {self.channels!r}; fix the input "
-                "channels in the model card"
+                f"InputSpec.channels must be 1 or 3, got {self.channels!r}; fix the input channels in the model card"
             )
         object.__setattr__(self, "channels", int(self.channels))
         if self.aspect not in ("letterbox", "stretch"):
-            raise ValueError(
-                f"InputSpec.aspect must be 'letterbox' or 'stretch', got {self.aspect!r}"
-            )
+            raise ValueError(f"InputSpec.aspect must be 'letterbox' or 'stretch', got {self.aspect!r}")
         if self.windowing not in ("dicom", "percentile"):
-            raise ValueError(
-                f"InputSpec.windowing must be 'dicom' or 'percentile', got {self.windowing!r}"
-            )
+            raise ValueError(f"InputSpec.windowing must be 'dicom' or 'percentile', got {self.windowing!r}")
         try:
             low, high = (float(v) for v in self.percentiles)
         except (TypeError, ValueError):
@@ -166,9 +160,7 @@ class InputSpec:
                 f"InputSpec.percentiles must be two numbers (low, high), got {self.percentiles!r}"
             ) from None
         if not (0.0 <= low < high <= 100.0):
-            raise ValueError(
-                f"InputSpec.percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles!r}"
-            )
+            raise ValueError(f"InputSpec.percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles!r}")
         object.__setattr__(self, "percentiles", (low, high))
 
 
@@ -201,9 +193,7 @@ class GridMapping:
         rows, cols = (int(v) for v in source_shape)
         height, width = (int(v) for v in model_shape)
         if min(rows, cols, height, width) <= 0:
-            raise ValueError(
-                f"grid sizes must be positive, got source {source_shape} and model {model_shape}"
-            )
+            raise ValueError(f"grid sizes must be positive, got source {source_shape} and model {model_shape}")
         if aspect == "stretch":
             box = (0.0, 0.0, float(height), float(width))
         elif aspect == "letterbox":
@@ -288,9 +278,7 @@ def _covered_pixels(offset: float, extent: float, size: int) -> tuple[int, int]:
     return first, stop
 
 
-def _clamp_box(
-    box: tuple[float, float, float, float], shape: tuple[int, ...]
-) -> tuple[float, float, float, float]:
+def _clamp_box(box: tuple[float, float, float, float], shape: tuple[int, ...]) -> tuple[float, float, float, float]:
     """Keep a Pillow (left, upper, right, lower) box inside an image of ``shape`` [rows, cols]."""
     rows, cols = shape[0], shape[1]
     left = min(max(box[0], 0.0), cols)
@@ -303,9 +291,7 @@ def _clamp_box(
 def _as_float_image(image: np.ndarray, shape: tuple[int, int], what: str) -> np.ndarray:
     array = np.asarray(image)
     if array.shape != tuple(shape):
-        raise ValueError(
-            f"expected a {what}-grid image of shape {tuple(shape)}, got shape {array.shape}"
-        )
+        raise ValueError(f"expected a {what}-grid image of shape {tuple(shape)}, got shape {array.shape}")
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
@@ -451,9 +437,7 @@ def prepare_frames(ds: pydicom.Dataset, spec: InputSpec) -> list[PreparedFrame]:
     return frames
 
 
-def window_to_unit(
-    ds: pydicom.Dataset, frame: np.ndarray, spec: InputSpec, *, frame_index: int = 0
-) -> np.ndarray:
+def window_to_unit(ds: pydicom.Dataset, frame: np.ndarray, spec: InputSpec, *, frame_index: int = 0) -> np.ndarray:
     """One grayscale frame of stored values -> modality LUT -> VOI -> float32 [0, 1].
 
     ``frame`` holds the stored pixel values of one frame as decoded (before any LUT).
@@ -563,7 +547,10 @@ def _window_to_unit(values: np.ndarray, view: Dataset, where: str) -> np.ndarray
     except ValueError as exc:
         logger.warning(
             "%s: Window Center %s / Width %s unusable (%s); using the percentile stretch",
-            where, center, width, exc,
+            where,
+            center,
+            width,
+            exc,
         )
         return None
     return np.asarray(windowed, dtype=np.float64) / 65535.0
@@ -632,9 +619,7 @@ def _override(view: Dataset, group: Dataset, sequence_keyword: str, keywords: tu
 # --------------------------------------------------------------------------------------------
 
 
-def _decoded_frames(
-    ds: Dataset, count: int, where: str
-) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+def _decoded_frames(ds: Dataset, count: int, where: str) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
     """Decode one frame at a time, turning every decoder failure into a DicomInputError."""
     tsuid = _transfer_syntax(ds)
     if tsuid is None:
@@ -770,8 +755,7 @@ def _number_of_frames(ds: Dataset, where: str) -> int:
         count = int(value)
     except (TypeError, ValueError):
         raise DicomInputError(
-            f"{where}: Number of Frames (0028,0008) is {str(value)!r}, not a whole number; "
-            "fix the file at its source"
+            f"{where}: Number of Frames (0028,0008) is {str(value)!r}, not a whole number; fix the file at its source"
         ) from None
     if count < 0:
         raise DicomInputError(f"{where}: Number of Frames (0028,0008) is {count}; fix the file at its source")

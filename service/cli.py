@@ -10,7 +10,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from service import __version__
 
@@ -46,11 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     return int(args.handler(args))
-
-
-def default_card_path() -> Path:
-    """The demo model's card shipped with the source tree (``deploy/models/demo/model.yaml``)."""
-    return Path(__file__).resolve().parents[1] / "deploy" / "models" / "demo" / "model.yaml"
 
 
 if __name__ == "__main__":

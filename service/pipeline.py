@@ -81,8 +81,7 @@ class ExplainPipeline:
         self.enforce_applies_to = enforce_applies_to
         params = method_params or {}
         self.explainers: dict[str, Explainer] = {
-            method: get_explainer(method, **_card_params(model, method), **params.get(method, {}))
-            for method in methods
+            method: get_explainer(method, **_card_params(model, method), **params.get(method, {})) for method in methods
         }
 
     def process(self, ds: Dataset) -> DatasetResult:

@@ -320,9 +320,7 @@ def _orientation_letters(vector: Iterable[float]) -> str:
     letters = (("L", "R"), ("P", "A"), ("H", "F"))
     components = [float(v) for v in vector]
     order = sorted(range(3), key=lambda axis: -abs(components[axis]))
-    return "".join(
-        letters[axis][0 if components[axis] > 0 else 1] for axis in order if abs(components[axis]) > 1e-4
-    )
+    return "".join(letters[axis][0 if components[axis] > 0 else 1] for axis in order if abs(components[axis]) > 1e-4)
 
 
 def _image_orientation(source: Dataset, frame_index: int) -> list[float] | None:

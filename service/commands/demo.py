@@ -27,29 +27,44 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
     sub = demo.add_subparsers(dest="demo_command", required=True, metavar="SUBCOMMAND")
 
     run = sub.add_parser(
-        "run", formatter_class=formatter, help="explain phantom and real sample studies into demo-out/",
+        "run",
+        formatter_class=formatter,
+        help="explain phantom and real sample studies into demo-out/",
         description="Generate phantom studies, take real sample files, explain them with Grad-CAM and "
         "occlusion, write Secondary Captures and PNG previews, print a table.",
         epilog="example:\n  pacs-xai demo run --out demo-out",
     )
-    run.add_argument("--out", type=Path, default=Path("demo-out"), metavar="DIR", help="output folder (default: demo-out)")
-    run.add_argument("--method", action="append", dest="methods", metavar="NAME",
-                     help="explainer; repeat for several (default: gradcam and occlusion)")
+    run.add_argument(
+        "--out", type=Path, default=Path("demo-out"), metavar="DIR", help="output folder (default: demo-out)"
+    )
+    run.add_argument(
+        "--method",
+        action="append",
+        dest="methods",
+        metavar="NAME",
+        help="explainer; repeat for several (default: gradcam and occlusion)",
+    )
     run.set_defaults(handler=_run_demo)
 
     train = sub.add_parser(
-        "train", formatter_class=formatter, help="train the demo model on phantoms (about 3 minutes on 2 cores)",
+        "train",
+        formatter_class=formatter,
+        help="train the demo model on phantoms (about 3 minutes on 2 cores)",
         description="Train the demo CNN on phantom radiographs, print held-out accuracy, export ONNX + "
         "TorchScript and write model.yaml with their sha256.",
         epilog="example:\n  pacs-xai demo train --out deploy/models/demo",
     )
-    train.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for demo.onnx, demo.pt, model.yaml")
+    train.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="folder for demo.onnx, demo.pt, model.yaml"
+    )
     train.add_argument("--epochs", type=int, default=None, metavar="N", help="training epochs (default: as shipped)")
     train.add_argument("--seed", type=int, default=None, metavar="N", help="random seed (default: as shipped)")
     train.set_defaults(handler=_train)
 
     phantoms = sub.add_parser(
-        "phantoms", formatter_class=formatter, help="write phantom chest radiograph studies",
+        "phantoms",
+        formatter_class=formatter,
+        help="write phantom chest radiograph studies",
         description="Write synthetic CR/DX chest studies (normal, nodule, effusion), one image each.",
         epilog="example:\n  pacs-xai demo phantoms --out phantoms/ --count 9",
     )
@@ -86,7 +101,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from service.commands.explain import explain_paths, print_table
-    from service.cli import default_card_path
+    from service.demo import demo_card_path
     from service.inference.model import DeployedModel
     from service.pipeline import ExplainPipeline
 
@@ -98,10 +113,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     for name in REAL_SAMPLES:
         source = _sample_file(name)
         if source is None:
-            print(f"note: sample {name} not found (install the 'demo' extra: pip install 'pacs-xai[demo]')", file=sys.stderr)
+            print(
+                f"note: sample {name} not found (install the 'demo' extra: pip install 'pacs-xai[demo]')",
+                file=sys.stderr,
+            )
         else:
             shutil.copy(source, inputs / name)
-    model = DeployedModel.from_card_path(default_card_path())
+    model = DeployedModel.from_card_path(demo_card_path())
     print(f"model {model.card.name} {model.card.version} on {model.forward_runner.device}", file=sys.stderr)
     pipeline = ExplainPipeline(model, methods=args.methods or ("gradcam", "occlusion"), outputs=("sc",))
     rows, failures = explain_paths(pipeline, [inputs], args.out, png=True)

@@ -33,15 +33,31 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         epilog=EXAMPLES.format(methods=", ".join(available_explainers())),
         formatter_class=formatter,
     )
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="DICOM files or folders (searched recursively)")
-    parser.add_argument("--method", action="append", dest="methods", metavar="NAME",
-                        help="explainer registry name; repeat for several (default: the model card's)")
-    parser.add_argument("--outputs", default=None, metavar="LIST",
-                        help=f"comma-separated output kinds, from: {', '.join(WRITERS)} (default: the card's)")
+    parser.add_argument(
+        "paths", nargs="+", type=Path, metavar="PATH", help="DICOM files or folders (searched recursively)"
+    )
+    parser.add_argument(
+        "--method",
+        action="append",
+        dest="methods",
+        metavar="NAME",
+        help="explainer registry name; repeat for several (default: the model card's)",
+    )
+    parser.add_argument(
+        "--outputs",
+        default=None,
+        metavar="LIST",
+        help=f"comma-separated output kinds, from: {', '.join(WRITERS)} (default: the card's)",
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the written objects")
     parser.add_argument("--png", action="store_true", help="also write a PNG preview of every Secondary Capture")
-    parser.add_argument("--model", type=Path, default=None, metavar="CARD",
-                        help="model card YAML or its folder (default: the built-in demo model)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="CARD",
+        help="model card YAML or its folder (default: the built-in demo model)",
+    )
     parser.add_argument("--force", action="store_true", help="explain images the card's applies_to rules exclude")
     parser.set_defaults(handler=run)
 
@@ -59,10 +75,10 @@ class Row:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.cli import default_card_path
+    from service.demo import demo_card_path
 
     try:
-        model = DeployedModel.from_card_path(args.model or default_card_path())
+        model = DeployedModel.from_card_path(args.model or demo_card_path())
         pipeline = ExplainPipeline(
             model,
             methods=args.methods or model.card.defaults.methods,
@@ -79,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def explain_paths(pipeline: ExplainPipeline, paths: Sequence[Path], out_dir: Path, *, png: bool) -> tuple[list[Row], int]:
+def explain_paths(
+    pipeline: ExplainPipeline, paths: Sequence[Path], out_dir: Path, *, png: bool
+) -> tuple[list[Row], int]:
     """Explain every file under ``paths``; one bad file prints an error line and the rest go on."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
@@ -128,7 +146,9 @@ def result_rows(path: Path, result: DatasetResult) -> list[Row]:
     predicted = first.class_name if frames == 1 else f"{first.class_name} (+{frames - 1} frames)"
     shared_ms = result.timings_ms.get("prepare", 0.0) + result.timings_ms.get("infer", 0.0)
     for method in {output.method for output in result.outputs} or {""}:
-        ms = shared_ms + result.timings_ms.get(f"explain:{method}", 0.0) + result.timings_ms.get(f"encode:{method}", 0.0)
+        ms = (
+            shared_ms + result.timings_ms.get(f"explain:{method}", 0.0) + result.timings_ms.get(f"encode:{method}", 0.0)
+        )
         rows.append(Row(path.name, result.modality, predicted, f"{first.probability:.3f}", method, f"{ms:.0f}"))
     return sorted(rows, key=lambda row: row.method)
 

@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 CLASSES: tuple[str, ...] = ("normal", "nodule", "effusion")
@@ -42,6 +42,7 @@ PIXEL_SPACING_MM = 0.8
 
 Modality = Literal["CR", "DX"]
 Photometric = Literal["MONOCHROME2", "MONOCHROME1"]
+
 
 @dataclass(frozen=True)
 class Phantom:
@@ -123,8 +124,13 @@ def write_phantom_studies(
         modality: Modality = "CR" if index % 2 == 0 else "DX"
         photometric: Photometric = "MONOCHROME1" if index % 4 == 1 else "MONOCHROME2"
         phantom = make_phantom(
-            index, CLASSES[index % len(CLASSES)], seed=seed, rows=rows, cols=cols,
-            modality=modality, photometric=photometric,
+            index,
+            CLASSES[index % len(CLASSES)],
+            seed=seed,
+            rows=rows,
+            cols=cols,
+            modality=modality,
+            photometric=photometric,
         )
         path = out / f"phantom-{index:03d}-{phantom.label}-{modality}.dcm"
         phantom.dataset.save_as(path, enforce_file_format=True)
@@ -174,7 +180,7 @@ def _chest_density(rng: np.random.Generator, a: _Anatomy) -> tuple[np.ndarray, n
     # Ribs: curved bright bands across each lung field.
     spacing = a.lung_radii[0] * 2 / 8.5
     rib_phase = rng.uniform(0, spacing)
-    for (cy, cx) in a.lung_centres:
+    for cy, cx in a.lung_centres:
         curve = ((xx - cx) / a.lung_radii[1]) ** 2 * spacing * 0.9
         band = np.mod(yy - (cy - a.lung_radii[0]) - rib_phase + curve, spacing)
         ribs = (band < spacing * 0.35) & lungs & (np.abs(xx - cx) < a.lung_radii[1] * 1.05)

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import ClassVar, Union
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from service.inference.runner import Runner
 
-ModelLike = Union[torch.nn.Module, Runner]
+ModelLike = torch.nn.Module | Runner
 ForwardFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -75,9 +75,7 @@ def check_logits(logits: torch.Tensor, targets: torch.Tensor) -> None:
             f"model must return logits [B, K] with B = {targets.numel()}, got shape {tuple(logits.shape)}"
         )
     if targets.numel() and int(targets.max()) >= logits.shape[1]:
-        raise ExplainerError(
-            f"targets {targets.tolist()} out of range for a model with {logits.shape[1]} classes"
-        )
+        raise ExplainerError(f"targets {targets.tolist()} out of range for a model with {logits.shape[1]} classes")
 
 
 def torch_module_of(model: ModelLike, method: str) -> torch.nn.Module:

@@ -133,9 +133,7 @@ class LayerRecorder:
 
     def _on_forward(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
         if not isinstance(output, torch.Tensor):
-            raise ExplainerError(
-                f"layer {type(module).__name__} returns {type(output).__name__}, not a single tensor"
-            )
+            raise ExplainerError(f"layer {type(module).__name__} returns {type(output).__name__}, not a single tensor")
         call = LayerCall(activation=output.detach().clone(), edge=None)
         if output.requires_grad:
             call.edge = get_gradient_edge(output)

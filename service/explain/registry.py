@@ -13,9 +13,7 @@ from service.explain.base import Explainer, ExplainerError
 from service.explain.cam import GradCAM
 from service.explain.occlusion import Occlusion
 
-_EXPLAINERS: Mapping[str, type[Explainer]] = MappingProxyType(
-    {cls.name: cls for cls in (GradCAM, Occlusion)}
-)
+_EXPLAINERS: Mapping[str, type[Explainer]] = MappingProxyType({cls.name: cls for cls in (GradCAM, Occlusion)})
 
 
 def available_explainers() -> tuple[str, ...]:
@@ -28,9 +26,7 @@ def explainer_class(name: str) -> type[Explainer]:
     try:
         return _EXPLAINERS[name]
     except KeyError:
-        raise ExplainerError(
-            f"unknown explainer {name!r}; available: {', '.join(available_explainers())}"
-        ) from None
+        raise ExplainerError(f"unknown explainer {name!r}; available: {', '.join(available_explainers())}") from None
 
 
 def get_explainer(name: str, **params: object) -> Explainer:

@@ -70,7 +70,7 @@ class InputSection(_Strict):
     std: tuple[float, ...] = (1.0,)
 
     @model_validator(mode="after")
-    def _normalisation_per_channel(self) -> "InputSection":
+    def _normalisation_per_channel(self) -> InputSection:
         for name, values in (("mean", self.mean), ("std", self.std)):
             if len(values) not in (1, self.channels):
                 raise ValueError(f"input.{name} has {len(values)} values; give 1 or {self.channels} (one per channel)")
@@ -81,8 +81,11 @@ class InputSection(_Strict):
     def spec(self) -> InputSpec:
         """The pixel pipeline's view of this section."""
         return InputSpec(
-            rows=self.rows, columns=self.columns, channels=self.channels,
-            aspect=self.aspect, windowing=self.windowing,
+            rows=self.rows,
+            columns=self.columns,
+            channels=self.channels,
+            aspect=self.aspect,
+            windowing=self.windowing,
         )
 
 
@@ -130,14 +133,14 @@ class ModelCard(_Strict):
     folder: Path = Field(default=Path("."), exclude=True)
 
     @model_validator(mode="after")
-    def _torch_weights_name_their_architecture(self) -> "ModelCard":
+    def _torch_weights_name_their_architecture(self) -> ModelCard:
         torch_weights = self.weights.get("torch")
         if torch_weights is not None and torch_weights.architecture is None:
             raise ValueError("weights.torch needs 'architecture: package.module:ClassName' to rebuild the module")
         return self
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelCard":
+    def load(cls, path: str | Path) -> ModelCard:
         """Read, validate and check the weight files of the card at ``path``."""
         card_path = Path(path)
         if card_path.is_dir():

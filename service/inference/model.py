@@ -40,7 +40,7 @@ class DeployedModel:
         self.forward_runner: AnyRunner = load_runner(card, self.forward_runtime, device=device)
 
     @classmethod
-    def from_card_path(cls, path: str | Path, *, device: DevicePreference = "auto") -> "DeployedModel":
+    def from_card_path(cls, path: str | Path, *, device: DevicePreference = "auto") -> DeployedModel:
         return cls(ModelCard.load(path), device=device)
 
     @functools.cached_property

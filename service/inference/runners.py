@@ -104,7 +104,9 @@ class TorchRunner(_TorchModuleRunner):
     ) -> None:
         target = _torch_device(device)
         module_name, _, class_name = architecture.partition(":")
-        module = getattr(importlib.import_module(module_name), class_name)(num_classes=num_classes, in_channels=in_channels)
+        module = getattr(importlib.import_module(module_name), class_name)(
+            num_classes=num_classes, in_channels=in_channels
+        )
         module.load_state_dict(torch.load(path, map_location=target, weights_only=True))
         super().__init__(module, target)
 
@@ -123,8 +125,11 @@ def load_runner(card: ModelCard, runtime: Runtime, *, device: DevicePreference =
             runner = TorchScriptRunner(path, device=device)
         else:
             runner = TorchRunner(
-                path, str(card.weights[runtime].architecture), num_classes=len(card.output.classes),
-                in_channels=card.input.channels, device=device,
+                path,
+                str(card.weights[runtime].architecture),
+                num_classes=len(card.output.classes),
+                in_channels=card.input.channels,
+                device=device,
             )
     except ModelCardError:
         raise

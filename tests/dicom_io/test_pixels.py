@@ -28,17 +28,10 @@ from dicom_io.pixels import (
     read_dataset,
     window_to_unit,
 )
+from tests.helpers import data_file
 
 SPEC = InputSpec(rows=224, columns=224)
 BT601 = np.array([0.299, 0.587, 0.114])
-
-
-def data_file(name: str) -> str:
-    """A file from pydicom's own test data or the pydicom-data package (no download)."""
-    path = get_testdata_file(name)
-    if path is None or not os.path.isfile(path):
-        pytest.skip(f"{name} is not available (pydicom-data installed?)")
-    return path
 
 
 def linear_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
@@ -157,8 +150,7 @@ def test_ct_small_shapes_and_range():
 
 
 @pytest.mark.parametrize(
-    "name", ["MR_small_jp2klossless.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm",
-             "MR_small_bigendian.dcm"]
+    "name", ["MR_small_jp2klossless.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_bigendian.dcm"]
 )
 def test_mr_small_lossless_variants_agree(name):
     reference = prepare_frames(read_dataset(data_file("MR_small.dcm")), SPEC)[0]
@@ -196,9 +188,7 @@ def test_percentile_fallback_without_window():
     hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     np.testing.assert_allclose(prepare_frames(ds, SPEC)[0].display, percentile_stretch(hu), atol=1e-6)
     spec = InputSpec(224, 224, percentiles=(5.0, 95.0))
-    np.testing.assert_allclose(
-        window_to_unit(ds, ds.pixel_array, spec), percentile_stretch(hu, 5.0, 95.0), atol=1e-6
-    )
+    np.testing.assert_allclose(window_to_unit(ds, ds.pixel_array, spec), percentile_stretch(hu, 5.0, 95.0), atol=1e-6)
 
 
 def test_percentile_policy_ignores_the_dicom_window():
@@ -481,9 +471,7 @@ def test_mapping_rejects_wrong_shapes():
 def test_prepared_model_input_follows_the_mapping():
     ds = read_dataset(data_file("US1_UNCR.dcm"))  # 480 x 640: letterboxed top and bottom
     frame = prepare_frames(ds, SPEC)[0]
-    np.testing.assert_allclose(
-        frame.model_input[0], frame.mapping.to_model_grid(frame.display), atol=1e-6
-    )
+    np.testing.assert_allclose(frame.model_input[0], frame.mapping.to_model_grid(frame.display), atol=1e-6)
     assert frame.mapping.content_box[0] == pytest.approx(28.0)
     assert np.all(frame.model_input[:, :27, :] == 0) and np.all(frame.model_input[:, 197:, :] == 0)
 
@@ -639,8 +627,17 @@ def _all_test_files() -> list[str]:
     extra = get_testdata_file("RG1_UNCR.dcm")
     if extra:
         folders.add(os.path.dirname(extra))
-    skip = {"RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_UNCI.dcm", "RG1_J2KI.dcm", "RG3_UNCR.dcm",
-            "RG3_J2KR.dcm", "RG3_UNCI.dcm", "RG3_J2KI.dcm", "color3d_jpeg_baseline.dcm"}  # slow
+    skip = {
+        "RG1_UNCR.dcm",
+        "RG1_J2KR.dcm",
+        "RG1_UNCI.dcm",
+        "RG1_J2KI.dcm",
+        "RG3_UNCR.dcm",
+        "RG3_J2KR.dcm",
+        "RG3_UNCI.dcm",
+        "RG3_J2KI.dcm",
+        "color3d_jpeg_baseline.dcm",
+    }  # slow
     return sorted(
         os.path.join(folder, name)
         for folder in folders

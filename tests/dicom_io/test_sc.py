@@ -3,7 +3,6 @@ deterministic UIDs, and a colour overlay that DCMTK renders where the map is hig
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,13 +11,13 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
 from dicom_io.writers import ExplanationResult, build_secondary_capture
 from dicom_io.writers.overlay import overlay_columns
+from tests.helpers import data_file, require_tool
 
 # RG1's Referring Physician's Name is a single component; highdicom warns about the source's value.
 pytestmark = pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent:UserWarning")
@@ -54,18 +53,11 @@ NOT_COPIED = (
 )
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed")
-    return path
+_tool = require_tool
 
 
 def _testdata(name: str) -> pydicom.Dataset:
-    path = get_testdata_file(name)
-    if path is None:
-        pytest.skip(f"{name} is not available (pydicom-data missing?)")
-    return pydicom.dcmread(path)
+    return pydicom.dcmread(data_file(name))
 
 
 def _synthetic_dx() -> pydicom.Dataset:

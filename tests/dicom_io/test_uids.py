@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import numpy as np
-
 import pytest
 from pydicom.uid import PYDICOM_ROOT_UID, UID
 

@@ -25,7 +25,9 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_explain_folder_with_both_methods_writes_valid_objects(phantom_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    code = main(["explain", str(phantom_dir), "--method", "gradcam", "--method", "occlusion", "--out", str(out), "--png"])
+    code = main(
+        ["explain", str(phantom_dir), "--method", "gradcam", "--method", "occlusion", "--out", str(out), "--png"]
+    )
     assert code == 0
     table = capsys.readouterr().out
     written = sorted(out.glob("*.dcm"))
@@ -81,9 +83,17 @@ def test_unknown_method_is_a_usage_error_listing_the_methods(tmp_path: Path, cap
 
 
 def test_every_command_has_help_with_an_example() -> None:
-    for command in (["--help"], ["explain", "--help"], ["demo", "--help"], ["demo", "run", "--help"],
-                    ["demo", "train", "--help"], ["demo", "phantoms", "--help"]):
-        result = subprocess.run([sys.executable, "-m", "service.cli", *command], capture_output=True, text=True, check=True)
+    for command in (
+        ["--help"],
+        ["explain", "--help"],
+        ["demo", "--help"],
+        ["demo", "run", "--help"],
+        ["demo", "train", "--help"],
+        ["demo", "phantoms", "--help"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "service.cli", *command], capture_output=True, text=True, check=True
+        )
         assert "example" in result.stdout, command
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from dicom_io.pixels import prepare_frames
-from service.cli import default_card_path
+from service.demo import demo_card_path
 from service.demo.phantoms import make_phantom
 from service.explain import get_explainer
 from service.inference.model import DeployedModel
@@ -17,13 +17,18 @@ NODULES = 50
 
 
 def test_gradcam_peak_inside_the_nodule_for_at_least_80_percent() -> None:
-    model = DeployedModel.from_card_path(default_card_path())
+    model = DeployedModel.from_card_path(demo_card_path())
     card = model.card
     nodule = card.output.classes.index("nodule")
     explainer = get_explainer("gradcam", target_layer=card.target_layer)
     phantoms = [
-        make_phantom(index, "nodule", seed=HELD_OUT_SEED, cols=(448, 480, 512)[index % 3],
-                     photometric=("MONOCHROME2", "MONOCHROME1")[index % 2])
+        make_phantom(
+            index,
+            "nodule",
+            seed=HELD_OUT_SEED,
+            cols=(448, 480, 512)[index % 3],
+            photometric=("MONOCHROME2", "MONOCHROME1")[index % 2],
+        )
         for index in range(NODULES)
     ]
     frames = [prepare_frames(p.dataset, card.input.spec())[0] for p in phantoms]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from service.cli import default_card_path
+from service.demo import demo_card_path
 from service.inference.card import ModelCard, ModelCardError, sha256_of
 from service.inference.model import DeployedModel
 from service.inference.runners import load_runner
@@ -19,7 +19,7 @@ from service.inference.runners import load_runner
 def card_copy(tmp_path: Path) -> Path:
     """The shipped demo model's folder, copied so the test may break it."""
     folder = tmp_path / "demo"
-    shutil.copytree(default_card_path().parent, folder)
+    shutil.copytree(demo_card_path().parent, folder)
     return folder / "model.yaml"
 
 
@@ -30,7 +30,7 @@ def _edit(card_path: Path, **changes: object) -> None:
 
 
 def test_shipped_card_loads_and_all_runtimes_agree() -> None:
-    card = ModelCard.load(default_card_path())
+    card = ModelCard.load(demo_card_path())
     assert card.output.classes == ("normal", "nodule", "effusion")
     assert set(card.weights) == {"onnx", "torchscript", "torch"}
     for runtime in card.weights:
@@ -95,7 +95,7 @@ def test_card_that_is_not_a_mapping(tmp_path: Path) -> None:
 
 
 def test_applies_to_rules() -> None:
-    card = ModelCard.load(default_card_path())
+    card = ModelCard.load(demo_card_path())
     assert card.applies_to_dataset("CR", "1.2.840.10008.5.1.4.1.1.1", "CHEST") is None
     assert "modality CT" in card.applies_to_dataset("CT", "1.2.840.10008.5.1.4.1.1.2", "CHEST")
     assert "body part" in card.applies_to_dataset("DX", "1.2.840.10008.5.1.4.1.1.1.1", "HAND")

@@ -56,7 +56,7 @@ def test_written_studies_are_readable_dicom_with_realistic_tags(tmp_path) -> Non
     written = write_phantom_studies(tmp_path, studies=4, seed=0, rows=256, cols=240)
     assert {phantom.dataset.Modality for _, phantom in written} == {"CR", "DX"}
     assert {phantom.dataset.PhotometricInterpretation for _, phantom in written} == {"MONOCHROME1", "MONOCHROME2"}
-    for path, phantom in written:
+    for path, _ in written:
         ds = pydicom.dcmread(path)
         assert ds.BitsStored == 12 and ds.pixel_array.max() <= MAX_STORED
         assert ds.Rows == 256 and ds.Columns == 240

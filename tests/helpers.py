@@ -1,0 +1,29 @@
+"""Shared test helpers: real tools and real data files, required rather than skipped.
+
+`make test` installs DCMTK, dicom3tools and pydicom-data, so a missing one is a broken setup and
+fails the test with the fix in the message; a silent skip would hide an unchecked promise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from pydicom.data import get_testdata_file
+
+
+def require_tool(name: str) -> str:
+    """Absolute path of a command-line tool (dciodvfy, dcmj2pnm, storescu, ...)."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: run `make system-deps` (Debian packages dcmtk, dicom3tools)")
+    return path
+
+
+def data_file(name: str) -> str:
+    """Path of a file from pydicom's own test data or the pydicom-data package (never downloads)."""
+    path = get_testdata_file(name)
+    if path is None or not os.path.isfile(path):
+        pytest.fail(f"test file {name} not found: install the test extra (pip install -e '.[test]')")
+    return path
