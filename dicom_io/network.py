@@ -139,21 +139,14 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
-def server_ssl_context(
-    certificate: Path,
-    private_key: Path,
-    client_ca: Path | None = None,
-    *,
-    context_class: type[ssl.SSLContext] = ssl.SSLContext,
-) -> ssl.SSLContext:
+def server_ssl_context(certificate: Path, private_key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
     """TLS context for the listening side (PS3.15 B.9, BCP 195: TLS 1.2 or newer).
 
     ``certificate``/``private_key``: the node's PEM certificate (chain) and key. With
     ``client_ca`` (PEM), the client must present a certificate signed by that CA (mutual TLS,
-    ``CERT_REQUIRED``); without it, clients are not asked for one. ``context_class``: an
-    ``ssl.SSLContext`` subclass to build (the SCP's defers the handshake to its own thread).
+    ``CERT_REQUIRED``); without it, clients are not asked for one.
     """
-    context = context_class(ssl.PROTOCOL_TLS_SERVER)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(
         _require_file(certificate, "TLS certificate"), _require_file(private_key, "TLS private key")

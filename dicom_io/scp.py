@@ -16,17 +16,21 @@ Association control (PS3.8 7.1.1.9, A-ASSOCIATE-RJ):
   the AE-level ``require_called_aet``/``require_calling_aet`` stay set as a second line.
 - every rejection is reported through :meth:`StorageEvents.on_association_rejected`.
 
-Every accepted socket gets TCP_NODELAY in an ``EVT_CONN_OPEN`` handler (without it each image
-stalls about 40 ms on the peer's delayed ACK). With TLS the handshake is done in that handler too,
-in the connection's own thread with the ACSE timeout: pynetdicom's server would otherwise run it
-in its accept loop, where one silent client holds up every other caller.
+The server is pynetdicom's threaded association server with two changes (:class:`_NodeServer`):
+every accepted socket gets TCP_NODELAY before its first byte (without it each image stalls about
+40 ms on the peer's delayed ACK), and the TLS handshake runs in the connection's own thread,
+bounded by the ACSE timeout; pynetdicom runs it in the accept loop, where one silent client holds
+up every other caller. A failed handshake is reported as a rejection and never becomes an
+association.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import socket
+import socketserver
 import ssl
 import threading
 import time
@@ -34,14 +38,15 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pydicom.uid import (
+    JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -50,7 +55,6 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
-    UID,
 )
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -99,6 +103,7 @@ _CALLING_AE_NOT_RECOGNISED = 0x03
 _CALLED_AE_NOT_RECOGNISED = 0x07
 
 _UNKNOWN_CALLER = ""  # calling AE reported for connections that fail before A-ASSOCIATE-RQ
+_POLL_INTERVAL = 0.1  # s between checks for stop() in the accept loop
 
 
 @dataclass(frozen=True)
@@ -261,16 +266,59 @@ class _Listener:
     associations: _AssociationRegistry
 
 
-class _DeferredHandshakeContext(ssl.SSLContext):
-    """Server TLS context whose sockets do their handshake later, in the connection's thread.
+class _NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server, with TCP_NODELAY at accept and the TLS
+    handshake moved from the accept loop into the connection's own thread."""
 
-    pynetdicom wraps accepted sockets in its accept loop; a handshake there would block every
-    other caller while one client is slow or silent. :func:`_handle_connection_open` runs it.
-    """
+    # Handshake threads may still be waiting when the server stops: do not join them.
+    daemon_threads = True
+    block_on_close = False
 
-    def wrap_socket(self, sock: socket.socket, server_side: bool = False, do_handshake_on_connect: bool = True,
-                    *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        return super().wrap_socket(sock, server_side, not server_side and do_handshake_on_connect, *args, **kwargs)
+    def __init__(
+        self, *args: Any, handshake_timeout: float, on_tls_failure: Callable[[str, str], None], **kwargs: Any
+    ) -> None:
+        self._handshake_timeout = handshake_timeout
+        self._on_tls_failure = on_tls_failure
+        self._stopping = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection (TLS comes later, in :meth:`process_request_thread`)."""
+        client, address = cast(socket.socket, self.socket).accept()
+        set_tcp_nodelay(client)
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """In the connection's thread: the TLS handshake if configured, then the association."""
+        if self.ssl_context is not None:
+            request = self._tls_handshake(request, client_address)
+            if request is None:
+                return
+        if self._stopping.is_set():
+            LOGGER.info("closing connection from %s: the node is stopping", client_address[0])
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+    def _tls_handshake(self, request: socket.socket, client_address: tuple[str, int]) -> ssl.SSLSocket | None:
+        previous_timeout = request.gettimeout()
+        try:
+            request.settimeout(self._handshake_timeout)
+            tls_socket = cast(ssl.SSLContext, self.ssl_context).wrap_socket(request, server_side=True)
+            tls_socket.settimeout(previous_timeout)
+            return tls_socket
+        except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
+            reason = f"TLS handshake failed: {exc}"
+            LOGGER.warning("refusing connection from %s:%s: %s", client_address[0], client_address[1], reason)
+            self._on_tls_failure(str(client_address[0]), reason)
+            self.shutdown_request(request)
+            return None
+
+    def shutdown(self) -> None:
+        """Stop the accept loop and close the listening socket."""
+        self._stopping.set()
+        socketserver.BaseServer.shutdown(self)  # pynetdicom's also unregisters from AE.start_server
+        self.server_close()
 
 
 class StorageSCP:
@@ -286,13 +334,14 @@ class StorageSCP:
         settings: ListenerSettings,
         events: StorageEvents,
         *,
-        extra_handlers: Sequence[tuple[EventType, Callable[..., Any]] | tuple[EventType, Callable[..., Any], list[Any]]]
-        = (),
+        extra_handlers: Sequence[
+            tuple[EventType, Callable[..., Any]] | tuple[EventType, Callable[..., Any], list[Any]]
+        ] = (),
     ) -> None:
         self._listener = _Listener(settings, events, _AssociationRegistry())
         self._extra_handlers = list(extra_handlers)
         self._ssl_context = _tls_context(settings.tls)
-        self._server: ThreadedAssociationServer | None = None
+        self._server: _NodeServer | None = None
 
     @property
     def settings(self) -> ListenerSettings:
@@ -303,15 +352,16 @@ class StorageSCP:
         if self._server is not None:
             raise RuntimeError(f"StorageSCP {self.settings.ae_title} is already listening on port {self.port}")
         settings = self.settings
-        ae = _build_ae(settings)
-        server = ae.start_server(
+        server = _build_ae(settings).make_server(
             (settings.bind_address, settings.port),
-            block=False,
             ssl_context=self._ssl_context,
             evt_handlers=_handlers(self._listener) + self._extra_handlers,
+            server_class=_NodeServer,
+            handshake_timeout=settings.acse_timeout,
+            on_tls_failure=functools.partial(_report_rejection, self._listener, _UNKNOWN_CALLER),
         )
-        if server is None:  # pynetdicom returns the server for block=False
-            raise RuntimeError("pynetdicom did not return the association server")
+        serve = functools.partial(server.serve_forever, poll_interval=_POLL_INTERVAL)
+        threading.Thread(target=serve, name=f"StorageSCP-{settings.ae_title}", daemon=True).start()
         self._server = server
         LOGGER.info(
             "listening as %s on %s:%d (TLS %s, %d allowed callers)",
@@ -355,9 +405,7 @@ class StorageSCP:
 def _tls_context(tls: TlsFiles | None) -> ssl.SSLContext | None:
     if tls is None:
         return None
-    return server_ssl_context(
-        tls.certificate, tls.private_key, tls.client_ca, context_class=_DeferredHandshakeContext
-    )
+    return server_ssl_context(tls.certificate, tls.private_key, tls.client_ca)
 
 
 def _tls_mode(tls: TlsFiles | None) -> str:
@@ -388,9 +436,9 @@ def _build_ae(settings: ListenerSettings) -> AE:
 
 def _handlers(listener: _Listener) -> list[tuple[EventType, Callable[..., Any], list[Any]]]:
     return [
-        (evt.EVT_CONN_OPEN, _handle_connection_open, [listener]),
         (evt.EVT_REQUESTED, _handle_association_request, [listener]),
         (evt.EVT_ACCEPTED, _handle_association_accepted, [listener]),
+        (evt.EVT_REJECTED, _handle_builtin_rejection, [listener]),
         (evt.EVT_C_ECHO, _handle_echo, [listener]),
         (evt.EVT_C_STORE, _handle_store, [listener]),
         (evt.EVT_RELEASED, _handle_association_end, [listener]),
@@ -405,33 +453,6 @@ def _peer(assoc: Association) -> str:
         return f"{assoc.requestor.address}:{assoc.requestor.port}"
     except (AttributeError, ValueError):
         return "unknown peer"
-
-
-def _handle_connection_open(event: Event, listener: _Listener) -> None:
-    """EVT_CONN_OPEN: TCP_NODELAY on the accepted socket; with TLS, the handshake (bounded by
-    the ACSE timeout). A failed handshake is reported as a rejection and the connection closed."""
-    association_socket = event.assoc.dul.socket
-    sock = association_socket.socket if association_socket is not None else None
-    if sock is None:
-        LOGGER.error("connection from %s has no socket at open", _peer(event.assoc))
-        return
-    set_tcp_nodelay(sock)
-    if isinstance(sock, ssl.SSLSocket):
-        _tls_handshake(event.assoc, sock, listener)
-
-
-def _tls_handshake(assoc: Association, sock: ssl.SSLSocket, listener: _Listener) -> None:
-    previous_timeout = sock.gettimeout()
-    try:
-        sock.settimeout(listener.settings.acse_timeout)
-        sock.do_handshake()
-        sock.settimeout(previous_timeout)
-    except (OSError, ValueError) as exc:  # ssl.SSLError and socket.timeout are OSErrors
-        host = str(assoc.requestor.address)
-        reason = f"TLS handshake failed: {exc}"
-        LOGGER.warning("refusing connection from %s: %s", _peer(assoc), reason)
-        _report_rejection(listener, _UNKNOWN_CALLER, host, reason)
-        assoc.dul.socket.close()
 
 
 def _handle_association_request(event: Event, listener: _Listener) -> None:
@@ -465,6 +486,17 @@ def _refusal(settings: ListenerSettings, calling_ae: str, called_ae: str, host: 
     if any(entry.ae_title == calling_ae for entry in callers):
         return _CALLING_AE_NOT_RECOGNISED, f"calling AE title {calling_ae!r} is not allowed from host {host}"
     return _CALLING_AE_NOT_RECOGNISED, f"calling AE title {calling_ae!r} is not in the allow-list"
+
+
+def _handle_builtin_rejection(event: Event, listener: _Listener) -> None:
+    """EVT_REJECTED: a rejection pynetdicom made itself (too many associations: rejected
+    transient, "local limit exceeded"); the node's own rejections are reported where made."""
+    assoc = event.assoc
+    primitive = assoc.acceptor.primitive
+    reason = f"{primitive.result_str}, source {primitive.source_str}: {primitive.reason_str}"
+    calling_ae = str(assoc.requestor.primitive.calling_ae_title).strip()
+    LOGGER.warning("rejected association from %s (calling AE %r): %s", _peer(assoc), calling_ae, reason)
+    _report_rejection(listener, calling_ae, str(assoc.requestor.address), reason)
 
 
 def _report_rejection(listener: _Listener, calling_ae: str, host: str, reason: str) -> None:
@@ -505,8 +537,9 @@ def _handle_store(event: Event, listener: _Listener) -> int:
         return Status.OUT_OF_RESOURCES
     with state.lock:
         if state.ended:
-            LOGGER.warning("C-STORE of %s after association %s ended: not stored", sop_instance_uid,
-                           state.association_id)
+            LOGGER.warning(
+                "C-STORE of %s after association %s ended: not stored", sop_instance_uid, state.association_id
+            )
             return Status.OUT_OF_RESOURCES
         status = _store(event, listener, state, sop_instance_uid)
     log = LOGGER.debug if status == Status.SUCCESS else LOGGER.warning

@@ -23,17 +23,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pacs-xai",
         formatter_class=_formatter,
         description="Explain an image classifier's decisions on DICOM images and return them as DICOM objects.",
-        epilog="examples:\n  pacs-xai explain study/ --method gradcam --out results/ --png\n  pacs-xai demo run",
+        epilog="examples:\n  pacs-xai serve --destination ORTHANC@127.0.0.1:4242\n"
+        "  pacs-xai explain study/ --method gradcam --out results/ --png\n  pacs-xai demo run",
     )
     parser.add_argument("--version", action="version", version=f"pacs-xai {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (no patient data is logged)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from service.commands import bench as bench_commands
     from service.commands import demo as demo_commands
     from service.commands import explain as explain_command
+    from service.commands import node as node_commands
 
+    node_commands.register(commands, _formatter)
     explain_command.register(commands, _formatter)
     demo_commands.register(commands, _formatter)
+    bench_commands.register(commands, _formatter)
     return parser
 
 

@@ -13,19 +13,37 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from types import MappingProxyType
 
 import numpy as np
 import torch
 from pydicom.dataset import Dataset
 
 from dicom_io.pixels import PreparedFrame, prepare_frames
-from dicom_io.writers import ExplanationResult, build_secondary_capture
+from dicom_io.writers import (
+    OUTPUT_KINDS,
+    ExplanationResult,
+    build_parametric_map,
+    build_report,
+    build_secondary_capture,
+    build_segmentation,
+)
 from service.explain import Explainer, explainer_class, get_explainer
 from service.inference.model import DeployedModel, Prediction
 
-#: Output kinds -> writer(source, result) -> derived dataset.
+#: Image-like output kinds -> writer(source, result) -> derived dataset. The SR ("sr") is written
+#: after them, because it references the other objects of the same result.
 Writer = Callable[[Dataset, ExplanationResult], Dataset]
-WRITERS: Mapping[str, Writer] = {"sc": build_secondary_capture}
+WRITERS: Mapping[str, Writer] = MappingProxyType(
+    {
+        "sc": build_secondary_capture,
+        "pm": build_parametric_map,
+        "seg_fractional": partial(build_segmentation, kind="fractional"),
+        "seg_binary": partial(build_segmentation, kind="binary"),
+    }
+)
+REPORT_KIND = "sr"
 
 
 class PipelineConfigError(ValueError):
@@ -68,9 +86,9 @@ class ExplainPipeline:
         max_batch: int = 16,
         enforce_applies_to: bool = True,
     ) -> None:
-        unknown = [kind for kind in outputs if kind not in WRITERS]
+        unknown = [kind for kind in outputs if kind not in OUTPUT_KINDS]
         if unknown:
-            raise PipelineConfigError(f"unknown output kind(s) {unknown}; available: {sorted(WRITERS)}")
+            raise PipelineConfigError(f"unknown output kind(s) {unknown}; available: {list(OUTPUT_KINDS)}")
         if not methods:
             raise PipelineConfigError("no explainer method given; name at least one (e.g. gradcam)")
         if max_batch < 1:
@@ -121,9 +139,15 @@ class ExplainPipeline:
                         attribution=frame.mapping.to_source_grid(attribution),
                         display=frame.display,
                     )
-                    for kind in self.outputs:
-                        dataset = WRITERS[kind](ds, explained)
-                        result.outputs.append(OutputObject(kind, method, frame.frame_index, dataset))
+                    written = [
+                        OutputObject(kind, method, frame.frame_index, WRITERS[kind](ds, explained))
+                        for kind in self.outputs
+                        if kind in WRITERS
+                    ]
+                    if REPORT_KIND in self.outputs:
+                        report = build_report(ds, explained, references=[o.dataset for o in written])
+                        written.append(OutputObject(REPORT_KIND, method, frame.frame_index, report))
+                    result.outputs.extend(written)
 
 
 def _card_params(model: DeployedModel, method: str) -> dict[str, object]:

@@ -27,3 +27,12 @@ def data_file(name: str) -> str:
     if path is None or not os.path.isfile(path):
         pytest.fail(f"test file {name} not found: install the test extra (pip install -e '.[test]')")
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it, close)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

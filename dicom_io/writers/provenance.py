@@ -8,7 +8,10 @@ Shared by the Secondary Capture, Parametric Map, Segmentation and SR writers:
 - the Derivation Description text;
 - the Patient / Study attributes copied from the source (same patient, same study);
 - the Contributing Equipment item that identifies the model (IHE AI Results);
-- Patient Orientation and Laterality taken over from the source where it has them.
+- Patient Orientation and Laterality taken over from the source where it has them;
+- for the multi-frame IODs (Parametric Map, Segmentation): the source frame's geometry, a
+  deterministic synthetic one for frames without (projection radiographs), the single-frame
+  stand-in of a source frame that highdicom is given, and the fix-up of its references.
 """
 
 from __future__ import annotations
@@ -23,26 +26,38 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 from pydicom.sr.coding import Code
+from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
+from dicom_io import uids as _uids
 from dicom_io.codes import PURPOSE_PROCESSING_EQUIPMENT, PURPOSE_SOURCE_IMAGE_FOR_PROCESSING
 
 __all__ = [
     "DISCLAIMER",
+    "NOMINAL_PIXEL_SPACING_MM",
     "UNPAIRED_BODY_PARTS",
     "ExplanationResult",
+    "FrameGeometry",
     "PATIENT_STUDY_KEYWORDS",
     "algorithm_equipment",
     "check_source",
     "code_item",
     "copy_patient_study_attributes",
     "derivation_description",
+    "drop_assumed_slice_spacing",
+    "highdicom_source_view",
+    "instance_number",
     "number_of_frames",
     "pacs_xai_version",
     "patient_orientation",
+    "pixel_spacing",
+    "retarget_source_references",
     "series_description",
     "series_laterality",
     "set_laterality",
+    "source_frame_geometry",
     "source_image_item",
+    "synthetic_frame_geometry",
+    "synthetic_frame_of_reference_uid",
 ]
 
 #: Burned into every overlay and written into every description: the output is not a diagnosis.
@@ -396,3 +411,291 @@ def set_laterality(target: Dataset, source: Dataset, frame_index: int = 0) -> No
             del target.Laterality
         return
     target.Laterality = series_laterality(source, frame_index)
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry and source views for the multi-frame IODs (Parametric Map, Segmentation)
+# --------------------------------------------------------------------------------------------
+
+#: Secondary Capture Image Storage: the SOP class of the single-frame stand-in that highdicom is
+#: given instead of the source (see :func:`highdicom_source_view`).
+_STAND_IN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+#: Pixel spacing written when the source states none (or zeros): 1 mm, nominal. Only the Parametric
+#: Map needs one (its Pixel Measures are mandatory); the objects still map pixel-for-pixel onto
+#: the referenced source frame, which is what viewers use for a projection radiograph.
+NOMINAL_PIXEL_SPACING_MM = 1.0
+
+#: Attributes of the source that the stand-in never carries: pixels, frames and functional groups
+#: (it has exactly one frame) and every geometry attribute (set from a :class:`FrameGeometry`).
+_VIEW_DROPPED_KEYWORDS = frozenset(
+    {
+        "PixelData",
+        "FloatPixelData",
+        "DoubleFloatPixelData",
+        "NumberOfFrames",
+        "SharedFunctionalGroupsSequence",
+        "PerFrameFunctionalGroupsSequence",
+        "DimensionIndexSequence",
+        "DimensionOrganizationSequence",
+        "FrameOfReferenceUID",
+        "PositionReferenceIndicator",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "SliceThickness",
+        "SpacingBetweenSlices",
+        "ImageOrientationSlide",
+        "TotalPixelMatrixOriginSequence",
+        "ImageCenterPointCoordinatesSequence",
+    }
+)
+
+#: Type 2 patient/study attributes highdicom reads with attribute access from its source image.
+_VIEW_TYPE2_KEYWORDS = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+_PATIENT_AXES = {"L": (1.0, 0.0, 0.0), "R": (-1.0, 0.0, 0.0), "P": (0.0, 1.0, 0.0), "A": (0.0, -1.0, 0.0),
+                 "H": (0.0, 0.0, 1.0), "F": (0.0, 0.0, -1.0)}  # fmt: skip
+_DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """Where one frame lies in a patient coordinate system (the Plane Position/Orientation and
+    Pixel Measures of a multi-frame IOD).
+
+    ``synthetic`` marks a geometry made up for a source frame that has none (a projection
+    radiograph): its own Frame of Reference UID, origin at (0, 0, 0), row/column directions from
+    the source's Patient Orientation. See :func:`synthetic_frame_geometry`.
+    """
+
+    frame_of_reference_uid: str
+    image_position: tuple[float, float, float]
+    image_orientation: tuple[float, float, float, float, float, float]
+    pixel_spacing: tuple[float, float]
+    slice_thickness: float | None
+    synthetic: bool = False
+
+
+def _positive_pair(value: object) -> tuple[float, float] | None:
+    """(row, column) spacing from a 2-valued DS attribute when both values are > 0, else None."""
+    try:
+        pair = tuple(float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    if len(pair) != 2 or not all(math.isfinite(v) and v > 0 for v in pair):
+        return None
+    return pair  # type: ignore[return-value]
+
+
+def _frame_groups(source: Dataset, frame_index: int) -> list[Dataset]:
+    """Functional group items that apply to a frame: its per-frame item first, then the shared one."""
+    groups: list[Dataset] = []
+    per_frame = source.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and frame_index < len(per_frame):
+        groups.append(per_frame[frame_index])
+    shared = source.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    return groups
+
+
+def _group_value(source: Dataset, frame_index: int, sequence: str, keyword: str) -> object | None:
+    """``keyword`` at the top level of ``source``, else in the frame's functional ``sequence``."""
+    if source.get(keyword) not in (None, ""):
+        return source.get(keyword)
+    for group in _frame_groups(source, frame_index):
+        items = group.get(sequence)
+        if items and items[0].get(keyword) not in (None, ""):
+            return items[0].get(keyword)
+    return None
+
+
+def pixel_spacing(source: Dataset, frame_index: int = 0) -> tuple[float, float] | None:
+    """Spacing (row, column) in mm of the source frame, ``None`` when the source does not state one.
+
+    Pixel Spacing (top level or Pixel Measures functional group) when both values are > 0; else
+    Imager Pixel Spacing (the detector plane, for CR/DX without a calibrated Pixel Spacing). A
+    value of zero (e.g. "0\\\\0" in older CR files) counts as not stated.
+    """
+    for value in (
+        _group_value(source, frame_index, "PixelMeasuresSequence", "PixelSpacing"),
+        source.get("ImagerPixelSpacing"),
+    ):
+        pair = _positive_pair(value) if value is not None else None
+        if pair is not None:
+            return pair
+    return None
+
+
+def source_frame_geometry(source: Dataset, frame_index: int = 0) -> FrameGeometry | None:
+    """The source frame's own patient geometry, ``None`` unless it is complete.
+
+    Complete means a Frame of Reference UID, Image Position and Image Orientation (Patient) for
+    the frame (top level for single-frame images, functional groups for multi-frame ones) and a
+    Pixel Spacing > 0. Projection radiographs (no Frame of Reference) and multi-frame images
+    without plane positions (e.g. pydicom's emri_small.dcm) have none.
+    """
+    frame_of_reference = source.get("FrameOfReferenceUID")
+    position = _group_value(source, frame_index, "PlanePositionSequence", "ImagePositionPatient")
+    orientation = _group_value(source, frame_index, "PlaneOrientationSequence", "ImageOrientationPatient")
+    spacing = _positive_pair(_group_value(source, frame_index, "PixelMeasuresSequence", "PixelSpacing"))
+    if not frame_of_reference or position is None or orientation is None or spacing is None:
+        return None
+    try:
+        ipp = tuple(float(v) for v in position)  # type: ignore[union-attr]
+        iop = tuple(float(v) for v in orientation)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    if len(ipp) != 3 or len(iop) != 6:
+        return None
+    thickness = _group_value(source, frame_index, "PixelMeasuresSequence", "SliceThickness")
+    try:
+        slice_thickness = float(thickness) if thickness not in (None, "") else None  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        slice_thickness = None
+    return FrameGeometry(str(frame_of_reference), ipp, iop, spacing, slice_thickness)  # type: ignore[arg-type]
+
+
+def synthetic_frame_of_reference_uid(source: Dataset, frame_index: int = 0) -> str:
+    """A Frame of Reference UID of its own for one source frame that has none, deterministic.
+
+    A hash of the source SOP Instance UID and frame, under the pacs-xai UID root, so that every
+    output made from that frame (any model, any method) shares it and re-processing repeats it.
+    """
+    payload = f"pacs-xai-uid-v1|frame-of-reference|{source.SOPInstanceUID}|{int(frame_index)}"
+    return str(generate_uid(prefix=_uids.PACS_XAI_UID_PREFIX or PYDICOM_ROOT_UID, entropy_srcs=[payload]))
+
+
+def _orientation_from_letters(orientation: tuple[str, str] | None) -> tuple[float, ...] | None:
+    """Image Orientation (Patient) from Patient Orientation letters, by each value's main letter."""
+    if orientation is None:
+        return None
+    try:
+        row, column = (_PATIENT_AXES[value.strip()[0].upper()] for value in orientation)
+    except (KeyError, IndexError, AttributeError):
+        return None
+    if abs(sum(r * c for r, c in zip(row, column))) > 1e-6:  # parallel: not a valid pair
+        return None
+    return (*row, *column)
+
+
+def synthetic_frame_geometry(source: Dataset, frame_index: int = 0) -> FrameGeometry:
+    """A patient geometry for a source frame that has none (projection radiographs, bare frames).
+
+    - Frame of Reference: :func:`synthetic_frame_of_reference_uid` (never the source's own, since
+      nothing here is positioned in it); Position Reference Indicator stays empty.
+    - Image Position (Patient): (0, 0, 0), nominal.
+    - Image Orientation (Patient): the row/column directions of the source's Patient Orientation
+      (e.g. "L\\\\F" of a PA chest gives 1\\\\0\\\\0\\\\0\\\\0\\\\-1); when it is missing or not a pair of
+      perpendicular directions, the nominal 1\\\\0\\\\0\\\\0\\\\1\\\\0.
+    - Pixel Spacing: :func:`pixel_spacing` of the source, else :data:`NOMINAL_PIXEL_SPACING_MM`.
+    - Slice Thickness: none (a projection has no slice).
+    """
+    orientation = _orientation_from_letters(patient_orientation(source, frame_index)) or _DEFAULT_ORIENTATION
+    spacing = pixel_spacing(source, frame_index) or (NOMINAL_PIXEL_SPACING_MM, NOMINAL_PIXEL_SPACING_MM)
+    return FrameGeometry(
+        frame_of_reference_uid=synthetic_frame_of_reference_uid(source, frame_index),
+        image_position=(0.0, 0.0, 0.0),
+        image_orientation=orientation,  # type: ignore[arg-type]
+        pixel_spacing=spacing,
+        slice_thickness=None,
+        synthetic=True,
+    )
+
+
+def highdicom_source_view(source: Dataset, geometry: FrameGeometry | None) -> Dataset:
+    """A single-frame stand-in for one source frame, to hand to highdicom's PM/SEG constructors.
+
+    highdicom 0.28.2 derives an output's geometry and references from its source images and
+    cannot take one frame of a multi-frame source without plane positions, nor build a Parametric
+    Map for a source without a Frame of Reference. The stand-in is a Secondary Capture
+    (single-frame, Frame of Reference optional) carrying the source's UIDs, patient, study and
+    equipment attributes, Rows/Columns, and exactly the geometry given: ``geometry`` (Frame of
+    Reference, position, orientation, spacing) or none at all (no Pixel Spacing either).
+    Pixels, frames, functional groups and private attributes are never copied.
+
+    highdicom copies the stand-in's SOP Class UID into its references; call
+    :func:`retarget_source_references` on the output to point them at the real source again.
+    """
+    view = Dataset()
+    for element in source:
+        if element.tag.is_private or element.keyword in _VIEW_DROPPED_KEYWORDS or not element.keyword:
+            continue
+        # Copies: setting a value on the view must never reach the caller's dataset.
+        view.add(copy.deepcopy(element) if element.VR == "SQ" else copy.copy(element))
+    for keyword in _VIEW_TYPE2_KEYWORDS:
+        if keyword not in view:
+            setattr(view, keyword, None)
+    view.SOPClassUID = _STAND_IN_SOP_CLASS
+    if geometry is not None:
+        view.FrameOfReferenceUID = geometry.frame_of_reference_uid
+        view.PositionReferenceIndicator = None
+        view.ImagePositionPatient = list(geometry.image_position)
+        view.ImageOrientationPatient = list(geometry.image_orientation)
+        view.PixelSpacing = list(geometry.pixel_spacing)
+        view.SliceThickness = geometry.slice_thickness
+    return view
+
+
+def drop_assumed_slice_spacing(obj: Dataset) -> None:
+    """Remove the Spacing Between Slices that highdicom assumes (1 mm) for a single-frame output.
+
+    An output of one source frame has one plane: there is no spacing between slices to state
+    (the source's own value, if any, describes the source's stack, not this object).
+    """
+    for group in obj.get("SharedFunctionalGroupsSequence") or []:
+        for measures in group.get("PixelMeasuresSequence") or []:
+            if "SpacingBetweenSlices" in measures:
+                del measures.SpacingBetweenSlices
+
+
+def _retarget_items(dataset: Dataset, source: Dataset, frame_number: int | None) -> None:
+    """Recursive part of :func:`retarget_source_references`."""
+    for element in dataset:
+        if element.VR != "SQ":
+            continue
+        for index, item in enumerate(element.value):
+            if item.get("ReferencedSOPInstanceUID") == source.SOPInstanceUID:
+                if element.keyword == "SourceImageSequence" and frame_number is not None:
+                    # highdicom shares one item between the Source Image and the Common Instance
+                    # Reference sequences; only the former may carry a frame number.
+                    item = copy.deepcopy(item)
+                    item.ReferencedFrameNumber = frame_number
+                    element.value[index] = item
+                item.ReferencedSOPClassUID = source.SOPClassUID
+            _retarget_items(item, source, frame_number)
+
+
+def retarget_source_references(obj: Dataset, source: Dataset, frame_index: int) -> None:
+    """Point every reference to the source instance at its real SOP class (and frame).
+
+    Undoes the stand-in of :func:`highdicom_source_view` in ``obj``: every item that references
+    the source SOP Instance UID gets the source's SOP Class UID; Source Image Sequence items
+    (top level and in the Derivation Image functional group) of a multi-frame source also get
+    the 1-based Referenced Frame Number. The top-level Source Image Sequence becomes exactly
+    :func:`source_image_item` (with the purpose of reference, 121322).
+    """
+    frame_number = int(frame_index) + 1 if number_of_frames(source) > 1 else None
+    obj.SourceImageSequence = [source_image_item(source, frame_index)]
+    _retarget_items(obj, source, frame_number)
+
+
+def instance_number(source: Dataset, frame_index: int) -> int:
+    """Instance Number of an output: the source's for a single-frame source, else the 1-based frame."""
+    if number_of_frames(source) > 1:
+        return int(frame_index) + 1
+    try:
+        return int(source.get("InstanceNumber") or 1)
+    except (TypeError, ValueError):
+        return 1

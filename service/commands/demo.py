@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from service.demo.phantoms import write_phantom_studies
-
-#: Real sample files used by ``demo run``: a CR chest radiograph (MONOCHROME1, JPEG 2000 lossless,
-#: from pydicom-data) that the demo model applies to, and a CT slice it does not apply to.
-REAL_SAMPLES = ("RG1_J2KR.dcm", "CT_small.dcm")
 
 
 def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
@@ -29,9 +23,9 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
     run = sub.add_parser(
         "run",
         formatter_class=formatter,
-        help="explain phantom and real sample studies into demo-out/",
-        description="Generate phantom studies, take real sample files, explain them with Grad-CAM and "
-        "occlusion, write Secondary Captures and PNG previews, print a table.",
+        help="the node's main job on 127.0.0.1: send studies in, get explained results back",
+        description="Start a receiving destination and the node with the demo model, send phantom and real "
+        "sample studies to the node over DICOM, wait for the results, print a table, write PNG previews.",
         epilog="example:\n  pacs-xai demo run --out demo-out",
     )
     run.add_argument(
@@ -44,7 +38,27 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         metavar="NAME",
         help="explainer; repeat for several (default: gradcam and occlusion)",
     )
-    run.set_defaults(handler=_run_demo)
+    run.set_defaults(handler=_run_node_demo)
+
+    offline = sub.add_parser(
+        "offline",
+        formatter_class=formatter,
+        help="the same images explained offline, without the network",
+        description="Generate phantom studies, take real sample files, explain them with Grad-CAM and "
+        "occlusion, write Secondary Captures and PNG previews, print a table.",
+        epilog="example:\n  pacs-xai demo offline --out demo-out",
+    )
+    offline.add_argument(
+        "--out", type=Path, default=Path("demo-out"), metavar="DIR", help="output folder (default: demo-out)"
+    )
+    offline.add_argument(
+        "--method",
+        action="append",
+        dest="methods",
+        metavar="NAME",
+        help="explainer; repeat for several (default: gradcam and occlusion)",
+    )
+    offline.set_defaults(handler=_run_demo)
 
     train = sub.add_parser(
         "train",
@@ -99,39 +113,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_node_demo(args: argparse.Namespace) -> int:
+    from service.demo.node_demo import main_progress, run_node_demo
+
+    return run_node_demo(args.out, args.methods or ("gradcam", "occlusion"), main_progress)
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from service.commands.explain import explain_paths, print_table
     from service.demo import demo_card_path
+    from service.demo.node_demo import gather_inputs, main_progress
     from service.inference.model import DeployedModel
     from service.pipeline import ExplainPipeline
 
     inputs = args.out / "input"
-    if inputs.exists():
-        shutil.rmtree(inputs)
-    print(f"writing phantom studies to {inputs}/", file=sys.stderr)
-    write_phantom_studies(inputs, studies=6)
-    for name in REAL_SAMPLES:
-        source = _sample_file(name)
-        if source is None:
-            print(
-                f"note: sample {name} not found (install the 'demo' extra: pip install 'pacs-xai[demo]')",
-                file=sys.stderr,
-            )
-        else:
-            shutil.copy(source, inputs / name)
+    gather_inputs(inputs, main_progress)
     model = DeployedModel.from_card_path(demo_card_path())
-    print(f"model {model.card.name} {model.card.version} on {model.forward_runner.device}", file=sys.stderr)
+    main_progress(f"model {model.card.name} {model.card.version} on {model.forward_runner.device}")
     pipeline = ExplainPipeline(model, methods=args.methods or ("gradcam", "occlusion"), outputs=("sc",))
     rows, failures = explain_paths(pipeline, [inputs], args.out, png=True)
     print_table(rows)
     print(f"\nSecondary Captures and PNG previews: {args.out.resolve()}/")
     return 1 if failures else 0
-
-
-def _sample_file(name: str) -> str | None:
-    from pydicom.data import get_testdata_file
-
-    try:
-        return get_testdata_file(name)
-    except (ValueError, OSError):
-        return None

@@ -14,7 +14,7 @@ from dicom_io.writers import save_png
 from service.explain import ExplainerError, available_explainers
 from service.inference.card import ModelCardError
 from service.inference.model import DeployedModel
-from service.pipeline import WRITERS, DatasetResult, ExplainPipeline, PipelineConfigError
+from service.pipeline import OUTPUT_KINDS, DatasetResult, ExplainPipeline, PipelineConfigError
 
 EXAMPLES = """examples:
   pacs-xai explain chest.dcm --method gradcam --out results/ --png
@@ -47,7 +47,7 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         "--outputs",
         default=None,
         metavar="LIST",
-        help=f"comma-separated output kinds, from: {', '.join(WRITERS)} (default: the card's)",
+        help=f"comma-separated output kinds, from: {', '.join(OUTPUT_KINDS)} (default: the card's)",
     )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the written objects")
     parser.add_argument("--png", action="store_true", help="also write a PNG preview of every Secondary Capture")

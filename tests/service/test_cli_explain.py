@@ -106,3 +106,33 @@ def test_sc_overlay_shows_the_map_where_gradcam_points(phantom_dir: Path, tmp_pa
     gray = (np.abs(rgb[..., 0] - rgb[..., 2]) < 2).mean()
     assert 0.001 < colourful < 0.6, f"heatmap share {colourful:.3f}"
     assert gray > 0.3, f"grayscale anatomy share {gray:.3f}"
+
+
+def test_every_output_kind_is_written_and_the_report_references_the_others(phantom_dir: Path, tmp_path: Path) -> None:
+    nodule = next(phantom_dir.glob("*nodule*.dcm"))
+    code = main(
+        [
+            "explain",
+            str(nodule),
+            "--method",
+            "gradcam",
+            "--outputs",
+            "sc,pm,seg_fractional,seg_binary,sr",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    objects = {path.stem.split("_", 2)[2]: pydicom.dcmread(path) for path in tmp_path.glob("*.dcm")}
+    assert set(objects) == {"sc", "pm", "seg_fractional", "seg_binary", "sr"}
+    source = pydicom.dcmread(nodule)
+    assert len({ds.StudyInstanceUID for ds in objects.values()} | {source.StudyInstanceUID}) == 1
+    assert len({ds.SeriesInstanceUID for ds in objects.values()}) == 5
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in objects["sr"].CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    expected = {source.SOPInstanceUID} | {ds.SOPInstanceUID for kind, ds in objects.items() if kind != "sr"}
+    assert evidence == expected

@@ -1,0 +1,197 @@
+"""Parametric Map (1.2.840.10008.5.1.4.1.1.30): the attribution values themselves.
+
+The signed attribution map of one source frame, at the source's pixel grid, as 32-bit floats
+(Float Pixel Data) — the raw scale of the explainer, nothing normalised or clipped. Built with
+:class:`highdicom.pm.ParametricMap`, then completed like the Secondary Capture:
+
+- Real World Value Mapping: identity (slope 1, intercept 0) over the map's value range; LUT
+  label = method, explanation "<method> attribution for class <class>", units UCUM "arbitrary
+  unit" (:data:`dicom_io.codes.ATTRIBUTION_UNIT`), quantity = :func:`dicom_io.codes.quantity_code`
+  of the method (DCM 130402 / 130403 / 130404).
+- Window (Frame VOI LUT, function LINEAR_EXACT since raw values are often far below 1):
+  symmetric around 0 at ± the 99th percentile of |value| for a signed map, [0, 99th percentile]
+  for a map without negative values (:func:`attribution_window`).
+- Geometry: the source frame's own Frame of Reference, position, orientation and spacing when
+  it has them (CT, MR, enhanced images with plane positions). The Parametric Map IOD requires a
+  Frame of Reference and plane position/orientation, which a projection radiograph (CR/DX) or a
+  multi-frame image without plane positions does not have; for those the map gets a geometry of
+  its own (:func:`dicom_io.writers.provenance.synthetic_frame_geometry`): a deterministic Frame of
+  Reference UID per source frame, origin (0, 0, 0), row/column directions from the source's
+  Patient Orientation, Pixel Spacing from Pixel Spacing / Imager Pixel Spacing (> 0) or a nominal
+  1 mm. Image Comments says so. The map still lies pixel-for-pixel on the referenced source frame
+  (Derivation Image Sequence, Spatial Locations Preserved YES), which is how a viewer overlays it.
+  highdicom 0.28.2 itself fails on a source without Frame of Reference ("Unexpected mismatch
+  between dimension index values ...") and refuses one frame of a multi-frame source without
+  plane positions; it is therefore given a single-frame stand-in of the source frame
+  (:func:`dicom_io.writers.provenance.highdicom_source_view`) whose references are pointed back
+  at the real source (SOP class, frame number) afterwards.
+- Provenance as for every output: same study, a new series per (source series, model version,
+  method, "pm"), deterministic SOP Instance UID, Source Image Sequence with purpose 121322,
+  Derivation Description, Contributing Equipment for the model, patient/study attributes,
+  Body Part Examined / Laterality and Patient Orientation from the source.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_io.codes import ATTRIBUTION_UNIT, quantity_code
+from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
+from dicom_io.writers.provenance import (
+    ExplanationResult,
+    algorithm_equipment,
+    check_source,
+    copy_patient_study_attributes,
+    derivation_description,
+    drop_assumed_slice_spacing,
+    highdicom_source_view,
+    instance_number,
+    pacs_xai_version,
+    patient_orientation,
+    retarget_source_references,
+    series_description,
+    set_laterality,
+    source_frame_geometry,
+    synthetic_frame_geometry,
+)
+
+__all__ = ["OUTPUT_KIND", "attribution_window", "build_parametric_map"]
+
+#: ``output_kind`` of the derived UIDs of Parametric Map outputs.
+OUTPUT_KIND = "pm"
+
+_SH_MAX = 16
+_LO_MAX = 64
+_SYNTHETIC_GEOMETRY_NOTE = (
+    "The source frame has no patient geometry (projection image or frame without plane position): "
+    "this map's Frame of Reference, position and orientation are its own and nominal (pixel spacing {spacing}); "
+    "it is aligned pixel for pixel with the referenced source frame."
+)
+
+
+def attribution_window(values: np.ndarray, percentile: float = 99.0) -> tuple[float, float]:
+    """(Window Center, Window Width) that shows an attribution map sensibly.
+
+    Signed map (any value < 0): symmetric around 0, from -p to +p where p is the ``percentile``
+    of |value|, so positive and negative evidence get the same contrast and 0 is mid-grey. Map
+    without negative values: 0 to p. p falls back to max |value| (a sparse map), then to 1 (an
+    all-zero map), so the width is always > 0.
+    """
+    finite = np.asarray(values, dtype=np.float64)
+    magnitude = np.abs(finite)
+    top = float(np.percentile(magnitude, percentile)) if magnitude.size else 0.0
+    if not top > 0:
+        top = float(magnitude.max()) if magnitude.size else 0.0
+    if not top > 0:
+        top = 1.0
+    if magnitude.size and float(finite.min()) < 0:
+        return 0.0, 2.0 * top
+    return top / 2.0, top
+
+
+def _derived_uids(source: pydicom.Dataset, result: ExplanationResult) -> tuple[str, str]:
+    common = {
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+        "method": result.method,
+        "output_kind": OUTPUT_KIND,
+    }
+    series_uid = derived_series_uid(str(source.SeriesInstanceUID), **common)
+    instance_uid = derived_instance_uid(str(source.SOPInstanceUID), frame_index=result.frame_index, **common)
+    return series_uid, instance_uid
+
+
+def _value_mapping(values: np.ndarray, result: ExplanationResult) -> hd.pm.RealWorldValueMapping:
+    """Identity mapping of the stored floats to attribution values, with quantity and units."""
+    return hd.pm.RealWorldValueMapping(
+        lut_label=result.method[:_SH_MAX],
+        lut_explanation=f"{result.method} attribution for class {result.class_name}"[:_LO_MAX],
+        unit=ATTRIBUTION_UNIT,
+        value_range=(float(values.min()), float(values.max())),
+        slope=1.0,
+        intercept=0.0,
+        quantity_definition=quantity_code(result.method),
+    )
+
+
+def build_parametric_map(
+    source: pydicom.Dataset,
+    result: ExplanationResult,
+    *,
+    series_number: int = 9002,
+    manufacturer: str = "pacs-xai",
+    software_version: str = pacs_xai_version(),
+    device_uid: str | None = None,
+    device_serial_number: str | None = None,
+) -> pydicom.Dataset:
+    """The Parametric Map of ``result.attribution`` for ``source`` (same study, new derived series).
+
+    ``device_uid`` is the model's Device UID in the Contributing Equipment item (default: derived
+    from model name and version); ``device_serial_number`` identifies this pacs-xai installation
+    (Enhanced General Equipment, Type 1; default: the software version). Raises ValueError when
+    the source lacks the UIDs or grid the output needs, or the map does not match it.
+    """
+    if not isinstance(source, pydicom.Dataset):
+        raise ValueError(f"source must be a pydicom Dataset, got {type(source).__name__}")
+    if not isinstance(result, ExplanationResult):
+        raise ValueError(f"result must be an ExplanationResult, got {type(result).__name__}")
+    check_source(source, result)
+    frame_index = result.frame_index
+    values = np.ascontiguousarray(result.attribution, dtype=np.float32)
+    series_uid, instance_uid = _derived_uids(source, result)
+    device = device_uid or derived_device_uid(result.model_name, result.model_version)
+    equipment = algorithm_equipment(
+        result,
+        manufacturer=manufacturer,
+        software_version=software_version,
+        device_uid=device,
+        contribution=f"XAI {result.method} attribution values of class {result.class_name}",
+    )
+    geometry = source_frame_geometry(source, frame_index) or synthetic_frame_geometry(source, frame_index)
+    center, width = attribution_window(values)
+
+    pm = hd.pm.ParametricMap(
+        source_images=[highdicom_source_view(source, geometry)],
+        pixel_array=values,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=instance_uid,
+        instance_number=instance_number(source, frame_index),
+        manufacturer=manufacturer,
+        manufacturer_model_name="pacs-xai",
+        software_versions=software_version,
+        device_serial_number=device_serial_number or software_version,
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[_value_mapping(values, result)],
+        voi_lut_transformations=[
+            hd.VOILUTTransformation(
+                window_center=center,
+                window_width=width,
+                window_explanation="SIGNED 99TH PERCENTILE" if center == 0.0 else "99TH PERCENTILE",
+                # Exact linear mapping of the float values: raw attributions are often far below 1,
+                # where plain LINEAR (with its 0.5 offsets for integers) is not permitted.
+                voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT,
+            )
+        ],
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        content_label="XAI_ATTRIBUTION",
+        content_description=f"{result.method} attribution, class {result.class_name}"[:_LO_MAX],
+        contributing_equipment=[equipment],
+    )
+    copy_patient_study_attributes(source, pm)
+    retarget_source_references(pm, source, frame_index)
+    drop_assumed_slice_spacing(pm)
+    orientation = patient_orientation(source, frame_index)
+    pm.PatientOrientation = list(orientation) if orientation else None
+    set_laterality(pm, source, frame_index)
+    pm.SeriesDescription = series_description(result, tag="map")
+    pm.DerivationDescription = derivation_description(
+        result, output="Parametric map (raw values)", software_version=software_version
+    )
+    if geometry.synthetic:
+        spacing = "\\".join(f"{value:g}" for value in geometry.pixel_spacing)
+        pm.ImageComments = _SYNTHETIC_GEOMETRY_NOTE.format(spacing=spacing)
+    return pm

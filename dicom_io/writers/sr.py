@@ -1,0 +1,304 @@
+"""Comprehensive 3D SR (1.2.840.10008.5.1.4.1.1.88.34), TID 1500 Measurement Report of one finding.
+
+The classifier's finding for one source frame, built with :class:`highdicom.sr.MeasurementReport`
+inside :class:`highdicom.sr.Comprehensive3DSR`:
+
+- Observation context: the model as device observer (Device UID, name, manufacturer, version).
+- Procedure reported: :func:`dicom_io.codes.procedure_code` of the source modality.
+- Image Library (TID 1600): the source image, with the TID 1603/1604 descriptors the source can
+  fill honestly (a CR without Imager Pixel Spacing, or a frame without plane position, is listed
+  with modality and size only).
+- One Measurement and Qualitative Evaluation Group (TID 1501):
+    - Tracking Identifier "<model> <class>" and a deterministic Tracking Unique Identifier;
+    - Finding: :func:`dicom_io.codes.finding_code` of the class (SNOMED CT "Nodule", "Pleural
+      effusion", "Normal", else a code of the private scheme 99PACSXAI, declared in the Coding
+      Scheme Identification Sequence);
+    - Algorithm Identification (TID 4019): model name and version, family (123110, DCM,
+      "Artificial Intelligence"), parameter "explainer=<method>";
+    - Measurement (TID 300): (122157, DCM, "Probability") of the finding, UCUM "1" (no units,
+      0..1), with the same algorithm;
+    - Qualitative evaluation (130401, DCM, "Visual explanation") = the quantity of the method's
+      map (:func:`dicom_io.codes.quantity_code`);
+    - Source of the finding: the source image (and frame);
+    - one IMAGE item (125201, DCM, "Illustration of Finding") per object in ``references`` — the
+      Secondary Capture, Parametric Map and Segmentations made for the finding (a non-image
+      object becomes a COMPOSITE item with the same concept name).
+- Evidence: the source and every referenced object, all in the same study, in the Current
+  Requested Procedure Evidence Sequence.
+- Document state: COMPLETE, PRELIMINARY, UNVERIFIED — a model's output that nobody has signed.
+
+Provenance as for every output: same study, a new series per (source series, model version,
+method, "sr"), deterministic SOP Instance UID, Contributing Equipment for the model, patient and
+study attributes copied from the source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import pydicom
+from highdicom._standard_utils import does_iod_have_pixel_data  # private in 0.28.2; highdicom uses it alike
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_io.codes import (
+    ARTIFICIAL_INTELLIGENCE,
+    ILLUSTRATION_OF_FINDING,
+    PRIVATE_SCHEME,
+    PRIVATE_SCHEME_NAME,
+    PROBABILITY,
+    PROBABILITY_UNIT,
+    VISUAL_EXPLANATION,
+    finding_code,
+    procedure_code,
+    quantity_code,
+)
+from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
+from dicom_io.writers.provenance import (
+    ExplanationResult,
+    algorithm_equipment,
+    check_source,
+    copy_patient_study_attributes,
+    highdicom_source_view,
+    instance_number,
+    number_of_frames,
+    pacs_xai_version,
+    patient_orientation,
+    series_description,
+    source_frame_geometry,
+)
+
+__all__ = ["OUTPUT_KIND", "build_report"]
+
+#: ``output_kind`` of the derived UIDs of SR outputs.
+OUTPUT_KIND = "sr"
+
+_LO_MAX = 64
+_CROSS_SECTIONAL = frozenset({"CT", "MR", "PT"})
+_PROJECTION = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
+_REFERENCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+
+
+def _derived_uids(source: pydicom.Dataset, result: ExplanationResult) -> tuple[str, str, str]:
+    """(Series Instance UID, SOP Instance UID, Tracking Unique Identifier) of the report."""
+    common = {"model_name": result.model_name, "model_version": result.model_version, "method": result.method}
+    series_uid = derived_series_uid(str(source.SeriesInstanceUID), output_kind=OUTPUT_KIND, **common)
+    instance_uid = derived_instance_uid(
+        str(source.SOPInstanceUID), frame_index=result.frame_index, output_kind=OUTPUT_KIND, **common
+    )
+    tracking_uid = derived_instance_uid(
+        str(source.SOPInstanceUID), frame_index=result.frame_index, output_kind="sr-finding", **common
+    )
+    return series_uid, instance_uid, tracking_uid
+
+
+def _check_references(source: pydicom.Dataset, references: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """The referenced objects, checked: datasets with UIDs, in the source's study, no duplicates."""
+    checked: list[pydicom.Dataset] = []
+    seen = {str(source.SOPInstanceUID)}
+    for index, reference in enumerate(references):
+        if not isinstance(reference, pydicom.Dataset):
+            raise ValueError(f"references[{index}] must be a pydicom Dataset, got {type(reference).__name__}")
+        missing = [kw for kw in _REFERENCE_KEYWORDS if reference.get(kw) in (None, "")]
+        if missing:
+            raise ValueError(f"references[{index}] lacks {', '.join(missing)}")
+        if reference.StudyInstanceUID != source.StudyInstanceUID:
+            raise ValueError(
+                f"references[{index}] ({reference.SOPInstanceUID}) belongs to study {reference.StudyInstanceUID}, "
+                f"not the source's study {source.StudyInstanceUID}"
+            )
+        if str(reference.SOPInstanceUID) in seen:
+            raise ValueError(f"references[{index}] ({reference.SOPInstanceUID}) is listed twice or is the source")
+        seen.add(str(reference.SOPInstanceUID))
+        checked.append(reference)
+    return checked
+
+
+def _library_view(source: pydicom.Dataset, frame_index: int) -> pydicom.Dataset:
+    """What the Image Library entry of the source may say about it.
+
+    highdicom writes the cross-sectional (TID 1604) or projection (TID 1603) descriptors by the
+    view's Modality and reads them with attribute access. The view carries them only when the
+    source states them (a complete frame geometry with Slice Thickness; Patient Orientation and
+    Imager Pixel Spacing > 0); otherwise its Modality is "OT", so only modality (coded from the
+    SOP Class UID, not from this attribute), rows and columns are written — nothing made up.
+    """
+    view = pydicom.Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Rows", "Columns"):
+        setattr(view, keyword, source.get(keyword))
+    modality = str(source.get("Modality") or "").upper()
+    view.Modality = "OT"
+    geometry = source_frame_geometry(source, frame_index)
+    if geometry is not None:
+        view.FrameOfReferenceUID = geometry.frame_of_reference_uid
+    if modality in _CROSS_SECTIONAL and geometry is not None and geometry.slice_thickness is not None:
+        view.Modality = modality
+        view.PixelSpacing = list(geometry.pixel_spacing)
+        view.ImageOrientationPatient = list(geometry.image_orientation)
+        view.ImagePositionPatient = list(geometry.image_position)
+        view.SliceThickness = geometry.slice_thickness
+    elif modality in _PROJECTION:
+        orientation = patient_orientation(source, frame_index)
+        spacing = source.get("ImagerPixelSpacing")
+        try:
+            positive = spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing)
+        except (TypeError, ValueError):
+            positive = False
+        if orientation is not None and positive:
+            view.Modality = modality
+            view.PatientOrientation = list(orientation)
+            view.ImagerPixelSpacing = [float(v) for v in spacing]
+    return view
+
+
+def _evidence_view(source: pydicom.Dataset) -> pydicom.Dataset:
+    """The source as highdicom's first evidence item (patient, study, equipment; type 2 defaults)."""
+    view = highdicom_source_view(source, None)
+    view.SOPClassUID = source.SOPClassUID
+    return view
+
+
+def _illustrations(references: Sequence[pydicom.Dataset]) -> list[hd.sr.ContentItem]:
+    """The "Illustration of Finding" items for the objects made for the finding."""
+    items: list[hd.sr.ContentItem] = []
+    for reference in references:
+        arguments = {
+            "name": ILLUSTRATION_OF_FINDING,
+            "referenced_sop_class_uid": str(reference.SOPClassUID),
+            "referenced_sop_instance_uid": str(reference.SOPInstanceUID),
+            "relationship_type": hd.sr.RelationshipTypeValues.CONTAINS,
+        }
+        if does_iod_have_pixel_data(str(reference.SOPClassUID)):
+            items.append(hd.sr.ImageContentItem(**arguments))
+        else:
+            items.append(hd.sr.CompositeContentItem(**arguments))
+    return items
+
+
+def _finding_group(
+    source: pydicom.Dataset,
+    result: ExplanationResult,
+    references: Sequence[pydicom.Dataset],
+    tracking_uid: str,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501: finding, probability, algorithm, explanation kind, source and illustrations."""
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=result.model_name,
+        version=result.model_version,
+        parameters=[f"explainer={result.method}"],
+        family=ARTIFICIAL_INTELLIGENCE,
+    )
+    frames = [result.frame_index + 1] if number_of_frames(source) > 1 else None
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid, identifier=f"{result.model_name} {result.class_name}"[:_LO_MAX]
+        ),
+        finding_type=finding_code(result.class_name),
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(
+                name=PROBABILITY,
+                value=float(result.probability),
+                unit=PROBABILITY_UNIT,
+                algorithm_id=algorithm,
+            )
+        ],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(VISUAL_EXPLANATION, quantity_code(result.method))],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=str(source.SOPClassUID),
+                referenced_sop_instance_uid=str(source.SOPInstanceUID),
+                referenced_frame_numbers=frames,
+            )
+        ],
+    )
+    group[0].ContentSequence.extend(_illustrations(references))
+    return group
+
+
+def _observer(result: ExplanationResult, manufacturer: str, device_uid: str) -> hd.sr.ObservationContext:
+    """The model as the device observer (TID 1004)."""
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=device_uid,
+                name=result.model_name,
+                manufacturer_name=manufacturer,
+                model_name=f"{result.model_name} {result.model_version}"[:_LO_MAX],
+            ),
+        )
+    )
+
+
+def _declare_private_scheme(sr: pydicom.Dataset, result: ExplanationResult) -> None:
+    """Coding Scheme Identification Sequence item for 99PACSXAI when the finding uses it."""
+    if finding_code(result.class_name).scheme_designator != PRIVATE_SCHEME:
+        return
+    item = pydicom.Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = PRIVATE_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = "pacs-xai"
+    sr.CodingSchemeIdentificationSequence = [item]
+
+
+def build_report(
+    source: pydicom.Dataset,
+    result: ExplanationResult,
+    *,
+    references: Sequence[pydicom.Dataset] = (),
+    series_number: int = 9005,
+    manufacturer: str = "pacs-xai",
+    software_version: str = pacs_xai_version(),
+    device_uid: str | None = None,
+) -> pydicom.Dataset:
+    """The TID 1500 report of ``result``'s finding on ``source``, referencing the objects made for it.
+
+    ``references`` are the Secondary Capture / Parametric Map / Segmentation datasets made from
+    the same result (same study; each referenced once). ``device_uid`` is the model's Device UID
+    (observer context and Contributing Equipment; default: derived from model name and version).
+    Raises ValueError for a source without the UIDs or grid the output needs, a map that does not
+    match it, or a reference without UIDs, from another study, or listed twice.
+    """
+    if not isinstance(source, pydicom.Dataset):
+        raise ValueError(f"source must be a pydicom Dataset, got {type(source).__name__}")
+    if not isinstance(result, ExplanationResult):
+        raise ValueError(f"result must be an ExplanationResult, got {type(result).__name__}")
+    check_source(source, result)
+    referenced = _check_references(source, references)
+    series_uid, instance_uid, tracking_uid = _derived_uids(source, result)
+    device = device_uid or derived_device_uid(result.model_name, result.model_version)
+    equipment = algorithm_equipment(
+        result,
+        manufacturer=manufacturer,
+        software_version=software_version,
+        device_uid=device,
+        contribution=f"XAI finding '{result.class_name}' and its {result.method} explanation",
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=_observer(result, manufacturer, device),
+        procedure_reported=procedure_code(source.get("Modality")),
+        imaging_measurements=[_finding_group(source, result, referenced, tracking_uid)],
+        referenced_images=[_library_view(source, result.frame_index)],
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[_evidence_view(source), *referenced],
+        content=report[0],
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=instance_uid,
+        instance_number=instance_number(source, result.frame_index),
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[equipment],
+        series_description=series_description(result, tag="report"),
+    )
+    copy_patient_study_attributes(source, sr)
+    _declare_private_scheme(sr, result)
+    sr.ManufacturerModelName = "pacs-xai"
+    sr.SoftwareVersions = software_version
+    return sr

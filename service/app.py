@@ -1,0 +1,149 @@
+"""Wiring of the running node: listener, assembler, processing worker and sender.
+
+Threads: pynetdicom serves associations on its own threads and only spools + journals there
+(fast, I/O-bound). One processing thread per ``workers.pipeline`` takes ready series from the
+assembler and runs the model and explainers (torch and ONNX Runtime release the GIL in their
+kernels). One sender thread delivers the outbox. All state that matters is in the journal, so
+``start`` after any crash resumes: journaled-but-unprocessed instances are handed back to the
+assembler, pending outputs are sent.
+
+``stop`` drains: the listener stops accepting, the series being processed finish, the sender
+makes a last pass; what is left waits in the journal for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from dicom_io.scp import AllowedCaller, ListenerSettings, StorageSCP, TlsFiles
+from dicom_io.scu import StoreSCU
+from service.assembler import Assembler, SeriesKey
+from service.config import NodeConfig
+from service.demo import demo_card_path
+from service.inference.model import DeployedModel
+from service.pipeline import ExplainPipeline
+from service.processor import SeriesProcessor
+from service.receiver import Receiver
+from service.sender import OutboxSender
+from service.store import Journal, Spool
+
+log = logging.getLogger(__name__)
+
+#: Seconds between looks at the assembler and the outbox when there is nothing to do.
+POLL_SECONDS = 0.1
+
+
+class Node:
+    """One pacs-xai node. ``start()``, then ``stop()`` (also used by the SIGTERM handler)."""
+
+    def __init__(self, config: NodeConfig, model: DeployedModel | None = None) -> None:
+        self.config = config
+        data_dir = Path(config.storage.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(data_dir / "spool")
+        self.journal = Journal(data_dir / "journal.sqlite")
+        self.model = model or DeployedModel.from_card_path(
+            config.model.card or demo_card_path(), device=config.model.device
+        )
+        card = self.model.card
+        self.pipeline = ExplainPipeline(
+            self.model,
+            methods=config.explain.methods or card.defaults.methods,
+            outputs=config.explain.outputs or card.defaults.outputs,
+            method_params=config.explain.method_params,
+        )
+        self.assembler = Assembler(
+            idle_seconds=config.assembly.idle_seconds, max_wait_seconds=config.assembly.max_wait_seconds
+        )
+        self.processor = SeriesProcessor(self.pipeline, self.spool, self.journal, config.destinations)
+        self.sender = OutboxSender(
+            self.journal,
+            StoreSCU(config.send.calling_ae_title or config.listener.ae_title),
+            {d.name: d.to_destination() for d in config.destinations},
+            config.send,
+        )
+        self.scp = StorageSCP(_listener_settings(config), Receiver(self.spool, self.journal, self.assembler))
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def port(self) -> int:
+        """The DICOM port actually bound (useful with port 0)."""
+        return self.scp.port
+
+    def start(self) -> None:
+        """Resume from the journal, then listen, process and send."""
+        self.spool.remove_stale_temp_files()
+        restored = self.journal.pending_instances()
+        for instance in restored:
+            self.assembler.restore(
+                SeriesKey(instance.study_instance_uid, instance.series_instance_uid), instance.sop_instance_uid
+            )
+        if restored:
+            log.info("resuming %d journaled instance(s) not yet processed", len(restored))
+        self.scp.start()
+        for index in range(self.config.workers.pipeline):
+            self._spawn(f"pacs-xai-process-{index}", self._process_loop)
+        self._spawn("pacs-xai-send", self._send_loop)
+        log.info(
+            "node %s listening on %s:%d, model %s %s on %s",
+            self.config.listener.ae_title,
+            self.config.listener.bind_address,
+            self.port,
+            self.model.card.name,
+            self.model.card.version,
+            self.model.forward_runner.device,
+        )
+
+    def stop(self) -> None:
+        """Graceful stop: no new associations, finish the batch in hand, last send pass."""
+        self.scp.stop()
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
+        self.journal.close()
+        log.info("node stopped")
+
+    def _spawn(self, name: str, target) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _process_loop(self) -> None:
+        while not self._stopping.is_set():
+            ready = self.assembler.take_ready()
+            for key, sop_uids in ready:
+                self.processor.process_batch(key, self.journal.get_instances(sop_uids))
+            if not ready:
+                self._stopping.wait(POLL_SECONDS)
+
+    def _send_loop(self) -> None:
+        while True:
+            stopping = self._stopping.is_set()
+            tally = self.sender.send_due()
+            if stopping:
+                return
+            if not any(tally.values()):
+                self._stopping.wait(POLL_SECONDS * 5)
+
+
+def _listener_settings(config: NodeConfig) -> ListenerSettings:
+    listener = config.listener
+    tls = None
+    if config.tls is not None:
+        tls = TlsFiles(config.tls.certificate, config.tls.private_key, config.tls.client_ca)
+    return ListenerSettings(
+        ae_title=listener.ae_title,
+        bind_address=listener.bind_address,
+        port=listener.port,
+        max_associations=listener.max_associations,
+        max_pdu=listener.max_pdu,
+        acse_timeout=listener.acse_timeout,
+        dimse_timeout=listener.dimse_timeout,
+        network_timeout=listener.network_timeout,
+        allowed_callers=tuple(AllowedCaller(c.ae_title, c.host) for c in config.allowed_callers),
+        tls=tls,
+    )

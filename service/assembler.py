@@ -1,0 +1,128 @@
+"""Series completion: group arriving instances by study and series and say when a series is ready.
+
+A *batch* is the instances of one series that arrived since the series was last taken. It is
+ready when
+
+* every association that delivered to it has ended (released or aborted) and nothing new arrived
+  for ``idle_seconds``, or
+* ``max_wait_seconds`` have passed since its first arrival, even with an association still open
+  (a sender that never releases cannot hold a series back for ever).
+
+:meth:`Assembler.take_ready` hands ready batches out once and forgets them; instances of the same
+series that arrive later start a new batch, processed as a follow-up. The assembler is in memory
+only: the journal is the durable record, and after a restart the journaled-but-unprocessed
+instances are put back with :meth:`Assembler.restore`.
+
+An association that sends again after :meth:`Assembler.association_ended` was called for it (not
+expected from a DICOM SCP) counts as open again; ``max_wait_seconds`` still bounds that batch.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["Assembler", "SeriesKey"]
+
+
+@dataclass(frozen=True)
+class SeriesKey:
+    """One series of one study."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+
+
+@dataclass
+class _Batch:
+    """Instances of one series waiting to be taken, with the times that decide readiness."""
+
+    first_arrival: float
+    last_arrival: float
+    # dict as an ordered set: arrival order kept, a repeated SOP UID counted once.
+    sop_instance_uids: dict[str, None] = field(default_factory=dict)
+    open_associations: set[str] = field(default_factory=set)
+
+    def add(self, sop_instance_uid: str, at: float) -> None:
+        self.sop_instance_uids[sop_instance_uid] = None
+        self.first_arrival = min(self.first_arrival, at)
+        self.last_arrival = max(self.last_arrival, at)
+
+
+class Assembler:
+    """Groups arriving instances into series and says when a series is ready.
+
+    Thread-safe (one lock around every method). Time comes from an injected clock (a callable
+    returning seconds, monotonic by default) so tests need no sleeps.
+    """
+
+    def __init__(
+        self, *, idle_seconds: float, max_wait_seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if not (isinstance(idle_seconds, int | float) and math.isfinite(idle_seconds) and idle_seconds > 0):
+            raise ValueError(f"idle_seconds must be a finite number > 0, got {idle_seconds!r}")
+        if not (isinstance(max_wait_seconds, int | float) and math.isfinite(max_wait_seconds)):
+            raise ValueError(f"max_wait_seconds must be a finite number, got {max_wait_seconds!r}")
+        if max_wait_seconds < idle_seconds:
+            raise ValueError(f"max_wait_seconds ({max_wait_seconds!r}) must be >= idle_seconds ({idle_seconds!r})")
+        if not callable(clock):
+            raise ValueError(f"clock must be a callable returning seconds, got {clock!r}")
+        self.idle_seconds = float(idle_seconds)
+        self.max_wait_seconds = float(max_wait_seconds)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._batches: dict[SeriesKey, _Batch] = {}
+
+    def instance_arrived(self, key: SeriesKey, sop_instance_uid: str, association_id: str) -> None:
+        """An instance of ``key`` was stored (spooled and journaled) on association ``association_id``."""
+        with self._lock:
+            now = self._clock()
+            batch = self._batch(key, now)
+            batch.add(sop_instance_uid, now)
+            batch.open_associations.add(association_id)
+
+    def association_ended(self, association_id: str) -> None:
+        """Association ``association_id`` was released or aborted: it no longer holds any series back."""
+        with self._lock:
+            for batch in self._batches.values():
+                batch.open_associations.discard(association_id)
+
+    def take_ready(self) -> list[tuple[SeriesKey, list[str]]]:
+        """The ready batches (oldest first) with their SOP Instance UIDs in arrival order; they are forgotten."""
+        with self._lock:
+            now = self._clock()
+            ready = [(key, batch) for key, batch in self._batches.items() if self._is_ready(batch, now)]
+            ready.sort(key=lambda item: item[1].first_arrival)
+            for key, _ in ready:
+                del self._batches[key]
+        return [(key, list(batch.sop_instance_uids)) for key, batch in ready]
+
+    def restore(self, key: SeriesKey, sop_instance_uid: str, received_at_monotonic: float | None = None) -> None:
+        """After a restart: a journaled-but-unprocessed instance rejoins its series with no open association.
+
+        It counts as arriving at ``received_at_monotonic`` (a time on this assembler's clock), or
+        now when ``None``, so the batch is ready ``idle_seconds`` later.
+        """
+        with self._lock:
+            at = self._clock() if received_at_monotonic is None else received_at_monotonic
+            self._batch(key, at).add(sop_instance_uid, at)
+
+    def pending(self) -> int:
+        """Number of instances waiting in batches not yet taken."""
+        with self._lock:
+            return sum(len(batch.sop_instance_uids) for batch in self._batches.values())
+
+    def _batch(self, key: SeriesKey, at: float) -> _Batch:
+        """The open batch of ``key``, created (first arrival ``at``) when there is none."""
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = _Batch(first_arrival=at, last_arrival=at)
+        return batch
+
+    def _is_ready(self, batch: _Batch, now: float) -> bool:
+        if now - batch.first_arrival >= self.max_wait_seconds:
+            return True
+        return not batch.open_associations and now - batch.last_arrival >= self.idle_seconds
