@@ -22,7 +22,9 @@ from dicom_io.scu import StoreSCU
 from service.assembler import Assembler, SeriesKey
 from service.config import NodeConfig
 from service.demo import demo_card_path
+from service.http import HealthServer
 from service.inference.model import DeployedModel
+from service.metrics import JournalCollector, create_metrics
 from service.pipeline import ExplainPipeline
 from service.processor import SeriesProcessor
 from service.receiver import Receiver
@@ -57,14 +59,27 @@ class Node:
         self.assembler = Assembler(
             idle_seconds=config.assembly.idle_seconds, max_wait_seconds=config.assembly.max_wait_seconds
         )
-        self.processor = SeriesProcessor(self.pipeline, self.spool, self.journal, config.destinations)
+        self.metrics = create_metrics()
+        self.metrics.registry.register(JournalCollector(self.journal.counts))
+        self.metrics.model_info.labels(card.name, card.version, self.model.forward_runner.device).set(1)
+        self.processor = SeriesProcessor(self.pipeline, self.spool, self.journal, config.destinations, self.metrics)
         self.sender = OutboxSender(
             self.journal,
             StoreSCU(config.send.calling_ae_title or config.listener.ae_title),
             {d.name: d.to_destination() for d in config.destinations},
             config.send,
+            self.metrics,
         )
-        self.scp = StorageSCP(_listener_settings(config), Receiver(self.spool, self.journal, self.assembler))
+        self.scp = StorageSCP(
+            _listener_settings(config), Receiver(self.spool, self.journal, self.assembler, self.metrics)
+        )
+        self.http = (
+            HealthServer(
+                self.metrics.registry, self.readiness, bind=config.metrics.bind_address, port=config.metrics.port
+            )
+            if config.metrics.enabled
+            else None
+        )
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -72,6 +87,26 @@ class Node:
     def port(self) -> int:
         """The DICOM port actually bound (useful with port 0)."""
         return self.scp.port
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready when the model is loaded, the spool writable and the listener running."""
+        if self._stopping.is_set():
+            return False, "stopping"
+        probe = self.spool.root / ".readyz-probe"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            return False, f"spool not writable: {exc}"
+        return (
+            True,
+            f"ready: model {self.model.card.name} {self.model.card.version} on {self.model.forward_runner.device}",
+        )
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The HTTP port of /metrics, /healthz, /readyz (None when disabled)."""
+        return self.http.port if self.http else None
 
     def start(self) -> None:
         """Resume from the journal, then listen, process and send."""
@@ -83,6 +118,8 @@ class Node:
             )
         if restored:
             log.info("resuming %d journaled instance(s) not yet processed", len(restored))
+        if self.http:
+            self.http.start()
         self.scp.start()
         for index in range(self.config.workers.pipeline):
             self._spawn(f"pacs-xai-process-{index}", self._process_loop)
@@ -104,6 +141,8 @@ class Node:
         for thread in self._threads:
             thread.join()
         self._threads.clear()
+        if self.http:
+            self.http.stop()
         self.journal.close()
         log.info("node stopped")
 

@@ -157,6 +157,14 @@ class WorkersConfig(_Section):
     pipeline: int = Field(1, ge=1, le=64, description="Series processed at the same time.")
 
 
+class MetricsConfig(_Section):
+    """Prometheus metrics and health endpoints (/metrics, /healthz, /readyz) on their own port."""
+
+    enabled: bool = Field(True, description="Serve the HTTP endpoints.")
+    bind_address: str = Field("127.0.0.1", description="Address for the HTTP endpoints; 0.0.0.0 for every interface.")
+    port: int = Field(9110, ge=0, le=65535, description="HTTP port (0 picks a free one).")
+
+
 class LoggingConfig(_Section):
     """Logs never carry patient data: UIDs at most."""
 
@@ -185,6 +193,7 @@ class NodeConfig(BaseSettings):
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Data folder.")
     send: SendConfig = Field(default_factory=SendConfig, description="Retry policy.")
     workers: WorkersConfig = Field(default_factory=WorkersConfig, description="Worker threads.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics and health endpoints.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
 
     @classmethod

@@ -12,7 +12,8 @@ duplicates.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from io import BytesIO
 
 import pydicom
@@ -23,7 +24,8 @@ from dicom_io.pixels import read_dataset
 from service.assembler import SeriesKey
 from service.config import DestinationConfig
 from service.explain import ExplainerError
-from service.pipeline import ExplainPipeline
+from service.metrics import NodeMetrics
+from service.pipeline import DatasetResult, ExplainPipeline
 from service.store import Journal, ReceivedInstance, Spool
 
 log = logging.getLogger(__name__)
@@ -38,18 +40,28 @@ class SeriesProcessor:
         spool: Spool,
         journal: Journal,
         destinations: Sequence[DestinationConfig],
+        metrics: NodeMetrics,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._pipeline = pipeline
         self._spool = spool
         self._journal = journal
         self._destinations = tuple(destinations)
+        self._metrics = metrics
+        self._clock = clock
 
     def process_batch(self, key: SeriesKey, instances: Sequence[ReceivedInstance]) -> dict[str, int]:
         """Process one batch of a series; returns how many instances ended done/skipped/failed."""
         tally = {"done": 0, "skipped": 0, "failed": 0}
+        if instances:
+            waited = self._clock() - min(instance.received_at for instance in instances)
+            self._metrics.stage_seconds.labels("assemble_wait").observe(max(0.0, waited))
         for instance in instances:
             outcome = self._process_instance(instance)
             tally[outcome] += 1
+            self._metrics.instances_processed.labels(outcome).inc()
+        self._metrics.series_processed.labels(_series_outcome(tally)).inc()
         log.info("series %s batch of %d processed: %s", key.series_instance_uid, len(instances), tally)
         return tally
 
@@ -65,6 +77,7 @@ class SeriesProcessor:
             self._journal.mark_processed([uid], "failed", f"internal error: {type(exc).__name__}: {exc}")
             log.exception("instance %s failed with an internal error", uid)
             return "failed"
+        self._observe(result)
         if result.skipped_reason:
             self._journal.mark_processed([uid], "skipped", result.skipped_reason)
             log.info("instance %s skipped: %s", uid, result.skipped_reason)
@@ -84,6 +97,22 @@ class SeriesProcessor:
                     )
         self._journal.mark_processed([uid], "done")
         return "done"
+
+    def _observe(self, result: DatasetResult) -> None:
+        """Stage timings and predictions of one processed instance into the metrics."""
+        for key, milliseconds in result.timings_ms.items():
+            stage, _, method = key.partition(":")
+            self._metrics.stage_seconds.labels(stage).observe(milliseconds / 1000)
+            if stage == "explain":
+                self._metrics.explain_seconds.labels(method).observe(milliseconds / 1000)
+        for prediction in result.predictions:
+            self._metrics.predictions.labels(prediction.class_name).inc()
+
+
+def _series_outcome(tally: dict[str, int]) -> str:
+    """done (all done), skipped/failed (all of one kind), partial (a mix)."""
+    kinds = [outcome for outcome, count in tally.items() if count]
+    return kinds[0] if len(kinds) == 1 else ("partial" if kinds else "done")
 
 
 def encode(dataset: Dataset) -> bytes:

@@ -22,6 +22,7 @@ from pydicom.uid import UID
 
 from dicom_io.network import Status
 from service.assembler import Assembler, SeriesKey
+from service.metrics import NodeMetrics
 from service.store import Journal, ReceivedInstance, Spool, StoreError
 
 log = logging.getLogger(__name__)
@@ -37,33 +38,50 @@ class Receiver:
     """The node's :class:`dicom_io.scp.StorageEvents`: dependencies are passed in, nothing global."""
 
     def __init__(
-        self, spool: Spool, journal: Journal, assembler: Assembler, *, clock: Callable[[], float] = time.time
+        self,
+        spool: Spool,
+        journal: Journal,
+        assembler: Assembler,
+        metrics: NodeMetrics,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._spool = spool
         self._journal = journal
         self._assembler = assembler
+        self._metrics = metrics
         self._clock = clock
 
     def on_store(self, encoded: bytes, *, calling_ae: str, association_id: str) -> int:
+        with self._metrics.stage_seconds.labels("receive").time():
+            status = self._store(encoded, calling_ae, association_id)
+        outcome = {Status.SUCCESS: "stored", Status.CANNOT_UNDERSTAND: "quarantined"}.get(status, "refused")
+        self._metrics.instances_received.labels(outcome).inc()
+        if status == Status.SUCCESS:
+            self._metrics.last_received.set(self._clock())
+        return status
+
+    def _store(self, encoded: bytes, calling_ae: str, association_id: str) -> int:
         try:
             instance_uids = parse_instance_uids(encoded)
         except UnusableInstanceError as exc:
             return self._quarantine(encoded, str(exc), calling_ae, association_id)
         sop_class, sop_uid, study_uid, series_uid = instance_uids
         try:
-            path = self._spool.write_instance(encoded, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid)
-            self._journal.record_received(
-                ReceivedInstance(
-                    sop_instance_uid=sop_uid,
-                    sop_class_uid=sop_class,
-                    study_instance_uid=study_uid,
-                    series_instance_uid=series_uid,
-                    path=path,
-                    calling_ae=calling_ae,
-                    association_id=association_id,
-                    received_at=self._clock(),
+            with self._metrics.stage_seconds.labels("spool").time():
+                path = self._spool.write_instance(encoded, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid)
+                self._journal.record_received(
+                    ReceivedInstance(
+                        sop_instance_uid=sop_uid,
+                        sop_class_uid=sop_class,
+                        study_instance_uid=study_uid,
+                        series_instance_uid=series_uid,
+                        path=path,
+                        calling_ae=calling_ae,
+                        association_id=association_id,
+                        received_at=self._clock(),
+                    )
                 )
-            )
         except StoreError as exc:
             log.error("could not store instance %s from %s: %s", sop_uid, calling_ae, exc)
             return Status.OUT_OF_RESOURCES
@@ -72,6 +90,7 @@ class Receiver:
         return Status.SUCCESS
 
     def on_association_accepted(self, calling_ae: str, host: str, association_id: str) -> None:
+        self._metrics.associations.labels("accepted").inc()
         log.info("association %s accepted from %s at %s", association_id, calling_ae, host)
 
     def on_association_released(self, association_id: str) -> None:
@@ -79,6 +98,7 @@ class Receiver:
         log.info("association %s ended", association_id)
 
     def on_association_rejected(self, calling_ae: str, host: str, reason: str) -> None:
+        self._metrics.associations.labels("rejected").inc()
         log.warning("association from %s at %s rejected: %s", calling_ae, host, reason)
 
     def _quarantine(self, encoded: bytes, reason: str, calling_ae: str, association_id: str) -> int:

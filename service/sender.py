@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 
 from dicom_io.scu import Destination, StoreSCU
 from service.config import SendConfig
+from service.metrics import NodeMetrics
 from service.store import Journal, OutboxEntry, backoff_delay
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class OutboxSender:
         scu: StoreSCU,
         destinations: Mapping[str, Destination],
         policy: SendConfig,
+        metrics: NodeMetrics,
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
@@ -42,6 +44,7 @@ class OutboxSender:
         self._scu = scu
         self._destinations = dict(destinations)
         self._policy = policy
+        self._metrics = metrics
         self._clock = clock
         self._rng = rng or random.Random()
 
@@ -58,22 +61,26 @@ class OutboxSender:
                     self._journal.mark_dead(
                         entry.sop_instance_uid, name, error=f"destination {name!r} is not configured"
                     )
+                    self._metrics.outputs.labels(name, "dead").inc()
                     tally["dead"] += 1
                 continue
             self._send_to(name, destination, entries, tally)
         return tally
 
     def _send_to(self, name: str, destination: Destination, entries: list[OutboxEntry], tally: dict[str, int]) -> None:
-        outcomes = self._scu.send(destination, [e.path for e in entries])  # one outcome per path, in order
+        with self._metrics.stage_seconds.labels("send").time():
+            outcomes = self._scu.send(destination, [e.path for e in entries])  # one outcome per path, in order
         for entry, outcome in zip(entries, outcomes, strict=True):
             verdict, detail = outcome.verdict, outcome.detail
             if verdict == "delivered":
                 self._journal.mark_sent(entry.sop_instance_uid, name)
+                self._metrics.outputs.labels(name, "sent").inc()
                 tally["sent"] += 1
             elif verdict == "reject" or entry.attempts + 1 >= self._policy.max_attempts:
                 reason = detail if verdict == "reject" else f"gave up after {entry.attempts + 1} attempts: {detail}"
                 self._journal.mark_dead(entry.sop_instance_uid, name, error=reason)
                 log.warning("output %s to %s dead-lettered: %s", entry.sop_instance_uid, name, reason)
+                self._metrics.outputs.labels(name, "dead").inc()
                 tally["dead"] += 1
             else:
                 delay = backoff_delay(
@@ -86,4 +93,5 @@ class OutboxSender:
                     entry.sop_instance_uid, name, error=detail, next_attempt_at=self._clock() + delay
                 )
                 log.info("output %s to %s: retry in %.1f s (%s)", entry.sop_instance_uid, name, delay, detail)
+                self._metrics.outputs.labels(name, "retry").inc()
                 tally["retry"] += 1

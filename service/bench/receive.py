@@ -26,6 +26,7 @@ from pydicom.uid import generate_uid
 from dicom_io.scp import ListenerSettings, StorageSCP
 from dicom_io.scu import Destination, StoreSCU
 from service.assembler import Assembler
+from service.metrics import create_metrics
 from service.receiver import Receiver
 from service.store import Journal, Spool
 
@@ -100,7 +101,9 @@ def measure_pacs_xai(files: Sequence[Path], associations: int, workdir: Path) ->
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
     journal = Journal(data_dir / "journal.sqlite")
-    receiver = Receiver(Spool(data_dir / "spool"), journal, Assembler(idle_seconds=60, max_wait_seconds=600))
+    receiver = Receiver(
+        Spool(data_dir / "spool"), journal, Assembler(idle_seconds=60, max_wait_seconds=600), create_metrics()
+    )
     scp = StorageSCP(ListenerSettings(ae_title="PACSXAI", port=0, max_associations=max(10, associations)), receiver)
     scp.start()
     try:

@@ -99,6 +99,7 @@ def run_node_demo(out_dir: Path, methods: Sequence[str], progress: Progress, tim
             "destinations": [{"name": "demo", "ae_title": DESTINATION_AE, "host": "127.0.0.1", "port": receiver.port}],
             "explain": {"methods": list(methods), "outputs": ["sc"]},
             "assembly": {"idle_seconds": 0.5, "max_wait_seconds": 60},
+            "metrics": {"port": 0},
         },
     )
     if (out_dir / "var").exists():
@@ -120,9 +121,15 @@ def run_node_demo(out_dir: Path, methods: Sequence[str], progress: Progress, tim
         receiver.stop()
     rows = _rows(files, received, destination.arrivals, sent_at, Path(config.storage.data_dir) / "journal.sqlite")
     previews = out_dir / "previews"
-    previews.mkdir(exist_ok=True)
+    shutil.rmtree(previews, ignore_errors=True)
+    previews.mkdir()
+    sources = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files}
     for path in sorted(received.glob("*.dcm")):
-        save_png(pydicom.dcmread(path).pixel_array, previews / f"{path.stem}.png")
+        result = pydicom.dcmread(path)
+        source = sources.get(str(result.SourceImageSequence[0].ReferencedSOPInstanceUID))
+        method = str(result.SeriesDescription).split()[1]  # "XAI <method> <class>"
+        name = f"{source.stem}_{method}" if source else path.stem
+        save_png(result.pixel_array, previews / f"{name}.png")
     _print_table(rows)
     print(f"\nreturned objects: {received.resolve()}/\nPNG previews:     {previews.resolve()}/")
     return 1 if failed else 0

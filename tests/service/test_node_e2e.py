@@ -29,7 +29,7 @@ from service.app import Node
 from service.config import load_config
 from service.demo.phantoms import make_phantom, write_phantom_studies
 from service.store import Journal
-from tests.helpers import free_port, require_tool
+from tests.helpers import data_file, free_port, require_tool
 from tests.orthanc import Orthanc
 
 PHANTOM_ROWS, PHANTOM_COLS = 256, 240
@@ -52,6 +52,7 @@ def node_overrides(data_dir: Path, destinations: list[dict], **extra: object) ->
         "assembly": {"idle_seconds": 0.3, "max_wait_seconds": 30},
         "send": {"base_delay_seconds": 0.2, "max_delay_seconds": 1.0, "max_attempts": 50},
         "explain": {"methods": ["gradcam"], "outputs": ["sc"]},
+        "metrics": {"port": 0},
     }
     overrides.update(extra)
     return overrides
@@ -129,23 +130,32 @@ def test_dcmtk_peers_echo_store_and_receive_results(start_node, tmp_path: Path) 
         destination.stop()
 
 
-def test_orthanc_routes_a_study_and_gets_the_results_in_the_same_study(start_node, tmp_path: Path) -> None:
+def test_orthanc_routes_a_study_and_gets_every_result_kind_in_the_same_study(start_node, tmp_path: Path) -> None:
     orthanc = Orthanc(tmp_path / "orthanc")
     try:
         node = start_node(
             [{"name": "pacs", "ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}],
             allowed_callers=[{"ae_title": orthanc.ae_title, "host": "127.0.0.1"}],
+            explain={"methods": ["gradcam"], "outputs": ["sc", "pm", "seg_fractional", "seg_binary", "sr"]},
         )
         orthanc.add_modality("xai", "PACSXAI", "127.0.0.1", node.port)
         source = phantom_files(tmp_path / "in", 2)[1]  # a nodule phantom
         study_id = orthanc.upload(source)["ParentStudy"]
         orthanc.send_study("xai", study_id)
-        wait_for(lambda: len(orthanc.study_instances(study_id)) >= 2, 60, "the SC back in Orthanc's study")
+        wait_for(lambda: len(orthanc.study_instances(study_id)) >= 6, 60, "5 results back in Orthanc's study")
         tags = [orthanc.tags(i["ID"]) for i in orthanc.study_instances(study_id)]
-        results = [t for t in tags if t.get("SOPClassUID") == pydicom.uid.SecondaryCaptureImageStorage]
-        assert len(results) == 1
-        assert results[0]["StudyInstanceUID"] == pydicom.dcmread(source).StudyInstanceUID
-        assert "gradcam" in results[0]["SeriesDescription"]
+        by_class = {t["SOPClassUID"]: t for t in tags}
+        uid = pydicom.uid
+        assert set(by_class) == {
+            pydicom.dcmread(source).SOPClassUID,
+            uid.SecondaryCaptureImageStorage,
+            uid.ParametricMapStorage,
+            uid.SegmentationStorage,
+            uid.Comprehensive3DSRStorage,
+        }
+        assert len([t for t in tags if t["SOPClassUID"] == uid.SegmentationStorage]) == 2
+        assert {t["StudyInstanceUID"] for t in tags} == {pydicom.dcmread(source).StudyInstanceUID}
+        assert "gradcam" in by_class[uid.SecondaryCaptureImageStorage]["SeriesDescription"]
     finally:
         orthanc.stop()
 
@@ -257,7 +267,12 @@ def test_sigkill_during_a_200_instance_send_then_restart_delivers_each_output_on
         "--outputs",
         "sc",
     ]
-    env = {**os.environ, "PACS_XAI_ASSEMBLY__IDLE_SECONDS": "0.3", "PACS_XAI_LOGGING__LEVEL": "DEBUG"}
+    env = {
+        **os.environ,
+        "PACS_XAI_ASSEMBLY__IDLE_SECONDS": "0.3",
+        "PACS_XAI_LOGGING__LEVEL": "DEBUG",
+        "PACS_XAI_METRICS__PORT": "0",
+    }
     folder = tmp_path / "in"
     folder.mkdir()
     sources = []
@@ -334,3 +349,55 @@ def test_sigkill_during_a_200_instance_send_then_restart_delivers_each_output_on
     log_text = log_path.read_text(errors="replace")
     assert "PHANTOM" not in log_text and "PXAI" not in log_text, "patient name or ID in the node's log"
     assert "stored instance" in log_text, "the scan must have read a DEBUG log"
+
+
+def test_metrics_over_http_match_a_real_send(start_node, tmp_path: Path) -> None:
+    """After N instances (one of them broken) the counters and histograms read from /metrics match."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    destination = Storescp(tmp_path / "dest")
+    try:
+        node = start_node([{"name": "dest", "ae_title": "DEST", "host": "127.0.0.1", "port": destination.port}])
+        files = phantom_files(tmp_path / "in", 4)
+        ct = tmp_path / "ct.dcm"
+        pydicom.dcmread(data_file("CT_small.dcm")).save_as(ct)  # the card does not apply: skipped
+        outcomes = StoreSCU("MODALITY").send(Destination("PACSXAI", "127.0.0.1", node.port), [*files, ct])
+        assert all(o.verdict == "delivered" for o in outcomes)
+        StoreSCU("MODALITY").echo(Destination("PACSXAI", "127.0.0.1", node.port))
+        url = f"http://127.0.0.1:{node.metrics_port}"
+
+        def samples() -> dict[tuple[str, tuple], float]:
+            text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+            return {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+
+        wait_for(
+            lambda: samples().get(("pacsxai_outputs_total", (("destination", "dest"), ("outcome", "sent")))) == 4,
+            60,
+            "4 outputs sent in the metrics",
+        )
+        values = samples()
+        assert values[("pacsxai_instances_received_total", (("outcome", "stored"),))] == 5
+        assert values[("pacsxai_associations_total", (("outcome", "accepted"),))] == 2
+        assert values[("pacsxai_instances_processed_total", (("outcome", "done"),))] == 4
+        assert values[("pacsxai_instances_processed_total", (("outcome", "skipped"),))] == 1
+        assert values[("pacsxai_stage_seconds_count", (("stage", "spool"),))] == 5
+        assert values[("pacsxai_stage_seconds_count", (("stage", "infer"),))] == 4
+        assert values[("pacsxai_explain_seconds_count", (("method", "gradcam"),))] == 4
+        predicted = sum(v for (name, _), v in values.items() if name == "pacsxai_predictions_total")
+        assert predicted == 4
+        assert values[("pacsxai_outbox_depth", (("state", "pending"),))] == 0
+        assert values[("pacsxai_dead_letters", ())] == 0
+        model = [labels for (name, labels), v in values.items() if name == "pacsxai_model_info" and v == 1]
+        assert model and dict(model[0])["name"] == "pacs-xai-demo-chest"
+        assert urllib.request.urlopen(url + "/healthz", timeout=10).status == 200
+        assert urllib.request.urlopen(url + "/readyz", timeout=10).status == 200
+        text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+        assert "PHANTOM" not in text and "PXAI" not in text, "patient data in metric labels"
+    finally:
+        destination.stop()
