@@ -401,3 +401,68 @@ def test_metrics_over_http_match_a_real_send(start_node, tmp_path: Path) -> None
         assert "PHANTOM" not in text and "PXAI" not in text, "patient data in metric labels"
     finally:
         destination.stop()
+
+
+def test_storage_failure_answers_out_of_resources_never_success(start_node, tmp_path: Path) -> None:
+    node = start_node([])
+    good, blocked = phantom_files(tmp_path / "in", 2)
+    study = pydicom.dcmread(blocked, stop_before_pixels=True).StudyInstanceUID
+    # A regular file where the study's spool folder must go: the spool write fails (even for root).
+    (node.spool.instances_dir / study).write_bytes(b"in the way")
+    outcomes = StoreSCU("MODALITY").send(Destination("PACSXAI", "127.0.0.1", node.port), [blocked, good])
+    assert outcomes[0].status == 0xA700 and outcomes[0].verdict == "retry"
+    assert outcomes[1].verdict == "delivered"
+    journal = Journal(Path(node.config.storage.data_dir) / "journal.sqlite")
+    assert journal.instance_state(outcomes[0].sop_instance_uid) is None, "nothing journaled for the refused instance"
+    journal.close()
+
+
+def test_follow_up_instances_and_resends_never_duplicate_outputs(start_node, tmp_path: Path) -> None:
+    node = start_node([{"name": "dest", "ae_title": "DEST", "host": "127.0.0.1", "port": free_port()}])
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for index in range(2):
+        phantom = make_phantom(
+            index, "nodule", seed=21, rows=PHANTOM_ROWS, cols=PHANTOM_COLS, study_uid=study, series_uid=series
+        )
+        paths.append(tmp_path / f"{index}.dcm")
+        phantom.dataset.save_as(paths[-1], enforce_file_format=True)
+    destination = Destination("PACSXAI", "127.0.0.1", node.port)
+    journal = Journal(Path(node.config.storage.data_dir) / "journal.sqlite")
+
+    def states() -> list[str]:
+        return [(journal.instance_state(pydicom.dcmread(p).SOPInstanceUID) or ("",))[0] for p in paths]
+
+    StoreSCU("MODALITY").send(destination, paths[:1])
+    wait_for(lambda: states()[0] == "done", 30, "the first instance processed")
+    StoreSCU("MODALITY").send(destination, paths[1:])  # same series, after it was processed
+    wait_for(lambda: states() == ["done", "done"], 30, "the follow-up processed")
+    StoreSCU("MODALITY").send(destination, paths[:1])  # a resend of the first
+    wait_for(lambda: journal.counts()["instances_received"] == 0 and states() == ["done", "done"], 30, "the resend")
+    rows = journal.outbox(("pending", "dead", "sent"))
+    assert len(rows) == 2 and len({row.sop_instance_uid for row in rows}) == 2
+    journal.close()
+
+
+def test_send_command_and_outbox_commands(start_node, tmp_path: Path, capsys) -> None:
+    from service.cli import main
+
+    port = free_port()  # nobody listens: results wait in the outbox
+    node = start_node(
+        [{"name": "away", "ae_title": "DEST", "host": "127.0.0.1", "port": port}],
+        send={"base_delay_seconds": 0.1, "max_delay_seconds": 0.2, "max_attempts": 2},
+    )
+    files = phantom_files(tmp_path / "in", 2)
+    assert main(["send", *map(str, files), "--to", f"PACSXAI@127.0.0.1:{node.port}", "--aet", "MODALITY"]) == 0
+    assert "sent 2 of 2" in capsys.readouterr().out
+    data_dir = node.config.storage.data_dir
+    journal = Journal(Path(data_dir) / "journal.sqlite")
+    wait_for(lambda: journal.counts()["outbox_dead"] == 2, 60, "both results in the dead letter")
+    journal.close()
+    assert main(["outbox", "list", "--data-dir", str(data_dir)]) == 0
+    listing = capsys.readouterr().out
+    assert listing.count("dead ") == 2 and "gave up after 2 attempts" in listing
+    assert main(["outbox", "retry", "--data-dir", str(data_dir)]) == 0
+    assert "2 dead result(s) back to pending" in capsys.readouterr().out
+    assert main(["send", str(files[0]), "--to", f"PACSXAI@127.0.0.1:{free_port()}"]) == 1
+    assert "retry" in capsys.readouterr().err
