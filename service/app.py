@@ -23,7 +23,7 @@ from service.assembler import Assembler, SeriesKey
 from service.config import NodeConfig
 from service.demo import demo_card_path
 from service.http import HealthServer
-from service.inference.model import DeployedModel
+from service.inference.model import DeployedModel, PoolSettings
 from service.metrics import JournalCollector, create_metrics
 from service.pipeline import ExplainPipeline
 from service.processor import SeriesProcessor
@@ -46,8 +46,12 @@ class Node:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.spool = Spool(data_dir / "spool")
         self.journal = Journal(data_dir / "journal.sqlite")
+        self.metrics = create_metrics()
         self.model = model or DeployedModel.from_card_path(
-            config.model.card or demo_card_path(), device=config.model.device
+            config.model.card or demo_card_path(),
+            device=config.model.device,
+            pool=PoolSettings(config.pool.max_batch, config.pool.max_wait_ms, config.pool.max_queue),
+            metrics=self.metrics,
         )
         card = self.model.card
         self.pipeline = ExplainPipeline(
@@ -59,7 +63,6 @@ class Node:
         self.assembler = Assembler(
             idle_seconds=config.assembly.idle_seconds, max_wait_seconds=config.assembly.max_wait_seconds
         )
-        self.metrics = create_metrics()
         self.metrics.registry.register(JournalCollector(self.journal.counts))
         self.metrics.model_info.labels(card.name, card.version, self.model.forward_runner.device).set(1)
         self.processor = SeriesProcessor(self.pipeline, self.spool, self.journal, config.destinations, self.metrics)
@@ -143,6 +146,7 @@ class Node:
         self._threads.clear()
         if self.http:
             self.http.stop()
+        self.model.close()
         self.journal.close()
         log.info("node stopped")
 

@@ -157,6 +157,20 @@ class WorkersConfig(_Section):
     pipeline: int = Field(1, ge=1, le=64, description="Series processed at the same time.")
 
 
+class PoolConfig(_Section):
+    """The inference pool: forward passes of all studies and explainers micro-batched per device."""
+
+    max_batch: int = Field(32, ge=1, le=4096, description="Images per forward pass at most.")
+    max_wait_ms: float = Field(5.0, ge=0, description="How long a forward pass waits for more images, ms.")
+    max_queue: int = Field(1024, ge=1, description="Images queued at most; then callers wait (back-pressure).")
+
+    @model_validator(mode="after")
+    def _queue_holds_a_batch(self) -> PoolConfig:
+        if self.max_queue < self.max_batch:
+            raise ValueError(f"max_queue ({self.max_queue}) must be >= max_batch ({self.max_batch})")
+        return self
+
+
 class MetricsConfig(_Section):
     """Prometheus metrics and health endpoints (/metrics, /healthz, /readyz) on their own port."""
 
@@ -193,6 +207,7 @@ class NodeConfig(BaseSettings):
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Data folder.")
     send: SendConfig = Field(default_factory=SendConfig, description="Retry policy.")
     workers: WorkersConfig = Field(default_factory=WorkersConfig, description="Worker threads.")
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="Inference pool (micro-batching).")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics and health endpoints.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
 

@@ -17,7 +17,18 @@ import torch
 
 from service.explain.base import Explainer, ModelLike, torch_module_of
 from service.inference.card import ModelCard, ModelCardError
+from service.inference.pool import InferencePool
 from service.inference.runners import AnyRunner, DevicePreference, load_runner
+from service.metrics import NodeMetrics
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Dynamic micro-batching of the forward passes (see :mod:`service.inference.pool`)."""
+
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 1024
 
 
 @dataclass(frozen=True)
@@ -33,15 +44,41 @@ class Prediction:
 class DeployedModel:
     """Card + runners, loaded once at start-up and shared by every study."""
 
-    def __init__(self, card: ModelCard, *, device: DevicePreference = "auto") -> None:
+    def __init__(
+        self,
+        card: ModelCard,
+        *,
+        device: DevicePreference = "auto",
+        pool: PoolSettings | None = None,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
         self.card = card
         self._device = device
         self.forward_runtime = next(r for r in ("onnx", "torchscript", "torch") if r in card.weights)
         self.forward_runner: AnyRunner = load_runner(card, self.forward_runtime, device=device)
+        settings = pool or PoolSettings()
+        #: Every forward-only pass (predictions, perturbation explainers) goes through this pool.
+        self.pool = InferencePool(
+            self.forward_runner,
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            metrics=metrics,
+        )
+        self._warm_up(settings.max_batch)
 
     @classmethod
-    def from_card_path(cls, path: str | Path, *, device: DevicePreference = "auto") -> DeployedModel:
-        return cls(ModelCard.load(path), device=device)
+    def from_card_path(cls, path: str | Path, **kwargs: object) -> DeployedModel:
+        return cls(ModelCard.load(path), **kwargs)  # type: ignore[arg-type]
+
+    def _warm_up(self, batch: int) -> None:
+        """One full-size forward pass at start-up, so the first study does not pay for lazy initialisation."""
+        shape = (batch, self.card.input.channels, self.card.input.rows, self.card.input.columns)
+        self.forward_runner.forward(np.zeros(shape, dtype=np.float32))
+
+    def close(self) -> None:
+        """Stop the inference pool (finishes what is queued)."""
+        self.pool.close()
 
     @functools.cached_property
     def gradient_runner(self) -> AnyRunner:
@@ -60,7 +97,7 @@ class DeployedModel:
         """What ``explainer.explain`` should receive as its model."""
         if explainer.needs_gradients:
             return torch_module_of(self.gradient_runner, explainer.name)
-        return self.forward_runner
+        return self.pool
 
     def normalise(self, model_inputs: np.ndarray) -> np.ndarray:
         """The card's (x - mean) / std, per channel, on ``[B, C, H, W]`` inputs in [0, 1]."""
@@ -70,7 +107,7 @@ class DeployedModel:
 
     def predict(self, batch: np.ndarray) -> list[Prediction]:
         """Class and probability per sample of a normalised batch."""
-        logits = torch.from_numpy(self.forward_runner.forward(batch))
+        logits = torch.from_numpy(self.pool.forward(batch))
         if self.card.output.activation == "softmax":
             probabilities = torch.softmax(logits, dim=1)
         else:
