@@ -33,8 +33,10 @@ from service.store import Journal, Spool
 
 log = logging.getLogger(__name__)
 
-#: Seconds between looks at the assembler and the outbox when there is nothing to do.
-POLL_SECONDS = 0.1
+#: Seconds between looks at the assembler when nothing is ready (series timers are this precise).
+POLL_SECONDS = 0.02
+#: Seconds between outbox passes when nothing woke the sender (retries that came due).
+SEND_POLL_SECONDS = 0.5
 
 
 class Node:
@@ -84,6 +86,7 @@ class Node:
             else None
         )
         self._stopping = threading.Event()
+        self._outputs_ready = threading.Event()  # set when processing journaled new outputs
         self._threads: list[threading.Thread] = []
 
     @property
@@ -141,6 +144,7 @@ class Node:
         """Graceful stop: no new associations, finish the batch in hand, last send pass."""
         self.scp.stop()
         self._stopping.set()
+        self._outputs_ready.set()
         for thread in self._threads:
             thread.join()
         self._threads.clear()
@@ -160,17 +164,19 @@ class Node:
             ready = self.assembler.take_ready()
             for key, sop_uids in ready:
                 self.processor.process_batch(key, self.journal.get_instances(sop_uids))
+                self._outputs_ready.set()
             if not ready:
                 self._stopping.wait(POLL_SECONDS)
 
     def _send_loop(self) -> None:
         while True:
             stopping = self._stopping.is_set()
+            self._outputs_ready.clear()
             tally = self.sender.send_due()
             if stopping:
                 return
             if not any(tally.values()):
-                self._stopping.wait(POLL_SECONDS * 5)
+                self._outputs_ready.wait(SEND_POLL_SECONDS)
 
 
 def _listener_settings(config: NodeConfig) -> ListenerSettings:

@@ -40,6 +40,22 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         help="folder for receive.json and receive.png (default bench-out)",
     )
     receive.set_defaults(handler=_receive)
+    pipeline = sub.add_parser(
+        "pipeline",
+        formatter_class=formatter,
+        help="end-to-end latency and throughput vs the pure compute",
+        description="Sender -> node -> destination on 127.0.0.1 with CR 2k² images: p50/p95 latency from C-STORE "
+        "to the Secondary Capture acknowledged at the destination, throughput at saturation, and the pure compute "
+        "time on the same images, so the pipeline overhead is a ratio.",
+        epilog="example:\n  pacs-xai bench pipeline --method gradcam --images 20 --burst 20",
+    )
+    pipeline.add_argument("--method", default="gradcam", metavar="NAME", help="explainer (default gradcam)")
+    pipeline.add_argument("--images", type=int, default=20, metavar="N", help="images sent one by one (default 20)")
+    pipeline.add_argument(
+        "--burst", type=int, default=20, metavar="N", help="images in the saturation burst (default 20)"
+    )
+    pipeline.add_argument("--out", type=Path, default=Path("bench-out"), metavar="DIR", help="folder for the JSON")
+    pipeline.set_defaults(handler=_pipeline)
 
 
 def _receive(args: argparse.Namespace) -> int:
@@ -49,4 +65,14 @@ def _receive(args: argparse.Namespace) -> int:
     figures = run_receive_bench(args.count, args.associations or [1, 4], args.out, main_progress)
     print_figures(figures)
     print(f"\nfigures: {args.out / 'receive.json'}, plot: {args.out / 'receive.png'}")
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from service.bench.pipeline import print_figures, run_pipeline_bench
+    from service.demo.node_demo import main_progress
+
+    figures = run_pipeline_bench(args.method, args.images, args.burst, args.out, main_progress)
+    print_figures(figures)
+    print(f"\nfigures: {args.out / f'pipeline-{args.method}.json'}")
     return 0

@@ -1,0 +1,147 @@
+"""``pacs-xai bench pipeline``: the node end to end, against the pure compute on the same images.
+
+All on 127.0.0.1 in one run: a sender (pynetdicom SCU), the node (demo model, the chosen
+explainer, Secondary Capture output) and a receiving destination. Measured:
+
+- latency: each image sent alone; time from the start of its C-STORE to its Secondary Capture
+  acknowledged at the destination; p50 and p95;
+- throughput at saturation: a burst of images over one association; results per second;
+- compute: the same images through the pipeline in-process (prepare, model, explainer, encode),
+  no network, no spool; the pipeline overhead is latency p50 / compute p50 - 1.
+
+Images: the CR chest radiograph ``RG1_UNCR.dcm`` (1955 x 1841, pydicom-data) with fresh UIDs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pydicom
+
+from dicom_io.scp import ListenerSettings, StorageSCP
+from dicom_io.scu import Destination, StoreSCU
+from service.bench.receive import fresh_copies
+from service.demo.node_demo import FolderDestination
+
+Progress = Callable[[str], None]
+SOURCE = "RG1_UNCR.dcm"
+
+
+@dataclass(frozen=True)
+class PipelineFigures:
+    method: str
+    images: int
+    latency_p50_s: float
+    latency_p95_s: float
+    compute_p50_s: float
+    overhead_ratio: float
+    throughput_per_s: float
+    idle_seconds: float
+    device: str
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def run_pipeline_bench(
+    method: str, latency_images: int, burst_images: int, out_dir: Path, progress: Progress
+) -> PipelineFigures:
+    from service.app import Node
+    from service.config import load_config
+
+    idle = 0.05
+    with tempfile.TemporaryDirectory(prefix="pacs-xai-bench-") as temp:
+        work = Path(temp)
+        progress(f"writing {latency_images + burst_images} copies of {SOURCE} with fresh UIDs")
+        files = fresh_copies(SOURCE, latency_images + burst_images, work / "input")
+        destination = FolderDestination(work / "received")
+        receiver = StorageSCP(ListenerSettings(ae_title="BENCHDEST", port=0), destination)
+        receiver.start()
+        config = load_config(
+            None,
+            {
+                "listener": {"port": 0},
+                "storage": {"data_dir": str(work / "node")},
+                "destinations": [{"name": "dest", "ae_title": "BENCHDEST", "host": "127.0.0.1", "port": receiver.port}],
+                "explain": {"methods": [method], "outputs": ["sc"]},
+                "assembly": {"idle_seconds": idle, "max_wait_seconds": 60},
+                "send": {"base_delay_seconds": 0.05, "max_delay_seconds": 0.5},
+                "metrics": {"enabled": False},
+            },
+        )
+        node = Node(config)
+        node.start()
+        node_address = Destination(config.listener.ae_title, "127.0.0.1", node.port)
+        scu = StoreSCU("BENCHSCU")
+        try:
+            latencies = []
+            for index, path in enumerate(files[:latency_images]):
+                expected = len(destination.arrivals) + 1
+                started = time.monotonic()
+                scu.send(node_address, [path])
+                _wait(lambda n=expected: len(destination.arrivals) >= n, 120)
+                latencies.append(max(destination.arrivals.values()) - started)
+                progress(f"latency {index + 1}/{latency_images}: {latencies[-1]:.3f} s")
+            burst = files[latency_images:]
+            before = len(destination.arrivals)
+            started = time.monotonic()
+            scu.send(node_address, burst)
+            _wait(lambda: len(destination.arrivals) >= before + len(burst), 600)
+            throughput = len(burst) / (max(destination.arrivals.values()) - started)
+            progress(f"burst of {len(burst)}: {throughput:.2f} results/s")
+            compute = _compute_times(node, files[:latency_images], progress)
+        finally:
+            node.stop()
+            receiver.stop()
+    p50 = statistics.median(latencies)
+    compute_p50 = statistics.median(compute)
+    figures = PipelineFigures(
+        method=method,
+        images=latency_images,
+        latency_p50_s=round(p50, 4),
+        latency_p95_s=round(percentile(latencies, 95), 4),
+        compute_p50_s=round(compute_p50, 4),
+        overhead_ratio=round(p50 / compute_p50 - 1, 3),
+        throughput_per_s=round(throughput, 3),
+        idle_seconds=idle,
+        device=node.model.forward_runner.device,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"pipeline-{method}.json").write_text(json.dumps(asdict(figures), indent=2))
+    return figures
+
+
+def _compute_times(node, files: list[Path], progress: Progress) -> list[float]:
+    """Pure compute per image: the node's own pipeline in-process on the same files (read beforehand)."""
+    datasets = [pydicom.dcmread(path) for path in files]
+    times = []
+    for ds in datasets:
+        started = time.perf_counter()
+        node.pipeline.process(ds)
+        times.append(time.perf_counter() - started)
+    progress(f"compute p50 {statistics.median(times):.3f} s over {len(times)} images")
+    return times
+
+
+def _wait(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no result within {timeout:.0f} s; see the node's journal")
+        time.sleep(0.005)
+
+
+def print_figures(f: PipelineFigures) -> None:
+    print(f"method {f.method} on {f.device}, {f.images} CR 1955x1841 images (assembly idle {f.idle_seconds} s)")
+    print(f"  latency C-STORE -> SC at destination: p50 {f.latency_p50_s:.3f} s, p95 {f.latency_p95_s:.3f} s")
+    print(f"  pure compute (pipeline in-process):   p50 {f.compute_p50_s:.3f} s")
+    print(f"  pipeline overhead:                    {f.overhead_ratio:.1%}")
+    print(f"  throughput at saturation:             {f.throughput_per_s:.2f} images/s")
