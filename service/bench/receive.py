@@ -170,7 +170,8 @@ def run_receive_bench(
                 theirs = measure_storescp(files, k, workdir)
                 figure = ReceiveFigure(label, k, count, round(ours, 1), round(theirs, 1))
                 progress(
-                    f"{label}, {k} association(s): pacs-xai {ours:.0f}/s, storescp {theirs:.0f}/s, ratio {figure.ratio:.2f}"
+                    f"{label}, {k} association(s): pacs-xai {ours:.0f}/s, storescp {theirs:.0f}/s, "
+                    f"ratio {figure.ratio:.2f}"
                 )
                 figures.append(figure)
     (out_dir / "receive.json").write_text(
