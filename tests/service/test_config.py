@@ -111,3 +111,21 @@ def test_serve_help_has_an_example() -> None:
 def test_bad_destination_flag_is_a_usage_error(capsys) -> None:
     assert main(["serve", "--destination", "not-a-destination"]) == 2
     assert "AE@HOST:PORT" in capsys.readouterr().err
+
+
+def test_json_logs_are_one_object_per_line() -> None:
+    import io
+    import json
+    import logging
+
+    from service.logs import configure_logging
+
+    configure_logging("INFO", json_format=True)
+    stream = io.StringIO()
+    handler = logging.getLogger().handlers[0]
+    handler.setStream(stream)
+    logging.getLogger("service.test").info("instance %s stored", "1.2.3")
+    entry = json.loads(stream.getvalue().strip())
+    assert entry["message"] == "instance 1.2.3 stored" and entry["level"] == "INFO" and entry["logger"] == "service.test"
+    assert logging.getLogger("pynetdicom").level >= logging.WARNING, "pynetdicom's DEBUG logs carry dataset contents"
+    configure_logging("WARNING")
