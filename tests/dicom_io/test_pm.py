@@ -5,7 +5,6 @@ coded quantity and identity mapping, a signed window, full provenance, and a geo
 from __future__ import annotations
 
 import copy
-import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,57 +18,17 @@ from dicom_io.codes import quantity_code
 from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
 from dicom_io.writers import ExplanationResult, build_parametric_map
 from dicom_io.writers.pm import attribution_window
-from service.demo.phantoms import make_phantom
-from tests.helpers import data_file, require_tool
+from tests.dicom_io.writer_cases import CLASS, METHOD, MODEL, SOURCES, VERSION
+from tests.dicom_io.writer_cases import attribution_map as _attribution
+from tests.dicom_io.writer_cases import dciodvfy as _dciodvfy
+from tests.dicom_io.writer_cases import load_source as _source
+from tests.dicom_io.writer_cases import make_result as _result
+from tests.helpers import data_file
 
 # RG1's Referring Physician's Name is a single component; highdicom warns about the source's value.
 pytestmark = pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent:UserWarning")
 
-MODEL, VERSION, METHOD, CLASS = "demo-densenet", "1.2.0", "gradcam", "nodule"
-SOURCES = {
-    "ct": ("CT_small.dcm", 0),
-    "mr": ("MR_small.dcm", 0),
-    "cr-2k-monochrome1-j2k": ("RG1_J2KR.dcm", 0),
-    "enhanced-mr-frame-3": ("emri_small.dcm", 3),
-    "phantom-dx": (None, 0),
-}
 PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID")
-
-
-def _source(name: str | None) -> pydicom.Dataset:
-    if name is None:
-        return make_phantom(0, "nodule", modality="DX").dataset
-    return pydicom.dcmread(data_file(name))  # pixels stay undecoded: the writers never need them
-
-
-def _attribution(rows: int, cols: int) -> np.ndarray:
-    """Signed raw-scale map: a positive Gaussian blob, a weaker negative one, a small negative offset."""
-    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
-    sigma = 0.08 * min(rows, cols)
-    blob = np.exp(-((yy - 0.6 * rows) ** 2 + (xx - 0.65 * cols) ** 2) / (2 * sigma**2))
-    dip = np.exp(-((yy - 0.25 * rows) ** 2 + (xx - 0.3 * cols) ** 2) / (2 * (1.5 * sigma) ** 2))
-    return (0.031 * blob - 0.012 * dip - 0.0007).astype(np.float32)
-
-
-def _result(source: pydicom.Dataset, frame_index: int, **changes: object) -> ExplanationResult:
-    rows, cols = int(source.Rows), int(source.Columns)
-    base = ExplanationResult(
-        method=METHOD,
-        class_name=CLASS,
-        probability=0.87,
-        model_name=MODEL,
-        model_version=VERSION,
-        frame_index=frame_index,
-        attribution=_attribution(rows, cols),
-        display=np.zeros((rows, cols), np.float32),
-    )
-    return replace(base, **changes) if changes else base
-
-
-def _dciodvfy(path: Path) -> tuple[str, list[str]]:
-    run = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
-    report = run.stdout + run.stderr
-    return report, [line for line in report.splitlines() if line.startswith("Error")]
 
 
 def _references_to(dataset: pydicom.Dataset, sop_instance_uid: str) -> list[tuple[str, pydicom.Dataset]]:
