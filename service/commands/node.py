@@ -246,30 +246,34 @@ def _register_outbox(commands: argparse._SubParsersAction, formatter: Callable) 
         command.set_defaults(handler=handler)
 
 
-def _journal(args: argparse.Namespace):
-    from service.config import ConfigError, load_config
-    from service.store import Journal
+def _on_journal(action: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap an outbox action: open the node's journal (from --data-dir or --config), run, close."""
 
-    data_dir = args.data_dir
-    if data_dir is None:
-        data_dir = load_config(args.config).storage.data_dir
-    path = Path(data_dir) / "journal.sqlite"
-    if not path.is_file():
-        raise ConfigError(f"no journal at {path}; give the node's --data-dir or --config")
-    return Journal(path)
+    def handler(args: argparse.Namespace) -> int:
+        from service.config import ConfigError, load_config
+        from service.store import Journal
+
+        try:
+            data_dir = args.data_dir if args.data_dir is not None else load_config(args.config).storage.data_dir
+            path = Path(data_dir) / "journal.sqlite"
+            if not path.is_file():
+                raise ConfigError(f"no journal at {path}; give the node's --data-dir or --config")
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        journal = Journal(path)
+        try:
+            return action(journal, args)
+        finally:
+            journal.close()
+
+    return handler
 
 
-def _outbox_list(args: argparse.Namespace) -> int:
-    from service.config import ConfigError
-
-    try:
-        journal = _journal(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+@_on_journal
+def _outbox_list(journal: Any, args: argparse.Namespace) -> int:
     states = ("pending", "dead", "sent") if args.all else ("pending", "dead")
     entries = journal.outbox(states)
-    journal.close()
     print(f"{'state':8} {'attempts':>8}  {'destination':12} {'kind':14} {'method':12} sop instance uid / last error")
     for e in entries:
         print(f"{e.state:8} {e.attempts:>8}  {e.destination:12} {e.kind:14} {e.method:12} {e.sop_instance_uid}")
@@ -279,29 +283,15 @@ def _outbox_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _outbox_retry(args: argparse.Namespace) -> int:
-    from service.config import ConfigError
-
-    try:
-        journal = _journal(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+@_on_journal
+def _outbox_retry(journal: Any, args: argparse.Namespace) -> int:
     count = journal.retry_dead(args.uid)
-    journal.close()
     print(f"{count} dead result(s) back to pending; a running node sends them on its next pass")
     return 0
 
 
-def _outbox_purge(args: argparse.Namespace) -> int:
-    from service.config import ConfigError
-
-    try:
-        journal = _journal(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+@_on_journal
+def _outbox_purge(journal: Any, args: argparse.Namespace) -> int:
     count = journal.purge(tuple(args.state or ("sent",)))
-    journal.close()
     print(f"{count} row(s) purged")
     return 0
