@@ -1,6 +1,18 @@
 # pacs-xai GPU image: CUDA runtime, ONNX Runtime with the CUDA provider, torch with CUDA, non-root.
-# Build: docker build -t pacs-xai .     Run: docker run --gpus all -p 11112:11112 pacs-xai
+#
+# Build (from the repository root):   docker build -t pacs-xai .
+# Run:   docker run --gpus all -p 11112:11112 -p 9110:9110 \
+#            -v pacs-xai-data:/var/lib/pacs-xai \
+#            -v "$PWD/node.yaml:/etc/pacs-xai/node.yaml:ro" pacs-xai
+#
+# Without a mounted config the image runs deploy/docker/node.yaml (listens on 0.0.0.0:11112,
+# metrics on 0.0.0.0:9110, any caller, no destination: results wait in the outbox). Without a GPU
+# it runs too: ONNX Runtime and torch fall back to the CPU. docs/operations.md has the details.
 FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+
+LABEL org.opencontainers.image.title="pacs-xai" \
+      org.opencontainers.image.description="DICOM node: classifier + explainers, results back to PACS as DICOM; Prometheus metrics" \
+      org.opencontainers.image.licenses="Apache-2.0"
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -27,11 +39,27 @@ RUN python3 -m venv /opt/venv \
  && pip install --no-cache-dir --force-reinstall --no-deps 'onnxruntime-gpu>=1.18' \
  && python -c "import onnxruntime, service.cli; print(onnxruntime.get_available_providers())"
 
-RUN useradd --system --uid 10001 --home-dir /var/lib/pacs-xai --create-home pacs-xai
-USER pacs-xai
+# A fixed uid/gid (10001) so Kubernetes' runAsUser/fsGroup and volume permissions can name it.
+RUN groupadd --system --gid 10001 pacs-xai \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/pacs-xai --create-home pacs-xai
+
+# The default config; mount your own over it (a file mount or a Kubernetes ConfigMap at /etc/pacs-xai).
+COPY deploy/docker/node.yaml /etc/pacs-xai/node.yaml
+
+USER 10001:10001
 WORKDIR /var/lib/pacs-xai
 
-# Output of `explain`/the node lands here; mount a volume.
+# DICOM (C-STORE in) and HTTP (/metrics, /healthz, /readyz); both set in node.yaml.
+EXPOSE 11112 9110
+
+# Spool, quarantine, outbox and the SQLite journal (storage.data_dir): keep it on a volume, one
+# per node; a restart resumes from it.
 VOLUME ["/var/lib/pacs-xai"]
+
+# Liveness of the HTTP endpoint on the metrics port (no curl in the image: Python's urllib).
+# PACS_XAI_METRICS__PORT, when set, overrides metrics.port in the node and here alike.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PACS_XAI_METRICS__PORT', '9110') + '/healthz', timeout=4)"]
+
 ENTRYPOINT ["pacs-xai"]
-CMD ["--help"]
+CMD ["serve", "--config", "/etc/pacs-xai/node.yaml"]
