@@ -7,15 +7,17 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # The CPU wheel of torch is installed first and pinned, so pip never pulls a CUDA build.
 TORCH  := torch==2.13.0
-SYSTEM_TOOLS := dciodvfy dcmdump dcmj2pnm storescu storescp echoscu Orthanc
-SYSTEM_PACKAGES := dcmtk dicom3tools orthanc
+SYSTEM_TOOLS := dciodvfy dcmdump dcmj2pnm storescu storescp echoscu Orthanc promtool
+SYSTEM_PACKAGES := dcmtk dicom3tools orthanc prometheus
 
-.PHONY: demo test train-demo system-deps clean help
+.PHONY: demo test train-demo system-deps clean help viewer test-viewer viewer-deps
 
 help:
 	@echo "make demo        explain phantom and real sample studies into demo-out/"
 	@echo "make test        run the test suite (installs DCMTK and dicom3tools when missing)"
 	@echo "make train-demo  retrain the shipped demo model (about 3 minutes on 2 cores)"
+	@echo "make viewer      see the results in OHIF on Orthanc, on 127.0.0.1 (until Ctrl-C)"
+	@echo "make test-viewer open pacs-xai's results in OHIF in headless Chromium (browser test)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +46,22 @@ system-deps:
 	  for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || { \
 	    echo "$$tool is still missing: install $(SYSTEM_PACKAGES) with your package manager, then run make test again"; exit 1; }; done; \
 	fi
+
+# The viewer stack: Orthanc with DICOMweb, nginx, Chromium (browser test), npm (fetches OHIF once).
+VIEWER_PACKAGES := orthanc orthanc-dicomweb nginx chromium npm
+viewer-deps:
+	@if [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || ! command -v nginx >/dev/null || \
+	   ! command -v chromium >/dev/null || ! command -v npm >/dev/null; then \
+	  echo "installing $(VIEWER_PACKAGES)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq; DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(VIEWER_PACKAGES) >/dev/null || true; \
+	fi
+
+viewer: $(STAMP) viewer-deps
+	$(BIN)/pacs-xai viewer
+
+test-viewer: $(STAMP) system-deps viewer-deps
+	$(BIN)/python -m pytest -q -m viewer tests/viewer
 
 clean:
 	rm -rf demo-out test-artifacts .pytest_cache

@@ -329,7 +329,7 @@ def test_the_operations_guide_lists_every_alert() -> None:
 def _promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.skip("promtool not installed (Debian: apt-get install prometheus)")
+        pytest.fail("promtool not installed: run `make system-deps` (Debian package prometheus)")
     return path
 
 

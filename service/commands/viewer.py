@@ -1,0 +1,486 @@
+"""``pacs-xai viewer``: the results in a real web viewer (OHIF on Orthanc), on 127.0.0.1.
+
+The stack, every part a plain process or thread on loopback ports:
+
+- Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``) as the PACS, with DICOMweb;
+- the pacs-xai node with the demo model, allowed to be called by that Orthanc and routing every
+  result kind back into it;
+- nginx (Debian ``nginx``) with its own config in a temp folder, serving the OHIF build (npm
+  package ``@ohif/app``, pinned, fetched into a cache folder when missing, never committed) with
+  the project's ``deploy/viewer/app-config.js``, and proxying ``/dicom-web/`` and ``/wado`` to
+  Orthanc (one origin, so no CORS).
+
+The demo phantom studies are uploaded to Orthanc, routed by Orthanc to the node (C-STORE), and
+for every study whose results are back the OHIF links are printed. ``ViewerStack`` is also what
+the browser test (``tests/viewer/``) runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: The OHIF release served; its built app ships in the npm package ``@ohif/app``.
+OHIF_VERSION = "3.13.2"
+OHIF_PACKAGE = f"@ohif/app@{OHIF_VERSION}"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+APP_CONFIG = REPO_ROOT / "deploy" / "viewer" / "app-config.js"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+ALL_OUTPUTS = ("sc", "pm", "seg_binary", "seg_fractional", "sr")
+
+SOP_KIND = {
+    "1.2.840.10008.5.1.4.1.1.7": "sc",
+    "1.2.840.10008.5.1.4.1.1.30": "pm",
+    "1.2.840.10008.5.1.4.1.1.88.34": "sr",
+    "1.2.840.10008.5.1.4.1.1.88.33": "sr",
+    "1.2.840.10008.5.1.4.1.1.88.22": "sr",
+}
+SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+class ViewerError(RuntimeError):
+    """A part of the stack is missing or did not start; the message says which and what to do."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PACS_XAI_CACHE", Path.home() / ".cache" / "pacs-xai"))
+
+
+def ensure_ohif(cache_dir: Path | None = None) -> Path:
+    """The OHIF ``dist/`` folder, fetched with ``npm pack`` (pinned version) when missing."""
+    root = (cache_dir or default_cache_dir()) / "ohif" / OHIF_VERSION
+    dist = root / "package" / "dist"
+    if (dist / "index.html").is_file():
+        return dist
+    npm = shutil.which("npm")
+    if npm is None:
+        raise ViewerError(f"npm is not installed: it fetches the OHIF build ({OHIF_PACKAGE}); install Debian's npm")
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as work:
+        result = subprocess.run(
+            [npm, "pack", OHIF_PACKAGE, "--silent"], cwd=work, capture_output=True, text=True, timeout=600
+        )
+        tarballs = list(Path(work).glob("*.tgz"))
+        if result.returncode != 0 or not tarballs:
+            raise ViewerError(f"npm pack {OHIF_PACKAGE} failed: {result.stderr.strip()[-500:]}")
+        with tarfile.open(tarballs[0]) as archive:
+            archive.extractall(work, filter="data")
+        if not (Path(work) / "package" / "dist" / "index.html").is_file():
+            raise ViewerError(f"{OHIF_PACKAGE} has no dist/index.html")
+        shutil.rmtree(root / "package", ignore_errors=True)
+        (Path(work) / "package").rename(root / "package")
+    return dist
+
+
+def _wait_http(url: str, process: subprocess.Popen, log: Path, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ViewerError(f"{what} exited with {process.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.1)
+    raise ViewerError(f"{what} did not answer on {url} within {timeout} s; see {log}")
+
+
+def _stop(process: subprocess.Popen | None, timeout: float = 30.0) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class OrthancDicomWeb:
+    """Orthanc with the DICOMweb plugin as a plain process; REST, DICOM and DICOMweb on loopback."""
+
+    def __init__(self, folder: Path, *, ae_title: str = "ORTHANC") -> None:
+        binary = shutil.which("Orthanc")
+        if binary is None or not DICOMWEB_PLUGIN.is_file():
+            raise ViewerError("Orthanc with DICOMweb is not installed: apt-get install orthanc orthanc-dicomweb")
+        self.ae_title = ae_title
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "pacs-xai-viewer",
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "index"),
+            "DicomAet": ae_title,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "DicomCheckCalledAet": False,
+            "StableAge": 1,
+            "HttpTimeout": 60,
+            "DicomScuTimeout": 30,
+            "Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado"},
+        }
+        (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
+        self.log = folder / "orthanc.log"
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [binary, str(folder / "orthanc.json")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "TCP_NODELAY": "1"},
+            )
+        _wait_http(self.url + "/dicom-web/studies", self.process, self.log, "Orthanc (DICOMweb)")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json") -> Any:
+        request = urllib.request.Request(self.url + path, data=body, method=method)
+        if body is not None:
+            request.add_header("Content-Type", content_type)
+        with urllib.request.urlopen(request, timeout=120) as response:
+            data = response.read()
+            json_answer = response.headers.get_content_type() == "application/json"
+        return json.loads(data) if json_answer and data else data
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def upload(self, path: Path) -> dict[str, Any]:
+        return self.request("POST", "/instances", Path(path).read_bytes(), "application/dicom")
+
+    def add_modality(self, name: str, ae_title: str, host: str, port: int) -> None:
+        self.request("PUT", f"/modalities/{name}", json.dumps({"AET": ae_title, "Host": host, "Port": port}).encode())
+
+    def send_study(self, modality: str, study_id: str) -> None:
+        body = json.dumps({"Resources": [study_id], "Synchronous": True}).encode()
+        self.request("POST", f"/modalities/{modality}/store", body)
+
+    def stop(self) -> None:
+        _stop(self.process)
+
+
+NGINX_CONF = """\
+{user}
+daemon off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    access_log {tmp}/nginx-access.log;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    sendfile on;
+    server {{
+        listen 127.0.0.1:{port};
+        root {dist};
+        location = /app-config.js {{
+            alias {app_config};
+            add_header Cache-Control no-store;
+        }}
+        location /dicom-web/ {{
+            proxy_pass http://127.0.0.1:{orthanc}/dicom-web/;
+            proxy_buffering off;
+        }}
+        location /wado {{
+            proxy_pass http://127.0.0.1:{orthanc}/wado;
+        }}
+        location / {{
+            try_files $uri $uri/ /index.html;
+        }}
+    }}
+}}
+"""
+
+
+class Nginx:
+    """nginx as a plain process (``daemon off``) with every path in ``folder``."""
+
+    def __init__(self, folder: Path, *, dist: Path, app_config: Path, orthanc_http_port: int, port: int = 0) -> None:
+        binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
+        if binary is None:
+            raise ViewerError("nginx is not installed: apt-get install nginx")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        conf = folder / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(
+                # nginx started as root runs its workers as nobody, who may not read ~/.cache.
+                user="user root root;" if os.geteuid() == 0 else "",
+                tmp=folder,
+                port=self.port,
+                dist=dist,
+                app_config=app_config,
+                orthanc=orthanc_http_port,
+            )
+        )
+        self.log = folder / "nginx-error.log"
+        with (folder / "nginx.out").open("wb") as out:
+            self.process = subprocess.Popen(
+                [binary, "-p", str(folder), "-c", str(conf), "-e", str(self.log)], stdout=out, stderr=subprocess.STDOUT
+            )
+        _wait_http(self.url + "/app-config.js", self.process, self.log, "nginx")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        _stop(self.process)
+
+
+@dataclass
+class ResultSeries:
+    kind: str  # source, sc, pm, seg_binary, seg_fractional, sr
+    series_uid: str
+    description: str
+    modality: str
+
+
+@dataclass
+class StudyResults:
+    study_uid: str
+    orthanc_id: str
+    name: str
+    series: list[ResultSeries] = field(default_factory=list)
+
+    def by_kind(self, kind: str) -> ResultSeries:
+        return next(s for s in self.series if s.kind == kind)
+
+    def kinds(self) -> set[str]:
+        return {s.kind for s in self.series}
+
+
+def ohif_link(base_url: str, study_uid: str, series_uid: str | None = None) -> str:
+    query = {"StudyInstanceUIDs": study_uid}
+    if series_uid:
+        query["SeriesInstanceUIDs"] = series_uid
+    return f"{base_url}/viewer?{urllib.parse.urlencode(query)}"
+
+
+class ViewerStack:
+    """Orthanc + node + nginx/OHIF in ``folder``; ``start()``, ``send_demo_studies()``, ``stop()``."""
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        port: int = 0,
+        outputs: tuple[str, ...] = ALL_OUTPUTS,
+        method: str = "gradcam",
+        cache_dir: Path | None = None,
+        app_config: Path = APP_CONFIG,
+    ) -> None:
+        self.folder = Path(folder)
+        self.port = port
+        self.outputs = outputs
+        self.method = method
+        self.cache_dir = cache_dir
+        self.app_config = app_config
+        self.orthanc: OrthancDicomWeb | None = None
+        self.node = None
+        self.nginx: Nginx | None = None
+
+    def start(self) -> None:
+        from service.app import Node
+        from service.config import load_config
+
+        if not self.app_config.is_file():
+            raise ViewerError(f"OHIF config not found: {self.app_config}")
+        dist = ensure_ohif(self.cache_dir)
+        try:
+            self.orthanc = OrthancDicomWeb(self.folder / "orthanc")
+            overrides = {
+                "listener": {"port": 0, "ae_title": "PACSXAI"},
+                "storage": {"data_dir": str(self.folder / "node")},
+                "destinations": [
+                    {
+                        "name": "pacs",
+                        "ae_title": self.orthanc.ae_title,
+                        "host": "127.0.0.1",
+                        "port": self.orthanc.dicom_port,
+                    }
+                ],
+                "allowed_callers": [{"ae_title": self.orthanc.ae_title, "host": "127.0.0.1"}],
+                "assembly": {"idle_seconds": 0.5, "max_wait_seconds": 30},
+                "explain": {"methods": [self.method], "outputs": list(self.outputs)},
+                "metrics": {"port": 0},
+            }
+            self.node = Node(load_config(None, overrides))
+            self.node.start()
+            self.orthanc.add_modality("xai", "PACSXAI", "127.0.0.1", self.node.port)
+            self.nginx = Nginx(
+                self.folder / "nginx",
+                dist=dist,
+                app_config=self.app_config.resolve(),
+                orthanc_http_port=self.orthanc.http_port,
+                port=self.port,
+            )
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        assert self.nginx is not None
+        return self.nginx.url
+
+    def send_demo_studies(self, count: int, timeout: float = 120.0) -> list[StudyResults]:
+        """Write ``count`` phantom studies, upload them to Orthanc, route each to the node, wait for results."""
+        from service.demo.phantoms import write_phantom_studies
+
+        assert self.orthanc is not None
+        written = write_phantom_studies(self.folder / "phantoms", studies=count, rows=512, cols=480)
+        studies = []
+        for path, _phantom in written:
+            study_id = self.orthanc.upload(path)["ParentStudy"]
+            self.orthanc.send_study("xai", study_id)
+            studies.append((study_id, path.stem))
+        expected = 1 + len(self.outputs)
+        deadline = time.monotonic() + timeout
+        results: list[StudyResults] = []
+        for study_id, name in studies:
+            while True:
+                found = self.study_results(study_id, name)
+                if len(found.series) >= expected or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            results.append(found)
+        return results
+
+    def study_results(self, study_id: str, name: str = "") -> StudyResults:
+        assert self.orthanc is not None
+        study = self.orthanc.get(f"/studies/{study_id}")
+        found = StudyResults(study["MainDicomTags"]["StudyInstanceUID"], study_id, name)
+        for series in self.orthanc.get(f"/studies/{study_id}/series"):
+            tags = series["MainDicomTags"]
+            instance = series["Instances"][0]
+            instance_tags = self.orthanc.get(f"/instances/{instance}/simplified-tags")
+            sop = instance_tags.get("SOPClassUID", "")
+            if sop == SEGMENTATION:
+                kind = "seg_" + str(instance_tags.get("SegmentationType", "")).lower()
+            else:
+                kind = SOP_KIND.get(sop, "source")
+            found.series.append(
+                ResultSeries(
+                    kind, tags["SeriesInstanceUID"], tags.get("SeriesDescription", ""), tags.get("Modality", "")
+                )
+            )
+        order = ["source", *ALL_OUTPUTS]
+        found.series.sort(key=lambda s: order.index(s.kind) if s.kind in order else len(order))
+        return found
+
+    def stop(self) -> None:
+        if self.nginx is not None:
+            self.nginx.stop()
+            self.nginx = None
+        if self.node is not None:
+            self.node.stop()
+            self.node = None
+        if self.orthanc is not None:
+            self.orthanc.stop()
+            self.orthanc = None
+
+
+def print_links(base_url: str, results: list[StudyResults]) -> None:
+    for study in results:
+        print(f"\n{study.name}  study {study.study_uid}")
+        print(f"  {'study (all series)':<22} {ohif_link(base_url, study.study_uid)}")
+        for series in study.series:
+            label = f"{series.kind} ({series.modality})"
+            print(f"  {label:<22} {ohif_link(base_url, study.study_uid, series.series_uid)}")
+
+
+def run_viewer(args: argparse.Namespace) -> int:
+    folder = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="pacs-xai-viewer-"))
+    stack = ViewerStack(folder, port=args.port, outputs=tuple(args.outputs.split(",")), method=args.method)
+    stopped = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        print(f"starting Orthanc (DICOMweb), the pacs-xai node and OHIF {OHIF_VERSION} behind nginx in {folder}")
+        stack.start()
+        assert stack.orthanc is not None
+        print(
+            f"Orthanc REST/DICOMweb {stack.orthanc.url}  DICOM {stack.orthanc.ae_title}@127.0.0.1:"
+            f"{stack.orthanc.dicom_port}  node PACSXAI@127.0.0.1:{stack.node.port}"
+        )
+        print(f"sending {args.studies} demo phantom studies through Orthanc to the node ...")
+        started = time.monotonic()
+        results = stack.send_demo_studies(args.studies)
+        print(f"results back in Orthanc after {time.monotonic() - started:.1f} s")
+        print(f"\nOHIF: {stack.url}/  (study list)")
+        print_links(stack.url, results)
+        if args.once:
+            return 0
+        print("\nrunning; press Ctrl-C to stop everything")
+        while not stopped.wait(1.0):
+            pass
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    except ViewerError as exc:
+        print(f"error: {exc}")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        print("stopping nginx, the node and Orthanc")
+        stack.stop()
+        if not args.data_dir:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def register(commands: argparse._SubParsersAction, formatter) -> None:
+    parser = commands.add_parser(
+        "viewer",
+        formatter_class=formatter,
+        help="see the results in OHIF: Orthanc + node + OHIF on 127.0.0.1 (until Ctrl-C)",
+        description=(
+            "Start, on 127.0.0.1, Orthanc with DICOMweb as the PACS, the pacs-xai node with the demo model\n"
+            f"routing its results back into it, and OHIF {OHIF_VERSION} behind nginx (fetched with npm into\n"
+            "~/.cache/pacs-xai/ohif/ when missing; set PACS_XAI_CACHE to move it). Send the demo phantom\n"
+            "studies through Orthanc to the node and print, per study, the OHIF link to the source and to\n"
+            "each result series. Runs until Ctrl-C, then stops everything it started.\n"
+            "Needs the Debian packages orthanc, orthanc-dicomweb, nginx and npm."
+        ),
+        epilog="examples:\n  pacs-xai viewer\n  pacs-xai viewer --port 8080 --studies 3 --outputs sc,pm,seg_binary",
+    )
+    parser.add_argument("--port", type=int, default=0, help="nginx port for OHIF on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--studies", type=int, default=3, help="demo phantom studies to send (default 3)")
+    parser.add_argument("--outputs", default=",".join(ALL_OUTPUTS), help="result kinds (default: all five)")
+    parser.add_argument("--method", default="gradcam", help="explainer (default gradcam)")
+    parser.add_argument("--data-dir", help="keep Orthanc's, the node's and nginx's files here (default: a temp folder)")
+    parser.add_argument("--once", action="store_true", help="print the links and stop (no waiting for Ctrl-C)")
+    parser.set_defaults(handler=run_viewer)

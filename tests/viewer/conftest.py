@@ -1,0 +1,23 @@
+"""The browser tests run only when asked for (``make test-viewer``: ``pytest -m viewer tests/viewer``).
+
+They need OHIF (fetched with npm), nginx, orthanc-dicomweb and Chromium, and take a minute or
+two; ``make test`` collects ``tests/`` and so skips them here unless ``-m`` selects ``viewer``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "viewer: opens OHIF in headless Chromium (make test-viewer)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    expression = config.option.markexpr or ""
+    if "viewer" in expression and "not viewer" not in expression:
+        return
+    skip = pytest.mark.skip(reason="browser test: run `make test-viewer`")
+    for item in items:
+        if item.get_closest_marker("viewer"):
+            item.add_marker(skip)
