@@ -466,3 +466,29 @@ def test_send_command_and_outbox_commands(start_node, tmp_path: Path, capsys) ->
     assert "2 dead result(s) back to pending" in capsys.readouterr().out
     assert main(["send", str(files[0]), "--to", f"PACSXAI@127.0.0.1:{free_port()}"]) == 1
     assert "retry" in capsys.readouterr().err
+
+
+def test_each_destination_gets_the_output_kinds_it_asks_for(start_node, tmp_path: Path) -> None:
+    node = start_node(
+        [
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port(), "outputs": ["sc"]},
+            {
+                "name": "research",
+                "ae_title": "SLICER",
+                "host": "127.0.0.1",
+                "port": free_port(),
+                "outputs": ["pm", "seg_binary"],
+            },
+        ],
+        explain={"methods": ["gradcam"], "outputs": ["sc", "pm", "seg_binary"]},
+    )
+    StoreSCU("MODALITY").send(Destination("PACSXAI", "127.0.0.1", node.port), phantom_files(tmp_path / "in", 1))
+    journal = Journal(Path(node.config.storage.data_dir) / "journal.sqlite")
+    wait_for(lambda: len(journal.outbox(("pending", "dead", "sent"))) == 3, 30, "three outbox rows")
+    rows = journal.outbox(("pending", "dead", "sent"))
+    journal.close()
+    assert sorted((row.destination, row.kind) for row in rows) == [
+        ("pacs", "sc"),
+        ("research", "pm"),
+        ("research", "seg_binary"),
+    ]
