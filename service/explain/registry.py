@@ -10,10 +10,45 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from service.explain.base import Explainer, ExplainerError
-from service.explain.cam import GradCAM
+from service.explain.cam import CAM, GradCAM, GradCAMPlusPlus, GuidedGradCAM, ScoreCAM
+from service.explain.gradient import (
+    Deconvnet,
+    GuidedBackprop,
+    InputXGradient,
+    IntegratedGradients,
+    Saliency,
+    SmoothGrad,
+)
 from service.explain.occlusion import Occlusion
+from service.explain.perturbation import RISE, HiPe
+from service.explain.propagation import LRP, DeepLift
+from service.explain.surrogate import KernelShap, Lime
 
-_EXPLAINERS: Mapping[str, type[Explainer]] = MappingProxyType({cls.name: cls for cls in (GradCAM, Occlusion)})
+_EXPLAINERS: Mapping[str, type[Explainer]] = MappingProxyType(
+    {
+        cls.name: cls
+        for cls in (
+            GradCAM,
+            Occlusion,
+            CAM,
+            GradCAMPlusPlus,
+            ScoreCAM,
+            GuidedGradCAM,
+            RISE,
+            HiPe,
+            Lime,
+            KernelShap,
+            Saliency,
+            InputXGradient,
+            IntegratedGradients,
+            SmoothGrad,
+            GuidedBackprop,
+            Deconvnet,
+            DeepLift,
+            LRP,
+        )
+    }
+)
 
 
 def available_explainers() -> tuple[str, ...]:
