@@ -102,6 +102,17 @@ def forward_context(model: ModelLike, batch: torch.Tensor) -> Iterator[tuple[For
         yield forward, device if device is not None else batch.device
 
 
+def check_target_range(forward: ForwardFn, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """One forward pass of the first image: every target must be a class of the model.
+
+    Perturbation loops mix images in chunks; checking up front reports the batch's own targets.
+    """
+    logits = forward(inputs[:1])
+    if logits.ndim == 2 and logits.shape[0] == 1:
+        logits = logits.expand(len(targets), -1)
+    check_logits(logits, targets if logits.shape[0] == len(targets) else targets[:1])
+
+
 def chunked_scores(
     forward: ForwardFn,
     inputs: torch.Tensor,
@@ -109,13 +120,12 @@ def chunked_scores(
     score: str,
     chunk_size: int,
 ) -> torch.Tensor:
-    """:func:`target_scores` of ``inputs`` sent ``chunk_size`` at a time."""
-    return torch.cat(
-        [
-            target_scores(forward, part, part_targets, score)
-            for part, part_targets in zip(inputs.split(chunk_size), targets.split(chunk_size))
-        ]
-    )
+    """:func:`target_scores` of ``inputs`` sent ``chunk_size`` at a time (targets checked all at once)."""
+    logits = torch.cat([forward(part) for part in inputs.split(chunk_size)])
+    check_logits(logits, targets)
+    if score == "probability":
+        logits = torch.softmax(logits.to(torch.float32), dim=1)
+    return logits.gather(1, targets[:, None])[:, 0]
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -137,6 +147,26 @@ def replacement_images(inputs: torch.Tensor, perturbation: str, baseline: float,
     if perturbation == "blur":
         return gaussian_blur(inputs, blur_sigma)
     return torch.full_like(inputs, baseline)
+
+
+def _interpolation_matrix(size_out: int, size_in: int) -> torch.Tensor:
+    """``[size_out, size_in]`` float64: linear interpolation with half-pixel centres, mirrored edges.
+
+    Output ``o`` samples the input at ``c = (o + 0.5) * size_in / size_out - 0.5``; outside
+    ``[0, size_in - 1]`` the input is mirrored about its first and last samples (scipy.ndimage's
+    ``mirror`` mode, which is scikit-image's ``reflect``).
+    """
+    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
+    if size_in == 1:
+        return matrix + 1
+    coordinate = (torch.arange(size_out, dtype=torch.float64) + 0.5) * size_in / size_out - 0.5
+    coordinate = coordinate.abs()  # mirror below 0
+    coordinate = torch.where(coordinate > size_in - 1, 2 * (size_in - 1) - coordinate, coordinate)
+    low = coordinate.floor().long().clamp(0, size_in - 2)
+    fraction = coordinate - low
+    matrix[torch.arange(size_out), low] = 1 - fraction
+    matrix[torch.arange(size_out), low + 1] += fraction
+    return matrix
 
 
 # --- RISE -------------------------------------------------------------------------------------------
@@ -223,14 +253,18 @@ class RISE(Explainer):
         return -(-height // self.cell_size), -(-width // self.cell_size)
 
     def _upsample(self, grids: torch.Tensor, shifts: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Bilinear upsampling (half-pixel centres) of ``grids`` to (s + 1) cells, then the shifted crop."""
+        """Bilinear upsampling of ``grids`` to (s + 1) cells, then each mask's shifted crop.
+
+        As the authors' ``skimage.transform.resize(grid, up_size, order=1, mode="reflect")``:
+        half-pixel centres, and the grid mirrored about its edge cells outside (not clamped).
+        Separable, so only the cropped rows and columns are computed.
+        """
         cell_h, cell_w = self._cell_pixels(height, width)
-        size = ((self.cell_size + 1) * cell_h, (self.cell_size + 1) * cell_w)
-        up = F.interpolate(grids[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        rows = shifts[:, 0, None] + torch.arange(height, device=grids.device)  # [n, H]
-        cols = shifts[:, 1, None] + torch.arange(width, device=grids.device)  # [n, W]
-        index = torch.arange(len(grids), device=grids.device)[:, None, None]
-        return up[index, rows[:, :, None], cols[:, None, :]]
+        rows = _interpolation_matrix((self.cell_size + 1) * cell_h, self.cell_size)
+        cols = _interpolation_matrix((self.cell_size + 1) * cell_w, self.cell_size)
+        rows = rows[shifts[:, 0, None] + torch.arange(height)]  # [n, H, s]
+        cols = cols[shifts[:, 1, None] + torch.arange(width)]  # [n, W, s]
+        return torch.einsum("nhi,nij,nwj->nhw", rows, grids.to(torch.float64), cols).to(torch.float32)
 
     def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         n_images, _, height, width = batch.shape
@@ -239,26 +273,36 @@ class RISE(Explainer):
             inputs = batch.detach().to(device)
             targets = targets.to(device)
             replacement = replacement_images(inputs, self.perturbation, self.baseline, self.blur_sigma)
-            saliency = torch.zeros(n_images, height, width, dtype=inputs.dtype, device=device)
-            coverage = torch.zeros(height, width, dtype=inputs.dtype, device=device)  # sum_i M_i
-            score_sums = torch.zeros(n_images, dtype=inputs.dtype, device=device)
+            difference = inputs - replacement
+            check_target_range(forward, inputs, targets)
+            # float64 sums: thousands of terms, and centring subtracts two nearly equal sums
+            saliency = torch.zeros(n_images, height, width, dtype=torch.float64, device=device)
+            coverage = torch.zeros(height, width, dtype=torch.float64, device=device)  # sum_i M_i
+            score_sums = torch.zeros(n_images, dtype=torch.float64, device=device)
             total = n_images * self.n_masks
             for start in range(0, total, self.chunk_size):
                 # Flat index k -> (mask k // B, image k % B): a chunk needs only its own masks upsampled.
                 index = torch.arange(start, min(start + self.chunk_size, total), device=device)
                 mask_index, image = index // n_images, index % n_images
                 first, last = int(mask_index[0]), int(mask_index[-1]) + 1
-                masks = self._upsample(grids[first:last], shifts[first:last], height, width).to(device, inputs.dtype)
-                masks = masks[mask_index - first]
-                kept = masks[:, None]
-                perturbed = kept * inputs[image] + (1 - kept) * replacement[image]
-                scores = target_scores(forward, perturbed, targets[image], self.score).to(inputs.dtype)
-                saliency.index_add_(0, image, scores[:, None, None] * masks)
-                score_sums.index_add_(0, image, scores)
-                coverage += masks[image == 0].sum(dim=0)  # every mask meets image 0 exactly once
+                masks = self._upsample(grids[first:last], shifts[first:last], height, width).to(device)
+                kept = masks[mask_index - first, None].to(inputs.dtype)
+                # M x + (1 - M) R = R + M (x - R); a constant R needs no gathered copy
+                if self.perturbation == "baseline":
+                    perturbed = torch.mul(kept, difference[image]).add_(self.baseline)
+                else:
+                    perturbed = torch.addcmul(replacement[image], kept, difference[image])
+                scores = target_scores(forward, perturbed, targets[image], self.score).to(torch.float64)
+                # scores as a [B, masks of the chunk] matrix (0 where a pair is in another chunk)
+                weights = torch.zeros(n_images, last - first, dtype=torch.float64, device=device)
+                weights[image, mask_index - first] = scores
+                masks = masks.to(torch.float64)
+                saliency += torch.einsum("bm,mhw->bhw", weights, masks)
+                score_sums += weights.sum(dim=1)
+                coverage += masks[mask_index[image == 0] - first].sum(dim=0)  # each mask meets image 0 once
             if self.centred:
                 saliency -= (score_sums / self.n_masks)[:, None, None] * coverage
-        return (saliency / (self.n_masks * self.probability)).to(batch.device)
+        return (saliency / (self.n_masks * self.probability)).to(batch.device, batch.dtype)
 
 
 # --- HiPe -------------------------------------------------------------------------------------------
@@ -280,8 +324,8 @@ class HiPe(Explainer):
     model output). Levels continue while the window side, ``2 * min(H, W) / n``, is at least
     ``min_window`` pixels and cells are at least one pixel. The default ``min(H, W) // 32`` gives
     56, 28, 14 and 7 pixel windows at 224², one level finer than the authors' default depth,
-    down to the feature-map cell of a typical CNN (it found 20 of 20 held-out phantom nodules
-    where stopping at 14 pixels found 14).
+    down to the feature-map cell of a typical CNN (on the demo model, with the card's black as
+    baseline, it found 20 of 20 held-out phantom nodules where stopping at 14 pixels found 14).
 
     The number of forward passes depends on the image: :meth:`explain_with_passes` returns it per
     sample (one clean pass plus one per perturbed window). Each sample's threshold and windows

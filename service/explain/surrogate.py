@@ -8,12 +8,15 @@ batch go through the model ``chunk_size`` at a time.
 
 Superpixels come from SLIC (``skimage.segmentation.slic``) on each image rescaled to [0, 1]
 (min-max per image and channel, so the settings do not depend on the model card's
-normalisation), in intensity-only mode (``channel_axis=None``) for one-channel images: on a
-radiograph SLIC's k-means in (intensity, position) space gives compact regions that follow
-organ and lesion borders, where Felzenszwalb's graph cut tends to leak along the soft gradients.
-``compactness`` trades intensity against position (for [0, 1] intensities 0.01 to 1 is the
-useful range), ``smoothing`` is SLIC's Gaussian pre-smoothing ``sigma`` in pixels, which keeps
-quantum noise from fragmenting regions. :meth:`_Surrogate.segment` exposes the superpixels;
+normalisation), in intensity-only mode (``channel_axis=None``) for one-channel images. SLIC's
+k-means in (intensity, position) space takes a target count (``n_segments``), so the number of
+features, and with it the samples a fit needs, is under control, which Felzenszwalb's graph
+segmentation (a scale, not a count) does not offer. ``compactness`` trades intensity against
+position: for [0, 1] intensities 0.01 to 1 is the useful range; the default 0.3 gives, on the
+phantom chest radiographs at 224², about 50 compact regions whose edges follow the lung,
+mediastinum and spine borders (0.1 gives irregular strips along the ribs, 1 a near-regular
+grid). ``smoothing`` is SLIC's Gaussian pre-smoothing ``sigma`` in pixels, which keeps quantum
+noise from fragmenting regions. :meth:`_Surrogate.segment` exposes the superpixels;
 ``explain(..., feature_mask=...)`` uses given features instead (``[H, W]`` for the whole batch
 or ``[B, H, W]``, any integer ids).
 
@@ -34,6 +37,7 @@ from skimage.segmentation import slic
 from service.explain.base import Explainer, ExplainerError, ModelLike, check_batch_and_targets
 from service.explain.perturbation import (
     SCORES,
+    check_target_range,
     choice,
     finite_float,
     forward_context,
@@ -159,6 +163,7 @@ class _Surrogate(Explainer):
         with forward_context(model, batch) as (forward, device):
             inputs = batch.detach().to(device)
             targets = targets.to(device)
+            check_target_range(forward, inputs, targets)
             kept = kept.to(device)
             pixel_feature = torch.stack(features).to(device)
             image = torch.repeat_interleave(torch.arange(n_images, device=device), torch.tensor(rows, device=device))
@@ -167,7 +172,7 @@ class _Surrogate(Explainer):
             for part in torch.arange(len(image), device=device).split(self.chunk_size):
                 b = image[part]
                 keep = torch.gather(kept[b, row[part]], 1, pixel_feature[b]).view(len(part), 1, height, width)
-                perturbed = torch.where(keep, inputs[b], torch.full_like(inputs[b], self.baseline))
+                perturbed = torch.where(keep, inputs[b], self.baseline)
                 scores[part] = target_scores(forward, perturbed, targets[b], self.score).to(torch.float64)
         maps = []
         offsets = [0, *np.cumsum(rows).tolist()]
@@ -227,7 +232,7 @@ class Lime(_Surrogate):
         alpha: float = 1.0,
         seed: int = 0,
         n_segments: int = 50,
-        compactness: float = 0.1,
+        compactness: float = 0.3,
         smoothing: float = 1.0,
         baseline: float = 0.0,
         score: str = "probability",
@@ -273,7 +278,7 @@ class KernelShap(_Surrogate):
         samples: int = 1000,
         seed: int = 0,
         n_segments: int = 50,
-        compactness: float = 0.1,
+        compactness: float = 0.3,
         smoothing: float = 1.0,
         baseline: float = 0.0,
         score: str = "logit",
