@@ -126,6 +126,8 @@ def test_json_logs_are_one_object_per_line() -> None:
     handler.setStream(stream)
     logging.getLogger("service.test").info("instance %s stored", "1.2.3")
     entry = json.loads(stream.getvalue().strip())
-    assert entry["message"] == "instance 1.2.3 stored" and entry["level"] == "INFO" and entry["logger"] == "service.test"
+    assert (
+        entry["message"] == "instance 1.2.3 stored" and entry["level"] == "INFO" and entry["logger"] == "service.test"
+    )
     assert logging.getLogger("pynetdicom").level >= logging.WARNING, "pynetdicom's DEBUG logs carry dataset contents"
     configure_logging("WARNING")
