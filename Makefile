@@ -48,13 +48,14 @@ system-deps:
 	fi
 
 # The viewer stack: Orthanc with DICOMweb, nginx, Chromium (browser test), npm (fetches OHIF once).
-VIEWER_PACKAGES := orthanc orthanc-dicomweb nginx chromium npm
+VIEWER_PACKAGES := orthanc orthanc-dicomweb nginx chromium
 viewer-deps:
 	@if [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || ! command -v nginx >/dev/null || \
 	   ! command -v chromium >/dev/null || ! command -v npm >/dev/null; then \
 	  echo "installing $(VIEWER_PACKAGES)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
 	  $$SUDO apt-get update -qq; DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(VIEWER_PACKAGES) >/dev/null || true; \
+	  command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq npm >/dev/null || true; \
 	fi
 
 viewer: $(STAMP) viewer-deps
