@@ -185,3 +185,14 @@ def validate_ae_title(value: str, what: str = "AE title") -> str:
     if "\\" in title or any(ord(ch) < 0x20 or ord(ch) > 0x7E for ch in title):
         raise ValueError(f"{what} allows printable ASCII without backslash, got {value!r}")
     return title
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that was free a moment ago (bind to port 0, read it, close).
+
+    For local peers started next (tests, benchmarks, the viewer stack); another process may take
+    it in between, so use it at once.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

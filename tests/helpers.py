@@ -12,6 +12,10 @@ import shutil
 import pytest
 from pydicom.data import get_testdata_file
 
+from dicom_io.network import free_port
+
+__all__ = ["data_file", "free_port", "require_tool"]
+
 
 def require_tool(name: str) -> str:
     """Absolute path of a command-line tool (dciodvfy, dcmj2pnm, storescu, ...)."""
@@ -27,12 +31,3 @@ def data_file(name: str) -> str:
     if path is None or not os.path.isfile(path):
         pytest.fail(f"test file {name} not found: install the test extra (pip install -e '.[test]')")
     return path
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it, close)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
+from dicom_io.network import free_port
 from dicom_io.scp import ListenerSettings, StorageSCP
 from dicom_io.scu import Destination, StoreSCU
 from service.assembler import Assembler
@@ -122,7 +122,7 @@ def measure_storescp(files: Sequence[Path], associations: int, workdir: Path) ->
     folder = workdir / "storescp"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [binary, "-aet", "STORESCP", "-od", str(folder), "+xa", "--fork", str(port)]
         if associations > 1
@@ -143,13 +143,6 @@ def measure_storescp(files: Sequence[Path], associations: int, workdir: Path) ->
         process.terminate()
         process.wait(timeout=10)
     return len(files) / elapsed
-
-
-def _free_port() -> int:
-    """A loopback port that was free a moment ago (storescp binds it next)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_receive_bench(

@@ -18,11 +18,9 @@ the browser test (``tests/viewer/``) runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tarfile
 import tempfile
@@ -33,14 +31,15 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from dicom_io.network import free_port
+from service.orthanc import OrthancError, OrthancProcess, stop_process, wait_http
 
 #: The OHIF release served; its built app ships in the npm package ``@ohif/app``.
 OHIF_VERSION = "3.13.2"
 OHIF_PACKAGE = f"@ohif/app@{OHIF_VERSION}"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 APP_CONFIG = REPO_ROOT / "deploy" / "viewer" / "app-config.js"
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 ALL_OUTPUTS = ("sc", "pm", "seg_binary", "seg_fractional", "sr")
 
 SOP_KIND = {
@@ -53,14 +52,8 @@ SOP_KIND = {
 SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
-class ViewerError(RuntimeError):
+class ViewerError(OrthancError):
     """A part of the stack is missing or did not start; the message says which and what to do."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def default_cache_dir() -> Path:
@@ -91,100 +84,6 @@ def ensure_ohif(cache_dir: Path | None = None) -> Path:
         shutil.rmtree(root / "package", ignore_errors=True)
         (Path(work) / "package").rename(root / "package")
     return dist
-
-
-def _wait_http(url: str, process: subprocess.Popen, log: Path, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ViewerError(f"{what} exited with {process.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.1)
-    raise ViewerError(f"{what} did not answer on {url} within {timeout} s; see {log}")
-
-
-def _stop(process: subprocess.Popen | None, timeout: float = 30.0) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-class OrthancDicomWeb:
-    """Orthanc with the DICOMweb plugin as a plain process; REST, DICOM and DICOMweb on loopback."""
-
-    def __init__(self, folder: Path, *, ae_title: str = "ORTHANC") -> None:
-        binary = shutil.which("Orthanc")
-        if binary is None or not DICOMWEB_PLUGIN.is_file():
-            raise ViewerError("Orthanc with DICOMweb is not installed: apt-get install orthanc orthanc-dicomweb")
-        self.ae_title = ae_title
-        self.dicom_port = free_port()
-        self.http_port = free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": "pacs-xai-viewer",
-            "StorageDirectory": str(folder / "storage"),
-            "IndexDirectory": str(folder / "index"),
-            "DicomAet": ae_title,
-            "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowEcho": True,
-            "DicomCheckCalledAet": False,
-            "StableAge": 1,
-            "HttpTimeout": 60,
-            "DicomScuTimeout": 30,
-            "Plugins": [str(DICOMWEB_PLUGIN)],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado"},
-        }
-        (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
-        self.log = folder / "orthanc.log"
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                [binary, str(folder / "orthanc.json")],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "TCP_NODELAY": "1"},
-            )
-        _wait_http(self.url + "/dicom-web/studies", self.process, self.log, "Orthanc (DICOMweb)")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json") -> Any:
-        request = urllib.request.Request(self.url + path, data=body, method=method)
-        if body is not None:
-            request.add_header("Content-Type", content_type)
-        with urllib.request.urlopen(request, timeout=120) as response:
-            data = response.read()
-            json_answer = response.headers.get_content_type() == "application/json"
-        return json.loads(data) if json_answer and data else data
-
-    def get(self, path: str) -> Any:
-        return self.request("GET", path)
-
-    def upload(self, path: Path) -> dict[str, Any]:
-        return self.request("POST", "/instances", Path(path).read_bytes(), "application/dicom")
-
-    def add_modality(self, name: str, ae_title: str, host: str, port: int) -> None:
-        self.request("PUT", f"/modalities/{name}", json.dumps({"AET": ae_title, "Host": host, "Port": port}).encode())
-
-    def send_study(self, modality: str, study_id: str) -> None:
-        body = json.dumps({"Resources": [study_id], "Synchronous": True}).encode()
-        self.request("POST", f"/modalities/{modality}/store", body)
-
-    def stop(self) -> None:
-        _stop(self.process)
 
 
 NGINX_CONF = """\
@@ -252,14 +151,14 @@ class Nginx:
             self.process = subprocess.Popen(
                 [binary, "-p", str(folder), "-c", str(conf), "-e", str(self.log)], stdout=out, stderr=subprocess.STDOUT
             )
-        _wait_http(self.url + "/app-config.js", self.process, self.log, "nginx")
+        wait_http(self.url + "/app-config.js", self.process, self.log, "nginx")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        _stop(self.process)
+        stop_process(self.process)
 
 
 @dataclass
@@ -310,7 +209,7 @@ class ViewerStack:
         self.method = method
         self.cache_dir = cache_dir
         self.app_config = app_config
-        self.orthanc: OrthancDicomWeb | None = None
+        self.orthanc: OrthancProcess | None = None
         self.node = None
         self.nginx: Nginx | None = None
 
@@ -322,7 +221,7 @@ class ViewerStack:
             raise ViewerError(f"OHIF config not found: {self.app_config}")
         dist = ensure_ohif(self.cache_dir)
         try:
-            self.orthanc = OrthancDicomWeb(self.folder / "orthanc")
+            self.orthanc = OrthancProcess(self.folder / "orthanc")
             overrides = {
                 "listener": {"port": 0, "ae_title": "PACSXAI"},
                 "storage": {"data_dir": str(self.folder / "node")},
@@ -451,7 +350,7 @@ def run_viewer(args: argparse.Namespace) -> int:
         return 0
     except KeyboardInterrupt:
         return 0
-    except ViewerError as exc:
+    except OrthancError as exc:  # ViewerError included
         print(f"error: {exc}")
         return 1
     finally:

@@ -30,7 +30,7 @@ from pynetdicom.sop_class import MRImageStorage
 from dicom_io.network import Status, classify_store_status, describe_status
 from dicom_io.scp import AllowedCaller, ListenerSettings, StorageSCP, TlsFiles
 from dicom_io.scu import Destination, StoreSCU
-from tests.helpers import data_file, require_tool
+from tests.helpers import data_file, free_port, require_tool
 
 NODE = "PACSXAI"
 LOCALHOST = "127.0.0.1"
@@ -115,12 +115,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOCALHOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
