@@ -11,6 +11,9 @@ window.config = {
   customizationService: { 'ohif.tours': { $set: [] } },
   // The "investigational use only" dialog; pacs-xai's own results carry "not for diagnostic use".
   investigationalUseDialog: { option: 'never' },
+  // Open a SEG (and RTSTRUCT) on its source at once, without the "Do you want to open this
+  // Segmentation?" dialog over the viewport.
+  disableConfirmationPrompts: true,
   showStudyList: true,
   maxNumberOfWebWorkers: 3,
   showWarningMessageForCrossOrigin: false,

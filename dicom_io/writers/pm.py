@@ -16,10 +16,12 @@ The signed attribution map of one source frame, at the source's pixel grid, as 3
   Frame of Reference and plane position/orientation, which a projection radiograph (CR/DX) or a
   multi-frame image without plane positions does not have; for those the map gets a geometry of
   its own (:func:`dicom_io.writers.provenance.synthetic_frame_geometry`): a deterministic Frame of
-  Reference UID per source frame, origin (0, 0, 0), row/column directions from the source's
-  Patient Orientation, Pixel Spacing from Pixel Spacing / Imager Pixel Spacing (> 0) or a nominal
-  1 mm. Image Comments says so. The map still lies pixel-for-pixel on the referenced source frame
-  (Derivation Image Sequence, Spatial Locations Preserved YES), which is how a viewer overlays it.
+  Reference UID per source frame, origin (0, 0, 0), the orientation 1\\0\\0\\0\\1\\0 that viewers
+  give a source without one (OHIF 3.x overlays a map only in the plane it gives the source; the
+  anatomical directions stay in Patient Orientation), Pixel Spacing from Pixel Spacing / Imager
+  Pixel Spacing (> 0) or a nominal 1 mm. Image Comments says so. The map still lies
+  pixel-for-pixel on the referenced source frame (Derivation Image Sequence, Spatial Locations
+  Preserved YES), which is how a viewer overlays it.
   highdicom 0.28.2 itself fails on a source without Frame of Reference ("Unexpected mismatch
   between dimension index values ...") and refuses one frame of a multi-frame source without
   plane positions; it is therefore given a single-frame stand-in of the source frame
@@ -167,10 +169,12 @@ def build_parametric_map(
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[_value_mapping(values, result)],
         voi_lut_transformations=[
+            # One-item lists: highdicom 0.28.2 stores a plain string explanation as list(text), one
+            # value per character ("9\\9\\T\\H...").
             hd.VOILUTTransformation(
-                window_center=center,
-                window_width=width,
-                window_explanation="SIGNED 99TH PERCENTILE" if center == 0.0 else "99TH PERCENTILE",
+                window_center=[center],
+                window_width=[width],
+                window_explanation=["SIGNED 99TH PERCENTILE" if center == 0.0 else "99TH PERCENTILE"],
                 # Exact linear mapping of the float values: raw attributions are often far below 1,
                 # where plain LINEAR (with its 0.5 offsets for integers) is not permitted.
                 voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT,

@@ -34,6 +34,8 @@ from dicom_io.codes import PURPOSE_PROCESSING_EQUIPMENT, PURPOSE_SOURCE_IMAGE_FO
 __all__ = [
     "DISCLAIMER",
     "NOMINAL_PIXEL_SPACING_MM",
+    "NOMINAL_SLICE_THICKNESS_MM",
+    "VIEWER_DEFAULT_ORIENTATION",
     "UNPAIRED_BODY_PARTS",
     "ExplanationResult",
     "FrameGeometry",
@@ -421,10 +423,22 @@ def set_laterality(target: Dataset, source: Dataset, frame_index: int = 0) -> No
 #: given instead of the source (see :func:`highdicom_source_view`).
 _STAND_IN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 
-#: Pixel spacing written when the source states none (or zeros): 1 mm, nominal. Only the Parametric
-#: Map needs one (its Pixel Measures are mandatory); the objects still map pixel-for-pixel onto
-#: the referenced source frame, which is what viewers use for a projection radiograph.
+#: Pixel spacing written when the source states none (or zeros): 1 mm, nominal. The objects still
+#: map pixel-for-pixel onto the referenced source frame, which is what viewers use for a projection
+#: radiograph.
 NOMINAL_PIXEL_SPACING_MM = 1.0
+
+#: Slice Thickness written into a Segmentation's synthetic geometry: 1 mm, nominal (a projection has
+#: no slice). A Segmentation with a Frame of Reference needs one (dciodvfy: Type 1C in Pixel
+#: Measures), and highdicom 0.28.2's ``segread`` refuses Pixel Measures without it.
+NOMINAL_SLICE_THICKNESS_MM = 1.0
+
+#: Image Orientation (Patient) that viewers give an image which has none (a projection radiograph):
+#: rows along +x, columns along +y. Cornerstone3D, hence OHIF 3.x, uses it (with Image Position
+#: (0, 0, 0)) for the source, and overlays a Parametric Map or Segmentation only when the overlay's
+#: orientation equals the source's ("... oblique to the acquisition plane of the source data are
+#: not yet supported" otherwise). A synthetic geometry therefore uses the same plane.
+VIEWER_DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 #: Attributes of the source that the stand-in never carries: pixels, frames and functional groups
 #: (it has exactly one frame) and every geometry attribute (set from a :class:`FrameGeometry`).
@@ -464,10 +478,6 @@ _VIEW_TYPE2_KEYWORDS = (
     "ReferringPhysicianName",
 )
 
-_PATIENT_AXES = {"L": (1.0, 0.0, 0.0), "R": (-1.0, 0.0, 0.0), "P": (0.0, 1.0, 0.0), "A": (0.0, -1.0, 0.0),
-                 "H": (0.0, 0.0, 1.0), "F": (0.0, 0.0, -1.0)}  # fmt: skip
-_DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-
 
 @dataclass(frozen=True)
 class FrameGeometry:
@@ -475,8 +485,8 @@ class FrameGeometry:
     Pixel Measures of a multi-frame IOD).
 
     ``synthetic`` marks a geometry made up for a source frame that has none (a projection
-    radiograph): its own Frame of Reference UID, origin at (0, 0, 0), row/column directions from
-    the source's Patient Orientation. See :func:`synthetic_frame_geometry`.
+    radiograph): its own Frame of Reference UID, origin at (0, 0, 0), the orientation viewers
+    assume for such a source. See :func:`synthetic_frame_geometry`.
     """
 
     frame_of_reference_uid: str
@@ -577,39 +587,30 @@ def synthetic_frame_of_reference_uid(source: Dataset, frame_index: int = 0) -> s
     return str(generate_uid(prefix=_uids.PACS_XAI_UID_PREFIX or PYDICOM_ROOT_UID, entropy_srcs=[payload]))
 
 
-def _orientation_from_letters(orientation: tuple[str, str] | None) -> tuple[float, ...] | None:
-    """Image Orientation (Patient) from Patient Orientation letters, by each value's main letter."""
-    if orientation is None:
-        return None
-    try:
-        row, column = (_PATIENT_AXES[value.strip()[0].upper()] for value in orientation)
-    except (KeyError, IndexError, AttributeError):
-        return None
-    if abs(sum(r * c for r, c in zip(row, column))) > 1e-6:  # parallel: not a valid pair
-        return None
-    return (*row, *column)
-
-
-def synthetic_frame_geometry(source: Dataset, frame_index: int = 0) -> FrameGeometry:
+def synthetic_frame_geometry(
+    source: Dataset, frame_index: int = 0, *, slice_thickness: float | None = None
+) -> FrameGeometry:
     """A patient geometry for a source frame that has none (projection radiographs, bare frames).
 
     - Frame of Reference: :func:`synthetic_frame_of_reference_uid` (never the source's own, since
       nothing here is positioned in it); Position Reference Indicator stays empty.
     - Image Position (Patient): (0, 0, 0), nominal.
-    - Image Orientation (Patient): the row/column directions of the source's Patient Orientation
-      (e.g. "L\\\\F" of a PA chest gives 1\\\\0\\\\0\\\\0\\\\0\\\\-1); when it is missing or not a pair of
-      perpendicular directions, the nominal 1\\\\0\\\\0\\\\0\\\\1\\\\0.
+    - Image Orientation (Patient): :data:`VIEWER_DEFAULT_ORIENTATION` (1\\\\0\\\\0\\\\0\\\\1\\\\0), the plane viewers
+      put a source without one in, so that the output lies on the source there. Not the directions
+      of the source's Patient Orientation (e.g. "L\\\\F" would give 1\\\\0\\\\0\\\\0\\\\0\\\\-1): OHIF 3.x
+      refuses to overlay a map whose plane differs from the one it gives the source. The
+      anatomical directions stay in the output's Patient Orientation, copied from the source.
     - Pixel Spacing: :func:`pixel_spacing` of the source, else :data:`NOMINAL_PIXEL_SPACING_MM`.
-    - Slice Thickness: none (a projection has no slice).
+    - Slice Thickness: ``slice_thickness`` (default none: a projection has no slice; a
+      Segmentation passes :data:`NOMINAL_SLICE_THICKNESS_MM`).
     """
-    orientation = _orientation_from_letters(patient_orientation(source, frame_index)) or _DEFAULT_ORIENTATION
     spacing = pixel_spacing(source, frame_index) or (NOMINAL_PIXEL_SPACING_MM, NOMINAL_PIXEL_SPACING_MM)
     return FrameGeometry(
         frame_of_reference_uid=synthetic_frame_of_reference_uid(source, frame_index),
         image_position=(0.0, 0.0, 0.0),
-        image_orientation=orientation,  # type: ignore[arg-type]
+        image_orientation=VIEWER_DEFAULT_ORIENTATION,
         pixel_spacing=spacing,
-        slice_thickness=None,
+        slice_thickness=slice_thickness,
         synthetic=True,
     )
 

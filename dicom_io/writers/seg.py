@@ -24,19 +24,23 @@ explanation points", and anatomy or tissue codes would claim something the map d
 
 Geometry: a source frame with a patient geometry (CT, MR) gives the SEG its Frame of Reference,
 plane position/orientation and pixel measures. A projection radiograph (CR/DX) or a frame without
-plane position gives a SEG without Frame of Reference (the IOD allows it; the frame-level
-Derivation Image reference then defines a 1:1 pixel correspondence with the source frame). With
-default arguments highdicom 0.28.2 leaves Patient Orientation out there (dciodvfy: missing Type
-2C) and copies a source Pixel Spacing of "0\\0" into Pixel Measures (dciodvfy: value zero). Here:
+plane position has none; the SEG then gets the synthetic geometry the Parametric Map of the same
+frame gets (:func:`dicom_io.writers.provenance.synthetic_frame_geometry`: the same Frame of
+Reference UID, origin (0, 0, 0), the orientation 1\\0\\0\\0\\1\\0 viewers give such a source, the
+source's Pixel Spacing or Imager Pixel Spacing, else a nominal 1 mm), with a nominal Slice
+Thickness of 1 mm (:data:`~dicom_io.writers.provenance.NOMINAL_SLICE_THICKNESS_MM`); Image
+Comments says so. The frame-level Derivation Image reference still maps the SEG 1:1 onto the
+source frame. Why not a SEG without Frame of Reference (the IOD allows one): OHIF 3.x cannot open
+it — its SEG viewport reads Pixel Measures from the Shared Functional Groups ("Cannot destructure
+property 'SpacingBetweenSlices' of 'PixelMeasures' as it is undefined") and its SEG loader compares
+the SEG's Plane Orientation with the source's ("Cannot read properties of undefined (reading
+'ImageOrientationPatient')") — and Pixel Measures without a Slice Thickness make highdicom
+0.28.2's ``segread`` fail ("Sequence does not have the required attributes for a Pixel Measures
+Sequence"), while with a Frame of Reference dciodvfy requires the thickness (Type 1C). Also:
 
 - Patient Orientation comes from the source (its own, or computed from its Image Orientation;
-  empty, Type 2, when unknown);
-- Pixel Measures are left out of a SEG without Frame of Reference, whatever the source's spacing.
-  They are optional there (Pixel Spacing and Slice Thickness are required only with a Frame of
-  Reference, CP-1426), the source frame the SEG maps onto 1:1 carries the spacing, and Pixel
-  Measures without a Slice Thickness (a projection has none) make highdicom 0.28.2's own
-  ``segread`` fail ("Sequence does not have the required attributes for a Pixel Measures
-  Sequence"); a made-up thickness would be worse. No zero spacing is ever written.
+  empty, Type 2, when unknown); with default arguments highdicom 0.28.2 leaves it out.
+- No zero spacing is ever written (highdicom would copy a source Pixel Spacing of "0\\0").
 - General Series Laterality is never written (dciodvfy rejects it on a SEG whatever the body
   part); Body Part Examined is copied.
 
@@ -61,6 +65,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_io.codes import ARTIFICIAL_INTELLIGENCE, VISUAL_EXPLANATION, quantity_code
 from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
 from dicom_io.writers.provenance import (
+    NOMINAL_SLICE_THICKNESS_MM,
     ExplanationResult,
     algorithm_equipment,
     check_source,
@@ -74,6 +79,7 @@ from dicom_io.writers.provenance import (
     retarget_source_references,
     series_description,
     source_frame_geometry,
+    synthetic_frame_geometry,
 )
 
 __all__ = [
@@ -98,6 +104,11 @@ MAX_FRACTIONAL_VALUE = 255
 
 _LO_MAX = 64
 _ST_MAX = 1024
+_SYNTHETIC_GEOMETRY_NOTE = (
+    "The source frame has no patient geometry (projection image or frame without plane position): "
+    "this segmentation's Frame of Reference, position, orientation and slice thickness are its own and nominal "
+    "(pixel spacing {spacing}); it is aligned pixel for pixel with the referenced source frame."
+)
 # CIELab display colours: a warm orange for the heatmap, red for the top region.
 _DISPLAY_COLOURS = {"fractional": (70.0, 40.0, 70.0), "binary": (53.0, 80.0, 67.0)}
 
@@ -255,7 +266,9 @@ def build_segmentation(
     else:
         pixels = top_region_mask(result.attribution, share).astype(np.uint8)
         segmentation_type = hd.seg.SegmentationTypeValues.BINARY
-    geometry = source_frame_geometry(source, frame_index)
+    geometry = source_frame_geometry(source, frame_index) or synthetic_frame_geometry(
+        source, frame_index, slice_thickness=NOMINAL_SLICE_THICKNESS_MM
+    )
     tag = "heatmap" if kind == "fractional" else f"top {_share_text(share)}"
 
     seg = hd.seg.Segmentation(
@@ -288,4 +301,7 @@ def build_segmentation(
     seg.SeriesDescription = series_description(result, tag=tag)
     output = "Fractional segmentation (heatmap)" if kind == "fractional" else f"Top-{_share_text(share)} region"
     seg.DerivationDescription = derivation_description(result, output=output, software_version=software_version)
+    if geometry.synthetic:
+        spacing = "\\".join(f"{value:g}" for value in geometry.pixel_spacing)
+        seg.ImageComments = _SYNTHETIC_GEOMETRY_NOTE.format(spacing=spacing)
     return seg

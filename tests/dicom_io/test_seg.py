@@ -1,7 +1,7 @@
 """Segmentation writer on real sources: valid per dciodvfy, readable by highdicom, a fractional
 heatmap equal to the normalised positive map, a binary top region that holds the stated share of
 the attribution mass, coded segment and algorithm, provenance, and the projection-radiograph
-fixes (Patient Orientation from the source, no zero or made-up Pixel Spacing)."""
+fixes (Patient Orientation from the source, no zero Pixel Spacing, the PM's nominal geometry)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
-from dicom_io.writers import ExplanationResult, build_segmentation, top_region_mask
+from dicom_io.writers import ExplanationResult, build_parametric_map, build_segmentation, top_region_mask
 from tests.dicom_io.writer_cases import CLASS, METHOD, MODEL, SOURCES, VERSION
 from tests.dicom_io.writer_cases import attribution_map as _attribution
 from tests.dicom_io.writer_cases import dciodvfy as _dciodvfy
@@ -200,9 +200,19 @@ def test_geometry_orientation_and_spacing(case: Case, kind: str) -> None:
         position = seg.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient
         assert [float(v) for v in position] == pytest.approx([float(v) for v in source.ImagePositionPatient])
         assert list(seg.PatientOrientation)  # computed from the source's Image Orientation
-    else:  # projection radiograph / frame without plane position: no Frame of Reference
-        assert "FrameOfReferenceUID" not in seg
-        assert "PixelMeasuresSequence" not in shared
+    else:  # projection radiograph / frame without plane position: the nominal geometry the PM gets too
+        assert seg.FrameOfReferenceUID == build_parametric_map(source, case.result).FrameOfReferenceUID
+        assert seg.FrameOfReferenceUID != source.get("FrameOfReferenceUID")
+        assert "nominal" in seg.ImageComments
+        # What OHIF needs to draw it: Pixel Measures, and the plane it gives the source (no IOP there).
+        measures = shared.PixelMeasuresSequence[0]
+        assert float(measures.SliceThickness) > 0  # required with a Frame of Reference; highdicom reads it
+        assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+        position = seg.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0].ImagePositionPatient
+        assert [float(v) for v in position] == [0.0, 0.0, 0.0]
+        declared = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
+        if declared and all(float(v) > 0 for v in declared):
+            assert [float(v) for v in measures.PixelSpacing] == pytest.approx([float(v) for v in declared])
         assert "PatientOrientation" in seg
         if source.get("PatientOrientation"):
             assert list(seg.PatientOrientation) == list(source.PatientOrientation)

@@ -85,6 +85,12 @@ def coloured_fraction(viewport: np.ndarray) -> float:
     return float((viewport.max(axis=2) - viewport.min(axis=2) > 40).mean())
 
 
+def tinted_fraction(viewport: np.ndarray) -> float:
+    """Share of viewport pixels with a faint hue (channel spread 5-39): a colour map at low opacity on grey."""
+    spread = viewport.max(axis=2) - viewport.min(axis=2)
+    return float(((spread >= 5) & (spread < 40)).mean())
+
+
 @pytest.fixture(scope="module")
 def stack() -> Iterator[ViewerStack]:
     folder = Path(tempfile.mkdtemp(prefix="pacs-xai-viewer-test-"))
@@ -126,33 +132,49 @@ def test_secondary_capture_shows_the_heatmap_colours_the_plain_source_has_not(vi
     assert warm_fraction(views["source"]) < 0.001, warm_fraction(views["source"])
 
 
-@pytest.mark.xfail(
-    reason="observed with OHIF 3.13.2 in headless Chromium without a GPU: the source is drawn, the "
-    "'Loading Parametric Map...' bar never finishes",
-    strict=False,
-)
-def test_parametric_map_is_not_blank(views) -> None:
+def test_parametric_map_is_drawn_over_the_source(views) -> None:
+    """OHIF overlays the map on its source in a colour map (rainbow_2, opacity rising with the value).
+
+    OHIF 3.13 scales every Parametric Map as if its values were in [0, 1] (values x100, window
+    0-100, fixed in its PMAP viewport); the raw Grad-CAM values here are far below 1, so the map
+    shows as a faint tint over the source, not a saturated heatmap. A map that does not load (the
+    "Loading Parametric Map..." bar over the source) has no tint; neither has the grey source.
+    """
     pm = views["pm"].max(axis=2)
     assert (pm > 40).mean() > 0.05 and pm.std() > 10, ((pm > 40).mean(), pm.std())
-    # The map itself must show, in OHIF's colour map: a gray image under a loading bar does not count.
-    assert coloured_fraction(views["pm"]) > 0.01, coloured_fraction(views["pm"])
+    assert tinted_fraction(views["pm"]) > 0.005, tinted_fraction(views["pm"])
+    assert tinted_fraction(views["source"]) < 0.002, tinted_fraction(views["source"])
 
 
-@pytest.mark.xfail(
-    reason="observed with OHIF 3.13.2 in headless Chromium without a GPU: the SEG view renders an empty page",
-    strict=False,
-)
 def test_binary_segmentation_is_drawn_over_the_source(views) -> None:
     seg, source = views["seg_binary"], views["source"]
     assert (seg.max(axis=2) > 40).mean() > 0.05, "the source image under the SEG is not rendered"
     changed = (np.abs(seg - source).max(axis=2) > 40).mean()
     assert changed > 0.002, changed
-    assert coloured_fraction(seg) > coloured_fraction(source) + 0.001
+    # The segment in its Recommended Display CIELab colour (red), which the grey source has not.
+    assert warm_fraction(seg) > 0.01, warm_fraction(seg)
+    assert warm_fraction(source) < 0.001, warm_fraction(source)
 
 
 def test_fractional_segmentation_is_listed_but_ohif_draws_no_overlay(views) -> None:
-    """OHIF 3.x does not render FRACTIONAL segmentations (its open issue): no coloured overlay.
+    """OHIF 3.x does not render FRACTIONAL segmentations (OHIF/Viewers#1346, open).
 
-    Weak while the binary SEG does not render either (see the xfail above): a blank page passes too.
+    Its SEG loader throws "Fractional segmentations are not yet supported": the source is drawn
+    under a "Loading SEG..." bar that never ends, and the segment's orange is nowhere, while the
+    binary SEG of the same map, through the same viewer, is drawn (test above).
     """
-    assert coloured_fraction(views["seg_fractional"]) < 0.001, coloured_fraction(views["seg_fractional"])
+    frac = views["seg_fractional"]
+    assert (frac.max(axis=2) > 40).mean() > 0.05, "the source image under the SEG is not rendered"
+    assert warm_fraction(frac) < 0.001, warm_fraction(frac)
+    # No faint overlay either (the loading bar and the LOAD button alone give about 0.002).
+    assert tinted_fraction(frac) < 0.005, tinted_fraction(frac)
+
+
+def test_structured_report_is_not_shown_by_ohif(views) -> None:
+    """OHIF 3.x displays TID 1500 measurements with spatial coordinates (SCOORD) only.
+
+    pacs-xai's SR has none (image-level findings): OHIF logs "Measurement is not rehydratable" and
+    its viewer route fails ("Cannot read properties of undefined (reading 'ReferencedSOPSequence')"),
+    leaving an empty viewport.
+    """
+    assert (views["sr"].max(axis=2) > 40).mean() < 0.01

@@ -20,6 +20,10 @@ window.config = {
   showLoadingIndicator: true,
   strictZSpacingForVolumeViewport: true,
   investigationalUseDialog: { option: 'never' },
+  // No first-visit tour pop-up over the viewport.
+  customizationService: { 'ohif.tours': { $set: [] } },
+  // Open a SEG on its source at once, without the "Do you want to open this Segmentation?" dialog.
+  disableConfirmationPrompts: true,
   defaultDataSourceName: 'orthanc',
   dataSources: [
     {
@@ -40,6 +44,8 @@ window.config = {
         enableStudyLazyLoad: true,
         staticWado: false,
         omitQuotationForMultipartRequest: true,
+        singlepart: 'bulkdata,video',
+        bulkDataURI: { enabled: true },
       },
     },
   ],
