@@ -46,8 +46,9 @@ class Node:
         self.config = config
         data_dir = Path(config.storage.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.spool = Spool(data_dir / "spool")
-        self.journal = Journal(data_dir / "journal.sqlite")
+        durability = config.storage.durability
+        self.spool = Spool(data_dir / "spool", durability=durability)
+        self.journal = Journal(data_dir / "journal.sqlite", durability=durability)
         self.metrics = create_metrics()
         self.model = model or DeployedModel.from_card_path(
             config.model.card or demo_card_path(),

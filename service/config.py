@@ -138,6 +138,13 @@ class StorageConfig(_Section):
     """Where the spool, quarantine, outbox and journal live."""
 
     data_dir: Path = Field(Path("var"), description="Folder for spool/, journal.sqlite; created when missing.")
+    durability: Literal["power-loss", "process-crash"] = Field(
+        "power-loss",
+        description="What an acknowledged instance survives. power-loss: every file and journal commit is "
+        "fsynced before Success (safe against power failure; the disk's fsync time bounds images/s). "
+        "process-crash: no fsync, the OS flushes (safe against SIGKILL and node crashes, not power loss; "
+        "several times faster on slow disks).",
+    )
 
 
 class SendConfig(_Section):

@@ -16,6 +16,13 @@ after the rename (and the folder) are fsynced. What a kill can leave behind is h
 file (``.*.tmp``, removed by :meth:`Spool.remove_stale_temp_files` at start-up) or a complete file
 that no row points to (the sender was never acknowledged, so it will send again).
 
+Durability (``storage.durability``): ``"power-loss"`` (the default) fsyncs every file, folder and
+commit, so an acknowledged instance survives power loss. ``"process-crash"`` leaves the flushing to
+the operating system (no fsync; SQLite ``synchronous=NORMAL`` in WAL mode): an acknowledged
+instance survives SIGKILL and any crash of the node, because the bytes are in the kernel's page
+cache before Success is sent, but the last seconds may be lost when the machine itself loses
+power. The invariants above hold in both modes for process crashes.
+
 The journal holds UIDs, paths, AE titles, states and error texts, never patient names or IDs.
 
 Rules:
@@ -129,8 +136,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _ensure_dir(path: Path) -> None:
-    """Create ``path`` and missing parents, fsyncing each parent that gained an entry."""
+def _ensure_dir(path: Path, *, fsync: bool = True) -> None:
+    """Create ``path`` and missing parents, fsyncing each parent that gained an entry (``fsync``)."""
     missing: list[Path] = []
     current = path
     while not current.is_dir():
@@ -144,7 +151,19 @@ def _ensure_dir(path: Path) -> None:
         except FileExistsError:
             if not folder.is_dir():
                 raise
-        _fsync_dir(folder.parent)
+        if fsync:
+            _fsync_dir(folder.parent)
+
+
+#: How much an acknowledged instance survives: see the module docstring.
+Durability = Literal["power-loss", "process-crash"]
+DURABILITY_MODES: tuple[Durability, ...] = ("power-loss", "process-crash")
+
+
+def _check_durability(durability: object) -> Durability:
+    if durability not in DURABILITY_MODES:
+        raise ValueError(f"durability must be one of {', '.join(DURABILITY_MODES)}, got {durability!r}")
+    return durability  # type: ignore[return-value]
 
 
 class Spool:
@@ -155,8 +174,10 @@ class Spool:
     ``outbox/<sop>.dcm`` (encoded outputs). Every OSError becomes a :class:`StoreError` naming the path.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, durability: Durability = "power-loss") -> None:
         self.root = Path(os.path.abspath(root))
+        self.durability = _check_durability(durability)
+        self._fsync = durability == "power-loss"
         self.instances_dir = self.root / "instances"
         self.quarantine_dir = self.root / "quarantine"
         self.outbox_dir = self.root / "outbox"
@@ -202,13 +223,15 @@ class Spool:
         """Write ``data`` to ``final`` so that ``final`` is either absent/old or complete, durably."""
         temp = final.with_name(f".{final.name}.{uuid.uuid4().hex}{_TEMP_SUFFIX}")
         try:
-            _ensure_dir(final.parent)
+            _ensure_dir(final.parent, fsync=self._fsync)
             with open(temp, "xb") as handle:
                 handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+                if self._fsync:
+                    handle.flush()
+                    os.fsync(handle.fileno())
             os.replace(temp, final)
-            _fsync_dir(final.parent)
+            if self._fsync:
+                _fsync_dir(final.parent)
         except OSError as exc:
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 temp.unlink()
@@ -362,13 +385,22 @@ class Journal:
     Threading: one connection shared by all threads, serialised by a lock (SQLite serialises
     writers anyway, and every method is short). Other processes (``pacs-xai outbox ...``) may open
     the same file; a write waits up to ``busy_timeout`` seconds for their lock. Commits are durable
-    (``synchronous=FULL``): once a method returns, its change survives SIGKILL and power loss.
+    (``synchronous=FULL``): once a method returns, its change survives SIGKILL and power loss
+    (with ``durability="process-crash"``: ``synchronous=NORMAL``, SIGKILL only).
     Every ``sqlite3.Error`` becomes a :class:`StoreError` naming the database; a wrong argument is
     a ``ValueError`` and an unknown UID a ``LookupError``, both naming the value.
     """
 
-    def __init__(self, path: Path, *, busy_timeout: float = 30.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+        durability: Durability = "power-loss",
+    ) -> None:
         self.path = Path(path)
+        self.durability = _check_durability(durability)
         self._clock = clock
         self._lock = threading.Lock()
         try:
@@ -387,7 +419,8 @@ class Journal:
         """WAL mode, durable commits, and the schema (created when the file is new)."""
         try:
             mode = self._connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            self._connection.execute("PRAGMA synchronous=FULL")
+            synchronous = "FULL" if self.durability == "power-loss" else "NORMAL"
+            self._connection.execute(f"PRAGMA synchronous={synchronous}")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open journal {self.path}: {exc}") from exc
         if str(mode).lower() != "wal":

@@ -1,8 +1,9 @@
 """``pacs-xai bench receive``: images per second into the durable spool, against DCMTK storescp.
 
-Same machine, same run, same files, same sender (DCMTK storescu processes, TCP_NODELAY): first the
-node's receive path (Storage SCP -> parse -> spool with fsync -> SQLite journal -> Success), then
-DCMTK ``storescp`` writing the same files to a folder. Both over one association and over K
+Same machine, same run, same files, same sender (DCMTK storescu processes, TCP_NODELAY): the node's
+receive path (Storage SCP -> parse -> spool -> SQLite journal -> Success) in both durability modes
+(``power-loss``: fsync of every file and commit; ``process-crash``: no fsync, as storescp), then
+DCMTK ``storescp`` writing the same files to a folder (storescp never fsyncs). Both over one association and over K
 parallel associations. Files: CT 512² (``693_UNCR.dcm``) and CR ~2k² (``RG1_UNCR.dcm``) from
 pydicom-data, copied with fresh UIDs so every instance is distinct.
 """
@@ -28,7 +29,7 @@ from dicom_io.scu import Destination, StoreSCU
 from service.assembler import Assembler
 from service.metrics import create_metrics
 from service.receiver import Receiver
-from service.store import Journal, Spool
+from service.store import Durability, Journal, Spool
 
 SOURCES = {"CT 512x512": "693_UNCR.dcm", "CR 1955x1841": "RG1_UNCR.dcm"}
 Progress = Callable[[str], None]
@@ -41,12 +42,19 @@ class ReceiveFigure:
     images: str
     associations: int
     count: int
+    #: storage.durability = power-loss (fsync before Success).
     pacs_xai_per_second: float
+    #: storage.durability = process-crash (no fsync, like storescp).
+    pacs_xai_no_fsync_per_second: float
     storescp_per_second: float
 
     @property
     def ratio(self) -> float:
         return self.pacs_xai_per_second / self.storescp_per_second if self.storescp_per_second else 0.0
+
+    @property
+    def ratio_no_fsync(self) -> float:
+        return self.pacs_xai_no_fsync_per_second / self.storescp_per_second if self.storescp_per_second else 0.0
 
 
 def fresh_copies(source: str, count: int, folder: Path) -> list[Path]:
@@ -95,14 +103,19 @@ def send_parallel(destination: Destination, files: Sequence[Path], associations:
     return elapsed
 
 
-def measure_pacs_xai(files: Sequence[Path], associations: int, workdir: Path) -> float:
-    """Images per second into the node's durable spool (SCP + parse + fsync + journal)."""
+def measure_pacs_xai(
+    files: Sequence[Path], associations: int, workdir: Path, durability: Durability = "power-loss"
+) -> float:
+    """Images per second into the node's spool (SCP + parse + spool + journal) at ``durability``."""
     data_dir = workdir / "pacs-xai"
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
-    journal = Journal(data_dir / "journal.sqlite")
+    journal = Journal(data_dir / "journal.sqlite", durability=durability)
     receiver = Receiver(
-        Spool(data_dir / "spool"), journal, Assembler(idle_seconds=60, max_wait_seconds=600), create_metrics()
+        Spool(data_dir / "spool", durability=durability),
+        journal,
+        Assembler(idle_seconds=60, max_wait_seconds=600),
+        create_metrics(),
     )
     scp = StorageSCP(ListenerSettings(ae_title="PACSXAI", port=0, max_associations=max(10, associations)), receiver)
     scp.start()
@@ -157,18 +170,23 @@ def run_receive_bench(
             progress(f"{label}: writing {count} copies with fresh UIDs")
             files = fresh_copies(source, count, workdir / "input" / source)
             for k in associations:
-                progress(f"{label}: {count} images over {k} association(s) -> pacs-xai")
-                ours = measure_pacs_xai(files, k, workdir)
+                progress(f"{label}: {count} images over {k} association(s) -> pacs-xai (fsync)")
+                ours = measure_pacs_xai(files, k, workdir, "power-loss")
+                progress(f"{label}: {count} images over {k} association(s) -> pacs-xai (no fsync)")
+                ours_no_fsync = measure_pacs_xai(files, k, workdir, "process-crash")
                 progress(f"{label}: {count} images over {k} association(s) -> storescp")
                 theirs = measure_storescp(files, k, workdir)
-                figure = ReceiveFigure(label, k, count, round(ours, 1), round(theirs, 1))
+                figure = ReceiveFigure(label, k, count, round(ours, 1), round(ours_no_fsync, 1), round(theirs, 1))
                 progress(
-                    f"{label}, {k} association(s): pacs-xai {ours:.0f}/s, storescp {theirs:.0f}/s, "
-                    f"ratio {figure.ratio:.2f}"
+                    f"{label}, {k} association(s): pacs-xai {ours:.0f}/s (fsync), {ours_no_fsync:.0f}/s (no fsync), "
+                    f"storescp {theirs:.0f}/s, ratios {figure.ratio:.2f} / {figure.ratio_no_fsync:.2f}"
                 )
                 figures.append(figure)
     (out_dir / "receive.json").write_text(
-        json.dumps([{**asdict(f), "ratio": round(f.ratio, 3)} for f in figures], indent=2)
+        json.dumps(
+            [{**asdict(f), "ratio": round(f.ratio, 3), "ratio_no_fsync": round(f.ratio_no_fsync, 3)} for f in figures],
+            indent=2,
+        )
     )
     plot_figures(figures, out_dir / "receive.png")
     return figures
@@ -178,19 +196,20 @@ def plot_figures(figures: Sequence[ReceiveFigure], path: Path) -> None:
     """A bar chart (PIL): images/s of pacs-xai and storescp per configuration."""
     from PIL import Image, ImageDraw, ImageFont
 
-    width, row = 900, 60
+    width, row = 900, 84
     image = Image.new("RGB", (width, 60 + row * len(figures)), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=14)
-    draw.text((10, 10), "receive into durable storage, images/s (same sender, same files)", fill="black", font=font)
-    top = max([f.storescp_per_second for f in figures] + [f.pacs_xai_per_second for f in figures] + [1.0])
+    draw.text((10, 10), "receive into the spool, images/s (same sender, same files)", fill="black", font=font)
+    top = max([f.storescp_per_second for f in figures] + [f.pacs_xai_no_fsync_per_second for f in figures] + [1.0])
     for i, figure in enumerate(figures):
         y = 45 + i * row
         draw.text((10, y + 8), f"{figure.images}, {figure.associations} assoc", fill="black", font=font)
         for j, (name, value, colour) in enumerate(
             (
-                ("pacs-xai", figure.pacs_xai_per_second, (220, 90, 30)),
-                ("storescp", figure.storescp_per_second, (60, 90, 180)),
+                ("pacs-xai (fsync)", figure.pacs_xai_per_second, (220, 90, 30)),
+                ("pacs-xai (no fsync)", figure.pacs_xai_no_fsync_per_second, (240, 160, 60)),
+                ("storescp (no fsync)", figure.storescp_per_second, (60, 90, 180)),
             )
         ):
             x0, bar_y = 230, y + j * 24
@@ -200,9 +219,13 @@ def plot_figures(figures: Sequence[ReceiveFigure], path: Path) -> None:
 
 
 def print_figures(figures: Sequence[ReceiveFigure]) -> None:
-    print(f"{'images':14} {'assoc':>5} {'count':>6} {'pacs-xai/s':>11} {'storescp/s':>11} {'ratio':>6}")
+    print(
+        f"{'images':14} {'assoc':>5} {'count':>6} {'fsync/s':>9} {'no-fsync/s':>11} {'storescp/s':>11} "
+        f"{'ratio':>6} {'ratio no-fsync':>15}"
+    )
     for f in figures:
         print(
-            f"{f.images:14} {f.associations:>5} {f.count:>6} {f.pacs_xai_per_second:>11.1f} "
-            f"{f.storescp_per_second:>11.1f} {f.ratio:>6.2f}"
+            f"{f.images:14} {f.associations:>5} {f.count:>6} {f.pacs_xai_per_second:>9.1f} "
+            f"{f.pacs_xai_no_fsync_per_second:>11.1f} {f.storescp_per_second:>11.1f} {f.ratio:>6.2f} "
+            f"{f.ratio_no_fsync:>15.2f}"
         )

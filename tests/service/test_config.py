@@ -78,6 +78,7 @@ def test_command_line_flags_become_overrides() -> None:
         ({"explain": {"outputs": ["hologram"]}}, "hologram"),
         ({"destinations": [{"name": "a", "ae_title": "A", "host": "h", "port": 1}] * 2}, "unique"),
         ({"listnr": {}}, "listnr"),
+        ({"storage": {"durability": "sometimes"}}, "storage.durability"),
         ({"tls": {"certificate": "/nonexistent.pem", "private_key": "/nonexistent.key"}}, "not found"),
     ],
 )

@@ -174,6 +174,30 @@ def test_journal_is_in_wal_mode_with_a_schema_version(tmp_path: Path, journal: J
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
 
 
+def test_durability_modes_set_fsync_and_sqlite_synchronous(tmp_path: Path) -> None:
+    """power-loss: fsync and synchronous=FULL (2); process-crash: no fsync and NORMAL (1)."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+    for durability, expected_synchronous, expect_fsync in (("power-loss", 2, True), ("process-crash", 1, False)):
+        root = tmp_path / durability
+        spool = Spool(root / "spool", durability=durability)
+        os.fsync = lambda fd: (synced.append(fd), real_fsync(fd))[1]  # count, and still sync
+        try:
+            synced.clear()
+            data = os.urandom(10_000)
+            path = spool.write_instance(data, study_uid=STUDY, series_uid=SERIES, sop_uid=f"{ROOT_UID}.3.9")
+        finally:
+            os.fsync = real_fsync
+        assert path.read_bytes() == data and _temp_files(root) == []
+        assert bool(synced) == expect_fsync
+        with Journal(root / "journal.sqlite", durability=durability) as journal:
+            assert journal._connection.execute("PRAGMA synchronous").fetchone()[0] == expected_synchronous
+    with pytest.raises(ValueError, match="'fast'"):
+        Spool(tmp_path / "x", durability="fast")
+    with pytest.raises(ValueError, match="'fast'"):
+        Journal(tmp_path / "x.sqlite", durability="fast")
+
+
 def test_journal_refuses_an_unknown_schema_version(tmp_path: Path) -> None:
     Journal(tmp_path / "j.sqlite").close()
     with sqlite3.connect(tmp_path / "j.sqlite") as db:
@@ -413,8 +437,9 @@ import hashlib, random, sys, time
 from pathlib import Path
 from service.store import Journal, ReceivedInstance, Spool
 
-root, start = Path(sys.argv[1]), int(sys.argv[2])
-spool, journal = Spool(root / "spool"), Journal(root / "journal.sqlite")
+root, start, durability = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+spool = Spool(root / "spool", durability=durability)
+journal = Journal(root / "journal.sqlite", durability=durability)
 rng = random.Random(start)
 study, series = "1.2.826.0.1.3680043.10.999.1", "1.2.826.0.1.3680043.10.999.2"
 for n in range(start, start + 100_000):
@@ -433,13 +458,18 @@ def _complete(path: Path) -> bool:
     return hashlib.sha256(body).hexdigest().encode() == digest
 
 
-def test_sigkill_at_any_moment_leaves_every_journal_row_pointing_to_a_complete_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("durability", ["power-loss", "process-crash"])
+def test_sigkill_at_any_moment_leaves_every_journal_row_pointing_to_a_complete_file(
+    tmp_path: Path, durability: str
+) -> None:
+    """Both durability modes survive a killed process (process-crash leaves flushing to the OS,
+    whose page cache outlives the process)."""
     acknowledged: list[int] = []
     rng = random.Random(3)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     for round_ in range(8):
         child = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(tmp_path), str(round_ * 10_000)],
+            [sys.executable, "-c", _WRITER, str(tmp_path), str(round_ * 10_000), durability],
             stdout=subprocess.PIPE,
             env=env,
             cwd=REPO_ROOT,
