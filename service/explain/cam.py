@@ -81,17 +81,22 @@ class _CamExplainer(Explainer):
     def _channel_weights(self, inputs: CamInputs) -> torch.Tensor:
         """Per-sample channel weights ``[B, C]``; the one method a CAM variant overrides."""
 
+    def _layer(self, module: nn.Module, batch: torch.Tensor) -> tuple[nn.Module, int | None]:
+        """The layer whose feature maps are weighted (``target_layer``, else the last Conv2d), and
+        which of its calls in one forward pass (``None``: it must run exactly once)."""
+        return resolve_module(module, self.target_layer), None
+
     def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         module = torch_module_of(model, self.name)
-        layer = resolve_module(module, self.target_layer)
         device = module_device(module)
         if device is None:
             device = batch.device
+        layer, call_index = self._layer(module, batch.detach().to(device))
         with eval_mode(module), torch.inference_mode(False), torch.set_grad_enabled(self.uses_layer_gradients):
             # Copies made here are ordinary tensors even when the caller is in inference mode.
             inputs = batch.detach().to(device).clone().requires_grad_(self.uses_layer_gradients)
             targets = targets.to(device).clone()
-            activations, gradients = self._record_layer(module, layer, inputs, targets)
+            activations, gradients = self._record_layer(module, layer, call_index, inputs, targets)
             weights = self._channel_weights(CamInputs(module, inputs.detach(), targets, activations, gradients))
         cam = (weights[:, :, None, None] * activations).sum(dim=1, keepdim=True)
         if self.relu:
@@ -100,13 +105,18 @@ class _CamExplainer(Explainer):
         return cam[:, 0].to(batch.device)
 
     def _record_layer(
-        self, module: nn.Module, layer: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+        self,
+        module: nn.Module,
+        layer: nn.Module,
+        call_index: int | None,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward (and backward when needed): the layer's activations and their gradients."""
         with LayerRecorder(layer) as recorder:
             logits = module(inputs)
             check_logits(logits, targets)
-            call = recorder.only_call()
+            call = recorder.only_call() if call_index is None else recorder.calls[call_index]
             if call.activation.ndim != 4:
                 raise ExplainerError(
                     f"{self.name} needs a layer output [B, C, h, w]; {self.target_layer or 'the last Conv2d'} "
@@ -164,6 +174,35 @@ class CAM(_CamExplainer):
         _require_torch_module(self.name, model)
         return super()._explain(model, batch, targets)
 
+    def _layer(self, module: nn.Module, batch: torch.Tensor) -> tuple[nn.Module, int | None]:
+        """``target_layer``, else the last layer call (in execution order) whose output's spatial
+        mean is the input of an ``nn.Linear``: the feature map that the head pools, found on the
+        data (conv-BN-ReLU blocks pool the ReLU's output, not the last Conv2d's; a ReLU module
+        reused through the network is taken at the call that feeds the pool). Falls back to the
+        last Conv2d, where the head check then says what is wrong."""
+        if self.target_layer is not None:
+            return resolve_module(module, self.target_layer), None
+        modules = dict(module.named_modules())
+        pooled: list[tuple[str, torch.Tensor]] = []
+        linear_inputs: list[torch.Tensor] = []
+        handles = []
+        try:
+            for name, child in modules.items():
+                if isinstance(child, nn.Linear):
+                    handles.append(child.register_forward_hook(_record_linear_input(linear_inputs)))
+                elif name and not any(True for _ in child.children()):
+                    handles.append(child.register_forward_hook(_record_pooled(name, pooled)))
+            with eval_mode(module), torch.no_grad():
+                module(batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        calls_before = [sum(1 for earlier, _ in pooled[:i] if earlier == name) for i, (name, _) in enumerate(pooled)]
+        for (name, means), call_index in zip(reversed(pooled), reversed(calls_before)):
+            if any(_close(means, linear_input) for linear_input in linear_inputs):
+                return modules[name], call_index
+        return resolve_module(module, None), None
+
     def _channel_weights(self, inputs: CamInputs) -> torch.Tensor:
         linear = self._find_head(inputs)
         return _affine_weight(linear, inputs.activations.shape[1], inputs.activations)[inputs.targets]
@@ -201,7 +240,7 @@ class CAM(_CamExplainer):
             if _close(layer_input, pooled) and _close(layer_output, logits):
                 return candidates[name]
         last = f"{type(modules[order[-1]]).__name__} {order[-1]!r}" if order else type(inputs.model).__name__
-        layer = self.target_layer or "the last Conv2d"
+        layer = self.target_layer or "the pooled layer"
         if not calls:
             why = "no nn.Linear layer ran" if self.classifier is None else f"{self.classifier!r} did not run"
         elif not any(_close(layer_output, logits) for _, _, layer_output in calls):
@@ -227,6 +266,24 @@ def _record_call(name: str, calls: list[tuple[str, torch.Tensor, torch.Tensor]])
     def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
         if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
             calls.append((name, args[0].detach().clone(), output.detach().clone()))
+
+    return hook
+
+
+def _record_pooled(name: str, pooled: list[tuple[str, torch.Tensor]]) -> _ForwardHook:
+    """Record the spatial mean ``[B, C]`` of a layer's ``[B, C, h, w]`` output (``h * w > 1``)."""
+
+    def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
+        if isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[2] * output.shape[3] > 1:
+            pooled.append((name, output.detach().mean(dim=(2, 3))))
+
+    return hook
+
+
+def _record_linear_input(inputs: list[torch.Tensor]) -> _ForwardHook:
+    def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 2:
+            inputs.append(args[0].detach().clone())
 
     return hook
 

@@ -6,6 +6,7 @@ line here, and nothing can change the registry at run time.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -67,6 +68,18 @@ def explainer_class(name: str) -> type[Explainer]:
 def get_explainer(name: str, **params: object) -> Explainer:
     """A configured explainer; ``params`` go to the method's constructor and are validated there."""
     cls = explainer_class(name)
+    settings = [
+        parameter.name
+        for parameter in inspect.signature(cls).parameters.values()
+        if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+    ]
+    unknown = sorted(set(params) - set(settings))
+    if unknown:
+        known = ", ".join(settings) if settings else "none"
+        raise ExplainerError(
+            f"unknown setting(s) {', '.join(repr(u) for u in unknown)} for explainer {name!r}; "
+            f"its settings are: {known}"
+        )
     try:
         return cls(**params)
     except TypeError as exc:

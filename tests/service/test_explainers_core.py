@@ -432,5 +432,5 @@ def test_registry() -> None:
     assert isinstance(get_explainer("occlusion", window=8, stride=4), Occlusion)
     with pytest.raises(ExplainerError, match=r"unknown explainer 'gradcamm'; available: .*gradcam.*occlusion"):
         get_explainer("gradcamm")
-    with pytest.raises(ExplainerError, match="bad settings for explainer 'occlusion'"):
+    with pytest.raises(ExplainerError, match=r"unknown setting\(s\) 'size' for explainer 'occlusion'"):
         get_explainer("occlusion", size=3)

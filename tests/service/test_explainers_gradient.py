@@ -41,7 +41,6 @@ from captum.attr import InputXGradient as CaptumInputXGradient
 from captum.attr import IntegratedGradients as CaptumIntegratedGradients
 from captum.attr import NoiseTunnel
 from captum.attr import Saliency as CaptumSaliency
-from captum.attr._utils.custom_modules import Addition_Module
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -62,24 +61,24 @@ from service.explain.propagation import LRP, DeepLift
 from service.explain.registry import available_explainers, get_explainer
 from service.inference.model import DeployedModel
 from tests.service.explainer_checks import hook_count, left_as_found
+from tests.service.explainer_models import (
+    SIZE,
+    DenseNetLike,
+    ResidualNet,
+    build,
+    conv_bn_relu,
+    function_modes,
+    images,
+)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),  # Captum announces every hook it sets
     pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
 ]
 
-SIZE = 32
 TARGETS = [0, 1, 2, 1]
 
 # --- models -------------------------------------------------------------------------------------
-
-
-def conv_bn_relu(cin: int, cout: int, *, inplace: bool = False, norm: bool = True, bias: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=bias)]
-    if norm:
-        layers.append(nn.BatchNorm2d(cout))
-    layers.append(nn.ReLU(inplace=inplace))
-    return nn.Sequential(*layers)
 
 
 class SeqNet(nn.Module):
@@ -99,66 +98,6 @@ class SeqNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-class DenseNetLike(nn.Module):
-    """A stem, three densely connected conv-bn-ReLU(in-place) layers, each reading the concatenation
-    of everything before it, an average-pool transition, GAP and a linear head."""
-
-    def __init__(self, inplace: bool = True, norm: bool = True, bias: bool = True) -> None:
-        super().__init__()
-        self.stem = conv_bn_relu(1, 8, inplace=inplace, norm=norm, bias=bias)
-        self.layers = nn.ModuleList(conv_bn_relu(8 + 4 * i, 4, inplace=inplace, norm=norm, bias=bias) for i in range(3))
-        self.transition = nn.AvgPool2d(2)
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(20, 3, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = [self.stem(x)]
-        for layer in self.layers:
-            features.append(layer(torch.cat(features, 1)))
-        out = self.transition(torch.cat(features, 1))
-        return self.fc(torch.flatten(self.gap(out), 1))
-
-
-class ResidualNet(nn.Module):
-    """A stem and a ResNet basic block (``relu(bn(conv(relu(bn(conv(h))))) + h)``), GAP, linear.
-
-    ``relu``: ``"reused"`` (one nn.ReLU called three times), ``"modules"`` (three distinct ones),
-    ``"functional"`` (``torch.relu``, ``F.relu`` and ``Tensor.relu`` in forward), ``"captum"``
-    (distinct modules and the residual sum as Captum's ``Addition_Module``, which Captum's LRP
-    needs to split the relevance of a sum instead of copying it to both addends).
-    """
-
-    def __init__(self, relu: str = "reused", norm: bool = True, bias: bool = True) -> None:
-        super().__init__()
-        self.style = relu
-        self.stem = nn.Conv2d(1, 8, 3, padding=1, stride=2, bias=bias)
-        self.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=bias)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=bias)
-        self.bn0, self.bn1, self.bn2 = (nn.BatchNorm2d(8) if norm else None for _ in range(3))
-        self.relu = nn.ReLU()
-        self.relus = nn.ModuleList(nn.ReLU() for _ in range(3))
-        self.add = Addition_Module()
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 3, bias=bias)
-
-    def act(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        if self.style == "reused":
-            return self.relu(x)
-        if self.style in ("modules", "captum"):
-            return self.relus[i](x)
-        return (torch.relu, F.relu, lambda t: t.relu())[i](x)
-
-    @staticmethod
-    def norm(batchnorm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-        return x if batchnorm is None else batchnorm(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.norm(self.bn0, self.stem(x)), 0)
-        branch = self.norm(self.bn2, self.conv2(self.act(self.norm(self.bn1, self.conv1(h)), 1)))
-        out = self.act(self.add(branch, h) if self.style == "captum" else branch + h, 2)
-        return self.fc(torch.flatten(self.gap(out), 1))
-
-
 class Boom(nn.Module):
     """Identity that raises while ``armed``: an exception in the middle of the forward pass."""
 
@@ -175,34 +114,6 @@ class Boom(nn.Module):
 class Clone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.clone()
-
-
-def build(cls: Callable[..., nn.Module], *args: Any, seed: int = 0, **kwargs: Any) -> nn.Module:
-    """A seeded model in eval mode with non-trivial batch-norm statistics and a strong head."""
-    torch.manual_seed(seed)
-    model = cls(*args, **kwargs)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.1, 0.1)
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=1.0)
-    return model.eval()
-
-
-def images(n: int = 4, seed: int = 1, size: int = SIZE) -> torch.Tensor:
-    """Noise plus three bright or dark Gaussian blobs per image, so maps have spatial structure."""
-    generator = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size * 1.0), torch.arange(size * 1.0), indexing="ij")
-    batch = 0.3 * torch.randn(n, 1, size, size, generator=generator)
-    for image in batch:
-        for _ in range(3):
-            cy, cx = (torch.rand(2, generator=generator) * (size - 8) + 4).tolist()
-            sign = 1.0 if torch.rand(1, generator=generator).item() > 0.5 else -1.0
-            image[0] += sign * 2.0 * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 3.0**2))
-    return batch
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
@@ -251,10 +162,6 @@ def assert_matches(ours: torch.Tensor, reference: torch.Tensor, rel_atol: float 
     for sample, (mine, theirs) in enumerate(zip(ours, reference)):
         assert pearson(mine, theirs) >= 0.99, f"sample {sample}"
     torch.testing.assert_close(ours, reference, rtol=0, atol=rel_atol * float(reference.abs().max()) + 1e-7)
-
-
-def function_modes() -> int:
-    return torch._C._len_torch_function_stack()
 
 
 def target_logits(model: nn.Module, x: torch.Tensor, targets: list[int]) -> torch.Tensor:
@@ -809,7 +716,7 @@ def test_propagation_errors_name_the_layer() -> None:
         (SmoothGrad, {"base": "smoothgrad"}, "base must name a method .*got 'smoothgrad'"),
         (SmoothGrad, {"base": "nope"}, "unknown explainer 'nope'"),
         (SmoothGrad, {"base_params": {"steps": 0}, "base": "integrated_gradients"}, "steps must be a positive integer"),
-        (SmoothGrad, {"base_params": {"bogus": 1}}, "bad settings for explainer 'saliency'"),
+        (SmoothGrad, {"base_params": {"bogus": 1}}, "unknown setting\\(s\\) 'bogus' for explainer 'saliency'"),
         (SmoothGrad, {"base_params": [1]}, r"base_params must be a mapping of settings, got \[1\]"),
         (DeepLift, {"baseline": None}, "baseline must be a finite number, got None"),
         (LRP, {"composite": "epsilon_gamma"}, "composite must be one of .*; got 'epsilon_gamma'"),

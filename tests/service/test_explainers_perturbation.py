@@ -829,5 +829,5 @@ def test_registry() -> None:
     assert names <= set(available_explainers())
     assert isinstance(get_explainer("hipe", min_window=8), HiPe)
     assert isinstance(get_explainer("kernel_shap", samples=10), KernelShap)
-    with pytest.raises(ExplainerError, match="bad settings for explainer 'rise'"):
+    with pytest.raises(ExplainerError, match=r"unknown setting\(s\) 'mask' for explainer 'rise'"):
         get_explainer("rise", mask=3)
