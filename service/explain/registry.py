@@ -21,6 +21,7 @@ from service.explain.gradient import (
     SmoothGrad,
 )
 from service.explain.occlusion import Occlusion
+from service.explain.optimisation import ExtremalPerturbation, MeaningfulPerturbation
 from service.explain.perturbation import RISE, HiPe
 from service.explain.propagation import LRP, DeepLift
 from service.explain.surrogate import KernelShap, Lime
@@ -47,6 +48,8 @@ _EXPLAINERS: Mapping[str, type[Explainer]] = MappingProxyType(
             Deconvnet,
             DeepLift,
             LRP,
+            MeaningfulPerturbation,
+            ExtremalPerturbation,
         )
     }
 )

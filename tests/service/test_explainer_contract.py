@@ -79,6 +79,9 @@ NEVER_CALLS_MODEL = {"realtime_saliency"}
 #: Methods that apply to the demo model only; elsewhere they must refuse with a clear error.
 DEMO_ONLY = {"realtime_saliency"}
 
+#: Methods that optimise a mask over steps.
+ITERATIVE = {"meaningful_perturbation", "extremal_perturbation"}
+
 METHODS = available_explainers()
 SHAPES = ("demo", "densenet", "residual")
 
@@ -195,7 +198,10 @@ def test_maps_batch_contract_and_determinism(method: str, case: Case, deployed_d
         [explainer(method, case).explain(case.model, case.batch[i : i + 1], [t]) for i, t in enumerate(case.targets)]
     )
     scale = max(1.0, float(singles.abs().max()))
-    torch.testing.assert_close(batched, singles, rtol=0, atol=2e-5 * scale)
+    # Iterative optimisation carries the float32 rounding of batched convolutions (~1e-6) through
+    # its steps; one-shot methods stay at that rounding.
+    tolerance = 1e-4 if method in ITERATIVE else 2e-5
+    torch.testing.assert_close(batched, singles, rtol=0, atol=tolerance * scale)
     assert torch.equal(explainer(method, case).explain(case.model, case.batch, case.targets), batched)
 
 
