@@ -35,12 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     from service.commands import explain as explain_command
     from service.commands import node as node_commands
     from service.commands import viewer as viewer_command
+    from service.commands import visualize as visualize_command
 
     node_commands.register(commands, _formatter)
     explain_command.register(commands, _formatter)
     demo_commands.register(commands, _formatter)
     bench_commands.register(commands, _formatter)
     viewer_command.register(commands, _formatter)
+    visualize_command.register(commands, _formatter)
     return parser
 
 

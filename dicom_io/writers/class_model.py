@@ -1,0 +1,187 @@
+"""A class model visualisation (a synthetic input, no source image) as a standalone Secondary Capture.
+
+The other writers derive from a source image and join its patient and study. A class model
+has no source, so this object stands alone:
+
+- Patient: the synthetic "PACS-XAI^CLASS-MODEL" (ID "PACS-XAI-CLASS-MODEL"), birth date and sex
+  empty (Type 2); no real person is involved.
+- Study: one per model name and version ("pacs-xai class models"), so the classes of one model
+  sit side by side; Series: one per (model, class, settings), Series Description
+  "pacs-xai class model: <class>". All UIDs are deterministic (:mod:`dicom_io.uids`), keyed by
+  what makes the image (model, version, class, generation settings): regenerating with the same
+  settings gives the same image and the same UIDs.
+- Image: 8-bit MONOCHROME2, Modality OT, ImageType DERIVED\\SECONDARY, Conversion Type WSD,
+  nothing burned in, Derivation Description naming the method, class, model and settings.
+- SOP Common: Contributing Equipment for highdicom and the model (IHE AI Results: Manufacturer,
+  Model Name, Software Versions, Device UID), as the other writers.
+
+Also here: :func:`grayscale_tiles`, the contrast-stretched 8-bit picture of a ``[C, H, W]``
+image (channels side by side), and :func:`save_grayscale_png`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_io.codes import PURPOSE_PROCESSING_EQUIPMENT
+from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
+from dicom_io.writers.provenance import DISCLAIMER, pacs_xai_version
+
+__all__ = [
+    "CLASS_MODEL_METHOD",
+    "PATIENT_ID",
+    "PATIENT_NAME",
+    "build_class_model_capture",
+    "grayscale_tiles",
+    "save_grayscale_png",
+]
+
+#: ``method`` of the derived UIDs and the Contributing Equipment text.
+CLASS_MODEL_METHOD = "class-model"
+PATIENT_NAME = "PACS-XAI^CLASS-MODEL"
+PATIENT_ID = "PACS-XAI-CLASS-MODEL"
+#: Percentiles mapped to black and white by :func:`grayscale_tiles` (robust to a few extreme pixels).
+STRETCH_PERCENTILES = (0.5, 99.5)
+
+_OUTPUT_KIND = "sc"
+_LO_MAX = 64
+_ST_MAX = 1024
+# highdicom needs an orientation for a PATIENT image; a synthetic image has none, so it is
+# replaced by an empty value (Type 2C) right after construction, as in the source-derived SC.
+_PLACEHOLDER_ORIENTATION = ("L", "P")
+
+
+def grayscale_tiles(image: np.ndarray) -> np.ndarray:
+    """uint8 ``[H, C * W]``: the channels of a real ``[C, H, W]`` image side by side, contrast-stretched.
+
+    One stretch for all channels (their :data:`STRETCH_PERCENTILES` to 0 and 255), so channels
+    stay comparable; a constant image gives mid-grey.
+    """
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or 0 in image.shape:
+        found = image.shape if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"image must be a non-empty [C, H, W] array, got {found}")
+    values = image.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError(f"image has {int(np.count_nonzero(~np.isfinite(values)))} non-finite values")
+    low, high = np.percentile(values, STRETCH_PERCENTILES)
+    if high <= low:
+        scaled = np.full(values.shape, 0.5)
+    else:
+        scaled = np.clip((values - low) / (high - low), 0.0, 1.0)
+    pixels = np.rint(scaled * 255).astype(np.uint8)
+    return np.concatenate(list(pixels), axis=1)
+
+
+def save_grayscale_png(pixels: np.ndarray, path: str | os.PathLike[str]) -> None:
+    """Write a uint8 ``[rows, cols]`` array as an 8-bit grayscale PNG."""
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 2:
+        found = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
+        raise ValueError(f"save_grayscale_png needs a uint8 [rows, cols] array, got {found}")
+    Image.fromarray(pixels, "L").save(os.fspath(path), format="PNG")
+
+
+def _check_text(name: str, value: object, limit: int = _LO_MAX) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    if len(value) > limit:
+        raise ValueError(f"{name} {value!r} is longer than {limit} characters")
+    return value
+
+
+def _uids(class_name: str, model_name: str, model_version: str, generation: str) -> tuple[str, str, str]:
+    """(Study, Series, SOP Instance) UIDs: study per model version, series and instance per image."""
+    common = {"model_name": model_name, "model_version": model_version, "method": CLASS_MODEL_METHOD}
+    study_key = json.dumps(["pacs-xai class model study", model_name, model_version])
+    image_key = json.dumps(["pacs-xai class model", model_name, model_version, class_name, generation])
+    study = derived_series_uid(study_key, output_kind="study", **common)
+    series = derived_series_uid(image_key, output_kind=_OUTPUT_KIND, **common)
+    instance = derived_instance_uid(image_key, output_kind=_OUTPUT_KIND, **common)
+    return study, series, instance
+
+
+def _equipment(
+    class_name: str, model_name: str, model_version: str, manufacturer: str, software_version: str
+) -> hd.ContributingEquipment:
+    """Contributing Equipment item for the model (as :func:`provenance.algorithm_equipment`)."""
+    item = hd.ContributingEquipment(
+        manufacturer=manufacturer,
+        purpose_of_reference=PURPOSE_PROCESSING_EQUIPMENT,
+        manufacturer_model_name=model_name,
+        software_versions=[model_version, f"pacs-xai {software_version}"[:_LO_MAX]],
+        contribution_description=f"XAI class model visualisation of class {class_name}"[:_ST_MAX],
+    )
+    item.DeviceUID = derived_device_uid(model_name, model_version)
+    return item
+
+
+def build_class_model_capture(
+    pixels: np.ndarray,
+    *,
+    class_name: str,
+    model_name: str,
+    model_version: str,
+    generation: str,
+    series_number: int = 9101,
+    manufacturer: str = "pacs-xai",
+    software_version: str = pacs_xai_version(),
+) -> pydicom.Dataset:
+    """A standalone Secondary Capture of the uint8 ``[rows, cols]`` class model picture ``pixels``.
+
+    ``generation`` describes how the image was made (method settings, seed); it goes into the
+    Derivation Description and keys the derived UIDs. Raises ValueError on bad input.
+    """
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 2 or 0 in pixels.shape:
+        found = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
+        raise ValueError(f"pixels must be a non-empty uint8 [rows, cols] array, got {found}")
+    _check_text("class_name", class_name)
+    _check_text("model_name", model_name)
+    _check_text("model_version", model_version)
+    _check_text("generation", generation, _ST_MAX)
+    study_uid, series_uid, instance_uid = _uids(class_name, model_name, model_version, generation)
+    now = datetime.datetime.now()
+    sc = hd.sc.SCImage(
+        pixel_array=pixels,
+        photometric_interpretation=hd.PhotometricInterpretationValues.MONOCHROME2,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=instance_uid,
+        instance_number=1,
+        manufacturer=manufacturer,
+        patient_id=PATIENT_ID,
+        patient_name=PATIENT_NAME,
+        study_date=now.date(),
+        study_time=now.time(),
+        patient_orientation=_PLACEHOLDER_ORIENTATION,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[_equipment(class_name, model_name, model_version, manufacturer, software_version)],
+        series_description=f"pacs-xai class model: {class_name}"[:_LO_MAX],
+        manufacturer_model_name="pacs-xai",
+        software_versions=software_version,
+    )
+    sc.PatientOrientation = None
+    sc.Laterality = None  # Type 2C: required (empty, unknown) when no unpaired Body Part Examined says otherwise
+    sc.StudyID = "CLASS-MODELS"
+    sc.StudyDescription = "pacs-xai class models"
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "NO"
+    sc.ConversionType = "WSD"
+    sc.DerivationDescription = (
+        f"Class model visualisation (Simonyan et al. 2014) of class '{class_name}', model {model_name} "
+        f"version {model_version}: a synthetic input optimised to maximise the class score; {generation}; "
+        f"pacs-xai {software_version}. No patient image involved. {DISCLAIMER}."
+    )[:_ST_MAX]
+    sc.SecondaryCaptureDeviceManufacturer = manufacturer
+    sc.SecondaryCaptureDeviceManufacturerModelName = "pacs-xai"
+    sc.SecondaryCaptureDeviceSoftwareVersions = software_version
+    return sc
