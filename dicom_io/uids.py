@@ -125,6 +125,21 @@ def derived_series_uid(
     )
 
 
+#: The levels of :func:`generated_uid`.
+GENERATED_LEVELS = ("study", "series", "instance")
+
+
+def generated_uid(level: str, *, model_name: str, model_version: str, key: str) -> str:
+    """Study, Series or SOP Instance UID of an object a model makes without a source image (a class
+    model visualisation): deterministic in (model, ``key``), so regenerating replaces, never duplicates.
+    ``key`` names what was generated, e.g. the class and the settings."""
+    if level not in GENERATED_LEVELS:
+        raise ValueError(f"level must be one of {', '.join(GENERATED_LEVELS)}, got {level!r}")
+    for name, value in (("model_name", model_name), ("model_version", model_version), ("key", key)):
+        _require_text(name, value)
+    return str(_hash_uid(f"generated-{level}", model_name=model_name, model_version=model_version, key=key))
+
+
 def derived_device_uid(model_name: str, model_version: str) -> str:
     """Device UID (0018,1002) identifying one trained model (name + version) as equipment.
 

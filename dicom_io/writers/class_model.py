@@ -32,7 +32,7 @@ from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.codes import PURPOSE_PROCESSING_EQUIPMENT
-from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
+from dicom_io.uids import derived_device_uid, generated_uid
 from dicom_io.writers.provenance import DISCLAIMER, pacs_xai_version
 
 __all__ = [
@@ -98,13 +98,13 @@ def _check_text(name: str, value: object, limit: int = _LO_MAX) -> str:
 
 def _uids(class_name: str, model_name: str, model_version: str, generation: str) -> tuple[str, str, str]:
     """(Study, Series, SOP Instance) UIDs: study per model version, series and instance per image."""
-    common = {"model_name": model_name, "model_version": model_version, "method": CLASS_MODEL_METHOD}
-    study_key = json.dumps(["pacs-xai class model study", model_name, model_version])
-    image_key = json.dumps(["pacs-xai class model", model_name, model_version, class_name, generation])
-    study = derived_series_uid(study_key, output_kind="study", **common)
-    series = derived_series_uid(image_key, output_kind=_OUTPUT_KIND, **common)
-    instance = derived_instance_uid(image_key, output_kind=_OUTPUT_KIND, **common)
-    return study, series, instance
+    model = {"model_name": model_name, "model_version": model_version}
+    image_key = json.dumps([CLASS_MODEL_METHOD, class_name, generation])
+    return (
+        generated_uid("study", key=CLASS_MODEL_METHOD, **model),
+        generated_uid("series", key=image_key, **model),
+        generated_uid("instance", key=image_key, **model),
+    )
 
 
 def _equipment(

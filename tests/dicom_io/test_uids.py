@@ -129,3 +129,19 @@ def test_numpy_frame_index_equals_int_frame_index() -> None:
     as_int = uids.derived_instance_uid(SOURCE_INSTANCE, **{**INSTANCE_ARGS, "frame_index": 3})
     as_numpy = uids.derived_instance_uid(SOURCE_INSTANCE, **{**INSTANCE_ARGS, "frame_index": np.int64(3)})
     assert as_int == as_numpy
+
+
+def test_generated_uids_are_deterministic_distinct_per_level_and_key() -> None:
+    from dicom_io.uids import generated_uid
+
+    model = {"model_name": "demo", "model_version": "1"}
+    uids = {level: generated_uid(level, key="nodule", **model) for level in ("study", "series", "instance")}
+    assert len(set(uids.values())) == 3
+    assert all(UID(uid).is_valid for uid in uids.values())
+    assert generated_uid("series", key="nodule", **model) == uids["series"]
+    assert generated_uid("series", key="effusion", **model) != uids["series"]
+    assert generated_uid("series", key="nodule", model_name="demo", model_version="2") != uids["series"]
+    with pytest.raises(ValueError, match="'frame'"):
+        generated_uid("frame", key="nodule", **model)
+    with pytest.raises(ValueError, match="key"):
+        generated_uid("study", key="", **model)
