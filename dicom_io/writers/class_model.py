@@ -51,7 +51,6 @@ PATIENT_ID = "PACS-XAI-CLASS-MODEL"
 #: Percentiles mapped to black and white by :func:`grayscale_tiles` (robust to a few extreme pixels).
 STRETCH_PERCENTILES = (0.5, 99.5)
 
-_OUTPUT_KIND = "sc"
 _LO_MAX = 64
 _ST_MAX = 1024
 # highdicom needs an orientation for a PATIENT image; a synthetic image has none, so it is
