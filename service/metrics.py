@@ -10,7 +10,8 @@ Metric names (the dashboard and the alert rules query exactly these; a test chec
 - ``pacsxai_associations_total{outcome}``: accepted | rejected
 - ``pacsxai_instances_processed_total{outcome}``: done | skipped | failed
 - ``pacsxai_series_processed_total{outcome}``: done | partial | skipped | failed (per ready batch)
-- ``pacsxai_stage_seconds{stage}``: receive, spool, assemble_wait, prepare, infer, explain, encode, send
+- ``pacsxai_stage_seconds{stage}``: receive, spool, assemble_wait, read, prepare, infer, explain, encode, store,
+  send (read: the instance from the spool; store: outputs encoded into the spool and journaled)
 - ``pacsxai_explain_seconds{method}``: explainer time per batch
 - ``pacsxai_predictions_total{class_name}``
 - ``pacsxai_outputs_total{destination,outcome}``: sent | retry | dead

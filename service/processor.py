@@ -68,7 +68,9 @@ class SeriesProcessor:
     def _process_instance(self, instance: ReceivedInstance) -> str:
         uid = instance.sop_instance_uid
         try:
-            result = self._pipeline.process(read_dataset(instance.path))
+            with self._metrics.stage_seconds.labels("read").time():
+                dataset = read_dataset(instance.path)
+            result = self._pipeline.process(dataset)
         except (DicomInputError, ExplainerError) as exc:
             self._journal.mark_processed([uid], "failed", str(exc))
             log.warning("instance %s cannot be processed: %s", uid, exc)
@@ -82,6 +84,13 @@ class SeriesProcessor:
             self._journal.mark_processed([uid], "skipped", result.skipped_reason)
             log.info("instance %s skipped: %s", uid, result.skipped_reason)
             return "skipped"
+        with self._metrics.stage_seconds.labels("store").time():
+            self._store_outputs(uid, result)
+        return "done"
+
+    def _store_outputs(self, uid: str, result: DatasetResult) -> None:
+        """Encode each output into the spool, journal one outbox row per destination that takes
+        its kind, then mark the source instance done."""
         for output in result.outputs:
             derived_uid = str(output.dataset.SOPInstanceUID)
             path = self._spool.write_output(encode(output.dataset), sop_uid=derived_uid)
@@ -96,7 +105,6 @@ class SeriesProcessor:
                         method=output.method,
                     )
         self._journal.mark_processed([uid], "done")
-        return "done"
 
     def _observe(self, result: DatasetResult) -> None:
         """Stage timings and predictions of one processed instance into the metrics."""

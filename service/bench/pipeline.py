@@ -44,6 +44,9 @@ class PipelineFigures:
     throughput_per_s: float
     idle_seconds: float
     device: str
+    #: Mean seconds per observation of each node stage during the latency phase (the node's own
+    #: ``pacsxai_stage_seconds``), so the overhead can be read stage by stage.
+    stage_means_s: dict[str, float]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -83,6 +86,7 @@ def run_pipeline_bench(
         scu = StoreSCU("BENCHSCU")
         try:
             latencies = []
+            stages_before = _stage_totals(node)
             for index, path in enumerate(files[:latency_images]):
                 expected = len(destination.arrivals) + 1
                 started = time.monotonic()
@@ -90,6 +94,7 @@ def run_pipeline_bench(
                 _wait(lambda n=expected: len(destination.arrivals) >= n, 120)
                 latencies.append(max(destination.arrivals.values()) - started)
                 progress(f"latency {index + 1}/{latency_images}: {latencies[-1]:.3f} s")
+            stage_means = _stage_means(stages_before, _stage_totals(node))
             burst = files[latency_images:]
             before = len(destination.arrivals)
             started = time.monotonic()
@@ -113,6 +118,7 @@ def run_pipeline_bench(
         throughput_per_s=round(throughput, 3),
         idle_seconds=idle,
         device=node.model.forward_runner.device,
+        stage_means_s=stage_means,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"pipeline-{method}.json").write_text(json.dumps(asdict(figures), indent=2))
@@ -131,6 +137,30 @@ def _compute_times(node, files: list[Path], progress: Progress) -> list[float]:
     return times
 
 
+def _stage_totals(node) -> dict[str, tuple[float, float]]:
+    """(sum of seconds, count) per stage label of the node's ``pacsxai_stage_seconds``."""
+    totals: dict[str, list[float]] = {}
+    for metric in node.metrics.registry.collect():
+        if metric.name != "pacsxai_stage_seconds":
+            continue
+        for sample in metric.samples:
+            stage = sample.labels.get("stage")
+            if sample.name.endswith("_sum"):
+                totals.setdefault(stage, [0.0, 0.0])[0] = sample.value
+            elif sample.name.endswith("_count"):
+                totals.setdefault(stage, [0.0, 0.0])[1] = sample.value
+    return {stage: (total, count) for stage, (total, count) in totals.items()}
+
+
+def _stage_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    means = {}
+    for stage, (total, count) in after.items():
+        old_total, old_count = before.get(stage, (0.0, 0.0))
+        if count > old_count:
+            means[stage] = round((total - old_total) / (count - old_count), 4)
+    return means
+
+
 def _wait(condition: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -145,3 +175,6 @@ def print_figures(f: PipelineFigures) -> None:
     print(f"  pure compute (pipeline in-process):   p50 {f.compute_p50_s:.3f} s")
     print(f"  pipeline overhead:                    {f.overhead_ratio:.1%}")
     print(f"  throughput at saturation:             {f.throughput_per_s:.2f} images/s")
+    print("  node stages, mean seconds per observation (latency phase):")
+    for stage, seconds in f.stage_means_s.items():
+        print(f"    {stage:14} {seconds:.4f}")
