@@ -132,3 +132,23 @@ def test_json_logs_are_one_object_per_line() -> None:
     )
     assert logging.getLogger("pynetdicom").level >= logging.WARNING, "pynetdicom's DEBUG logs carry dataset contents"
     configure_logging("WARNING")
+
+
+def test_config_check_accepts_every_registry_name(tmp_path: Path, capsys) -> None:
+    from service.explain import available_explainers
+
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump({"explain": {"methods": list(available_explainers())}}))
+    assert main(["config", "check", str(path)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert all(name in out for name in available_explainers())
+
+
+def test_explain_help_lists_every_registry_name(capsys) -> None:
+    from service.explain import available_explainers
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["explain", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in available_explainers())
