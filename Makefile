@@ -10,12 +10,13 @@ TORCH  := torch==2.13.0
 SYSTEM_TOOLS := dciodvfy dcmdump dcmj2pnm storescu storescp echoscu Orthanc promtool
 SYSTEM_PACKAGES := dcmtk dicom3tools orthanc prometheus
 
-.PHONY: demo test train-demo system-deps clean help viewer test-viewer viewer-deps
+.PHONY: demo test train-demo train-saliency system-deps clean help viewer test-viewer viewer-deps
 
 help:
 	@echo "make demo        explain phantom and real sample studies into demo-out/"
 	@echo "make test        run the test suite (installs DCMTK and dicom3tools when missing)"
 	@echo "make train-demo  retrain the shipped demo model (about 3 minutes on 2 cores)"
+	@echo "make train-saliency retrain the real-time saliency masker beside it (under a minute)"
 	@echo "make viewer      see the results in OHIF on Orthanc, on 127.0.0.1 (until Ctrl-C)"
 	@echo "make test-viewer open pacs-xai's results in OHIF in headless Chromium (browser test)"
 
@@ -34,6 +35,10 @@ test: $(STAMP) system-deps
 
 train-demo: $(STAMP)
 	$(BIN)/pacs-xai demo train --out deploy/models/demo
+
+# The masker is trained against the demo model: retrain it after train-demo.
+train-saliency: $(STAMP)
+	$(BIN)/pacs-xai demo train-saliency --out deploy/models/demo
 
 # The tests run the real DCMTK tools, dciodvfy and Orthanc; install them when they are missing.
 # (Orthanc's package may fail to start its system service in a container; the binary is what counts.)

@@ -24,6 +24,7 @@ from service.explain.occlusion import Occlusion
 from service.explain.optimisation import ExtremalPerturbation, MeaningfulPerturbation
 from service.explain.perturbation import RISE, HiPe
 from service.explain.propagation import LRP, DeepLift
+from service.explain.realtime import RealtimeSaliency
 from service.explain.surrogate import KernelShap, Lime
 
 _EXPLAINERS: Mapping[str, type[Explainer]] = MappingProxyType(
@@ -50,6 +51,7 @@ _EXPLAINERS: Mapping[str, type[Explainer]] = MappingProxyType(
             LRP,
             MeaningfulPerturbation,
             ExtremalPerturbation,
+            RealtimeSaliency,
         )
     }
 )
