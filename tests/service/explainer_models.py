@@ -90,6 +90,19 @@ class ResidualNet(nn.Module):
         return self.fc(torch.flatten(self.gap(out), 1))
 
 
+class Boom(nn.Module):
+    """Identity that raises while ``armed``: an exception in the middle of the forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.armed:
+            raise RuntimeError("boom")
+        return x
+
+
 def build(cls: Callable[..., nn.Module], *args: Any, seed: int = 0, **kwargs: Any) -> nn.Module:
     """A seeded model in eval mode with non-trivial batch-norm statistics and a strong head."""
     torch.manual_seed(seed)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from service.explain.occlusion import Occlusion
 from service.explain.registry import available_explainers, get_explainer
 from service.inference.runner import Runner
 from tests.service.explainer_checks import hook_count, left_as_found
+from tests.service.explainer_models import Boom, build
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -90,34 +90,6 @@ class FunctionalReluNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
         return self.head(torch.relu(self.conv2(x)))
-
-
-class Boom(nn.Module):
-    """Identity that raises while ``armed``: an exception in the middle of the forward pass."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.armed = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.armed:
-            raise RuntimeError("boom")
-        return x
-
-
-def build(cls: Callable[..., nn.Module], *args: object, seed: int = 0) -> nn.Module:
-    """A seeded model in eval mode with non-trivial batch-norm statistics and a strong head."""
-    torch.manual_seed(seed)
-    model = cls(*args)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.1, 0.1)
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=1.0)
-    return model.eval()
 
 
 def images(n: int = 4, seed: int = 1) -> torch.Tensor:

@@ -63,6 +63,7 @@ from service.inference.model import DeployedModel
 from tests.service.explainer_checks import hook_count, left_as_found
 from tests.service.explainer_models import (
     SIZE,
+    Boom,
     DenseNetLike,
     ResidualNet,
     build,
@@ -96,19 +97,6 @@ class SeqNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
-
-
-class Boom(nn.Module):
-    """Identity that raises while ``armed``: an exception in the middle of the forward pass."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.armed = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.armed:
-            raise RuntimeError("boom")
-        return x
 
 
 class Clone(nn.Module):

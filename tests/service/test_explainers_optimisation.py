@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -308,34 +307,6 @@ def test_runs_when_the_caller_is_in_inference_mode(method: str) -> None:
     with torch.inference_mode():
         inside = explainer.explain(model, x, targets)
     torch.testing.assert_close(inside, explainer.explain(model, x, targets))
-
-
-class ForwardOnlyRunner:
-    """A runner without a torch module, as ONNX Runtime runners are."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self._model = model.eval()
-
-    @property
-    def device(self) -> str:
-        return "CPUExecutionProvider"
-
-    @property
-    def torch_module(self) -> None:
-        return None
-
-    def forward(self, batch: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return self._model(torch.from_numpy(batch)).numpy()
-
-
-@pytest.mark.parametrize("method", FACTORIES)
-def test_runner_without_torch_module_is_refused(method: str) -> None:
-    explainer = FACTORIES[method]()
-    assert explainer.needs_gradients
-    x, targets = blob_images(1)
-    with pytest.raises(ExplainerError, match=f"{explainer.name} needs gradients.*ForwardOnlyRunner"):
-        explainer.explain(ForwardOnlyRunner(BlobNet()), x, targets)
 
 
 @pytest.mark.parametrize("method", FACTORIES)
