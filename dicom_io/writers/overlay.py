@@ -128,20 +128,34 @@ def _check_inputs(display: np.ndarray, attribution: np.ndarray) -> None:
         raise ValueError(f"display must be scaled to [0, 1], found values in [{low:.4g}, {high:.4g}]")
 
 
-def _gray_rgb(display: np.ndarray) -> np.ndarray:
-    """The windowed display frame as a float32 RGB image in 0..255 (R = G = B)."""
-    gray = np.round(np.clip(display.astype(np.float32), 0.0, 1.0) * 255.0)
-    return np.repeat(gray[:, :, None], 3, axis=2)
+def _gray_levels(display: np.ndarray) -> np.ndarray:
+    """The windowed display frame as uint8 gray levels 0..255."""
+    return np.round(np.clip(display.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _blend_table(max_alpha: float) -> np.ndarray:
+    """``[256 * 256, 3]`` uint8: RGB of gray level ``g`` under heat level ``k`` at index ``g * 256 + k``.
+
+    The heat colour is ``INFERNO_LUT[k]`` at opacity ``max_alpha * k / 255``; ``k = 0`` leaves the
+    gray exactly. One table lookup per pixel replaces float blending of the whole RGB frame
+    (a 2k² radiograph: ~100 ms -> ~20 ms)."""
+    gray = np.arange(256, dtype=np.float32)[:, None, None]
+    level = np.arange(256, dtype=np.float32)[None, :, None]
+    alpha = np.float32(max_alpha) * level / np.float32(255.0)
+    colour = INFERNO_LUT.astype(np.float32)[None, :, :]
+    table = np.round(gray * (1.0 - alpha) + colour * alpha).astype(np.uint8)
+    return table.reshape(256 * 256, 3)
 
 
 def _blend(gray: np.ndarray, attribution: np.ndarray, vmax: float, max_alpha: float) -> np.ndarray:
-    """Heat colour over gray with opacity ``max_alpha * value / vmax``; exactly gray where value <= 0."""
+    """Heat colour over gray (uint8 levels) with opacity ``max_alpha * value / vmax``, colour and
+    opacity quantised to 256 levels; exactly gray where value <= 0. Returns uint8 RGB."""
     if vmax <= 0.0:
-        return gray.astype(np.uint8)
-    level = np.clip(attribution.astype(np.float32) / np.float32(vmax), 0.0, 1.0)
-    colour = INFERNO_LUT[np.round(level * 255.0).astype(np.intp)].astype(np.float32)
-    alpha = (level * np.float32(max_alpha))[:, :, None]
-    return np.round(gray * (1.0 - alpha) + colour * alpha).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    level = np.clip(attribution.astype(np.float32) * np.float32(255.0 / vmax), 0.0, 255.0)
+    index = gray.astype(np.intp) * 256 + np.round(level).astype(np.intp)
+    return np.take(_blend_table(float(max_alpha)), index, axis=0)
 
 
 @functools.lru_cache(maxsize=32)
@@ -295,7 +309,7 @@ def render_overlay(
         raise ValueError(f"max_alpha must be in (0, 1], got {max_alpha!r}")
     rows, cols = display.shape
     vmax = positive_scale(attribution, clip_percentile)
-    image = _blend(_gray_rgb(display), attribution, vmax, max_alpha)
+    image = _blend(_gray_levels(display), attribution, vmax, max_alpha)
 
     texts = [str(line) for line in title_lines]
     if disclaimer is not None and disclaimer not in texts:
