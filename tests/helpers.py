@@ -31,3 +31,24 @@ def data_file(name: str) -> str:
     if path is None or not os.path.isfile(path):
         pytest.fail(f"test file {name} not found: install the test extra (pip install -e '.[test]')")
     return path
+
+
+#: Seed of the phantoms no model was trained on (the demo model's training uses other seeds).
+HELD_OUT_SEED = 424242
+
+
+def held_out_nodules(count: int) -> list:
+    """``count`` held-out nodule phantoms, varied in width (448, 480, 512 columns) and in
+    photometric interpretation (MONOCHROME2, MONOCHROME1): the localisation tests' cases."""
+    from service.demo.phantoms import make_phantom
+
+    return [
+        make_phantom(
+            index,
+            "nodule",
+            seed=HELD_OUT_SEED,
+            cols=(448, 480, 512)[index % 3],
+            photometric=("MONOCHROME2", "MONOCHROME1")[index % 2],
+        )
+        for index in range(count)
+    ]

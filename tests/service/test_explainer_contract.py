@@ -33,6 +33,7 @@ from service.explain.base import Explainer, ExplainerError
 from service.explain.registry import available_explainers, explainer_class, get_explainer
 from service.inference.model import DeployedModel
 from service.inference.runner import Runner
+from tests.helpers import HELD_OUT_SEED
 from tests.service.explainer_checks import hook_count, left_as_found
 from tests.service.explainer_models import DenseNetLike, ResidualNet, build, function_modes, images
 
@@ -139,7 +140,7 @@ def demo_case(deployed: DeployedModel) -> Case:
     """Three held-out phantoms (nodule, effusion, normal) with targets nodule, effusion, nodule."""
     card = deployed.card
     kinds = ("nodule", "effusion", "normal")
-    phantoms = [make_phantom(i, kind, seed=424242, cols=320) for i, kind in enumerate(kinds)]
+    phantoms = [make_phantom(i, kind, seed=HELD_OUT_SEED, cols=320) for i, kind in enumerate(kinds)]
     frames = [prepare_frames(p.dataset, card.input.spec())[0] for p in phantoms]
     batch = torch.from_numpy(deployed.normalise(np.stack([frame.model_input for frame in frames])))
     classes = card.output.classes

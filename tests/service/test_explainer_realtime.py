@@ -17,17 +17,17 @@ from dicom_io.pixels import PreparedFrame, prepare_frames
 from service.cli import main as cli_main
 from service.demo import demo_card_path
 from service.demo.model import DemoNet
-from service.demo.phantoms import CLASSES, make_phantom
+from service.demo.phantoms import CLASSES
 from service.demo.train import INPUT_SPEC, normalise
 from service.demo.train_saliency import SaliencySettings, train_saliency_masker
 from service.explain.base import ExplainerError
 from service.explain.realtime import RealtimeSaliency, default_masker_path, load_masker
 from service.inference.card import ModelCard
 from service.inference.runners import OnnxRunner
+from tests.helpers import held_out_nodules
 from tests.service.explainer_checks import left_as_found
 
 #: Neither the demo model (seeds 7, 1007) nor the masker (11, 1011) saw these phantoms.
-HELD_OUT_SEED = 424242
 NODULES = 30
 NODULE = CLASSES.index("nodule")
 #: Share of the pixels removed in the deletion test.
@@ -43,16 +43,7 @@ class Nodules:
 
 @pytest.fixture(scope="module")
 def nodules() -> Nodules:
-    phantoms = [
-        make_phantom(
-            index,
-            "nodule",
-            seed=HELD_OUT_SEED,
-            cols=(448, 480, 512)[index % 3],
-            photometric=("MONOCHROME2", "MONOCHROME1")[index % 2],
-        )
-        for index in range(NODULES)
-    ]
+    phantoms = held_out_nodules(NODULES)
     frames = [prepare_frames(p.dataset, INPUT_SPEC)[0] for p in phantoms]
     inputs = torch.from_numpy(np.stack([normalise(frame.model_input) for frame in frames]))
     return Nodules(inputs, frames, [p.lesion_mask for p in phantoms])

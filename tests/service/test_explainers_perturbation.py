@@ -26,7 +26,6 @@ from torch import nn
 
 from dicom_io.pixels import prepare_frames
 from service.demo import demo_card_path
-from service.demo.phantoms import make_phantom
 from service.explain.base import Explainer, ExplainerError
 from service.explain.cam import CAM, GradCAM, GradCAMPlusPlus, GuidedGradCAM, ScoreCAM
 from service.explain.hooks import resolve_module
@@ -34,6 +33,7 @@ from service.explain.perturbation import RISE, HiPe
 from service.explain.registry import available_explainers, get_explainer
 from service.explain.surrogate import KernelShap, Lime
 from service.inference.model import DeployedModel
+from tests.helpers import held_out_nodules
 from tests.service.explainer_checks import left_as_found
 from tests.service.test_explainers_core import (
     MODELS,
@@ -56,7 +56,6 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 #: Training used seeds 7 and 1007; these phantoms were never seen.
-HELD_OUT_SEED = 424242
 NODULES = 20
 
 
@@ -235,16 +234,7 @@ class Phantoms:
         self.target_layer = card.target_layer
         #: The card's black (stored value 0 after windowing) in normalised units.
         self.black = float((0.0 - card.input.mean[0]) / card.input.std[0])
-        self.phantoms = [
-            make_phantom(
-                index,
-                "nodule",
-                seed=HELD_OUT_SEED,
-                cols=(448, 480, 512)[index % 3],
-                photometric=("MONOCHROME2", "MONOCHROME1")[index % 2],
-            )
-            for index in range(NODULES)
-        ]
+        self.phantoms = held_out_nodules(NODULES)
         self.frames = [prepare_frames(p.dataset, card.input.spec())[0] for p in self.phantoms]
         self.batch = torch.from_numpy(self.model.normalise(np.stack([f.model_input for f in self.frames])))
         self.targets = [self.nodule] * NODULES

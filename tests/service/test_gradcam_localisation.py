@@ -7,12 +7,11 @@ import torch
 
 from dicom_io.pixels import prepare_frames
 from service.demo import demo_card_path
-from service.demo.phantoms import make_phantom
 from service.explain import get_explainer
 from service.inference.model import DeployedModel
+from tests.helpers import held_out_nodules
 
 #: Training used seeds 7 and 1007; these phantoms were never seen.
-HELD_OUT_SEED = 424242
 NODULES = 50
 
 
@@ -21,16 +20,7 @@ def test_gradcam_peak_inside_the_nodule_for_at_least_80_percent() -> None:
     card = model.card
     nodule = card.output.classes.index("nodule")
     explainer = get_explainer("gradcam", target_layer=card.target_layer)
-    phantoms = [
-        make_phantom(
-            index,
-            "nodule",
-            seed=HELD_OUT_SEED,
-            cols=(448, 480, 512)[index % 3],
-            photometric=("MONOCHROME2", "MONOCHROME1")[index % 2],
-        )
-        for index in range(NODULES)
-    ]
+    phantoms = held_out_nodules(NODULES)
     frames = [prepare_frames(p.dataset, card.input.spec())[0] for p in phantoms]
     batch = model.normalise(np.stack([frame.model_input for frame in frames]))
     maps = explainer.explain(model.model_for(explainer), torch.from_numpy(batch), [nodule] * NODULES).numpy()
