@@ -55,7 +55,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_pipeline_bench(
-    method: str, latency_images: int, burst_images: int, out_dir: Path, progress: Progress
+    method: str, latency_images: int, burst_images: int, out_dir: Path, progress: Progress, source: str = SOURCE
 ) -> PipelineFigures:
     from service.app import Node
     from service.config import load_config
@@ -63,8 +63,8 @@ def run_pipeline_bench(
     idle = 0.05
     with tempfile.TemporaryDirectory(prefix="pacs-xai-bench-") as temp:
         work = Path(temp)
-        progress(f"writing {latency_images + burst_images} copies of {SOURCE} with fresh UIDs")
-        files = fresh_copies(SOURCE, latency_images + burst_images, work / "input")
+        progress(f"writing {latency_images + burst_images} copies of {source} with fresh UIDs")
+        files = fresh_copies(source, latency_images + burst_images, work / "input")
         destination = FolderDestination(work / "received")
         receiver = StorageSCP(ListenerSettings(ae_title="BENCHDEST", port=0), destination)
         receiver.start()

@@ -58,12 +58,16 @@ class ReceiveFigure:
 
 
 def fresh_copies(source: str, count: int, folder: Path) -> list[Path]:
-    """``count`` copies of a test file, each with a new SOP Instance UID (one study, one series)."""
+    """``count`` copies of ``source`` (a DICOM file's path, or the name of a pydicom test file),
+    each with a new SOP Instance UID (one new study, one new series)."""
     from pydicom.data import get_testdata_file
 
-    path = get_testdata_file(source)
+    path = source if Path(source).is_file() else get_testdata_file(source)
     if path is None:
-        raise FileNotFoundError(f"{source} not found: install the 'demo' extra (pip install 'pacs-xai[demo]')")
+        raise FileNotFoundError(
+            f"{source} is neither a file nor a pydicom test file: give a path, or install the 'demo' extra "
+            "(pip install 'pacs-xai[demo]') for the sample radiographs"
+        )
     template = pydicom.dcmread(path)
     template.StudyInstanceUID = generate_uid()
     template.SeriesInstanceUID = generate_uid()

@@ -55,6 +55,13 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
     pipeline.add_argument(
         "--burst", type=int, default=20, metavar="N", help="images in the saturation burst (default 20)"
     )
+    pipeline.add_argument(
+        "--source",
+        default="RG1_UNCR.dcm",
+        metavar="FILE",
+        help="image sent (fresh UIDs per copy): a DICOM file, or a pydicom test file's name (default RG1_UNCR.dcm, "
+        "a 1955x1841 CR from pydicom-data)",
+    )
     pipeline.add_argument("--out", type=Path, default=Path("bench-out"), metavar="DIR", help="folder for the JSON")
     pipeline.set_defaults(handler=_pipeline)
     explain = sub.add_parser(
@@ -113,6 +120,46 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         help="folder for explain.json and explain.png (default bench-out)",
     )
     explain.set_defaults(handler=_explain)
+    throughput = sub.add_parser(
+        "throughput",
+        formatter_class=formatter,
+        help="batched Grad-CAM images/s vs pytorch-grad-cam (the GPU figure)",
+        description="Grad-CAM on whole batches of B images of a DenseNet-121-sized model (or the demo model) at "
+        "224², batch in host memory and maps back in host memory: images/s and peak memory per batch size, next to "
+        "pytorch-grad-cam's GradCAM on the same layer, batch and targets in the same run (its maps compared with "
+        "ours). Issue #6's goal: >= 1,000 images/s on one GPU. Writes throughput.json and throughput.png.",
+        epilog="examples:\n"
+        "  pacs-xai bench throughput --device cuda --batch 64 --batch 256\n"
+        "  pacs-xai bench throughput --device cpu --model demo --batch 8 --images 32",
+    )
+    throughput.add_argument(
+        "--model", default="densenet121", choices=("densenet121", "demo"), help="model (default densenet121)"
+    )
+    throughput.add_argument(
+        "--batch",
+        type=int,
+        action="append",
+        metavar="B",
+        help="batch size; repeat (default: 32, 64, 128, 256 on a GPU; 4, 16 on a CPU)",
+    )
+    throughput.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images timed per batch size (default 2048 on a GPU, 32 on a CPU)",
+    )
+    throughput.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu"
+    )
+    throughput.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-out"),
+        metavar="DIR",
+        help="folder for throughput.json and throughput.png (default bench-out)",
+    )
+    throughput.set_defaults(handler=_throughput)
 
 
 def _receive(args: argparse.Namespace) -> int:
@@ -129,7 +176,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     from service.bench.pipeline import print_figures, run_pipeline_bench
     from service.demo.node_demo import main_progress
 
-    figures = run_pipeline_bench(args.method, args.images, args.burst, args.out, main_progress)
+    figures = run_pipeline_bench(args.method, args.images, args.burst, args.out, main_progress, args.source)
     print_figures(figures)
     print(f"\nfigures: {args.out / f'pipeline-{args.method}.json'}")
     return 0
@@ -138,6 +185,7 @@ def _pipeline(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from service.bench.explain import MODELS, check_request, parse_param, print_figures, run_explain_bench
     from service.demo.node_demo import main_progress
+    from service.explain.registry import get_explainer
 
     models = [name.strip() for value in args.models or [",".join(MODELS)] for name in value.split(",") if name.strip()]
     params: dict[str, dict[str, object]] = {}
@@ -146,6 +194,8 @@ def _explain(args: argparse.Namespace) -> int:
         for text in args.param:
             method, setting, value = parse_param(text)
             params.setdefault(method, {})[setting] = value
+        for method, settings in params.items():
+            get_explainer(method, **settings)  # a wrong setting stops here, not after the run
     except ValueError as exc:
         print(f"pacs-xai bench explain: {exc}", file=sys.stderr)
         return 2
@@ -162,4 +212,18 @@ def _explain(args: argparse.Namespace) -> int:
     )
     print_figures(figures)
     print(f"\nfigures: {args.out / 'explain.json'}, plot: {args.out / 'explain.png'}")
+    return 0
+
+
+def _throughput(args: argparse.Namespace) -> int:
+    from service.bench.throughput import print_figures, run_throughput_bench
+    from service.demo.node_demo import main_progress
+
+    try:
+        figures = run_throughput_bench(args.model, args.batch, args.images, args.out, main_progress, args.device)
+    except ValueError as exc:
+        print(f"pacs-xai bench throughput: {exc}", file=sys.stderr)
+        return 2
+    print_figures(figures)
+    print(f"\nfigures: {args.out / 'throughput.json'}, plot: {args.out / 'throughput.png'}")
     return 0

@@ -92,9 +92,11 @@ class _CamExplainer(Explainer):
         if device is None:
             device = batch.device
         layer, call_index = self._layer(module, batch.detach().to(device))
-        with eval_mode(module), torch.inference_mode(False), torch.set_grad_enabled(self.uses_layer_gradients):
+        # The forward pass runs without autograd up to the layer (the recorder switches it on
+        # there): back-propagation only reaches the layer, so nothing below it is kept.
+        with eval_mode(module), torch.inference_mode(False), torch.no_grad():
             # Copies made here are ordinary tensors even when the caller is in inference mode.
-            inputs = batch.detach().to(device).clone().requires_grad_(self.uses_layer_gradients)
+            inputs = batch.detach().to(device).clone()
             targets = targets.to(device).clone()
             activations, gradients = self._record_layer(module, layer, call_index, inputs, targets)
             weights = self._channel_weights(CamInputs(module, inputs.detach(), targets, activations, gradients))
@@ -113,7 +115,8 @@ class _CamExplainer(Explainer):
         targets: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward (and backward when needed): the layer's activations and their gradients."""
-        with LayerRecorder(layer) as recorder:
+        start = (call_index or 0) if self.uses_layer_gradients else None
+        with LayerRecorder(layer, differentiate_from=start) as recorder:
             logits = module(inputs)
             check_logits(logits, targets)
             call = recorder.only_call() if call_index is None else recorder.calls[call_index]

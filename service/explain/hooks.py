@@ -105,11 +105,19 @@ class LayerRecorder:
     hook): the tensor hook sees the gradient of the output as produced, even when a later
     in-place op rewrites it, and each call of a reused module gets its own record. All hooks
     are removed on exit, exceptions included. TorchScript modules cannot be hooked.
+
+    ``differentiate_from``: the caller runs the forward pass with gradients off, and at that call
+    of the layer (0-based) the hook hands on a differentiable copy of the output and switches
+    gradients on for the rest of the pass. Autograd then keeps nothing of the layers below
+    (activation memory of the whole backbone for a CAM layer near the head) and :meth:`backprop`
+    starts from that call; the grad mode found is restored on exit.
     """
 
     module: nn.Module
+    differentiate_from: int | None = None
     calls: list[LayerCall] = field(default_factory=list, init=False)
     _handles: list[RemovableHandle] = field(default_factory=list, init=False, repr=False)
+    _grad_mode_before: bool | None = field(default=None, init=False, repr=False)
 
     def __enter__(self) -> LayerRecorder:
         if isinstance(self.module, torch.jit.ScriptModule):
@@ -130,10 +138,15 @@ class LayerRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._grad_mode_before is not None:
+            torch.set_grad_enabled(self._grad_mode_before)
+            self._grad_mode_before = None
 
-    def _on_forward(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
+    def _on_forward(self, module: nn.Module, inputs: tuple[object, ...], output: object) -> torch.Tensor | None:
         if not isinstance(output, torch.Tensor):
             raise ExplainerError(f"layer {type(module).__name__} returns {type(output).__name__}, not a single tensor")
+        if len(self.calls) == self.differentiate_from:
+            return self._start_graph(output)
         call = LayerCall(activation=output.detach().clone(), edge=None)
         if output.requires_grad:
             call.edge = get_gradient_edge(output)
@@ -143,6 +156,23 @@ class LayerRecorder:
 
             self._handles.append(output.register_hook(store_gradient))
         self.calls.append(call)
+        return None
+
+    def _start_graph(self, output: torch.Tensor) -> torch.Tensor:
+        """Record ``output`` and return a differentiable copy of it, gradients on from here."""
+        self._grad_mode_before = torch.is_grad_enabled()
+        torch.set_grad_enabled(True)
+        # Downstream gets the copy, so nothing rewrites ``output``; a clone of a leaf rather than
+        # the leaf itself, because in-place ops downstream (ReLU(inplace=True)) refuse leaves.
+        handed_on = output.detach().requires_grad_(True).clone()
+        call = LayerCall(activation=output.detach(), edge=get_gradient_edge(handed_on))
+
+        def store_gradient(gradient: torch.Tensor) -> None:
+            call.gradient = gradient.detach()
+
+        self._handles.append(handed_on.register_hook(store_gradient))
+        self.calls.append(call)
+        return handed_on
 
     def only_call(self) -> LayerCall:
         """The single recorded call; an error when the layer ran zero or several times."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from service.cli import main
+from service.cli import build_parser, main
 from service.demo.phantoms import write_phantom_studies
 
 
@@ -82,19 +83,26 @@ def test_unknown_method_is_a_usage_error_listing_the_methods(tmp_path: Path, cap
     assert "magic" in err and "gradcam" in err
 
 
-def test_every_command_has_help_with_an_example() -> None:
-    for command in (
-        ["--help"],
-        ["explain", "--help"],
-        ["demo", "--help"],
-        ["demo", "run", "--help"],
-        ["demo", "train", "--help"],
-        ["demo", "phantoms", "--help"],
-    ):
-        result = subprocess.run(
-            [sys.executable, "-m", "service.cli", *command], capture_output=True, text=True, check=True
-        )
-        assert "example" in result.stdout, command
+def _command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command path of the parser tree: (), ("demo",), ("demo", "run"), ..."""
+    paths = [prefix]
+    for action in parser._actions:  # argparse has no public walk over its subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths.extend(_command_paths(sub, (*prefix, name)))
+    return paths
+
+
+def test_every_command_has_help_with_an_example(capsys) -> None:
+    paths = _command_paths(build_parser())
+    assert ("bench", "throughput") in paths and ("demo", "train-saliency") in paths  # the walk found the leaves
+    for path in paths:
+        with pytest.raises(SystemExit) as exited:
+            main([*path, "--help"])
+        assert exited.value.code == 0, path
+        assert "example" in capsys.readouterr().out, path
+    result = subprocess.run([sys.executable, "-m", "service.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "example" in result.stdout  # and the module runs as a program
 
 
 def test_sc_overlay_shows_the_map_where_gradcam_points(phantom_dir: Path, tmp_path: Path) -> None:

@@ -325,6 +325,45 @@ def test_recorder_keeps_pre_inplace_activation_and_gradient() -> None:
     torch.testing.assert_close(call.activation, pre_relu.detach())
 
 
+def test_recorder_differentiating_from_the_layer_gives_the_same_gradient() -> None:
+    """With gradients off below the layer, the layer's gradient is the one of a full graph, the
+    in-place ReLU after the layer still runs, and the grad mode found is restored."""
+    model, x = MODELS["inplace"](), images(2)
+    layer = model.features[4]
+    with LayerRecorder(layer) as full:
+        full.backprop(model(x.clone().requires_grad_(True))[:, 0].sum())
+    with torch.no_grad():
+        with LayerRecorder(layer, differentiate_from=0) as cut:
+            logits = model(x.clone())
+            assert torch.is_grad_enabled() and logits.requires_grad
+            cut.backprop(logits[:, 0].sum())
+        assert not torch.is_grad_enabled()  # the mode found is restored on exit
+    torch.testing.assert_close(cut.only_call().gradient, full.only_call().gradient)
+    torch.testing.assert_close(cut.only_call().activation, full.only_call().activation)
+    assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam_pp"])
+def test_cam_backward_stops_at_the_layer(method: str) -> None:
+    """Nothing below the CAM layer is differentiated (or kept for it): a backward hook on the
+    first convolution never fires, while the map still matches a full-graph reference."""
+    model, x = MODELS["seq"](), images(2)
+    reached: list[str] = []
+    handle = model.features[0][0].register_full_backward_hook(lambda *_: reached.append("conv0"))
+    try:
+        get_explainer(method, target_layer=model.target).explain(model, x, [0, 1])
+    finally:
+        handle.remove()
+    assert reached == []
+    handle = model.features[0][0].register_full_backward_hook(lambda *_: reached.append("conv0"))
+    try:
+        model(x.clone().requires_grad_(True))[:, 0].sum().backward()  # the hook does fire on a full graph
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+    assert reached == ["conv0"]
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 
