@@ -376,12 +376,12 @@ def _batch_of(bench: BenchModel, size: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _per_sample(run: Callable[[int], None], sizes: Sequence[int], device: torch.device) -> tuple[float, int]:
-    """Best median seconds per sample over ``sizes`` (each: up to 3 runs, or 5 s, after a warm-up
-    on 2 samples)."""
-    run(min(2, sizes[0]))
-    _synchronise(device)
+    """Best median seconds per sample over ``sizes`` (each: up to 3 runs, or 5 s, after an untimed
+    run at that size: a GPU picks its kernels and grows its allocator on a new shape)."""
     best: tuple[float, int] | None = None
     for size in sizes:
+        run(size)
+        _synchronise(device)
         times: list[float] = []
         while len(times) < 3 and sum(times) < 5.0:
             started = time.perf_counter()
@@ -904,7 +904,7 @@ def bench_method(
     figure.update(
         settings=_json_settings(explainer),
         targets=bench.targets,
-        forward_only=measurement.grad_rows == 0,
+        forward_only=not explainer.needs_gradients,
         forward_rows_per_image=measurement.rows / images,
     )
     if with_passes is not None:
@@ -1129,10 +1129,11 @@ def run_explain_bench(
             step += 1
             progress(f"[{step}/{total}] {model_name}: {name}")
             records.append(bench_method(name, params.get(name, {}), bench, target, layer, timing, progress))
-        # The forward time again after the methods; the faster of the two is the floor (a shared
-        # machine's load only ever slows a run down, so the floor stays a floor).
+        # Forward and gradient times again after the methods; the faster is the floor (load on a
+        # shared machine, or a GPU still at idle clocks at the start, only ever slows a run down).
         forward_end = forward_time(bench, target)
         forward_s, forward_batch = min(forward_start, forward_end)
+        gradient_s, gradient_batch = min((gradient_s, gradient_batch), gradient_time(bench, target))
         onnx_s = onnx_forward_time(bench)[0] if bench.onnx_runner is not None else None
         runner = RunnerTimes(forward_s, forward_batch, gradient_s, gradient_batch, onnx_s)
         for record in records:

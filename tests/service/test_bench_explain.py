@@ -68,7 +68,8 @@ def test_record_fields(figures: tuple[dict, Path]) -> None:
 
 def test_forward_rows_follow_the_methods(figures: tuple[dict, Path]) -> None:
     """Occlusion: one clean pass per image plus one per window position, all without gradients;
-    Grad-CAM: one forward pass with gradients per image. Captum's occlusion makes the same passes."""
+    Grad-CAM: one forward pass per image, without gradients at the input (autograd starts at the
+    CAM layer). Captum's occlusion makes the same passes."""
     data, _ = figures
     records = {record["method"]: record for record in data["results"]}
     windows = len(window_masks(224, WINDOW, STRIDE, torch.device("cpu"))) ** 2
@@ -78,7 +79,7 @@ def test_forward_rows_follow_the_methods(figures: tuple[dict, Path]) -> None:
     captum = next(p for p in occlusion["peers"] if p["name"] == "Occlusion")
     assert captum["forward_rows"] == windows + 1
     gradcam = records["gradcam"]
-    assert (gradcam["grad_rows"], gradcam["nograd_rows"]) == (1, 0)
+    assert (gradcam["grad_rows"], gradcam["nograd_rows"]) == (0, 1)
     assert gradcam["forward_only"] is False
     assert data["goals"], "occlusion's goals are checked"
 
