@@ -6,6 +6,10 @@ receive path (Storage SCP -> parse -> spool -> SQLite journal -> Success) in bot
 DCMTK ``storescp`` writing the same files to a folder (storescp never fsyncs). Both over one association and over K
 parallel associations. Files: CT 512² (``693_UNCR.dcm``) and CR ~2k² (``RG1_UNCR.dcm``) from
 pydicom-data, copied with fresh UIDs so every instance is distinct.
+
+A third receiver shows what the DICOM library allows: the node's own listener (pynetdicom, same
+settings, TCP_NODELAY) with an ``on_store`` that answers Success at once, nothing parsed or
+stored. No receive path built on pynetdicom can be faster than this ceiling.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class ReceiveFigure:
     #: storage.durability = process-crash (no fsync, like storescp).
     pacs_xai_no_fsync_per_second: float
     storescp_per_second: float
+    #: The listener alone (pynetdicom): Success at once, nothing parsed or stored.
+    pynetdicom_ceiling_per_second: float
 
     @property
     def ratio(self) -> float:
@@ -55,6 +61,11 @@ class ReceiveFigure:
     @property
     def ratio_no_fsync(self) -> float:
         return self.pacs_xai_no_fsync_per_second / self.storescp_per_second if self.storescp_per_second else 0.0
+
+    @property
+    def ceiling_ratio(self) -> float:
+        """The pynetdicom listener alone over storescp: the best ratio a pynetdicom node can reach."""
+        return self.pynetdicom_ceiling_per_second / self.storescp_per_second if self.storescp_per_second else 0.0
 
 
 def fresh_copies(source: str, count: int, folder: Path) -> list[Path]:
@@ -131,6 +142,30 @@ def measure_pacs_xai(
     return len(files) / elapsed
 
 
+class _AnswerAtOnce:
+    """Storage events that keep nothing: Success for every object, at once."""
+
+    def on_store(self, encoded: bytes, *, calling_ae: str, association_id: str) -> int:
+        return 0x0000
+
+    def on_association_released(self, association_id: str) -> None:
+        """Nothing to do."""
+
+    def on_association_rejected(self, calling_ae: str, host: str, reason: str) -> None:
+        """Nothing to do."""
+
+    def on_association_accepted(self, calling_ae: str, host: str, association_id: str) -> None:
+        """Nothing to do."""
+
+
+def measure_pynetdicom_ceiling(files: Sequence[Path], associations: int) -> float:
+    """Images per second into the node's listener when storing costs nothing (see the module docstring)."""
+    settings = ListenerSettings(ae_title="PACSXAI", port=0, max_associations=max(10, associations))
+    with StorageSCP(settings, _AnswerAtOnce()) as scp:
+        elapsed = send_parallel(Destination("PACSXAI", "127.0.0.1", scp.port), files, associations)
+    return len(files) / elapsed
+
+
 def measure_storescp(files: Sequence[Path], associations: int, workdir: Path) -> float:
     """Images per second into DCMTK storescp (files written to a folder), same sender."""
     binary = shutil.which("storescp")
@@ -180,15 +215,28 @@ def run_receive_bench(
                 ours_no_fsync = measure_pacs_xai(files, k, workdir, "process-crash")
                 progress(f"{label}: {count} images over {k} association(s) -> storescp")
                 theirs = measure_storescp(files, k, workdir)
-                figure = ReceiveFigure(label, k, count, round(ours, 1), round(ours_no_fsync, 1), round(theirs, 1))
+                progress(f"{label}: {count} images over {k} association(s) -> pynetdicom listener storing nothing")
+                ceiling = measure_pynetdicom_ceiling(files, k)
+                figure = ReceiveFigure(
+                    label, k, count, round(ours, 1), round(ours_no_fsync, 1), round(theirs, 1), round(ceiling, 1)
+                )
                 progress(
                     f"{label}, {k} association(s): pacs-xai {ours:.0f}/s (fsync), {ours_no_fsync:.0f}/s (no fsync), "
-                    f"storescp {theirs:.0f}/s, ratios {figure.ratio:.2f} / {figure.ratio_no_fsync:.2f}"
+                    f"storescp {theirs:.0f}/s, ratios {figure.ratio:.2f} / {figure.ratio_no_fsync:.2f}; "
+                    f"pynetdicom storing nothing {ceiling:.0f}/s ({figure.ceiling_ratio:.2f} of storescp)"
                 )
                 figures.append(figure)
     (out_dir / "receive.json").write_text(
         json.dumps(
-            [{**asdict(f), "ratio": round(f.ratio, 3), "ratio_no_fsync": round(f.ratio_no_fsync, 3)} for f in figures],
+            [
+                {
+                    **asdict(f),
+                    "ratio": round(f.ratio, 3),
+                    "ratio_no_fsync": round(f.ratio_no_fsync, 3),
+                    "ceiling_ratio": round(f.ceiling_ratio, 3),
+                }
+                for f in figures
+            ],
             indent=2,
         )
     )
@@ -200,12 +248,17 @@ def plot_figures(figures: Sequence[ReceiveFigure], path: Path) -> None:
     """A bar chart (PIL): images/s of pacs-xai and storescp per configuration."""
     from PIL import Image, ImageDraw, ImageFont
 
-    width, row = 900, 84
+    width, row = 900, 108
     image = Image.new("RGB", (width, 60 + row * len(figures)), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=14)
     draw.text((10, 10), "receive into the spool, images/s (same sender, same files)", fill="black", font=font)
-    top = max([f.storescp_per_second for f in figures] + [f.pacs_xai_no_fsync_per_second for f in figures] + [1.0])
+    top = max(
+        [f.storescp_per_second for f in figures]
+        + [f.pacs_xai_no_fsync_per_second for f in figures]
+        + [f.pynetdicom_ceiling_per_second for f in figures]
+        + [1.0]
+    )
     for i, figure in enumerate(figures):
         y = 45 + i * row
         draw.text((10, y + 8), f"{figure.images}, {figure.associations} assoc", fill="black", font=font)
@@ -214,6 +267,7 @@ def plot_figures(figures: Sequence[ReceiveFigure], path: Path) -> None:
                 ("pacs-xai (fsync)", figure.pacs_xai_per_second, (220, 90, 30)),
                 ("pacs-xai (no fsync)", figure.pacs_xai_no_fsync_per_second, (240, 160, 60)),
                 ("storescp (no fsync)", figure.storescp_per_second, (60, 90, 180)),
+                ("pynetdicom storing nothing", figure.pynetdicom_ceiling_per_second, (150, 150, 150)),
             )
         ):
             x0, bar_y = 230, y + j * 24
@@ -225,11 +279,15 @@ def plot_figures(figures: Sequence[ReceiveFigure], path: Path) -> None:
 def print_figures(figures: Sequence[ReceiveFigure]) -> None:
     print(
         f"{'images':14} {'assoc':>5} {'count':>6} {'fsync/s':>9} {'no-fsync/s':>11} {'storescp/s':>11} "
-        f"{'ratio':>6} {'ratio no-fsync':>15}"
+        f"{'ratio':>6} {'ratio no-fsync':>15} {'pynetdicom ceiling/s':>21} {'ceiling ratio':>14}"
     )
     for f in figures:
         print(
             f"{f.images:14} {f.associations:>5} {f.count:>6} {f.pacs_xai_per_second:>9.1f} "
             f"{f.pacs_xai_no_fsync_per_second:>11.1f} {f.storescp_per_second:>11.1f} {f.ratio:>6.2f} "
-            f"{f.ratio_no_fsync:>15.2f}"
+            f"{f.ratio_no_fsync:>15.2f} {f.pynetdicom_ceiling_per_second:>21.1f} {f.ceiling_ratio:>14.2f}"
         )
+    print(
+        "\nceiling: the node's pynetdicom listener answering Success at once, nothing parsed or stored; "
+        "no pynetdicom-based receive path can beat it."
+    )
