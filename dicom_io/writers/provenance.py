@@ -47,6 +47,7 @@ __all__ = [
     "derivation_description",
     "drop_assumed_slice_spacing",
     "highdicom_source_view",
+    "without_person_names",
     "instance_number",
     "number_of_frames",
     "pacs_xai_version",
@@ -615,6 +616,26 @@ def synthetic_frame_geometry(
     )
 
 
+#: Person Name (PN) attributes highdicom checks; for a name of one component its warning quotes the name.
+_NAMES_HIGHDICOM_CHECKS = ("PatientName", "ReferringPhysicianName")
+
+
+def without_person_names(source: Dataset) -> Dataset:
+    """A copy of ``source`` for highdicom, with Patient's and Referring Physician's Name empty.
+
+    highdicom warns about a name of one component (no ``^``) and quotes the name in the warning,
+    which would put patient data on stderr and in the logs. The writers copy both names into the
+    output afterwards, exactly as the source has them (:func:`copy_patient_study_attributes`).
+    The copy shares the other elements; the caller's dataset is never changed.
+    """
+    view = Dataset({element.tag: element for element in source.elements()})
+    for keyword in _NAMES_HIGHDICOM_CHECKS:
+        if keyword in view:
+            # A new element replaces the shared one (setting .value would change the source's).
+            view.add_new(keyword, "PN", None)
+    return view
+
+
 def highdicom_source_view(source: Dataset, geometry: FrameGeometry | None) -> Dataset:
     """A single-frame stand-in for one source frame, to hand to highdicom's PM/SEG constructors.
 
@@ -637,6 +658,9 @@ def highdicom_source_view(source: Dataset, geometry: FrameGeometry | None) -> Da
         view.add(copy.deepcopy(element) if element.VR == "SQ" else copy.copy(element))
     for keyword in _VIEW_TYPE2_KEYWORDS:
         if keyword not in view:
+            setattr(view, keyword, None)
+    for keyword in _NAMES_HIGHDICOM_CHECKS:  # see without_person_names
+        if keyword in view:
             setattr(view, keyword, None)
     view.SOPClassUID = _STAND_IN_SOP_CLASS
     if geometry is not None:

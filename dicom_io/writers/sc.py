@@ -39,6 +39,7 @@ from dicom_io.writers.provenance import (
     series_description,
     set_laterality,
     source_image_item,
+    without_person_names,
 )
 
 __all__ = ["OUTPUT_KIND", "build_secondary_capture"]
@@ -130,7 +131,7 @@ def build_secondary_capture(
     rgb = render_overlay(result.display, result.attribution, title_lines=overlay_title_lines(result))
 
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
+        ref_dataset=without_person_names(source),
         pixel_array=rgb,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,

@@ -26,11 +26,12 @@ import pydicom
 
 from dicom_io.scp import ListenerSettings, StorageSCP
 from dicom_io.scu import Destination, StoreSCU
-from service.bench.receive import fresh_copies
+from service.bench.receive import AnswerAtOnce, fresh_copies
 from service.demo.node_demo import FolderDestination
 
 Progress = Callable[[str], None]
 SOURCE = "RG1_UNCR.dcm"
+TRANSFER_REPEATS = 7
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,22 @@ class PipelineFigures:
     #: Mean seconds per observation of each node stage during the latency phase (the node's own
     #: ``pacsxai_stage_seconds``), so the overhead can be read stage by stage.
     stage_means_s: dict[str, float]
+    #: The two C-STOREs every result needs, with the same SCU to a pynetdicom listener that
+    #: stores nothing (median of TRANSFER_REPEATS, one association each): the image in, the
+    #: Secondary Capture out. No pynetdicom node can answer faster than compute + these + the wait.
+    transfer_in_s: float
+    transfer_out_s: float
+
+    @property
+    def transfer_ratio(self) -> float:
+        """The two transfers as a share of the compute time: the overhead no node design can remove."""
+        return (self.transfer_in_s + self.transfer_out_s) / self.compute_p50_s
+
+    @property
+    def overhead_beyond_transfers(self) -> float:
+        """What the node adds beyond compute, the two transfers and the assembly idle wait."""
+        spent = self.compute_p50_s + self.transfer_in_s + self.transfer_out_s + self.idle_seconds
+        return self.latency_p50_s / spent - 1
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -103,6 +120,9 @@ def run_pipeline_bench(
             throughput = len(burst) / (max(destination.arrivals.values()) - started)
             progress(f"burst of {len(burst)}: {throughput:.2f} results/s")
             compute = _compute_times(node, files[:latency_images], progress)
+            transfer_in = _transfer_time(scu, files[0])
+            transfer_out = _transfer_time(scu, next(destination.folder.glob("*.dcm")))
+            progress(f"C-STORE to a listener storing nothing: image {transfer_in:.3f} s, result {transfer_out:.3f} s")
         finally:
             node.stop()
             receiver.stop()
@@ -119,9 +139,15 @@ def run_pipeline_bench(
         idle_seconds=idle,
         device=node.model.forward_runner.device,
         stage_means_s=stage_means,
+        transfer_in_s=round(transfer_in, 4),
+        transfer_out_s=round(transfer_out, 4),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"pipeline-{method}.json").write_text(json.dumps(asdict(figures), indent=2))
+    derived = {
+        "transfer_ratio": round(figures.transfer_ratio, 3),
+        "overhead_beyond_transfers": round(figures.overhead_beyond_transfers, 3),
+    }
+    (out_dir / f"pipeline-{method}.json").write_text(json.dumps({**asdict(figures), **derived}, indent=2))
     return figures
 
 
@@ -135,6 +161,21 @@ def _compute_times(node, files: list[Path], progress: Progress) -> list[float]:
         times.append(time.perf_counter() - started)
     progress(f"compute p50 {statistics.median(times):.3f} s over {len(times)} images")
     return times
+
+
+def _transfer_time(scu: StoreSCU, path: Path) -> float:
+    """Median seconds of one C-STORE of ``path`` (its own association) to a listener storing nothing."""
+
+    with StorageSCP(ListenerSettings(ae_title="NOTHING", port=0), AnswerAtOnce()) as listener:
+        target = Destination("NOTHING", "127.0.0.1", listener.port)
+        times = []
+        for _ in range(TRANSFER_REPEATS):
+            started = time.perf_counter()
+            outcome = scu.send(target, [path])[0]
+            times.append(time.perf_counter() - started)
+            if outcome.verdict != "delivered":
+                raise RuntimeError(f"the transfer probe could not send {path.name}: {outcome.detail}")
+    return statistics.median(times)
 
 
 def _stage_totals(node) -> dict[str, tuple[float, float]]:
@@ -174,6 +215,11 @@ def print_figures(f: PipelineFigures) -> None:
     print(f"  latency C-STORE -> SC at destination: p50 {f.latency_p50_s:.3f} s, p95 {f.latency_p95_s:.3f} s")
     print(f"  pure compute (pipeline in-process):   p50 {f.compute_p50_s:.3f} s")
     print(f"  pipeline overhead:                    {f.overhead_ratio:.1%}")
+    print(
+        f"  of which the two C-STOREs (pynetdicom to a listener storing nothing): image in {f.transfer_in_s:.3f} s "
+        f"+ result out {f.transfer_out_s:.3f} s = {f.transfer_ratio:.1%} of compute"
+    )
+    print(f"  beyond compute, transfers and the {f.idle_seconds} s assembly wait: {f.overhead_beyond_transfers:.1%}")
     print(f"  throughput at saturation:             {f.throughput_per_s:.2f} images/s")
     print("  node stages, mean seconds per observation (latency phase):")
     for stage, seconds in f.stage_means_s.items():

@@ -142,7 +142,7 @@ def measure_pacs_xai(
     return len(files) / elapsed
 
 
-class _AnswerAtOnce:
+class AnswerAtOnce:
     """Storage events that keep nothing: Success for every object, at once."""
 
     def on_store(self, encoded: bytes, *, calling_ae: str, association_id: str) -> int:
@@ -161,7 +161,7 @@ class _AnswerAtOnce:
 def measure_pynetdicom_ceiling(files: Sequence[Path], associations: int) -> float:
     """Images per second into the node's listener when storing costs nothing (see the module docstring)."""
     settings = ListenerSettings(ae_title="PACSXAI", port=0, max_associations=max(10, associations))
-    with StorageSCP(settings, _AnswerAtOnce()) as scp:
+    with StorageSCP(settings, AnswerAtOnce()) as scp:
         elapsed = send_parallel(Destination("PACSXAI", "127.0.0.1", scp.port), files, associations)
     return len(files) / elapsed
 
