@@ -131,6 +131,8 @@ class Node:
         for index in range(self.config.workers.pipeline):
             self._spawn(f"pacs-xai-process-{index}", self._process_loop)
         self._spawn("pacs-xai-send", self._send_loop)
+        if self.config.model.warm_up:
+            self._spawn("pacs-xai-warm-up", self._warm_up)
         log.info(
             "node %s listening on %s:%d, model %s %s on %s",
             self.config.listener.ae_title,
@@ -159,6 +161,15 @@ class Node:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
+
+    def _warm_up(self) -> None:
+        """The pipeline's dry run (see ExplainPipeline.warm_up); studies arriving meanwhile are served."""
+        try:
+            seconds = self.pipeline.warm_up()
+        except Exception:  # a failed dry run must not stop the node; the first real study will tell more
+            log.exception("warm-up failed; the first study will pay for the initialisation instead")
+            return
+        log.info("warm-up done in %.2f s: every method and output ran once on a synthetic image", seconds)
 
     def _process_loop(self) -> None:
         while not self._stopping.is_set():

@@ -110,6 +110,11 @@ class ModelConfig(_Section):
 
     card: Path | None = Field(None, description="Model card YAML (or its folder); omit for the built-in demo model.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses CUDA when present.")
+    warm_up: bool = Field(
+        True,
+        description="At start-up, explain one synthetic radiograph with every configured method and output "
+        "(in the background, nothing kept), so the first study does not pay for lazy initialisation.",
+    )
 
 
 class ExplainConfig(_Section):

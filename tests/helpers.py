@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+from collections.abc import Callable
 
 import pytest
 from pydicom.data import get_testdata_file
 
 from dicom_io.network import free_port
 
-__all__ = ["data_file", "free_port", "require_tool"]
+__all__ = ["data_file", "free_port", "require_tool", "wait_for"]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    """Poll ``condition`` until it holds; fail the test naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def require_tool(name: str) -> str:

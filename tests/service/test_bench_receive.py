@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from service.bench.receive import run_receive_bench
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("storescu") is None or shutil.which("storescp") is None, reason="needs DCMTK storescu and storescp"
-)
+from tests.helpers import require_tool
 
 
 def test_receive_figures_and_files(tmp_path: Path) -> None:
+    for tool in ("storescu", "storescp"):
+        require_tool(tool)  # the bench runs them; make test installs DCMTK
     figures = run_receive_bench(6, [1, 2], tmp_path, lambda _: None, sources={"CT small": "CT_small.dcm"})
     assert [(f.images, f.associations, f.count) for f in figures] == [("CT small", 1, 6), ("CT small", 2, 6)]
     for figure in figures:

@@ -19,7 +19,8 @@ from service.demo import demo_card_path
 from service.inference.model import DeployedModel
 from tests.service.test_explainer_contract import ITERATIVE, METHODS, SHAPES, applies, explainer, make_case
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device (run on a GPU machine)", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")

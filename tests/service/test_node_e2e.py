@@ -29,19 +29,10 @@ from service.app import Node
 from service.config import load_config
 from service.demo.phantoms import make_phantom, write_phantom_studies
 from service.store import Journal
-from tests.helpers import data_file, free_port, require_tool
+from tests.helpers import data_file, free_port, require_tool, wait_for
 from tests.orthanc import Orthanc
 
 PHANTOM_ROWS, PHANTOM_COLS = 256, 240
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def node_overrides(data_dir: Path, destinations: list[dict], **extra: object) -> dict:

@@ -1,0 +1,67 @@
+"""Start-up warm-up: the pipeline's dry run initialises what the first study would otherwise pay for."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.app import Node
+from service.config import load_config
+from service.demo import demo_card_path
+from service.demo.phantoms import make_phantom
+from service.inference.model import DeployedModel
+from service.pipeline import ExplainPipeline
+from tests.helpers import wait_for
+
+
+@pytest.fixture()
+def deployed() -> Iterator[DeployedModel]:
+    model = DeployedModel.from_card_path(demo_card_path())
+    yield model
+    model.close()
+
+
+def test_warm_up_runs_every_method_and_output_and_keeps_nothing(deployed: DeployedModel) -> None:
+    pipeline = ExplainPipeline(deployed, ["gradcam", "occlusion"], ["sc", "pm", "sr"])
+    assert "gradient_runner" not in deployed.__dict__  # loaded lazily, by the first gradient method
+    assert pipeline.warm_up() > 0
+    assert "gradient_runner" in deployed.__dict__
+    # The pipeline is stateless: a study after the warm-up gets exactly its own outputs.
+    result = pipeline.process(make_phantom(1, "nodule", modality="DX").dataset)
+    assert sorted((o.method, o.kind) for o in result.outputs) == [
+        ("gradcam", "pm"),
+        ("gradcam", "sc"),
+        ("gradcam", "sr"),
+        ("occlusion", "pm"),
+        ("occlusion", "sc"),
+        ("occlusion", "sr"),
+    ]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_node_warms_up_in_the_background_when_configured(
+    enabled: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = load_config(
+        None,
+        {
+            "listener": {"port": 0},
+            "storage": {"data_dir": str(tmp_path)},
+            "metrics": {"enabled": False},
+            "model": {"warm_up": enabled},
+        },
+    )
+    node = Node(config)
+    with caplog.at_level(logging.INFO, logger="service.app"):
+        node.start()
+        try:
+            if enabled:
+                wait_for(lambda: "warm-up done" in caplog.text, 60, "the warm-up log line")
+                assert "gradient_runner" in node.model.__dict__
+            else:
+                assert not any(t.name == "pacs-xai-warm-up" for t in node._threads)
+        finally:
+            node.stop()
