@@ -88,6 +88,8 @@ class Node:
         )
         self._stopping = threading.Event()
         self._outputs_ready = threading.Event()  # set when processing journaled new outputs
+        #: Set once the start-up warm-up has run (or failed, or is switched off).
+        self.warmed_up = threading.Event()
         self._threads: list[threading.Thread] = []
 
     @property
@@ -133,6 +135,8 @@ class Node:
         self._spawn("pacs-xai-send", self._send_loop)
         if self.config.model.warm_up:
             self._spawn("pacs-xai-warm-up", self._warm_up)
+        else:
+            self.warmed_up.set()
         log.info(
             "node %s listening on %s:%d, model %s %s on %s",
             self.config.listener.ae_title,
@@ -169,6 +173,8 @@ class Node:
         except Exception:  # a failed dry run must not stop the node; the first real study will tell more
             log.exception("warm-up failed; the first study will pay for the initialisation instead")
             return
+        finally:
+            self.warmed_up.set()
         log.info("warm-up done in %.2f s: every method and output ran once on a synthetic image", seconds)
 
     def _process_loop(self) -> None:

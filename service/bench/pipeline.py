@@ -99,6 +99,7 @@ def run_pipeline_bench(
         )
         node = Node(config)
         node.start()
+        node.warmed_up.wait(120)  # steady state: the first study's lazy initialisation is the warm-up's
         node_address = Destination(config.listener.ae_title, "127.0.0.1", node.port)
         scu = StoreSCU("BENCHSCU")
         try:

@@ -58,8 +58,9 @@ def test_node_warms_up_in_the_background_when_configured(
     with caplog.at_level(logging.INFO, logger="service.app"):
         node.start()
         try:
+            assert node.warmed_up.wait(60)
             if enabled:
-                wait_for(lambda: "warm-up done" in caplog.text, 60, "the warm-up log line")
+                wait_for(lambda: "warm-up done" in caplog.text, 10, "the warm-up log line")
                 assert "gradient_runner" in node.model.__dict__
             else:
                 assert not any(t.name == "pacs-xai-warm-up" for t in node._threads)
