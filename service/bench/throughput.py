@@ -32,17 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.bench.explain import (
-    MODELS,
-    BenchModel,
-    PeakMemory,
-    PeerMissing,
-    _import,
-    _pytorch_grad_cam,
-    device_description,
-    load_bench_model,
-    phantom_images,
-)
+from service.bench.measure import PeakMemory, device_description, synchronise
+from service.bench.models import MODELS, BenchModel, load_bench_model, phantom_images
+from service.bench.peers import PeerMissing, import_peer, pytorch_grad_cam
 from service.explain.base import Explainer
 from service.explain.hooks import resolve_module
 from service.explain.registry import get_explainer
@@ -69,24 +61,19 @@ def cudnn_autotuner(enabled: bool) -> Iterator[None]:
         torch.backends.cudnn.benchmark = before
 
 
-def _synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_batches(call: Callable[[], Any], device: torch.device, batch: int, images: int) -> dict[str, Any]:
     """Warm-up call with peak memory, then timed calls until ``images`` images (>= ``MIN_CALLS`` calls)."""
     memory = PeakMemory(device)
     with memory:
         started = time.perf_counter()
         call()
-        _synchronise(device)
+        synchronise(device)
         warmup_s = time.perf_counter() - started
     calls = max(MIN_CALLS, -(-images // batch))
     started = time.perf_counter()
     for _ in range(calls):
         call()
-    _synchronise(device)
+    synchronise(device)
     seconds = time.perf_counter() - started
     return {
         "status": "ok",
@@ -116,8 +103,8 @@ def _peer_call(
     module: torch.nn.Module, layer: str, batch: torch.Tensor, targets: Sequence[int]
 ) -> tuple[Callable[[], np.ndarray], Callable[[], None]]:
     """pytorch-grad-cam GradCAM on the same layer: ``(call, release)``; ``PeerMissing`` when absent."""
-    grad_cam, _ = _pytorch_grad_cam()
-    model_targets = _import("pytorch_grad_cam.utils.model_targets", "pytorch-grad-cam")
+    grad_cam, _ = pytorch_grad_cam()
+    model_targets = import_peer("pytorch_grad_cam.utils.model_targets", "pytorch-grad-cam")
     cam = grad_cam.GradCAM(model=module, target_layers=[resolve_module(module, layer)])
     cam.batch_size = len(batch)
     outputs = [model_targets.ClassifierOutputTarget(t) for t in targets]
