@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from service.bench.models import BenchModel
-from service.explain.base import Explainer
+from service.explain.base import Explainer, chunk_size_for
 from service.explain.hooks import resolve_module
 from service.explain.occlusion import window_masks
 
@@ -246,13 +246,18 @@ def _captum_occlusion(explainer: Any, bench: BenchModel) -> list[PeerCase]:
     return cases
 
 
+def _chunk(explainer: Any, bench: BenchModel) -> int:
+    """The inputs per forward pass our method uses on this model: the peers get the same."""
+    return chunk_size_for(explainer.chunk_size, bench.module)
+
+
 def _captum_feature_ablation(explainer: Any, bench: BenchModel) -> PeerCase:
     """Non-overlapping occlusion as Captum's FeatureAblation over a grid of window-sized features."""
     height, width = bench.images.shape[-2:]
     rows = torch.arange(height, device=bench.images.device) // explainer.window
     cols = torch.arange(width, device=bench.images.device) // explainer.window
     mask = (rows[:, None] * (int(cols.max()) + 1) + cols[None, :])[None, None]
-    settings = {"feature_mask": "window grid", "perturbations_per_eval": explainer.chunk_size}
+    settings = {"feature_mask": "window grid", "perturbations_per_eval": _chunk(explainer, bench)}
 
     def make(attr: ModuleType, x: torch.Tensor) -> Callable[[], Any]:
         method = attr.FeatureAblation(bench.module)
@@ -261,7 +266,7 @@ def _captum_feature_ablation(explainer: Any, bench: BenchModel) -> PeerCase:
             target=bench.targets,
             baselines=explainer.baseline,
             feature_mask=mask,
-            perturbations_per_eval=explainer.chunk_size,
+            perturbations_per_eval=_chunk(explainer, bench),
         )
 
     return _captum_case("FeatureAblation", settings, make, bench)
@@ -274,7 +279,7 @@ def _captum_surrogate(class_name: str) -> Callable[[Explainer, BenchModel], list
     def cases(explainer: Any, bench: BenchModel) -> list[PeerCase]:
         settings: dict[str, Any] = {
             "n_samples": explainer.samples,
-            "perturbations_per_eval": explainer.chunk_size,
+            "perturbations_per_eval": _chunk(explainer, bench),
             "baselines": explainer.baseline,
             "feature_mask": "our SLIC superpixels",
         }
@@ -296,7 +301,7 @@ def _captum_surrogate(class_name: str) -> Callable[[Explainer, BenchModel], list
                         target=bench.targets[i],
                         feature_mask=segments[i : i + 1, None],
                         n_samples=explainer.samples,
-                        perturbations_per_eval=explainer.chunk_size,
+                        perturbations_per_eval=_chunk(explainer, bench),
                         baselines=explainer.baseline,
                     )
                     for i in range(x.shape[0])
@@ -313,7 +318,7 @@ def _grad_cam_case(class_name: str) -> Callable[[Explainer, BenchModel], list[Pe
     """pytorch-grad-cam's ``class_name`` on the same layer (``batch_size`` = our chunk size)."""
 
     def cases(explainer: Any, bench: BenchModel) -> list[PeerCase]:
-        chunk = getattr(explainer, "chunk_size", None)
+        chunk = _chunk(explainer, bench) if hasattr(explainer, "chunk_size") else None
         settings = {"target_layers": [getattr(explainer, "target_layer", None) or bench.target_layer]}
         if chunk is not None:
             settings["batch_size"] = chunk
@@ -359,7 +364,7 @@ def _monai_occlusion(explainer: Any, bench: BenchModel) -> list[PeerCase]:
     settings = {
         "mask_size": explainer.window,
         "overlap": 1 - explainer.stride / explainer.window,
-        "n_batch": explainer.chunk_size,
+        "n_batch": _chunk(explainer, bench),
         "mode": explainer.baseline,  # a number: the value an occluded patch takes
         "activate": False,  # target logits, as ours
         "verbose": False,

@@ -21,19 +21,13 @@ from service.explain.base import (
     ExplainerError,
     ModelLike,
     check_logits,
+    chunk_size_for,
     forward_function,
     torch_module_of,
 )
 from service.explain.hooks import LayerRecorder, eval_mode, module_device, resolve_module
-from service.explain.perturbation import (
-    SCORES,
-    boolean,
-    choice,
-    chunked_scores,
-    finite_float,
-    positive_int,
-    target_scores,
-)
+from service.explain.perturbation import SCORES, chunked_scores, target_scores
+from service.explain.settings import boolean, choice, finite_float, optional_positive_int
 
 #: A forward hook: ``hook(module, args, output)``.
 _ForwardHook = Callable[[nn.Module, tuple[object, ...], object], None]
@@ -368,14 +362,14 @@ class ScoreCAM(_CamExplainer):
         self,
         target_layer: str | None = None,
         relu: bool = True,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         score: str = "probability",
         subtract_baseline: bool = True,
         channel_softmax: bool = False,
         baseline: float = 0.0,
     ) -> None:
         super().__init__(target_layer=target_layer, relu=relu)
-        self.chunk_size = positive_int("chunk_size", chunk_size)
+        self.chunk_size = optional_positive_int("chunk_size", chunk_size)
         self.baseline = finite_float("baseline", baseline)
         self.score = choice("score", score, SCORES)
         self.subtract_baseline = boolean("subtract_baseline", subtract_baseline)
@@ -387,12 +381,13 @@ class ScoreCAM(_CamExplainer):
 
     def _channel_weights(self, inputs: CamInputs) -> torch.Tensor:
         forward = forward_function(inputs.model)
+        chunk = chunk_size_for(self.chunk_size, inputs.model)
         batch, targets, activations = inputs.batch, inputs.targets, inputs.activations
         n_images, n_channels = activations.shape[:2]
         size = tuple(batch.shape[-2:])
         scores = torch.empty(n_images * n_channels, dtype=torch.float32, device=batch.device)
-        for start in range(0, scores.numel(), self.chunk_size):
-            index = torch.arange(start, min(start + self.chunk_size, scores.numel()), device=batch.device)
+        for start in range(0, scores.numel(), chunk):
+            index = torch.arange(start, min(start + chunk, scores.numel()), device=batch.device)
             image, channel = index // n_channels, index % n_channels
             masks = F.interpolate(activations[image, channel][:, None], size=size, mode="bilinear", align_corners=False)
             low = masks.amin(dim=(1, 2, 3), keepdim=True)
@@ -406,7 +401,7 @@ class ScoreCAM(_CamExplainer):
             return torch.softmax(scores, dim=1).to(activations.dtype)
         if self.subtract_baseline:
             baseline = torch.full_like(batch, self.baseline)
-            scores = scores - chunked_scores(forward, baseline, targets, self.score, self.chunk_size)[:, None]
+            scores = scores - chunked_scores(forward, baseline, targets, self.score, chunk)[:, None]
         return scores.to(activations.dtype)
 
 

@@ -36,14 +36,8 @@ from torch import nn
 
 from service.explain.base import ExplainerError, ModelLike, check_logits, torch_module_of
 from service.explain.hooks import eval_mode, module_device
-from service.explain.perturbation import (
-    choice,
-    finite_float,
-    gaussian_blur,
-    positive_float,
-    positive_int,
-    seed_value,
-)
+from service.explain.perturbation import gaussian_blur
+from service.explain.settings import choice, finite_float, positive_float, positive_int, seed_value
 
 #: What is maximised: the target's logit (Simonyan et al.) or its log-softmax probability.
 OBJECTIVES = ("logit", "log_softmax")

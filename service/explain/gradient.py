@@ -11,7 +11,6 @@ in eval mode (each submodule's own ``training`` flag restored afterwards).
 
 from __future__ import annotations
 
-import math
 import numbers
 from abc import abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,37 +32,9 @@ from service.explain.base import (
     torch_module_of,
 )
 from service.explain.hooks import eval_mode, module_device
+from service.explain.settings import boolean, choice, finite_float, positive_int
 
 # --- settings checks (shared with service.explain.propagation) ----------------------------------
-
-
-def positive_int(name: str, value: object) -> int:
-    """``value`` as an ``int`` > 0; an :class:`ExplainerError` naming it otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ExplainerError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def finite_float(name: str, value: object, *, minimum: float | None = None, strict: bool = False) -> float:
-    """``value`` as a finite ``float`` (``>= minimum``, or ``> minimum`` when ``strict``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ExplainerError(f"{name} must be a finite number, got {value!r}")
-    if minimum is not None and (value <= minimum if strict else value < minimum):
-        raise ExplainerError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value!r}")
-    return float(value)
-
-
-def one_of(name: str, value: object, options: Sequence[str]) -> str:
-    """``value`` when it is one of ``options``; an error listing them otherwise."""
-    if not isinstance(value, str) or value not in options:
-        raise ExplainerError(f"{name} must be one of {', '.join(repr(o) for o in options)}; got {value!r}")
-    return value
-
-
-def boolean(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ExplainerError(f"{name} must be True or False, got {value!r}")
-    return value
 
 
 # --- the shared base ------------------------------------------------------------------------------
@@ -284,7 +255,7 @@ class IntegratedGradients(InputAttribution):
     ) -> None:
         self.steps = positive_int("steps", steps)
         self.baseline = finite_float("baseline", baseline)
-        self.method = one_of("method", method, IG_METHODS)
+        self.method = choice("method", method, IG_METHODS)
         self.internal_batch_size = positive_int("internal_batch_size", internal_batch_size)
         if self.method == "riemann_trapezoid" and self.steps < 2:
             raise ExplainerError(f"steps must be >= 2 for riemann_trapezoid, got {self.steps}")
@@ -372,7 +343,7 @@ class SmoothGrad(InputAttribution):
         assert isinstance(self.base_explainer, InputAttribution)
         self.samples = positive_int("samples", samples)
         self.noise_level = finite_float("noise_level", noise_level, minimum=0.0)
-        self.variant = one_of("variant", variant, SMOOTHGRAD_VARIANTS)
+        self.variant = choice("variant", variant, SMOOTHGRAD_VARIANTS)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
             raise ExplainerError(f"seed must be an integer >= 0, got {seed!r}")
         self.seed = int(seed)

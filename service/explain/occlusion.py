@@ -16,15 +16,11 @@ from service.explain.base import (
     ForwardFn,
     ModelLike,
     check_logits,
+    chunk_size_for,
     forward_function,
 )
 from service.explain.hooks import eval_mode, module_device
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ExplainerError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+from service.explain.settings import optional_positive_int, positive_int
 
 
 def window_masks(size: int, window: int, stride: int, device: torch.device) -> torch.Tensor:
@@ -53,10 +49,10 @@ class Occlusion(Explainer):
     name: ClassVar[str] = "occlusion"
     needs_gradients: ClassVar[bool] = False
 
-    def __init__(self, window: int = 16, stride: int = 8, baseline: float = 0.0, chunk_size: int = 64) -> None:
-        self.window = _positive_int("window", window)
-        self.stride = _positive_int("stride", stride)
-        self.chunk_size = _positive_int("chunk_size", chunk_size)
+    def __init__(self, window: int = 16, stride: int = 8, baseline: float = 0.0, chunk_size: int | None = None) -> None:
+        self.window = positive_int("window", window)
+        self.stride = positive_int("stride", stride)
+        self.chunk_size = optional_positive_int("chunk_size", chunk_size)
         if self.stride > self.window:
             raise ExplainerError(
                 f"stride ({self.stride}) must not exceed window ({self.window}): pixels between windows "
@@ -76,7 +72,8 @@ class Occlusion(Explainer):
         rows = window_masks(height, self.window, self.stride, inputs.device)
         cols = window_masks(width, self.window, self.stride, inputs.device)
         with eval_mode(model) if isinstance(model, nn.Module) else nullcontext():
-            drops = self._score_drops(forward_function(model), inputs, targets, rows, cols)
+            chunk = chunk_size_for(self.chunk_size, model)
+            drops = self._score_drops(forward_function(model), inputs, targets, rows, cols, chunk)
         total = torch.einsum("bij,ih,jw->bhw", drops, rows.to(drops.dtype), cols.to(drops.dtype))
         # Every pixel is covered when stride <= window; the clamp only keeps the division safe.
         covering = rows.sum(dim=0)[:, None] * cols.sum(dim=0)[None, :]
@@ -89,19 +86,21 @@ class Occlusion(Explainer):
         targets: torch.Tensor,
         rows: torch.Tensor,
         cols: torch.Tensor,
+        chunk: int,
     ) -> torch.Tensor:
-        """``[B, n_rows, n_cols]``: target score of each image minus that with each window occluded."""
+        """``[B, n_rows, n_cols]``: target score of each image minus that with each window occluded,
+        the inputs going through ``forward`` ``chunk`` at a time."""
         clean = torch.cat(
             [
                 self._target_scores(forward, part, part_targets)
-                for part, part_targets in zip(inputs.split(self.chunk_size), targets.split(self.chunk_size))
+                for part, part_targets in zip(inputs.split(chunk), targets.split(chunk))
             ]
         )
         n_rows, n_cols = rows.shape[0], cols.shape[0]
         per_image = n_rows * n_cols
         drops = torch.empty(inputs.shape[0] * per_image, dtype=clean.dtype, device=inputs.device)
-        for start in range(0, drops.numel(), self.chunk_size):
-            stop = min(start + self.chunk_size, drops.numel())
+        for start in range(0, drops.numel(), chunk):
+            stop = min(start + chunk, drops.numel())
             # Flat index k -> (image k // per_image, window k % per_image); chunks cross image borders.
             index = torch.arange(start, stop, device=inputs.device)
             image, position = index // per_image, index % per_image

@@ -36,16 +36,8 @@ from service.explain.base import (
 )
 from service.explain.gradient import gradient_context
 from service.explain.hooks import module_device
-from service.explain.perturbation import (
-    PERTURBATIONS,
-    SCORES,
-    choice,
-    finite_float,
-    positive_float,
-    positive_int,
-    replacement_images,
-    seed_value,
-)
+from service.explain.perturbation import PERTURBATIONS, SCORES, replacement_images
+from service.explain.settings import choice, finite_float, positive_float, positive_int, seed_value
 
 #: Inverse temperature of the smooth max that pools the extremal mask's grid points (TorchRay's value).
 SMOOTH_MAX_COLDNESS = 20.0

@@ -8,7 +8,6 @@ included); the perturbed inputs of the whole batch go through :func:`forward_fun
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import ClassVar
@@ -24,58 +23,24 @@ from service.explain.base import (
     ModelLike,
     check_batch_and_targets,
     check_logits,
+    chunk_size_for,
     forward_function,
 )
 from service.explain.hooks import eval_mode, module_device
-from service.explain.occlusion import _positive_int
+from service.explain.settings import (
+    boolean,
+    choice,
+    finite_float,
+    optional_positive_int,
+    positive_float,
+    positive_int,
+    seed_value,
+)
 
 #: What a perturbation method reads off the model output for the target class.
 SCORES = ("logit", "probability")
 #: What a perturbed region becomes: a constant (``baseline``) or the Gaussian-blurred image.
 PERTURBATIONS = ("baseline", "blur")
-
-
-# --- settings checks shared by the perturbation, surrogate and Score-CAM explainers ------------------
-
-
-def positive_int(name: str, value: object) -> int:
-    """``value`` as an int > 0; an :class:`ExplainerError` naming it otherwise (bools refused)."""
-    return _positive_int(name, value)
-
-
-def finite_float(name: str, value: object) -> float:
-    """``value`` as a finite float; an :class:`ExplainerError` naming it otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ExplainerError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def positive_float(name: str, value: object) -> float:
-    """``value`` as a finite float > 0."""
-    number = finite_float(name, value)
-    if number <= 0:
-        raise ExplainerError(f"{name} must be a positive number, got {value!r}")
-    return number
-
-
-def seed_value(value: object) -> int:
-    """A seed: an int >= 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ExplainerError(f"seed must be an integer >= 0, got {value!r}")
-    return int(value)
-
-
-def choice(name: str, value: object, options: tuple[str, ...]) -> str:
-    """``value`` when it is one of ``options``."""
-    if not isinstance(value, str) or value not in options:
-        raise ExplainerError(f"{name} must be one of {', '.join(repr(o) for o in options)}, got {value!r}")
-    return value
-
-
-def boolean(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ExplainerError(f"{name} must be True or False, got {value!r}")
-    return value
 
 
 # --- forward passes -------------------------------------------------------------------------------
@@ -202,7 +167,7 @@ class RISE(Explainer):
         cell_size: int = 7,
         probability: float = 0.5,
         seed: int = 0,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         baseline: float = 0.0,
         score: str = "probability",
         perturbation: str = "baseline",
@@ -215,7 +180,7 @@ class RISE(Explainer):
         if not 0 < self.probability <= 1:
             raise ExplainerError(f"probability must be in (0, 1], got {probability!r}")
         self.seed = seed_value(seed)
-        self.chunk_size = positive_int("chunk_size", chunk_size)
+        self.chunk_size = optional_positive_int("chunk_size", chunk_size)
         self.baseline = finite_float("baseline", baseline)
         self.score = choice("score", score, SCORES)
         self.perturbation = choice("perturbation", perturbation, PERTURBATIONS)
@@ -269,6 +234,7 @@ class RISE(Explainer):
     def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         n_images, _, height, width = batch.shape
         grids, shifts = self.grids(height, width)
+        chunk = chunk_size_for(self.chunk_size, model)
         with forward_context(model, batch) as (forward, device):
             inputs = batch.detach().to(device)
             targets = targets.to(device)
@@ -280,9 +246,9 @@ class RISE(Explainer):
             coverage = torch.zeros(height, width, dtype=torch.float64, device=device)  # sum_i M_i
             score_sums = torch.zeros(n_images, dtype=torch.float64, device=device)
             total = n_images * self.n_masks
-            for start in range(0, total, self.chunk_size):
+            for start in range(0, total, chunk):
                 # Flat index k -> (mask k // B, image k % B): a chunk needs only its own masks upsampled.
-                index = torch.arange(start, min(start + self.chunk_size, total), device=device)
+                index = torch.arange(start, min(start + chunk, total), device=device)
                 mask_index, image = index // n_images, index % n_images
                 first, last = int(mask_index[0]), int(mask_index[-1]) + 1
                 masks = self._upsample(grids[first:last], shifts[first:last], height, width).to(device)
@@ -344,7 +310,7 @@ class HiPe(Explainer):
         blur_sigma: float = 10.0,
         score: str = "probability",
         relu: bool = True,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
     ) -> None:
         self.initial_grid = positive_int("initial_grid", initial_grid)
         if self.initial_grid < 2:
@@ -355,7 +321,7 @@ class HiPe(Explainer):
         self.blur_sigma = positive_float("blur_sigma", blur_sigma)
         self.score = choice("score", score, SCORES)
         self.relu = boolean("relu", relu)
-        self.chunk_size = positive_int("chunk_size", chunk_size)
+        self.chunk_size = optional_positive_int("chunk_size", chunk_size)
 
     def levels(self, height: int, width: int) -> list[int]:
         """Cells per side at each level for ``height`` x ``width`` images."""
@@ -384,11 +350,12 @@ class HiPe(Explainer):
     def _run(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n_images, _, height, width = batch.shape
         levels = self.levels(height, width)
+        chunk = chunk_size_for(self.chunk_size, model)
         with forward_context(model, batch) as (forward, device):
             inputs = batch.detach().to(device)
             targets = targets.to(device)
             replacement = replacement_images(inputs, self.perturbation, self.baseline, self.blur_sigma)
-            clean = chunked_scores(forward, inputs, targets, self.score, self.chunk_size)
+            clean = chunked_scores(forward, inputs, targets, self.score, chunk)
             saliency = torch.zeros(n_images, height, width, dtype=clean.dtype, device=device)
             passes = torch.ones(n_images, dtype=torch.long, device=device)
             for cells in levels:
@@ -397,7 +364,7 @@ class HiPe(Explainer):
                 selected = self._window_peaks(saliency, cells, height, width) >= self._thresholds(saliency)
                 drops = torch.zeros(n_images, cells + 1, cells + 1, dtype=clean.dtype, device=device)
                 image, row, col = selected.nonzero(as_tuple=True)
-                for part in torch.arange(len(image), device=device).split(self.chunk_size):
+                for part in torch.arange(len(image), device=device).split(chunk):
                     b, i, j = image[part], row[part], col[part]
                     window = (rows[i][:, :, None] & cols[j][:, None, :])[:, None]
                     perturbed = torch.where(window, replacement[b], inputs[b])

@@ -35,12 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.explain.base import ExplainerError, check_logits
-from service.explain.gradient import (
-    InputAttribution,
-    finite_float,
-    one_of,
-    target_scores,
-)
+from service.explain.gradient import InputAttribution, target_scores
+from service.explain.settings import choice, finite_float
 
 # --- operation kinds ------------------------------------------------------------------------------
 
@@ -623,7 +619,7 @@ class LRP(_PropagationExplainer):
         low: float | None = None,
         high: float | None = None,
     ) -> None:
-        self.composite = one_of("composite", composite, LRP_COMPOSITES)
+        self.composite = choice("composite", composite, LRP_COMPOSITES)
         self.epsilon = finite_float("epsilon", epsilon, minimum=0.0, strict=True)
         self.gamma = finite_float("gamma", gamma, minimum=0.0)
         self.alpha = finite_float("alpha", alpha, minimum=1.0)

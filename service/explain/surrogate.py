@@ -34,17 +34,20 @@ import numpy as np
 import torch
 from skimage.segmentation import slic
 
-from service.explain.base import Explainer, ExplainerError, ModelLike, check_batch_and_targets
+from service.explain.base import Explainer, ExplainerError, ModelLike, check_batch_and_targets, chunk_size_for
 from service.explain.perturbation import (
     SCORES,
     check_target_range,
+    forward_context,
+    target_scores,
+)
+from service.explain.settings import (
     choice,
     finite_float,
-    forward_context,
+    optional_positive_int,
     positive_float,
     positive_int,
     seed_value,
-    target_scores,
 )
 
 
@@ -69,7 +72,7 @@ class _Surrogate(Explainer):
         smoothing: float,
         baseline: float,
         score: str,
-        chunk_size: int,
+        chunk_size: int | None,
     ) -> None:
         self.samples = positive_int("samples", samples)
         self.seed = seed_value(seed)
@@ -78,7 +81,7 @@ class _Surrogate(Explainer):
         self.smoothing = _non_negative_float("smoothing", smoothing)
         self.baseline = finite_float("baseline", baseline)
         self.score = choice("score", score, SCORES)
-        self.chunk_size = positive_int("chunk_size", chunk_size)
+        self.chunk_size = optional_positive_int("chunk_size", chunk_size)
 
     # --- what a method defines -------------------------------------------------------------------
 
@@ -160,6 +163,7 @@ class _Surrogate(Explainer):
         kept = torch.zeros(n_images, max(rows), max(counts), dtype=torch.bool)
         for index, (z, _) in enumerate(drawn):
             kept[index, : z.shape[0], : z.shape[1]] = z > 0.5
+        chunk = chunk_size_for(self.chunk_size, model)
         with forward_context(model, batch) as (forward, device):
             inputs = batch.detach().to(device)
             targets = targets.to(device)
@@ -169,7 +173,7 @@ class _Surrogate(Explainer):
             image = torch.repeat_interleave(torch.arange(n_images, device=device), torch.tensor(rows, device=device))
             row = torch.cat([torch.arange(count, device=device) for count in rows])
             scores = torch.empty(len(image), dtype=torch.float64, device=device)
-            for part in torch.arange(len(image), device=device).split(self.chunk_size):
+            for part in torch.arange(len(image), device=device).split(chunk):
                 b = image[part]
                 keep = torch.gather(kept[b, row[part]], 1, pixel_feature[b]).view(len(part), 1, height, width)
                 perturbed = torch.where(keep, inputs[b], self.baseline)
@@ -236,7 +240,7 @@ class Lime(_Surrogate):
         smoothing: float = 1.0,
         baseline: float = 0.0,
         score: str = "probability",
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__(samples, seed, n_segments, compactness, smoothing, baseline, score, chunk_size)
         self.kernel_width = positive_float("kernel_width", kernel_width)
@@ -282,7 +286,7 @@ class KernelShap(_Surrogate):
         smoothing: float = 1.0,
         baseline: float = 0.0,
         score: str = "logit",
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__(samples, seed, n_segments, compactness, smoothing, baseline, score, chunk_size)
 

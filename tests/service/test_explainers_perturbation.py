@@ -26,7 +26,7 @@ from torch import nn
 
 from dicom_io.pixels import prepare_frames
 from service.demo import demo_card_path
-from service.explain.base import Explainer, ExplainerError
+from service.explain.base import CHUNK_SIZE_CPU, CHUNK_SIZE_GPU, Explainer, ExplainerError, chunk_size_for
 from service.explain.cam import CAM, GradCAM, GradCAMPlusPlus, GuidedGradCAM, ScoreCAM
 from service.explain.hooks import resolve_module
 from service.explain.perturbation import RISE, HiPe
@@ -821,3 +821,26 @@ def test_registry() -> None:
     assert isinstance(get_explainer("kernel_shap", samples=10), KernelShap)
     with pytest.raises(ExplainerError, match=r"unknown setting\(s\) 'mask' for explainer 'rise'"):
         get_explainer("rise", mask=3)
+
+
+# --- chunk size by device ---------------------------------------------------------------------------
+
+
+class _DeviceOnly:
+    """Stands for a runner: only its ``device`` string matters to the chunk size."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+
+@pytest.mark.parametrize("method", ["occlusion", "rise", "hipe", "scorecam", "lime", "kernel_shap"])
+def test_chunk_size_defaults_by_device(method: str) -> None:
+    """Unset, a forward-only method passes 64 inputs at a time on a CPU and 256 on a GPU."""
+    explainer = get_explainer(method)
+    assert explainer.chunk_size is None
+    cpu_module = nn.Linear(2, 2)
+    assert chunk_size_for(explainer.chunk_size, cpu_module) == CHUNK_SIZE_CPU == 64
+    for device in ("cuda:0", "CUDAExecutionProvider"):
+        assert chunk_size_for(explainer.chunk_size, _DeviceOnly(device)) == CHUNK_SIZE_GPU == 256
+    assert chunk_size_for(explainer.chunk_size, _DeviceOnly("CPUExecutionProvider")) == 64
+    assert chunk_size_for(get_explainer(method, chunk_size=7).chunk_size, _DeviceOnly("cuda:0")) == 7
