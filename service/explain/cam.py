@@ -25,7 +25,7 @@ from service.explain.base import (
     forward_function,
     torch_module_of,
 )
-from service.explain.hooks import LayerRecorder, eval_mode, module_device, resolve_module
+from service.explain.hooks import LayerRecorder, eval_mode, module_device, resolve_module, this_thread_only
 from service.explain.perturbation import SCORES, chunked_scores, target_scores
 from service.explain.settings import boolean, choice, finite_float, optional_positive_int
 
@@ -186,9 +186,9 @@ class CAM(_CamExplainer):
         try:
             for name, child in modules.items():
                 if isinstance(child, nn.Linear):
-                    handles.append(child.register_forward_hook(_record_linear_input(linear_inputs)))
+                    handles.append(child.register_forward_hook(this_thread_only(_record_linear_input(linear_inputs))))
                 elif name and not any(True for _ in child.children()):
-                    handles.append(child.register_forward_hook(_record_pooled(name, pooled)))
+                    handles.append(child.register_forward_hook(this_thread_only(_record_pooled(name, pooled))))
             with eval_mode(module), torch.no_grad():
                 module(batch)
         finally:
@@ -224,9 +224,9 @@ class CAM(_CamExplainer):
         try:
             for name, module in modules.items():
                 if name in candidates:
-                    handles.append(module.register_forward_hook(_record_call(name, calls)))
+                    handles.append(module.register_forward_hook(this_thread_only(_record_call(name, calls))))
                 if name and not any(True for _ in module.children()):
-                    handles.append(module.register_forward_hook(_record_order(name, order)))
+                    handles.append(module.register_forward_hook(this_thread_only(_record_order(name, order))))
             with torch.no_grad():
                 logits = inputs.model(inputs.batch)
         finally:

@@ -6,7 +6,9 @@ exceptions included.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -83,6 +85,28 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+ForwardHook = Callable[[nn.Module, tuple[object, ...], object], object]
+
+
+def this_thread_only(hook: ForwardHook) -> ForwardHook:
+    """``hook`` acting only on forward passes run by the thread that registers it.
+
+    A model is shared: the node's pipeline threads, its start-up warm-up and its inference pool
+    run their own forward passes through the same modules, and a module's hooks fire for every
+    pass. Forward hooks run in the thread that called the model, so the thread tells whose pass
+    it is; other threads' passes go through untouched.
+    """
+    owner = threading.get_ident()
+
+    @functools.wraps(hook)
+    def guarded(module: nn.Module, args: tuple[object, ...], output: object) -> object:
+        if threading.get_ident() != owner:
+            return None
+        return hook(module, args, output)
+
+    return guarded
+
+
 @dataclass
 class LayerCall:
     """One forward call of the recorded layer.
@@ -126,7 +150,7 @@ class LayerRecorder:
                 "support hooks on ScriptModules; use an eager torch module or a forward-only method"
             )
         self.calls.clear()
-        self._handles.append(self.module.register_forward_hook(self._on_forward))
+        self._handles.append(self.module.register_forward_hook(this_thread_only(self._on_forward)))
         return self
 
     def __exit__(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -445,3 +447,58 @@ def test_registry() -> None:
         get_explainer("gradcamm")
     with pytest.raises(ExplainerError, match=r"unknown setting\(s\) 'size' for explainer 'occlusion'"):
         get_explainer("occlusion", size=3)
+
+
+# --- a model shared by threads ---------------------------------------------------------------------
+
+
+class Rendezvous(nn.Module):
+    """When armed, holds the first forward pass of each thread until ``parties`` threads are
+    inside the model at once (later passes of a thread go straight through)."""
+
+    def __init__(self, parties: int) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(parties, timeout=20)
+        self.armed = False
+        self._held: set[int] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.armed and threading.get_ident() not in self._held:
+            self._held.add(threading.get_ident())
+            self.barrier.wait()
+        return x
+
+
+def test_explainers_on_a_model_shared_by_threads() -> None:
+    """Grad-CAM and CAM in two threads and a plain forward pass in a third, all inside the same
+    modules at once (held together before the CAM layer, after every hook is registered), as the
+    node's pipeline threads, warm-up and inference pool do: each thread gets what it gets alone."""
+    gate = Rendezvous(3)
+    model = nn.Sequential(OrderedDict(gate=gate, net=SeqNet())).eval()  # deployed models are in eval mode
+    layer = "net.features.4"
+    x = images()
+    jobs = {
+        "gradcam": lambda: GradCAM(target_layer=layer).explain(model, x[:2], [0, 1]),
+        "cam": lambda: get_explainer("cam").explain(model, x[2:], [2, 1]),
+        "forward": lambda: model(x).detach(),
+    }
+    expected = {name: job() for name, job in jobs.items()}
+    gate.armed = True
+    results: dict[str, torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            results[name] = jobs[name]()
+        except BaseException as exc:  # reported below, with the others
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    for name, value in expected.items():
+        torch.testing.assert_close(results[name], value, msg=name)
+    assert hook_count(model) == 0
