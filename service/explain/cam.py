@@ -8,7 +8,6 @@ a check (CAM, Score-CAM: a torch module without gradients) or a final product (g
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -25,12 +24,16 @@ from service.explain.base import (
     forward_function,
     torch_module_of,
 )
-from service.explain.hooks import LayerRecorder, eval_mode, module_device, resolve_module, this_thread_only
+from service.explain.hooks import (
+    ForwardHook,
+    LayerRecorder,
+    eval_mode,
+    module_device,
+    resolve_module,
+    this_thread_only,
+)
 from service.explain.perturbation import SCORES, chunked_scores, target_scores
 from service.explain.settings import boolean, choice, finite_float, optional_positive_int
-
-#: A forward hook: ``hook(module, args, output)``.
-_ForwardHook = Callable[[nn.Module, tuple[object, ...], object], None]
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,7 @@ def _require_torch_module(method: str, model: ModelLike) -> None:
         )
 
 
-def _record_call(name: str, calls: list[tuple[str, torch.Tensor, torch.Tensor]]) -> _ForwardHook:
+def _record_call(name: str, calls: list[tuple[str, torch.Tensor, torch.Tensor]]) -> ForwardHook:
     def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
         if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
             calls.append((name, args[0].detach().clone(), output.detach().clone()))
@@ -267,7 +270,7 @@ def _record_call(name: str, calls: list[tuple[str, torch.Tensor, torch.Tensor]])
     return hook
 
 
-def _record_pooled(name: str, pooled: list[tuple[str, torch.Tensor]]) -> _ForwardHook:
+def _record_pooled(name: str, pooled: list[tuple[str, torch.Tensor]]) -> ForwardHook:
     """Record the spatial mean ``[B, C]`` of a layer's ``[B, C, h, w]`` output (``h * w > 1``)."""
 
     def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
@@ -277,7 +280,7 @@ def _record_pooled(name: str, pooled: list[tuple[str, torch.Tensor]]) -> _Forwar
     return hook
 
 
-def _record_linear_input(inputs: list[torch.Tensor]) -> _ForwardHook:
+def _record_linear_input(inputs: list[torch.Tensor]) -> ForwardHook:
     def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
         if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 2:
             inputs.append(args[0].detach().clone())
@@ -285,7 +288,7 @@ def _record_linear_input(inputs: list[torch.Tensor]) -> _ForwardHook:
     return hook
 
 
-def _record_order(name: str, order: list[str]) -> _ForwardHook:
+def _record_order(name: str, order: list[str]) -> ForwardHook:
     def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
         order.append(name)
 

@@ -85,6 +85,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+#: A forward hook: ``hook(module, args, output)``; a value it returns replaces the output.
 ForwardHook = Callable[[nn.Module, tuple[object, ...], object], object]
 
 
