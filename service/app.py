@@ -33,8 +33,9 @@ from service.store import Journal, Spool
 
 log = logging.getLogger(__name__)
 
-#: Seconds between looks at the assembler when nothing is ready (series timers are this precise).
-POLL_SECONDS = 0.02
+#: Longest wait of a processing thread for a ready series; the assembler wakes it sooner, when a
+#: series becomes ready, and at stop.
+PROCESS_WAIT_SECONDS = 1.0
 #: Seconds between outbox passes when nothing woke the sender (retries that came due).
 SEND_POLL_SECONDS = 0.5
 
@@ -151,6 +152,7 @@ class Node:
         """Graceful stop: no new associations, finish the batch in hand, last send pass."""
         self.scp.stop()
         self._stopping.set()
+        self.assembler.wake()
         self._outputs_ready.set()
         for thread in self._threads:
             thread.join()
@@ -179,12 +181,9 @@ class Node:
 
     def _process_loop(self) -> None:
         while not self._stopping.is_set():
-            ready = self.assembler.take_ready()
-            for key, sop_uids in ready:
+            for key, sop_uids in self.assembler.wait_ready(timeout=PROCESS_WAIT_SECONDS):
                 self.processor.process_batch(key, self.journal.get_instances(sop_uids))
                 self._outputs_ready.set()
-            if not ready:
-                self._stopping.wait(POLL_SECONDS)
 
     def _send_loop(self) -> None:
         while True:

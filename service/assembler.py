@@ -74,6 +74,9 @@ class Assembler:
         self.max_wait_seconds = float(max_wait_seconds)
         self._clock = clock
         self._lock = threading.Lock()
+        #: Notified on every change, so :meth:`wait_ready` wakes when a series may have become ready.
+        self._changed = threading.Condition(self._lock)
+        self._wakes = 0  # counts wake() calls
         self._batches: dict[SeriesKey, _Batch] = {}
 
     def instance_arrived(self, key: SeriesKey, sop_instance_uid: str, association_id: str) -> None:
@@ -83,22 +86,44 @@ class Assembler:
             batch = self._batch(key, now)
             batch.add(sop_instance_uid, now)
             batch.open_associations.add(association_id)
+            self._changed.notify_all()
 
     def association_ended(self, association_id: str) -> None:
         """Association ``association_id`` was released or aborted: it no longer holds any series back."""
         with self._lock:
             for batch in self._batches.values():
                 batch.open_associations.discard(association_id)
+            self._changed.notify_all()
 
     def take_ready(self) -> list[tuple[SeriesKey, list[str]]]:
         """The ready batches (oldest first) with their SOP Instance UIDs in arrival order; they are forgotten."""
         with self._lock:
-            now = self._clock()
-            ready = [(key, batch) for key, batch in self._batches.items() if self._is_ready(batch, now)]
-            ready.sort(key=lambda item: item[1].first_arrival)
-            for key, _ in ready:
-                del self._batches[key]
-        return [(key, list(batch.sop_instance_uids)) for key, batch in ready]
+            return self._take_ready(self._clock())
+
+    def wait_ready(self, timeout: float) -> list[tuple[SeriesKey, list[str]]]:
+        """:meth:`take_ready`, waiting up to ``timeout`` seconds (real time) for a batch to be ready.
+
+        Sleeps until the earliest moment a batch can become ready (its idle or maximum wait ends)
+        or until an arrival, an association's end or :meth:`wake` changes the picture; returns
+        ``[]`` when the timeout passes first or after :meth:`wake`.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            woken = self._wakes
+            while True:
+                now = self._clock()
+                ready = self._take_ready(now)
+                remaining = deadline - time.monotonic()
+                if ready or remaining <= 0 or self._wakes != woken:
+                    return ready
+                until_ready = min((self._ready_in(batch, now) for batch in self._batches.values()), default=remaining)
+                self._changed.wait(min(remaining, max(until_ready, 0.0)))
+
+    def wake(self) -> None:
+        """Make every :meth:`wait_ready` return now (e.g. when the node stops)."""
+        with self._lock:
+            self._wakes += 1
+            self._changed.notify_all()
 
     def restore(self, key: SeriesKey, sop_instance_uid: str, received_at_monotonic: float | None = None) -> None:
         """After a restart: a journaled-but-unprocessed instance rejoins its series with no open association.
@@ -109,6 +134,7 @@ class Assembler:
         with self._lock:
             at = self._clock() if received_at_monotonic is None else received_at_monotonic
             self._batch(key, at).add(sop_instance_uid, at)
+            self._changed.notify_all()
 
     def pending(self) -> int:
         """Number of instances waiting in batches not yet taken."""
@@ -121,6 +147,20 @@ class Assembler:
         if batch is None:
             batch = self._batches[key] = _Batch(first_arrival=at, last_arrival=at)
         return batch
+
+    def _take_ready(self, now: float) -> list[tuple[SeriesKey, list[str]]]:
+        ready = [(key, batch) for key, batch in self._batches.items() if self._is_ready(batch, now)]
+        ready.sort(key=lambda item: item[1].first_arrival)
+        for key, _ in ready:
+            del self._batches[key]
+        return [(key, list(batch.sop_instance_uids)) for key, batch in ready]
+
+    def _ready_in(self, batch: _Batch, now: float) -> float:
+        """Seconds until ``batch`` is ready if nothing else happens (an open association waits for max_wait)."""
+        by_max_wait = batch.first_arrival + self.max_wait_seconds - now
+        if batch.open_associations:
+            return by_max_wait
+        return min(by_max_wait, batch.last_arrival + self.idle_seconds - now)
 
     def _is_ready(self, batch: _Batch, now: float) -> bool:
         if now - batch.first_arrival >= self.max_wait_seconds:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -156,3 +157,52 @@ def test_thread_safe_arrivals(assembler: Assembler, clock: FakeClock) -> None:
     clock.now += 5
     ((key, uids),) = assembler.take_ready()
     assert key == CT and len(uids) == 800 == len(set(uids))
+
+
+# --- waiting for a ready series (real clock; bounds are loose: they tell a wake-up from a timeout) --
+
+
+def _waiter(assembler: Assembler, timeout: float) -> tuple[threading.Thread, dict[str, object]]:
+    out: dict[str, object] = {}
+
+    def wait() -> None:
+        started = time.monotonic()
+        out["ready"] = assembler.wait_ready(timeout=timeout)
+        out["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    return thread, out
+
+
+def test_wait_ready_wakes_when_a_series_becomes_ready() -> None:
+    """A waiting processing thread gets the series once its association ended and the idle time
+    passed, not at the end of its long timeout."""
+    assembler = Assembler(idle_seconds=0.2, max_wait_seconds=60.0)
+    thread, out = _waiter(assembler, timeout=30)
+    time.sleep(0.1)  # the waiter is asleep on an empty assembler
+    assembler.instance_arrived(CT, "1.1", "assoc-1")
+    assembler.association_ended("assoc-1")
+    thread.join(timeout=30)
+    assert out["ready"] == [(CT, ["1.1"])]
+    assert 0.2 <= out["seconds"] < 10  # after the idle time, long before the timeout
+
+
+def test_wait_ready_respects_an_open_association_until_max_wait() -> None:
+    assembler = Assembler(idle_seconds=0.05, max_wait_seconds=0.5)
+    assembler.instance_arrived(CT, "1.1", "assoc-1")  # never released
+    started = time.monotonic()
+    assert assembler.wait_ready(timeout=30) == [(CT, ["1.1"])]
+    assert 0.4 <= time.monotonic() - started < 10
+
+
+def test_wait_ready_returns_empty_on_timeout_and_on_wake() -> None:
+    assembler = Assembler(idle_seconds=0.05, max_wait_seconds=60.0)
+    started = time.monotonic()
+    assert assembler.wait_ready(timeout=0.2) == []
+    assert time.monotonic() - started >= 0.2
+    thread, out = _waiter(assembler, timeout=30)
+    time.sleep(0.1)
+    assembler.wake()
+    thread.join(timeout=30)
+    assert out["ready"] == [] and out["seconds"] < 10

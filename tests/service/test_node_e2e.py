@@ -283,8 +283,11 @@ def test_sigkill_during_a_200_instance_send_then_restart_delivers_each_output_on
         phantom.dataset.save_as(path, enforce_file_format=True)
         sources.append(path)
 
+    started: list[subprocess.Popen] = []
+
     def start() -> subprocess.Popen:
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log_path.open("ab"))
+        started.append(process)
         wait_for(lambda: StoreSCU("PROBE").echo(Destination("PACSXAI", "127.0.0.1", port)), 60, "the node to listen")
         return process
 
@@ -336,6 +339,10 @@ def test_sigkill_during_a_200_instance_send_then_restart_delivers_each_output_on
         node.send_signal(signal.SIGTERM)
         assert node.wait(timeout=60) == 0
     finally:
+        for process in started:  # a failed assertion must not leave a node running
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
         orthanc.stop()
     log_text = log_path.read_text(errors="replace")
     assert "PHANTOM" not in log_text and "PXAI" not in log_text, "patient name or ID in the node's log"
