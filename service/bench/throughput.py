@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -262,6 +263,12 @@ def print_figures(figures: Mapping[str, Any]) -> None:
     print(f"\ngoal (issue #6): [{status}] {figures['goal']['goal']}: {figures['goal']['measured']}")
 
 
+def _nice_step(rough: float) -> float:
+    """The smallest 1, 2 or 5 times a power of ten that is >= ``rough`` (axis ticks)."""
+    power = 10 ** math.floor(math.log10(rough)) if rough > 0 else 1.0
+    return next(factor * power for factor in (1, 2, 5, 10) if factor * power >= rough)
+
+
 def plot_figures(figures: Mapping[str, Any], path: Path) -> None:
     """Images/s against batch size (Pillow): ours, the peer, and the GPU goal line."""
     from PIL import Image, ImageDraw, ImageFont
@@ -275,7 +282,8 @@ def plot_figures(figures: Mapping[str, Any], path: Path) -> None:
         for name in ("pacs-xai", "pytorch-grad-cam")
     }
     values = [rate for points in series.values() for _, rate in points] + [GPU_GOAL_IMAGES_PER_S]
-    top = max(values) * 1.15
+    tick = _nice_step(max(values) * 1.15 / 5)
+    top = tick * math.ceil(max(values) * 1.15 / tick)
     batches = [row["batch"] for row in figures["rows"]] or [1]
     left, right, upper, lower, width, height = 70, 190, 40, 50, 720, 420
     image = Image.new("RGB", (width, height), "white")
@@ -295,9 +303,10 @@ def plot_figures(figures: Mapping[str, Any], path: Path) -> None:
     for index, size in enumerate(batches):
         draw.text((x_of(index) - 8, height - lower + 6), str(size), fill="black", font=font)
     draw.text((left + span_x // 2 - 30, height - 22), "batch size", fill="black", font=font)
-    for step in range(5):
-        rate = top * step / 4
-        draw.text((8, y_of(rate) - 6), f"{rate:.0f}", fill="black", font=font)
+    for step in range(round(top / tick) + 1):
+        rate = tick * step
+        draw.line((left - 4, y_of(rate), left, y_of(rate)), fill="black")
+        draw.text((8, y_of(rate) - 6), f"{rate:,.0f}", fill="black", font=font)
     goal_y = y_of(GPU_GOAL_IMAGES_PER_S)
     draw.line((left, goal_y, width - right, goal_y), fill=(200, 0, 0))
     draw.text((width - right + 6, goal_y - 6), "GPU goal", fill=(200, 0, 0), font=font)
