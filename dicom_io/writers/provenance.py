@@ -47,7 +47,6 @@ __all__ = [
     "derivation_description",
     "drop_assumed_slice_spacing",
     "highdicom_source_view",
-    "without_person_names",
     "instance_number",
     "number_of_frames",
     "pacs_xai_version",
@@ -61,6 +60,7 @@ __all__ = [
     "source_image_item",
     "synthetic_frame_geometry",
     "synthetic_frame_of_reference_uid",
+    "without_person_names",
 ]
 
 #: Burned into every overlay and written into every description: the output is not a diagnosis.
