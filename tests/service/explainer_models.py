@@ -118,16 +118,17 @@ def build(cls: Callable[..., nn.Module], *args: Any, seed: int = 0, **kwargs: An
     return model.eval()
 
 
-def images(n: int = 4, seed: int = 1, size: int = SIZE) -> torch.Tensor:
-    """Noise plus three bright or dark Gaussian blobs per image, so maps have spatial structure."""
+def images(n: int = 4, seed: int = 1, size: int = SIZE, *, margin: int = 4, sigma: float = 3.0) -> torch.Tensor:
+    """Noise plus three bright or dark Gaussian blobs (``sigma`` pixels, centres at least ``margin``
+    from the border) per image, so maps have spatial structure."""
     generator = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(size * 1.0), torch.arange(size * 1.0), indexing="ij")
     batch = 0.3 * torch.randn(n, 1, size, size, generator=generator)
     for image in batch:
         for _ in range(3):
-            cy, cx = (torch.rand(2, generator=generator) * (size - 8) + 4).tolist()
+            cy, cx = (torch.rand(2, generator=generator) * (size - 2 * margin) + margin).tolist()
             sign = 1.0 if torch.rand(1, generator=generator).item() > 0.5 else -1.0
-            image[0] += sign * 2.0 * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 3.0**2))
+            image[0] += sign * 2.0 * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
     return batch
 
 

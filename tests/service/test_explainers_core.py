@@ -22,6 +22,7 @@ from service.explain.registry import available_explainers, get_explainer
 from service.inference.runner import Runner
 from tests.service.explainer_checks import hook_count, left_as_found
 from tests.service.explainer_models import Boom, build
+from tests.service.explainer_models import images as blob_images
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -95,16 +96,8 @@ class FunctionalReluNet(nn.Module):
 
 
 def images(n: int = 4, seed: int = 1) -> torch.Tensor:
-    """Noise plus three bright or dark Gaussian blobs per image, so maps have spatial structure."""
-    generator = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(SIZE * 1.0), torch.arange(SIZE * 1.0), indexing="ij")
-    batch = 0.3 * torch.randn(n, 1, SIZE, SIZE, generator=generator)
-    for image in batch:
-        for _ in range(3):
-            cy, cx = (torch.rand(2, generator=generator) * (SIZE - 16) + 8).tolist()
-            sign = 1.0 if torch.rand(1, generator=generator).item() > 0.5 else -1.0
-            image[0] += sign * 2.0 * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 6.0**2))
-    return batch
+    """The shared blob images at this file's size, with wider blobs away from the border."""
+    return blob_images(n, seed, SIZE, margin=8, sigma=6.0)
 
 
 def predicted(model: nn.Module, x: torch.Tensor) -> list[int]:
