@@ -8,8 +8,9 @@ ready when
 * ``max_wait_seconds`` have passed since its first arrival, even with an association still open
   (a sender that never releases cannot hold a series back for ever).
 
-:meth:`Assembler.take_ready` hands ready batches out once and forgets them; instances of the same
-series that arrive later start a new batch, processed as a follow-up. The assembler is in memory
+:meth:`Assembler.take_ready` hands ready batches out once and forgets them (:meth:`Assembler.wait_ready`
+does the same after sleeping until one can be ready); instances of the same series that arrive
+later start a new batch, processed as a follow-up. The assembler is in memory
 only: the journal is the durable record, and after a restart the journaled-but-unprocessed
 instances are put back with :meth:`Assembler.restore`.
 
