@@ -8,11 +8,7 @@
 # Without a mounted config the image runs deploy/docker/node.yaml (listens on 0.0.0.0:11112,
 # metrics on 0.0.0.0:9110, any caller, no destination: results wait in the outbox). Without a GPU
 # it runs too: ONNX Runtime and torch fall back to the CPU. docs/operations.md has the details.
-FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
-
-LABEL org.opencontainers.image.title="pacs-xai" \
-      org.opencontainers.image.description="DICOM node: classifier + explainers, results back to PACS as DICOM; Prometheus metrics" \
-      org.opencontainers.image.licenses="Apache-2.0"
+FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 AS base
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -23,21 +19,35 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
-WORKDIR /opt/pacs-xai
+# Stage 1: the wheel, exactly what `pip install pacs-xai` users get (the demo model inside it).
+FROM base AS wheel
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY dicom_io ./dicom_io
-COPY deploy ./deploy
+RUN python3 -m venv /opt/venv \
+ && pip install --no-cache-dir --upgrade pip \
+ && pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
+
+# Stage 2: the runtime, with the wheel installed (no source tree in the image).
+FROM base
+
+LABEL org.opencontainers.image.title="pacs-xai" \
+      org.opencontainers.image.description="DICOM node: classifier + explainers, results back to PACS as DICOM; Prometheus metrics" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+COPY --from=wheel /dist /dist
 
 # pacs-xai depends on the CPU package `onnxruntime`; the GPU build `onnxruntime-gpu` provides the
 # same module, so the CPU one is removed after the install (never keep both).
 RUN python3 -m venv /opt/venv \
  && pip install --no-cache-dir --upgrade pip \
  && pip install --no-cache-dir torch==2.13.0 \
- && pip install --no-cache-dir torch==2.13.0 -e '.[gpu]' \
+ && pip install --no-cache-dir torch==2.13.0 "$(ls /dist/pacs_xai-*.whl)[gpu]" \
  && pip uninstall -y onnxruntime \
  && pip install --no-cache-dir --force-reinstall --no-deps 'onnxruntime-gpu>=1.18' \
- && python -c "import onnxruntime, service.cli; print(onnxruntime.get_available_providers())"
+ && rm -rf /dist \
+ && python -c "import onnxruntime; from service.models import demo_card_path; print(onnxruntime.get_available_providers(), demo_card_path())"
 
 # A fixed uid/gid (10001) so Kubernetes' runAsUser/fsGroup and volume permissions can name it.
 RUN groupadd --system --gid 10001 pacs-xai \

@@ -10,11 +10,14 @@ TORCH  := torch==2.13.0
 SYSTEM_TOOLS := dciodvfy dcmdump dcmj2pnm storescu storescp echoscu Orthanc promtool
 SYSTEM_PACKAGES := dcmtk dicom3tools orthanc prometheus
 
-.PHONY: demo test train-demo train-saliency system-deps clean help viewer test-viewer viewer-deps
+.PHONY: demo test test-fast test-integration lint train-demo train-saliency system-deps clean help viewer test-viewer viewer-deps
 
 help:
 	@echo "make demo        explain phantom and real sample studies into demo-out/"
 	@echo "make test        run the test suite (installs DCMTK and dicom3tools when missing)"
+	@echo "make test-fast   the unit tier without slow tests (about a minute)"
+	@echo "make test-integration the integration tier: DCMTK and Orthanc peers, the node, benches, the wheel"
+	@echo "make lint        ruff check and ruff format --check"
 	@echo "make train-demo  retrain the shipped demo model (about 3 minutes on 2 cores)"
 	@echo "make train-saliency retrain the real-time saliency masker beside it (under a minute)"
 	@echo "make viewer      see the results in OHIF on Orthanc, on 127.0.0.1 (until Ctrl-C)"
@@ -30,15 +33,26 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/pacs-xai demo run --out demo-out
 
+# Tiers (see pyproject.toml): tests/unit, tests/integration, tests/viewer (make test-viewer).
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
+test-fast: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q -m "not slow" tests/unit
+
+test-integration: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q tests/integration
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
 train-demo: $(STAMP)
-	$(BIN)/pacs-xai demo train --out deploy/models/demo
+	$(BIN)/pacs-xai demo train --out service/models/demo
 
 # The masker is trained against the demo model: retrain it after train-demo.
 train-saliency: $(STAMP)
-	$(BIN)/pacs-xai demo train-saliency --out deploy/models/demo
+	$(BIN)/pacs-xai demo train-saliency --out service/models/demo
 
 # The tests run the real DCMTK tools, dciodvfy and Orthanc; install them when they are missing.
 # (Orthanc's package may fail to start its system service in a container; the binary is what counts.)

@@ -10,13 +10,18 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from pydicom.data import get_testdata_file
 
-from dicom_io.network import free_port
+from dicom_io.net.network import free_port
+from service.tools.dcmtk import DcmtkMissingError, dcmtk_tool
 
-__all__ = ["data_file", "free_port", "require_tool", "wait_for"]
+__all__ = ["REPO_ROOT", "data_file", "free_port", "require_dcmtk", "require_tool", "wait_for"]
+
+#: The source checkout the tests run in.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
@@ -37,6 +42,15 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_dcmtk(name: str) -> str:
+    """Absolute path of DCMTK's ``name`` (storescp, storescu, echoscu, dcmj2pnm), never pynetdicom's
+    same-named console script."""
+    try:
+        return dcmtk_tool(name)
+    except DcmtkMissingError as exc:
+        pytest.fail(f"{exc} (or run `make system-deps`)")
+
+
 def data_file(name: str) -> str:
     """Path of a file from pydicom's own test data or the pydicom-data package (never downloads)."""
     path = get_testdata_file(name)
@@ -52,7 +66,7 @@ HELD_OUT_SEED = 424242
 def held_out_nodules(count: int) -> list:
     """``count`` held-out nodule phantoms, varied in width (448, 480, 512 columns) and in
     photometric interpretation (MONOCHROME2, MONOCHROME1): the localisation tests' cases."""
-    from service.demo.phantoms import make_phantom
+    from service.synthetic.phantoms import make_phantom
 
     return [
         make_phantom(

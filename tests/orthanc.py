@@ -1,6 +1,6 @@
 """A real Orthanc (Debian package) as the PACS in end-to-end tests, on loopback ports.
 
-The product's :class:`service.orthanc.OrthancProcess` (the one ``pacs-xai viewer`` runs), without
+The product's :class:`service.tools.orthanc.OrthancProcess` (the one ``pacs-xai viewer`` runs), without
 the DICOMweb plugin; a missing or failing Orthanc fails the test with what to install.
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.orthanc import OrthancError, OrthancProcess
+from service.tools.orthanc import OrthancError, OrthancProcess
 
 
 class Orthanc(OrthancProcess):

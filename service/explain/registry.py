@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from service.explain.base import Explainer, ExplainerError
-from service.explain.cam import CAM, GradCAM, GradCAMPlusPlus, GuidedGradCAM, ScoreCAM
-from service.explain.gradient import (
+from service.explain.methods.cam import CAM, GradCAM, GradCAMPlusPlus, GuidedGradCAM, ScoreCAM
+from service.explain.methods.gradient import (
     Deconvnet,
     GuidedBackprop,
     InputXGradient,
@@ -20,12 +20,12 @@ from service.explain.gradient import (
     Saliency,
     SmoothGrad,
 )
-from service.explain.occlusion import Occlusion
-from service.explain.optimisation import ExtremalPerturbation, MeaningfulPerturbation
-from service.explain.perturbation import RISE, HiPe
-from service.explain.propagation import LRP, DeepLift
-from service.explain.realtime import RealtimeSaliency
-from service.explain.surrogate import KernelShap, Lime
+from service.explain.methods.occlusion import Occlusion
+from service.explain.methods.optimisation import ExtremalPerturbation, MeaningfulPerturbation
+from service.explain.methods.perturbation import RISE, HiPe
+from service.explain.methods.propagation import LRP, DeepLift
+from service.explain.methods.realtime import RealtimeSaliency
+from service.explain.methods.surrogate import KernelShap, Lime
 
 _EXPLAINERS: Mapping[str, type[Explainer]] = MappingProxyType(
     {

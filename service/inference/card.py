@@ -3,16 +3,16 @@
 A card is validated completely when it is loaded (schema, files present, sha256 of each weight
 file), so a wrong card stops the node at start-up, not at the first study. Whether the class list
 matches the model's output size is checked when a runner loads the weights
-(:func:`service.inference.runners.load_runner`).
+(:func:`service.inference.backends.load_runner`).
 
-Example (``deploy/models/demo/model.yaml``)::
+Example (``service/models/demo/model.yaml``)::
 
     name: pacs-xai-demo-chest
     version: 1.0.0
     weights:
       onnx: {file: demo.onnx, sha256: 3f1c...}
       torchscript: {file: demo.pt, sha256: 9ab2...}
-      torch: {file: demo.pth, sha256: 41d0..., architecture: "service.demo.model:DemoNet"}
+      torch: {file: demo.pth, sha256: 41d0..., architecture: "service.models.demo.network:DemoNet"}
     input: {channels: 1, rows: 224, columns: 224, aspect: letterbox, windowing: dicom,
             mean: [0.5], std: [0.25]}
     output: {activation: softmax, classes: [normal, nodule, effusion]}

@@ -28,11 +28,21 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from prometheus_client import Gauge, Histogram
 
 from service.inference.runner import Runner
-from service.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolMetrics:
+    """The pool's Prometheus series (made with the node's other metrics, in its registry)."""
+
+    #: Images per forward pass.
+    batch_size: Histogram
+    #: Images waiting for a forward pass.
+    queue_depth: Gauge
 
 
 class PoolBusyError(RuntimeError):
@@ -62,7 +72,7 @@ class InferencePool:
         max_wait_ms: float = 5.0,
         max_queue: int = 1024,
         submit_timeout: float = 30.0,
-        metrics: NodeMetrics | None = None,
+        metrics: PoolMetrics | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -119,7 +129,7 @@ class InferencePool:
         request = _Request(piece)
         self._queue.put(request)
         if self._metrics:
-            self._metrics.pool_queue_depth.inc(len(piece))
+            self._metrics.queue_depth.inc(len(piece))
         return request
 
     def close(self) -> None:
@@ -184,5 +194,5 @@ class InferencePool:
                     self._room.release()
                 request.done.set()
             if self._metrics:
-                self._metrics.pool_queue_depth.dec(sum(sizes))
-                self._metrics.pool_batch_size.observe(sum(sizes))
+                self._metrics.queue_depth.dec(sum(sizes))
+                self._metrics.batch_size.observe(sum(sizes))

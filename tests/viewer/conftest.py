@@ -9,10 +9,6 @@ from __future__ import annotations
 import pytest
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "viewer: opens OHIF in headless Chromium (make test-viewer)")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     expression = config.option.markexpr or ""
     if "viewer" in expression and "not viewer" not in expression:

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.commands.viewer import StudyResults, ViewerStack, ohif_link
+from service.tools.viewer.stack import StudyResults, ViewerStack, ohif_link
+from tests.helpers import REPO_ROOT
 
 pytestmark = pytest.mark.viewer
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "viewer"
+ARTIFACTS = REPO_ROOT / "test-artifacts" / "viewer"
 WINDOW = (1400, 900)
 #: The viewport in a 1400x900 window: right of the study browser panel, below the toolbar.
 VIEWPORT = (292, 56, 1392, 892)

@@ -1,0 +1,230 @@
+"""``pacs-xai bench ...``: benchmarks that measure pacs-xai against a peer in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="benchmarks (figures written to a folder)",
+        formatter_class=formatter,
+        description="Benchmarks: each measures pacs-xai and its reference peer on the same machine in the same run.",
+        epilog="example:\n  pacs-xai bench receive --count 200 --associations 1 --associations 4 --out bench-out",
+    )
+    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    receive = sub.add_parser(
+        "receive",
+        formatter_class=formatter,
+        help="images/s into the durable spool vs DCMTK storescp",
+        description="Send N instances (CT 512² and CR ~2k²) over 1 and K parallel associations to the node's "
+        "receive path and to DCMTK storescp, with the same sender; print images/s and the ratio.",
+        epilog="example:\n  pacs-xai bench receive --count 200 --associations 1 --associations 4",
+    )
+    receive.add_argument("--count", type=int, default=200, metavar="N", help="instances per image kind (default 200)")
+    receive.add_argument(
+        "--associations",
+        type=int,
+        action="append",
+        metavar="K",
+        help="parallel associations; repeat (default: 1 and 4)",
+    )
+    receive.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-out"),
+        metavar="DIR",
+        help="folder for receive.json and receive.png (default bench-out)",
+    )
+    receive.set_defaults(handler=_receive)
+    pipeline = sub.add_parser(
+        "pipeline",
+        formatter_class=formatter,
+        help="end-to-end latency and throughput vs the pure compute",
+        description="Sender -> node -> destination on 127.0.0.1 with CR 2k² images: p50/p95 latency from C-STORE "
+        "to the Secondary Capture acknowledged at the destination, throughput at saturation, and the pure compute "
+        "time on the same images, so the pipeline overhead is a ratio.",
+        epilog="example:\n  pacs-xai bench pipeline --method gradcam --images 20 --burst 20",
+    )
+    pipeline.add_argument("--method", default="gradcam", metavar="NAME", help="explainer (default gradcam)")
+    pipeline.add_argument("--images", type=int, default=20, metavar="N", help="images sent one by one (default 20)")
+    pipeline.add_argument(
+        "--burst", type=int, default=20, metavar="N", help="images in the saturation burst (default 20)"
+    )
+    pipeline.add_argument(
+        "--source",
+        default="RG1_UNCR.dcm",
+        metavar="FILE",
+        help="image sent (fresh UIDs per copy): a DICOM file, or a pydicom test file's name (default RG1_UNCR.dcm, "
+        "a 1955x1841 CR from pydicom-data)",
+    )
+    pipeline.add_argument("--out", type=Path, default=Path("bench-out"), metavar="DIR", help="folder for the JSON")
+    pipeline.set_defaults(handler=_pipeline)
+    explain = sub.add_parser(
+        "explain",
+        formatter_class=formatter,
+        help="every explainer's time, memory and forward passes vs Captum / pytorch-grad-cam / MONAI",
+        description="For every registered explainer (or --methods), on the demo model and a DenseNet-121-sized "
+        "model at 224²: wall time and peak memory per image, forward passes and the floor (passes x the model's "
+        "own per-sample time), next to Captum, pytorch-grad-cam and MONAI at matched settings where they have "
+        "the method; then HiPe against RISE (forward passes, deletion AUC) on phantom nodules. A method that "
+        "cannot run on a model is listed as n/a with the reason; a peer that is not installed, as such. Writes "
+        "explain.json and explain.png. On a CPU, DenseNet-121 is slow: pick --methods and small settings.",
+        epilog="examples:\n"
+        "  pacs-xai bench explain --models demo --images 4\n"
+        "  pacs-xai bench explain --models densenet121 --methods integrated_gradients --methods occlusion "
+        "--images 1 --repeats 1 --param occlusion.stride=16",
+    )
+    explain.add_argument(
+        "--methods",
+        action="append",
+        metavar="NAME",
+        help="explainer to measure; repeat (default: every registered one)",
+    )
+    explain.add_argument(
+        "--models",
+        action="append",
+        metavar="NAME[,NAME]",
+        help="demo and/or densenet121, comma separated or repeated (default: both)",
+    )
+    explain.add_argument("--images", type=int, default=4, metavar="N", help="images per call (default 4)")
+    explain.add_argument(
+        "--repeats", type=int, default=3, metavar="N", help="timed calls after the warm-up; median kept (default 3)"
+    )
+    explain.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="METHOD.SETTING=VALUE",
+        help="replace a method's default setting, also for its peers; repeat (e.g. rise.masks=1000)",
+    )
+    explain.add_argument(
+        "--compare-images",
+        type=int,
+        default=3,
+        metavar="N",
+        help="phantom nodules for HiPe vs RISE on the demo model; 0 skips it (default 3)",
+    )
+    explain.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu"
+    )
+    explain.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-out"),
+        metavar="DIR",
+        help="folder for explain.json and explain.png (default bench-out)",
+    )
+    explain.set_defaults(handler=_explain)
+    throughput = sub.add_parser(
+        "throughput",
+        formatter_class=formatter,
+        help="batched Grad-CAM images/s vs pytorch-grad-cam (the GPU figure)",
+        description="Grad-CAM on whole batches of B images of a DenseNet-121-sized model (or the demo model) at "
+        "224², batch in host memory and maps back in host memory: images/s and peak memory per batch size, next to "
+        "pytorch-grad-cam's GradCAM on the same layer, batch and targets in the same run (its maps compared with "
+        "ours). The design goal is >= 1,000 images/s on one GPU (an H100 gave 2,397 at batch 256). Writes "
+        "throughput.json and throughput.png.",
+        epilog="examples:\n"
+        "  pacs-xai bench throughput --device cuda --batch 64 --batch 256\n"
+        "  pacs-xai bench throughput --device cpu --model demo --batch 8 --images 32",
+    )
+    throughput.add_argument(
+        "--model", default="densenet121", choices=("densenet121", "demo"), help="model (default densenet121)"
+    )
+    throughput.add_argument(
+        "--batch",
+        type=int,
+        action="append",
+        metavar="B",
+        help="batch size; repeat (default: 32, 64, 128, 256 on a GPU; 4, 16 on a CPU)",
+    )
+    throughput.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images timed per batch size (default 2048 on a GPU, 32 on a CPU)",
+    )
+    throughput.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu"
+    )
+    throughput.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-out"),
+        metavar="DIR",
+        help="folder for throughput.json and throughput.png (default bench-out)",
+    )
+    throughput.set_defaults(handler=_throughput)
+
+
+def _receive(args: argparse.Namespace) -> int:
+    from service.tools.bench.receive import print_figures, run_receive_bench
+    from service.tools.demo.node_demo import main_progress
+
+    figures = run_receive_bench(args.count, args.associations or [1, 4], args.out, main_progress)
+    print_figures(figures)
+    print(f"\nfigures: {args.out / 'receive.json'}, plot: {args.out / 'receive.png'}")
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from service.tools.bench.pipeline import print_figures, run_pipeline_bench
+    from service.tools.demo.node_demo import main_progress
+
+    figures = run_pipeline_bench(args.method, args.images, args.burst, args.out, main_progress, args.source)
+    print_figures(figures)
+    print(f"\nfigures: {args.out / f'pipeline-{args.method}.json'}")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from service.explain.registry import get_explainer
+    from service.tools.bench.explain import MODELS, check_request, parse_param, print_figures, run_explain_bench
+    from service.tools.demo.node_demo import main_progress
+
+    models = [name.strip() for value in args.models or [",".join(MODELS)] for name in value.split(",") if name.strip()]
+    params: dict[str, dict[str, object]] = {}
+    try:
+        check_request(args.methods, models, args.images, args.repeats, args.compare_images)
+        for text in args.param:
+            method, setting, value = parse_param(text)
+            params.setdefault(method, {})[setting] = value
+        for method, settings in params.items():
+            get_explainer(method, **settings)  # a wrong setting stops here, not after the run
+    except ValueError as exc:
+        print(f"pacs-xai bench explain: {exc}", file=sys.stderr)
+        return 2
+    figures = run_explain_bench(
+        args.methods,
+        models,
+        args.images,
+        args.out,
+        main_progress,
+        repeats=args.repeats,
+        device=args.device,
+        params=params,
+        compare_images=args.compare_images,
+    )
+    print_figures(figures)
+    print(f"\nfigures: {args.out / 'explain.json'}, plot: {args.out / 'explain.png'}")
+    return 0
+
+
+def _throughput(args: argparse.Namespace) -> int:
+    from service.tools.bench.throughput import print_figures, run_throughput_bench
+    from service.tools.demo.node_demo import main_progress
+
+    try:
+        figures = run_throughput_bench(args.model, args.batch, args.images, args.out, main_progress, args.device)
+    except ValueError as exc:
+        print(f"pacs-xai bench throughput: {exc}", file=sys.stderr)
+        return 2
+    print_figures(figures)
+    print(f"\nfigures: {args.out / 'throughput.json'}, plot: {args.out / 'throughput.png'}")
+    return 0

@@ -1,0 +1,207 @@
+"""``pacs-xai demo ...``: phantom data, training the demo model, and the end-to-end demo run."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from service.synthetic.phantoms import write_phantom_studies
+
+
+def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="phantom data, demo model training, the demo run",
+        description="The built-in demo: synthetic chest radiographs and a classifier trained on them.",
+        epilog="examples:\n  pacs-xai demo run\n  pacs-xai demo train --out service/models/demo\n"
+        "  pacs-xai demo train-saliency --out service/models/demo\n"
+        "  pacs-xai demo phantoms --out phantoms/ --count 9",
+        formatter_class=formatter,
+    )
+    sub = demo.add_subparsers(dest="demo_command", required=True, metavar="SUBCOMMAND")
+
+    run = sub.add_parser(
+        "run",
+        formatter_class=formatter,
+        help="the node's main job on 127.0.0.1: send studies in, get explained results back",
+        description="Start a receiving destination and the node with the demo model, send phantom and real "
+        "sample studies to the node over DICOM, wait for the results, print a table, write PNG previews.",
+        epilog="example:\n  pacs-xai demo run --out demo-out",
+    )
+    run.add_argument(
+        "--out", type=Path, default=Path("demo-out"), metavar="DIR", help="output folder (default: demo-out)"
+    )
+    run.add_argument(
+        "--method",
+        action="append",
+        dest="methods",
+        metavar="NAME",
+        help="explainer; repeat for several (default: gradcam and occlusion)",
+    )
+    run.set_defaults(handler=_run_node_demo)
+
+    offline = sub.add_parser(
+        "offline",
+        formatter_class=formatter,
+        help="the same images explained offline, without the network",
+        description="Generate phantom studies, take real sample files, explain them with Grad-CAM and "
+        "occlusion, write Secondary Captures and PNG previews, print a table.",
+        epilog="example:\n  pacs-xai demo offline --out demo-out",
+    )
+    offline.add_argument(
+        "--out", type=Path, default=Path("demo-out"), metavar="DIR", help="output folder (default: demo-out)"
+    )
+    offline.add_argument(
+        "--method",
+        action="append",
+        dest="methods",
+        metavar="NAME",
+        help="explainer; repeat for several (default: gradcam and occlusion)",
+    )
+    offline.set_defaults(handler=_run_demo)
+
+    train = sub.add_parser(
+        "train",
+        formatter_class=formatter,
+        help="train the demo model on phantoms (about 3 minutes on 2 cores)",
+        description="Train the demo CNN on phantom radiographs, print held-out accuracy, export ONNX + "
+        "TorchScript and write model.yaml with their sha256.",
+        epilog="example:\n  pacs-xai demo train --out service/models/demo",
+    )
+    train.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="folder for demo.onnx, demo.pt, model.yaml"
+    )
+    train.add_argument("--epochs", type=int, default=None, metavar="N", help="training epochs (default: as shipped)")
+    train.add_argument("--seed", type=int, default=None, metavar="N", help="random seed (default: as shipped)")
+    train.set_defaults(handler=_train)
+
+    saliency = sub.add_parser(
+        "train-saliency",
+        formatter_class=formatter,
+        help="train the real-time saliency masker for the demo model (about 3 minutes on 2 cores)",
+        description="Train the masking network of real-time saliency (Dabkowski & Gal, 2017) against the "
+        "frozen demo classifier on phantom radiographs, print held-out figures (pointing game against the "
+        "lesion masks, the classifier's probability with the masked region removed) and write "
+        "DIR/saliency-masker.pt, which the realtime_saliency explainer reads.",
+        epilog="example:\n  pacs-xai demo train-saliency --out service/models/demo",
+    )
+    saliency.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="folder for saliency-masker.pt (beside the model)"
+    )
+    saliency.add_argument(
+        "--epochs", type=_int_at_least(1), default=None, metavar="N", help="training epochs (default: as shipped)"
+    )
+    saliency.add_argument(
+        "--seed", type=_int_at_least(0), default=None, metavar="N", help="random seed (default: as shipped)"
+    )
+    saliency.set_defaults(handler=_train_saliency)
+
+    phantoms = sub.add_parser(
+        "phantoms",
+        formatter_class=formatter,
+        help="write phantom chest radiograph studies",
+        description="Write synthetic CR/DX chest studies (normal, nodule, effusion), one image each.",
+        epilog="example:\n  pacs-xai demo phantoms --out phantoms/ --count 9",
+    )
+    phantoms.add_argument("--out", type=Path, required=True, metavar="DIR")
+    phantoms.add_argument("--count", type=int, default=6, metavar="N", help="number of studies (default 6)")
+    phantoms.add_argument("--seed", type=int, default=0, metavar="N")
+    phantoms.set_defaults(handler=_phantoms)
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (a usage error naming the value otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _phantoms(args: argparse.Namespace) -> int:
+    for path, phantom in write_phantom_studies(args.out, studies=args.count, seed=args.seed):
+        print(f"{path}  {phantom.label}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from service.tools.demo.train import TrainingSettings, main_progress, train
+
+    settings = TrainingSettings()
+    if args.epochs is not None:
+        settings = replace(settings, epochs=args.epochs)
+    if args.seed is not None:
+        settings = replace(settings, seed=args.seed)
+    report = train(args.out, settings, progress=main_progress)
+    per_class = ", ".join(f"{name} {acc:.1%}" for name, acc in report.per_class_accuracy.items())
+    print(f"held-out accuracy: {report.held_out_accuracy:.1%} ({per_class})")
+    for kind, path in report.files.items():
+        print(f"{kind}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    print(f"training took {report.seconds:.0f} s")
+    return 0
+
+
+def _train_saliency(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from service.tools.demo.train_saliency import SaliencySettings, main_progress, train_saliency_masker
+
+    settings = SaliencySettings()
+    if args.epochs is not None:
+        settings = replace(settings, epochs=args.epochs)
+    if args.seed is not None:
+        settings = replace(settings, seed=args.seed)
+    report = train_saliency_masker(args.out, settings, progress=main_progress)
+    figures = report.figures
+    print(
+        f"held-out pointing game (mask peak inside the lesion): nodule {figures['pointing_nodule']:.0%}, "
+        f"effusion {figures['pointing_effusion']:.0%}"
+    )
+    print(
+        f"held-out probability of the true class: {figures['p_clean']:.3f} as is, "
+        f"{figures['p_mask_removed']:.3f} with the masked region removed (mid-grey), "
+        f"{figures['p_mask_kept']:.3f} with only the masked region kept"
+    )
+    print(
+        f"removing the top 2% mask pixels: {figures['p_top2_removed']:.3f}; "
+        f"a random region of the same size: {figures['p_random2_removed']:.3f}"
+    )
+    print(
+        f"mean mask area: {figures['area_true']:.3f} for the true class, {figures['area_absent']:.3f} for absent ones"
+    )
+    print(f"masker: {report.path} ({report.path.stat().st_size / 1e6:.2f} MB)")
+    print(f"training took {report.seconds:.0f} s")
+    return 0
+
+
+def _run_node_demo(args: argparse.Namespace) -> int:
+    from service.tools.demo.node_demo import main_progress, run_node_demo
+
+    return run_node_demo(args.out, args.methods or ("gradcam", "occlusion"), main_progress)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from service.cli.explain import explain_paths, print_table
+    from service.inference.deployed import DeployedModel
+    from service.models import demo_card_path
+    from service.node.pipeline import ExplainPipeline
+    from service.tools.demo.node_demo import gather_inputs, main_progress
+
+    inputs = args.out / "input"
+    gather_inputs(inputs, main_progress)
+    model = DeployedModel.from_card_path(demo_card_path())
+    main_progress(f"model {model.card.name} {model.card.version} on {model.forward_runner.device}")
+    pipeline = ExplainPipeline(model, methods=args.methods or ("gradcam", "occlusion"), outputs=("sc",))
+    rows, failures = explain_paths(pipeline, [inputs], args.out, png=True)
+    print_table(rows)
+    print(f"\nSecondary Captures and PNG previews: {args.out.resolve()}/")
+    return 1 if failures else 0

@@ -1,0 +1,119 @@
+"""A deployed model: its card plus the runners the pipeline and the explainers need.
+
+Predictions and forward-only explainers use ONNX Runtime when the card ships ONNX weights (the
+fastest CPU path), else TorchScript, else eager torch; gradient explainers get the eager torch
+module (CAM methods need its forward hooks), else the TorchScript one. The differentiable runner
+is loaded only when a gradient method asks for it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.inference.backends import AnyRunner, DevicePreference, load_runner
+from service.inference.card import ModelCard, ModelCardError
+from service.inference.pool import InferencePool, PoolMetrics
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Dynamic micro-batching of the forward passes (see :mod:`service.inference.pool`)."""
+
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 1024
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's answer for one frame."""
+
+    class_index: int
+    class_name: str
+    probability: float  # of class_name, 0..1
+    probabilities: tuple[float, ...]  # per class of the card, same order
+
+
+class DeployedModel:
+    """Card + runners, loaded once at start-up and shared by every study."""
+
+    def __init__(
+        self,
+        card: ModelCard,
+        *,
+        device: DevicePreference = "auto",
+        pool: PoolSettings | None = None,
+        metrics: PoolMetrics | None = None,
+    ) -> None:
+        self.card = card
+        self._device = device
+        self.forward_runtime = next(r for r in ("onnx", "torchscript", "torch") if r in card.weights)
+        self.forward_runner: AnyRunner = load_runner(card, self.forward_runtime, device=device)
+        settings = pool or PoolSettings()
+        #: Every forward-only pass (predictions, perturbation explainers) goes through this pool.
+        self.pool = InferencePool(
+            self.forward_runner,
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            metrics=metrics,
+        )
+        self._warm_up(settings.max_batch)
+
+    @classmethod
+    def from_card_path(cls, path: str | Path, **kwargs: object) -> DeployedModel:
+        return cls(ModelCard.load(path), **kwargs)  # type: ignore[arg-type]
+
+    def _warm_up(self, batch: int) -> None:
+        """One full-size forward pass at start-up, so the first study does not pay for lazy initialisation."""
+        shape = (batch, self.card.input.channels, self.card.input.rows, self.card.input.columns)
+        self.forward_runner.forward(np.zeros(shape, dtype=np.float32))
+
+    def close(self) -> None:
+        """Stop the inference pool (finishes what is queued)."""
+        self.pool.close()
+
+    @functools.cached_property
+    def gradient_runner(self) -> AnyRunner:
+        """A differentiable runner for methods that back-propagate: eager torch, else TorchScript."""
+        for runtime in ("torch", "torchscript"):
+            if runtime in self.card.weights:
+                if runtime == self.forward_runtime:
+                    return self.forward_runner
+                return load_runner(self.card, runtime, device=self._device)
+        raise ModelCardError(
+            f"model card {self.card.name} ships no torch or TorchScript weights, so gradient explainers cannot "
+            "run; use a forward-only method (occlusion) or add torch weights to the card"
+        )
+
+    def model_for(self, *, needs_gradients: bool) -> torch.nn.Module | InferencePool:
+        """What an explainer receives as its model: the differentiable module for a method that
+        back-propagates, else the inference pool (forward passes batched with every other caller's)."""
+        if needs_gradients:
+            return self.gradient_runner.torch_module
+        return self.pool
+
+    def normalise(self, model_inputs: np.ndarray) -> np.ndarray:
+        """The card's (x - mean) / std, per channel, on ``[B, C, H, W]`` inputs in [0, 1]."""
+        mean = np.asarray(self.card.input.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(self.card.input.std, dtype=np.float32).reshape(1, -1, 1, 1)
+        return ((model_inputs - mean) / std).astype(np.float32)
+
+    def predict(self, batch: np.ndarray) -> list[Prediction]:
+        """Class and probability per sample of a normalised batch."""
+        logits = torch.from_numpy(self.pool.forward(batch))
+        if self.card.output.activation == "softmax":
+            probabilities = torch.softmax(logits, dim=1)
+        else:
+            probabilities = torch.sigmoid(logits)
+        classes = self.card.output.classes
+        result = []
+        for row in probabilities.numpy():
+            index = int(row.argmax())
+            result.append(Prediction(index, classes[index], float(row[index]), tuple(float(p) for p in row)))
+        return result

@@ -1,0 +1,20 @@
+"""Models shipped inside the package: the demo classifier, its card and weights (package data).
+
+Found with :mod:`importlib.resources`, so the default model is there in a source checkout, in an
+installed wheel and in the Docker image alike.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+
+def demo_card_path() -> Path:
+    """The demo model's card ``service/models/demo/model.yaml`` (the node's default model)."""
+    card = Path(str(files("service.models.demo") / "model.yaml"))
+    if not card.is_file():
+        raise FileNotFoundError(
+            f"the demo model card is missing at {card}: reinstall pacs-xai (pip install --force-reinstall pacs-xai)"
+        )
+    return card

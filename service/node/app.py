@@ -1,0 +1,215 @@
+"""Wiring of the running node: listener, assembler, processing worker and sender.
+
+Threads: pynetdicom serves associations on its own threads and only spools + journals there
+(fast, I/O-bound). One processing thread per ``workers.pipeline`` takes ready series from the
+assembler and runs the model and explainers (torch and ONNX Runtime release the GIL in their
+kernels). One sender thread delivers the outbox. All state that matters is in the journal, so
+``start`` after any crash resumes: journaled-but-unprocessed instances are handed back to the
+assembler, pending outputs are sent.
+
+``stop`` drains: the listener stops accepting, the series being processed finish, the sender
+makes a last pass; what is left waits in the journal for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from dicom_io.net.scp import AllowedCaller, ListenerSettings, StorageSCP, TlsFiles
+from dicom_io.net.scu import StoreSCU
+from service.inference.deployed import DeployedModel, PoolSettings
+from service.models import demo_card_path
+from service.node.assembler import Assembler, SeriesKey
+from service.node.config import NodeConfig
+from service.node.http import HealthServer
+from service.node.metrics import JournalCollector, create_metrics
+from service.node.pipeline import ExplainPipeline
+from service.node.processor import SeriesProcessor
+from service.node.receiver import Receiver
+from service.node.sender import OutboxSender
+from service.node.store import Journal, Spool
+
+log = logging.getLogger(__name__)
+
+#: Longest wait of a processing thread for a ready series; the assembler wakes it sooner, when a
+#: series becomes ready, and at stop.
+PROCESS_WAIT_SECONDS = 1.0
+#: Seconds between outbox passes when nothing woke the sender (retries that came due).
+SEND_POLL_SECONDS = 0.5
+
+
+class Node:
+    """One pacs-xai node. ``start()``, then ``stop()`` (also used by the SIGTERM handler)."""
+
+    def __init__(self, config: NodeConfig, model: DeployedModel | None = None) -> None:
+        self.config = config
+        data_dir = Path(config.storage.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        durability = config.storage.durability
+        self.spool = Spool(data_dir / "spool", durability=durability)
+        self.journal = Journal(data_dir / "journal.sqlite", durability=durability)
+        self.metrics = create_metrics()
+        self.model = model or DeployedModel.from_card_path(
+            config.model.card or demo_card_path(),
+            device=config.model.device,
+            pool=PoolSettings(config.pool.max_batch, config.pool.max_wait_ms, config.pool.max_queue),
+            metrics=self.metrics.pool,
+        )
+        card = self.model.card
+        self.pipeline = ExplainPipeline(
+            self.model,
+            methods=config.explain.methods or card.defaults.methods,
+            outputs=config.explain.outputs or card.defaults.outputs,
+            method_params=config.explain.method_params,
+        )
+        self.assembler = Assembler(
+            idle_seconds=config.assembly.idle_seconds, max_wait_seconds=config.assembly.max_wait_seconds
+        )
+        self.metrics.registry.register(JournalCollector(self.journal.counts))
+        self.metrics.model_info.labels(card.name, card.version, self.model.forward_runner.device).set(1)
+        self.processor = SeriesProcessor(self.pipeline, self.spool, self.journal, config.destinations, self.metrics)
+        self.sender = OutboxSender(
+            self.journal,
+            StoreSCU(config.send.calling_ae_title or config.listener.ae_title),
+            {d.name: d.to_destination() for d in config.destinations},
+            config.send,
+            self.metrics,
+        )
+        self.scp = StorageSCP(
+            _listener_settings(config), Receiver(self.spool, self.journal, self.assembler, self.metrics)
+        )
+        self.http = (
+            HealthServer(
+                self.metrics.registry, self.readiness, bind=config.metrics.bind_address, port=config.metrics.port
+            )
+            if config.metrics.enabled
+            else None
+        )
+        self._stopping = threading.Event()
+        self._outputs_ready = threading.Event()  # set when processing journaled new outputs
+        #: Set once the start-up warm-up has run (or failed, or is switched off).
+        self.warmed_up = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def port(self) -> int:
+        """The DICOM port actually bound (useful with port 0)."""
+        return self.scp.port
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready when the model is loaded, the spool writable and the listener running."""
+        if self._stopping.is_set():
+            return False, "stopping"
+        probe = self.spool.root / ".readyz-probe"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            return False, f"spool not writable: {exc}"
+        return (
+            True,
+            f"ready: model {self.model.card.name} {self.model.card.version} on {self.model.forward_runner.device}",
+        )
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The HTTP port of /metrics, /healthz, /readyz (None when disabled)."""
+        return self.http.port if self.http else None
+
+    def start(self) -> None:
+        """Resume from the journal, then listen, process and send."""
+        self.spool.remove_stale_temp_files()
+        restored = self.journal.pending_instances()
+        for instance in restored:
+            self.assembler.restore(
+                SeriesKey(instance.study_instance_uid, instance.series_instance_uid), instance.sop_instance_uid
+            )
+        if restored:
+            log.info("resuming %d journaled instance(s) not yet processed", len(restored))
+        if self.http:
+            self.http.start()
+        self.scp.start()
+        for index in range(self.config.workers.pipeline):
+            self._spawn(f"pacs-xai-process-{index}", self._process_loop)
+        self._spawn("pacs-xai-send", self._send_loop)
+        if self.config.model.warm_up:
+            self._spawn("pacs-xai-warm-up", self._warm_up)
+        else:
+            self.warmed_up.set()
+        log.info(
+            "node %s listening on %s:%d, model %s %s on %s",
+            self.config.listener.ae_title,
+            self.config.listener.bind_address,
+            self.port,
+            self.model.card.name,
+            self.model.card.version,
+            self.model.forward_runner.device,
+        )
+
+    def stop(self) -> None:
+        """Graceful stop: no new associations, finish the batch in hand, last send pass."""
+        self.scp.stop()
+        self._stopping.set()
+        self.assembler.wake()
+        self._outputs_ready.set()
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
+        if self.http:
+            self.http.stop()
+        self.model.close()
+        self.journal.close()
+        log.info("node stopped")
+
+    def _spawn(self, name: str, target) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _warm_up(self) -> None:
+        """The pipeline's dry run (see ExplainPipeline.warm_up); studies arriving meanwhile are served."""
+        try:
+            seconds = self.pipeline.warm_up()
+        except Exception:  # a failed dry run must not stop the node; the first real study will tell more
+            log.exception("warm-up failed; the first study will pay for the initialisation instead")
+            return
+        finally:
+            self.warmed_up.set()
+        log.info("warm-up done in %.2f s: every method and output ran once on a synthetic image", seconds)
+
+    def _process_loop(self) -> None:
+        while not self._stopping.is_set():
+            for key, sop_uids in self.assembler.wait_ready(timeout=PROCESS_WAIT_SECONDS):
+                self.processor.process_batch(key, self.journal.get_instances(sop_uids))
+                self._outputs_ready.set()
+
+    def _send_loop(self) -> None:
+        while True:
+            stopping = self._stopping.is_set()
+            self._outputs_ready.clear()
+            tally = self.sender.send_due()
+            if stopping:
+                return
+            if not any(tally.values()):
+                self._outputs_ready.wait(SEND_POLL_SECONDS)
+
+
+def _listener_settings(config: NodeConfig) -> ListenerSettings:
+    listener = config.listener
+    tls = None
+    if config.tls is not None:
+        tls = TlsFiles(config.tls.certificate, config.tls.private_key, config.tls.client_ca)
+    return ListenerSettings(
+        ae_title=listener.ae_title,
+        bind_address=listener.bind_address,
+        port=listener.port,
+        max_associations=listener.max_associations,
+        max_pdu=listener.max_pdu,
+        acse_timeout=listener.acse_timeout,
+        dimse_timeout=listener.dimse_timeout,
+        network_timeout=listener.network_timeout,
+        allowed_callers=tuple(AllowedCaller(c.ae_title, c.host) for c in config.allowed_callers),
+        tls=tls,
+    )

@@ -1,0 +1,131 @@
+"""Prometheus metrics of the node, in one explicit registry made once at start-up.
+
+Labels carry outcomes, stages, methods, class names, destinations and AE titles, never patient
+data. The outbox depth and dead letters are read from the journal when Prometheus scrapes
+(a collector), so they are right after a restart too.
+
+Metric names (the dashboard and the alert rules query exactly these; a test checks it):
+
+- ``pacsxai_instances_received_total{outcome}``: stored | quarantined | refused (storage failed)
+- ``pacsxai_associations_total{outcome}``: accepted | rejected
+- ``pacsxai_instances_processed_total{outcome}``: done | skipped | failed
+- ``pacsxai_series_processed_total{outcome}``: done | partial | skipped | failed (per ready batch)
+- ``pacsxai_stage_seconds{stage}``: receive, spool, assemble_wait, read, prepare, infer, explain, encode, store,
+  send (read: the instance from the spool; store: outputs encoded into the spool and journaled)
+- ``pacsxai_explain_seconds{method}``: explainer time per batch
+- ``pacsxai_predictions_total{class_name}``
+- ``pacsxai_outputs_total{destination,outcome}``: sent | retry | dead
+- ``pacsxai_outbox_depth{state}``: pending | dead (from the journal)
+- ``pacsxai_dead_letters``: outputs in the dead letter (from the journal)
+- ``pacsxai_pool_batch_size``, ``pacsxai_pool_queue_depth``: the inference pool
+- ``pacsxai_model_info{name,version,device}``: 1
+- ``pacsxai_last_instance_received_timestamp_seconds``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from service.inference.pool import PoolMetrics
+
+#: Latency buckets in seconds: from 1 ms (spooling) to 2 min (a slow perturbation method).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STAGES = ("receive", "spool", "assemble_wait", "prepare", "infer", "explain", "encode", "send")
+
+
+@dataclass(frozen=True)
+class NodeMetrics:
+    """Every metric the node exports, bound to ``registry``."""
+
+    registry: CollectorRegistry
+    instances_received: Counter
+    associations: Counter
+    instances_processed: Counter
+    series_processed: Counter
+    stage_seconds: Histogram
+    explain_seconds: Histogram
+    predictions: Counter
+    outputs: Counter
+    pool: PoolMetrics
+    model_info: Gauge
+    last_received: Gauge
+
+
+def create_metrics(registry: CollectorRegistry | None = None) -> NodeMetrics:
+    """Create the node's metrics in ``registry`` (a new one by default); call once per node."""
+    registry = registry or CollectorRegistry()
+    return NodeMetrics(
+        registry=registry,
+        instances_received=Counter(
+            "pacsxai_instances_received", "Instances received by C-STORE, by outcome.", ["outcome"], registry=registry
+        ),
+        associations=Counter(
+            "pacsxai_associations", "Associations requested, by outcome.", ["outcome"], registry=registry
+        ),
+        instances_processed=Counter(
+            "pacsxai_instances_processed", "Instances through the pipeline, by outcome.", ["outcome"], registry=registry
+        ),
+        series_processed=Counter(
+            "pacsxai_series_processed", "Ready series batches processed, by outcome.", ["outcome"], registry=registry
+        ),
+        stage_seconds=Histogram(
+            "pacsxai_stage_seconds", "Time per stage, seconds.", ["stage"], buckets=LATENCY_BUCKETS, registry=registry
+        ),
+        explain_seconds=Histogram(
+            "pacsxai_explain_seconds",
+            "Explainer time per batch, seconds.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        ),
+        predictions=Counter("pacsxai_predictions", "Predicted classes.", ["class_name"], registry=registry),
+        outputs=Counter(
+            "pacsxai_outputs",
+            "Output objects per destination, by outcome.",
+            ["destination", "outcome"],
+            registry=registry,
+        ),
+        pool=PoolMetrics(
+            batch_size=Histogram(
+                "pacsxai_pool_batch_size",
+                "Images per forward pass of the inference pool.",
+                buckets=BATCH_BUCKETS,
+                registry=registry,
+            ),
+            queue_depth=Gauge("pacsxai_pool_queue_depth", "Requests waiting in the inference pool.", registry=registry),
+        ),
+        model_info=Gauge("pacsxai_model_info", "The deployed model.", ["name", "version", "device"], registry=registry),
+        last_received=Gauge(
+            "pacsxai_last_instance_received_timestamp_seconds",
+            "Unix time of the last stored instance.",
+            registry=registry,
+        ),
+    )
+
+
+class JournalCollector(Collector):
+    """Outbox depth and dead letters, read from the journal at scrape time."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self._counts()
+        depth = GaugeMetricFamily("pacsxai_outbox_depth", "Output objects in the outbox, by state.", labels=["state"])
+        depth.add_metric(["pending"], counts.get("outbox_pending", 0))
+        depth.add_metric(["dead"], counts.get("outbox_dead", 0))
+        yield depth
+        yield GaugeMetricFamily(
+            "pacsxai_dead_letters", "Outputs in the dead letter.", value=counts.get("outbox_dead", 0)
+        )
+        yield GaugeMetricFamily(
+            "pacsxai_instances_waiting",
+            "Instances journaled and not yet processed.",
+            value=counts.get("instances_received", 0),
+        )

@@ -1,0 +1,290 @@
+"""``pacs-xai bench receive``: images per second into the durable spool, against DCMTK storescp.
+
+Same machine, same run, same files, same sender (DCMTK storescu processes, TCP_NODELAY): the node's
+receive path (Storage SCP -> parse -> spool -> SQLite journal -> Success) in both durability modes
+(``power-loss``: fsync of every file and commit; ``process-crash``: no fsync, as storescp), then
+DCMTK ``storescp`` writing the same files to a folder (storescp never fsyncs). Both over one association and over K
+parallel associations. Files: CT 512² (``693_UNCR.dcm``) and CR ~2k² (``RG1_UNCR.dcm``) from
+pydicom-data, copied with fresh UIDs so every instance is distinct.
+
+A third receiver shows what the DICOM library allows: the node's own listener (pynetdicom, same
+settings, TCP_NODELAY) with an ``on_store`` that answers Success at once, nothing parsed or
+stored. No receive path built on pynetdicom can be faster than this ceiling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+from dicom_io.net.network import free_port
+from dicom_io.net.scp import ListenerSettings, StorageSCP
+from dicom_io.net.scu import Destination, StoreSCU
+from service.node.assembler import Assembler
+from service.node.metrics import create_metrics
+from service.node.receiver import Receiver
+from service.node.store import Durability, Journal, Spool
+from service.tools.dcmtk import dcmtk_tool
+
+SOURCES = {"CT 512x512": "693_UNCR.dcm", "CR 1955x1841": "RG1_UNCR.dcm"}
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ReceiveFigure:
+    """One measured configuration."""
+
+    images: str
+    associations: int
+    count: int
+    #: storage.durability = power-loss (fsync before Success).
+    pacs_xai_per_second: float
+    #: storage.durability = process-crash (no fsync, like storescp).
+    pacs_xai_no_fsync_per_second: float
+    storescp_per_second: float
+    #: The listener alone (pynetdicom): Success at once, nothing parsed or stored.
+    pynetdicom_ceiling_per_second: float
+
+    @property
+    def ratio(self) -> float:
+        return self.pacs_xai_per_second / self.storescp_per_second if self.storescp_per_second else 0.0
+
+    @property
+    def ratio_no_fsync(self) -> float:
+        return self.pacs_xai_no_fsync_per_second / self.storescp_per_second if self.storescp_per_second else 0.0
+
+    @property
+    def ceiling_ratio(self) -> float:
+        """The pynetdicom listener alone over storescp: the best ratio a pynetdicom node can reach."""
+        return self.pynetdicom_ceiling_per_second / self.storescp_per_second if self.storescp_per_second else 0.0
+
+
+def fresh_copies(source: str, count: int, folder: Path) -> list[Path]:
+    """``count`` copies of ``source`` (a DICOM file's path, or the name of a pydicom test file),
+    each with a new SOP Instance UID (one new study, one new series)."""
+    from pydicom.data import get_testdata_file
+
+    path = source if Path(source).is_file() else get_testdata_file(source)
+    if path is None:
+        raise FileNotFoundError(
+            f"{source} is neither a file nor a pydicom test file: give a path, or install the 'demo' extra "
+            "(pip install 'pacs-xai[demo]') for the sample radiographs"
+        )
+    template = pydicom.dcmread(path)
+    template.StudyInstanceUID = generate_uid()
+    template.SeriesInstanceUID = generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for index in range(count):
+        template.SOPInstanceUID = generate_uid()
+        template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
+        target = folder / f"{index:05d}.dcm"
+        template.save_as(target, enforce_file_format=True)
+        files.append(target)
+    return files
+
+
+def send_parallel(destination: Destination, files: Sequence[Path], associations: int) -> float:
+    """Seconds for ``associations`` DCMTK storescu processes, one association each, to send ``files``.
+
+    The sender runs in its own processes (C, TCP_NODELAY=1), so it neither shares the GIL with
+    the node under test nor limits either receiver.
+    """
+    binary = dcmtk_tool("storescu")
+    slices = [list(files[i::associations]) for i in range(associations)]
+    command = [binary, "-aet", "BENCHSCU", "-aec", destination.ae_title, destination.host, str(destination.port)]
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    started = time.perf_counter()
+    senders = [
+        subprocess.Popen([*command, *map(str, batch)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for batch in slices
+    ]
+    errors = [sender.communicate()[1] for sender in senders]
+    elapsed = time.perf_counter() - started
+    failed = [err.decode(errors="replace").strip() for sender, err in zip(senders, errors) if sender.returncode != 0]
+    if failed:
+        raise RuntimeError(f"storescu failed sending to {destination.ae_title}: {failed[0][-300:]}")
+    return elapsed
+
+
+def measure_pacs_xai(
+    files: Sequence[Path], associations: int, workdir: Path, durability: Durability = "power-loss"
+) -> float:
+    """Images per second into the node's spool (SCP + parse + spool + journal) at ``durability``."""
+    data_dir = workdir / "pacs-xai"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    journal = Journal(data_dir / "journal.sqlite", durability=durability)
+    receiver = Receiver(
+        Spool(data_dir / "spool", durability=durability),
+        journal,
+        Assembler(idle_seconds=60, max_wait_seconds=600),
+        create_metrics(),
+    )
+    scp = StorageSCP(ListenerSettings(ae_title="PACSXAI", port=0, max_associations=max(10, associations)), receiver)
+    scp.start()
+    try:
+        elapsed = send_parallel(Destination("PACSXAI", "127.0.0.1", scp.port), files, associations)
+    finally:
+        scp.stop()
+        journal.close()
+    return len(files) / elapsed
+
+
+class AnswerAtOnce:
+    """Storage events that keep nothing: Success for every object, at once."""
+
+    def on_store(self, encoded: bytes, *, calling_ae: str, association_id: str) -> int:
+        return 0x0000
+
+    def on_association_released(self, association_id: str) -> None:
+        """Nothing to do."""
+
+    def on_association_rejected(self, calling_ae: str, host: str, reason: str) -> None:
+        """Nothing to do."""
+
+    def on_association_accepted(self, calling_ae: str, host: str, association_id: str) -> None:
+        """Nothing to do."""
+
+
+def measure_pynetdicom_ceiling(files: Sequence[Path], associations: int) -> float:
+    """Images per second into the node's listener when storing costs nothing (see the module docstring)."""
+    settings = ListenerSettings(ae_title="PACSXAI", port=0, max_associations=max(10, associations))
+    with StorageSCP(settings, AnswerAtOnce()) as scp:
+        elapsed = send_parallel(Destination("PACSXAI", "127.0.0.1", scp.port), files, associations)
+    return len(files) / elapsed
+
+
+def measure_storescp(files: Sequence[Path], associations: int, workdir: Path) -> float:
+    """Images per second into DCMTK storescp (files written to a folder), same sender."""
+    binary = dcmtk_tool("storescp")
+    folder = workdir / "storescp"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "-aet", "STORESCP", "-od", str(folder), "+xa", "--fork", str(port)]
+        if associations > 1
+        else [binary, "-aet", "STORESCP", "-od", str(folder), "+xa", str(port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        destination = Destination("STORESCP", "127.0.0.1", port)
+        deadline = time.monotonic() + 15
+        while not StoreSCU("BENCHSCU").echo(destination):
+            if time.monotonic() > deadline:
+                raise RuntimeError("storescp did not start listening within 15 s")
+            time.sleep(0.1)
+        elapsed = send_parallel(destination, files, associations)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    return len(files) / elapsed
+
+
+def run_receive_bench(
+    count: int, associations: Sequence[int], out_dir: Path, progress: Progress, sources: dict[str, str] = SOURCES
+) -> list[ReceiveFigure]:
+    """Measure every (image kind, association count); write ``receive.json`` and ``receive.png``."""
+    figures = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pacs-xai-bench-") as temp:
+        workdir = Path(temp)
+        for label, source in sources.items():
+            progress(f"{label}: writing {count} copies with fresh UIDs")
+            files = fresh_copies(source, count, workdir / "input" / source)
+            for k in associations:
+                progress(f"{label}: {count} images over {k} association(s) -> pacs-xai (fsync)")
+                ours = measure_pacs_xai(files, k, workdir, "power-loss")
+                progress(f"{label}: {count} images over {k} association(s) -> pacs-xai (no fsync)")
+                ours_no_fsync = measure_pacs_xai(files, k, workdir, "process-crash")
+                progress(f"{label}: {count} images over {k} association(s) -> storescp")
+                theirs = measure_storescp(files, k, workdir)
+                progress(f"{label}: {count} images over {k} association(s) -> pynetdicom listener storing nothing")
+                ceiling = measure_pynetdicom_ceiling(files, k)
+                figure = ReceiveFigure(
+                    label, k, count, round(ours, 1), round(ours_no_fsync, 1), round(theirs, 1), round(ceiling, 1)
+                )
+                progress(
+                    f"{label}, {k} association(s): pacs-xai {ours:.0f}/s (fsync), {ours_no_fsync:.0f}/s (no fsync), "
+                    f"storescp {theirs:.0f}/s, ratios {figure.ratio:.2f} / {figure.ratio_no_fsync:.2f}; "
+                    f"pynetdicom storing nothing {ceiling:.0f}/s ({figure.ceiling_ratio:.2f} of storescp)"
+                )
+                figures.append(figure)
+    (out_dir / "receive.json").write_text(
+        json.dumps(
+            [
+                {
+                    **asdict(f),
+                    "ratio": round(f.ratio, 3),
+                    "ratio_no_fsync": round(f.ratio_no_fsync, 3),
+                    "ceiling_ratio": round(f.ceiling_ratio, 3),
+                }
+                for f in figures
+            ],
+            indent=2,
+        )
+    )
+    plot_figures(figures, out_dir / "receive.png")
+    return figures
+
+
+def plot_figures(figures: Sequence[ReceiveFigure], path: Path) -> None:
+    """A bar chart (PIL): images/s of pacs-xai and storescp per configuration."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, row = 900, 108
+    image = Image.new("RGB", (width, 60 + row * len(figures)), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=14)
+    draw.text((10, 10), "receive into the spool, images/s (same sender, same files)", fill="black", font=font)
+    top = max(
+        [f.storescp_per_second for f in figures]
+        + [f.pacs_xai_no_fsync_per_second for f in figures]
+        + [f.pynetdicom_ceiling_per_second for f in figures]
+        + [1.0]
+    )
+    for i, figure in enumerate(figures):
+        y = 45 + i * row
+        draw.text((10, y + 8), f"{figure.images}, {figure.associations} assoc", fill="black", font=font)
+        for j, (name, value, colour) in enumerate(
+            (
+                ("pacs-xai (fsync)", figure.pacs_xai_per_second, (220, 90, 30)),
+                ("pacs-xai (no fsync)", figure.pacs_xai_no_fsync_per_second, (240, 160, 60)),
+                ("storescp (no fsync)", figure.storescp_per_second, (60, 90, 180)),
+                ("pynetdicom storing nothing", figure.pynetdicom_ceiling_per_second, (150, 150, 150)),
+            )
+        ):
+            x0, bar_y = 230, y + j * 24
+            draw.rectangle((x0, bar_y, x0 + int(500 * value / top), bar_y + 18), fill=colour)
+            draw.text((x0 + int(500 * value / top) + 6, bar_y + 1), f"{name} {value:.0f}", fill="black", font=font)
+    image.save(path)
+
+
+def print_figures(figures: Sequence[ReceiveFigure]) -> None:
+    print(
+        f"{'images':14} {'assoc':>5} {'count':>6} {'fsync/s':>9} {'no-fsync/s':>11} {'storescp/s':>11} "
+        f"{'ratio':>6} {'ratio no-fsync':>15} {'pynetdicom ceiling/s':>21} {'ceiling ratio':>14}"
+    )
+    for f in figures:
+        print(
+            f"{f.images:14} {f.associations:>5} {f.count:>6} {f.pacs_xai_per_second:>9.1f} "
+            f"{f.pacs_xai_no_fsync_per_second:>11.1f} {f.storescp_per_second:>11.1f} {f.ratio:>6.2f} "
+            f"{f.ratio_no_fsync:>15.2f} {f.pynetdicom_ceiling_per_second:>21.1f} {f.ceiling_ratio:>14.2f}"
+        )
+    print(
+        "\nceiling: the node's pynetdicom listener answering Success at once, nothing parsed or stored; "
+        "no pynetdicom-based receive path can beat it."
+    )

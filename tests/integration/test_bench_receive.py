@@ -1,0 +1,32 @@
+"""``pacs-xai bench receive`` with a few small files: every receiver got every file. Not a timed test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from service.tools.bench.receive import run_receive_bench
+from tests.helpers import require_dcmtk
+
+pytestmark = pytest.mark.integration
+
+
+def test_receive_figures_and_files(tmp_path: Path) -> None:
+    for tool in ("storescu", "storescp"):
+        require_dcmtk(tool)  # the bench runs them; make test installs DCMTK
+    figures = run_receive_bench(6, [1, 2], tmp_path, lambda _: None, sources={"CT small": "CT_small.dcm"})
+    assert [(f.images, f.associations, f.count) for f in figures] == [("CT small", 1, 6), ("CT small", 2, 6)]
+    for figure in figures:
+        rates = (
+            figure.pacs_xai_per_second,
+            figure.pacs_xai_no_fsync_per_second,
+            figure.storescp_per_second,
+            figure.pynetdicom_ceiling_per_second,
+        )
+        assert all(rate > 0 for rate in rates)  # storescu exits non-zero (an error here) if any store failed
+        assert figure.ceiling_ratio == pytest.approx(figure.pynetdicom_ceiling_per_second / figure.storescp_per_second)
+    written = json.loads((tmp_path / "receive.json").read_text())
+    assert [row["associations"] for row in written] == [1, 2] and "ceiling_ratio" in written[0]
+    assert (tmp_path / "receive.png").stat().st_size > 1000

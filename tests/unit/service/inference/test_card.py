@@ -1,0 +1,101 @@
+"""Model cards: the shipped demo card loads; every kind of wrong card is a clear error at load."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from service.inference.backends import load_runner
+from service.inference.card import ModelCard, ModelCardError, sha256_of
+from service.inference.deployed import DeployedModel
+from service.models import demo_card_path
+
+
+@pytest.fixture()
+def card_copy(tmp_path: Path) -> Path:
+    """The shipped demo model's folder, copied so the test may break it."""
+    folder = tmp_path / "demo"
+    shutil.copytree(demo_card_path().parent, folder)
+    return folder / "model.yaml"
+
+
+def _edit(card_path: Path, **changes: object) -> None:
+    raw = yaml.safe_load(card_path.read_text())
+    raw.update(changes)
+    card_path.write_text(yaml.safe_dump(raw))
+
+
+def test_shipped_card_loads_and_all_runtimes_agree() -> None:
+    card = ModelCard.load(demo_card_path())
+    assert card.output.classes == ("normal", "nodule", "effusion")
+    assert set(card.weights) == {"onnx", "torchscript", "torch"}
+    for runtime in card.weights:
+        assert card.weights_path(runtime).stat().st_size <= 10 * 1024 * 1024, f"{runtime} weights over 10 MB"
+    batch = np.random.default_rng(0).normal(size=(3, 1, card.input.rows, card.input.columns)).astype(np.float32)
+    onnx_logits = load_runner(card, "onnx").forward(batch)
+    for runtime in ("torchscript", "torch"):
+        np.testing.assert_allclose(load_runner(card, runtime).forward(batch), onnx_logits, rtol=1e-3, atol=1e-3)
+
+
+def test_missing_weights_file_is_named(card_copy: Path) -> None:
+    (card_copy.parent / "demo.onnx").unlink()
+    with pytest.raises(ModelCardError, match=r"onnx weights file missing: .*demo\.onnx"):
+        ModelCard.load(card_copy)
+
+
+def test_sha256_mismatch_names_both_digests(card_copy: Path) -> None:
+    weights = card_copy.parent / "demo.pt"
+    weights.write_bytes(weights.read_bytes() + b"tampered")
+    with pytest.raises(ModelCardError, match="sha256") as error:
+        ModelCard.load(card_copy)
+    assert sha256_of(weights) in str(error.value)
+
+
+def test_class_list_that_does_not_match_the_output_size(card_copy: Path) -> None:
+    raw = yaml.safe_load(card_copy.read_text())
+    _edit(card_copy, output={**raw["output"], "classes": ["normal", "abnormal"]})
+    card = ModelCard.load(card_copy)
+    with pytest.raises(ModelCardError, match=r"returns shape \[1, 3\].*2 classes"):
+        DeployedModel(card)
+
+
+def test_unknown_runtime_is_named(card_copy: Path) -> None:
+    raw = yaml.safe_load(card_copy.read_text())
+    weights = raw["weights"]
+    weights["tensorflow"] = weights.pop("onnx")
+    _edit(card_copy, weights=weights)
+    with pytest.raises(ModelCardError, match="tensorflow"):
+        ModelCard.load(card_copy)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"input": {"rows": 0, "columns": 224}}, "input.rows"),
+        ({"input": {"rows": 224, "columns": 224, "std": [0.0]}}, "std"),
+        ({"output": {"classes": ["a", "a", "b"]}}, "duplicates"),
+        ({"unexpected_field": 1}, "unexpected_field"),
+    ],
+)
+def test_invalid_fields_name_where_and_what(card_copy: Path, change: dict, needle: str) -> None:
+    _edit(card_copy, **change)
+    with pytest.raises(ModelCardError, match=needle):
+        ModelCard.load(card_copy)
+
+
+def test_card_that_is_not_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "model.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ModelCardError, match="mapping"):
+        ModelCard.load(path)
+
+
+def test_applies_to_rules() -> None:
+    card = ModelCard.load(demo_card_path())
+    assert card.applies_to_dataset("CR", "1.2.840.10008.5.1.4.1.1.1", "CHEST") is None
+    assert "modality CT" in card.applies_to_dataset("CT", "1.2.840.10008.5.1.4.1.1.2", "CHEST")
+    assert "body part" in card.applies_to_dataset("DX", "1.2.840.10008.5.1.4.1.1.1.1", "HAND")

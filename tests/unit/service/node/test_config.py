@@ -1,0 +1,154 @@
+"""The node's configuration: example, precedence (flags > environment > file > defaults), errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from service.cli.main import build_parser, main
+from service.cli.node import overrides_from_flags
+from service.node.config import OUTPUT_KINDS, ConfigError, NodeConfig, example_config, load_config
+
+
+def test_defaults_without_a_file() -> None:
+    config = load_config(None)
+    assert config.listener.ae_title == "PACSXAI" and config.listener.port == 11112
+    assert config.storage.data_dir == Path("var")
+    assert config.model.card is None  # the demo model
+
+
+def test_example_is_complete_and_loads(tmp_path: Path) -> None:
+    text = example_config()
+    for section, field in NodeConfig.model_fields.items():
+        assert section in text and field.description in text
+    path = tmp_path / "node.yaml"
+    path.write_text(text)
+    config = load_config(path)
+    assert config.destinations[0].ae_title == "ORTHANC"
+    assert config.allowed_callers[0].host == "127.0.0.1"
+
+
+def test_environment_overrides_the_file_and_flags_override_both(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump({"listener": {"port": 2000, "ae_title": "FROMFILE"}}))
+    monkeypatch.setenv("PACS_XAI_LISTENER__PORT", "3000")
+    config = load_config(path)
+    assert config.listener.port == 3000 and config.listener.ae_title == "FROMFILE"
+    config = load_config(path, {"listener": {"port": 4000}})
+    assert config.listener.port == 4000 and config.listener.ae_title == "FROMFILE"
+
+
+def test_command_line_flags_become_overrides() -> None:
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--port",
+            "11113",
+            "--destination",
+            "ORTHANC@127.0.0.1:4242",
+            "--allow",
+            "MOD@10.0.0.5",
+            "--allow",
+            "ANY",
+            "--method",
+            "occlusion",
+            "--outputs",
+            "sc",
+            "--data-dir",
+            "/tmp/x",
+        ]
+    )
+    config = load_config(None, overrides_from_flags(args))
+    assert config.listener.port == 11113
+    assert (config.destinations[0].ae_title, config.destinations[0].port) == ("ORTHANC", 4242)
+    assert [(c.ae_title, c.host) for c in config.allowed_callers] == [("MOD", "10.0.0.5"), ("ANY", None)]
+    assert config.explain.methods == ("occlusion",) and config.explain.outputs == ("sc",)
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ({"listener": {"port": 70000}}, "listener.port"),
+        ({"listener": {"ae_title": "A" * 17}}, "listener.ae_title"),
+        ({"assembly": {"idle_seconds": 10, "max_wait_seconds": 5}}, "max_wait_seconds"),
+        ({"explain": {"outputs": ["hologram"]}}, "hologram"),
+        ({"destinations": [{"name": "a", "ae_title": "A", "host": "h", "port": 1}] * 2}, "unique"),
+        ({"listnr": {}}, "listnr"),
+        ({"storage": {"durability": "sometimes"}}, "storage.durability"),
+        ({"tls": {"certificate": "/nonexistent.pem", "private_key": "/nonexistent.key"}}, "not found"),
+    ],
+)
+def test_wrong_configs_name_the_place_and_the_value(tmp_path: Path, content: dict, needle: str) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(ConfigError, match=needle):
+        load_config(path)
+
+
+def test_config_check_and_example_commands(tmp_path: Path, capsys) -> None:
+    assert main(["config", "example"]) == 0
+    path = tmp_path / "node.yaml"
+    path.write_text(capsys.readouterr().out)
+    assert main(["config", "check", str(path)]) == 0
+    assert "OK" in capsys.readouterr().out
+    path.write_text(yaml.safe_dump({"explain": {"methods": ["nonsense"]}}))
+    assert main(["config", "check", str(path)]) == 1
+    assert "nonsense" in capsys.readouterr().err
+
+
+def test_output_kinds_are_the_documented_ones() -> None:
+    assert set(OUTPUT_KINDS) == {"sc", "pm", "seg_fractional", "seg_binary", "sr"}
+
+
+def test_serve_help_has_an_example() -> None:
+    result = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "pacs-xai serve --config" in result.stdout
+
+
+def test_bad_destination_flag_is_a_usage_error(capsys) -> None:
+    assert main(["serve", "--destination", "not-a-destination"]) == 2
+    assert "AE@HOST:PORT" in capsys.readouterr().err
+
+
+def test_json_logs_are_one_object_per_line() -> None:
+    import io
+    import json
+    import logging
+
+    from service.node.logs import configure_logging
+
+    configure_logging("INFO", json_format=True)
+    stream = io.StringIO()
+    handler = logging.getLogger().handlers[0]
+    handler.setStream(stream)
+    logging.getLogger("service.test").info("instance %s stored", "1.2.3")
+    entry = json.loads(stream.getvalue().strip())
+    assert (
+        entry["message"] == "instance 1.2.3 stored" and entry["level"] == "INFO" and entry["logger"] == "service.test"
+    )
+    assert logging.getLogger("pynetdicom").level >= logging.WARNING, "pynetdicom's DEBUG logs carry dataset contents"
+    configure_logging("WARNING")
+
+
+def test_config_check_accepts_every_registry_name(tmp_path: Path, capsys) -> None:
+    from service.explain import available_explainers
+
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump({"explain": {"methods": list(available_explainers())}}))
+    assert main(["config", "check", str(path)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert all(name in out for name in available_explainers())
+
+
+def test_explain_help_lists_every_registry_name(capsys) -> None:
+    from service.explain import available_explainers
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["explain", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in available_explainers())
