@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from service.tools.progress import print_progress
+
 
 def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
     bench = commands.add_parser(
@@ -165,9 +167,8 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
 
 def _receive(args: argparse.Namespace) -> int:
     from service.tools.bench.receive import print_figures, run_receive_bench
-    from service.tools.demo.node_demo import main_progress
 
-    figures = run_receive_bench(args.count, args.associations or [1, 4], args.out, main_progress)
+    figures = run_receive_bench(args.count, args.associations or [1, 4], args.out, print_progress)
     print_figures(figures)
     print(f"\nfigures: {args.out / 'receive.json'}, plot: {args.out / 'receive.png'}")
     return 0
@@ -175,9 +176,8 @@ def _receive(args: argparse.Namespace) -> int:
 
 def _pipeline(args: argparse.Namespace) -> int:
     from service.tools.bench.pipeline import print_figures, run_pipeline_bench
-    from service.tools.demo.node_demo import main_progress
 
-    figures = run_pipeline_bench(args.method, args.images, args.burst, args.out, main_progress, args.source)
+    figures = run_pipeline_bench(args.method, args.images, args.burst, args.out, print_progress, args.source)
     print_figures(figures)
     print(f"\nfigures: {args.out / f'pipeline-{args.method}.json'}")
     return 0
@@ -186,7 +186,6 @@ def _pipeline(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from service.explain.registry import get_explainer
     from service.tools.bench.explain import MODELS, check_request, parse_param, print_figures, run_explain_bench
-    from service.tools.demo.node_demo import main_progress
 
     models = [name.strip() for value in args.models or [",".join(MODELS)] for name in value.split(",") if name.strip()]
     params: dict[str, dict[str, object]] = {}
@@ -205,7 +204,7 @@ def _explain(args: argparse.Namespace) -> int:
         models,
         args.images,
         args.out,
-        main_progress,
+        print_progress,
         repeats=args.repeats,
         device=args.device,
         params=params,
@@ -218,10 +217,9 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _throughput(args: argparse.Namespace) -> int:
     from service.tools.bench.throughput import print_figures, run_throughput_bench
-    from service.tools.demo.node_demo import main_progress
 
     try:
-        figures = run_throughput_bench(args.model, args.batch, args.images, args.out, main_progress, args.device)
+        figures = run_throughput_bench(args.model, args.batch, args.images, args.out, print_progress, args.device)
     except ValueError as exc:
         print(f"pacs-xai bench throughput: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from service.synthetic.phantoms import write_phantom_studies
+from service.tools.progress import print_progress
 
 
 def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
@@ -134,14 +135,14 @@ def _phantoms(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from service.tools.demo.train import TrainingSettings, main_progress, train
+    from service.tools.demo.train import TrainingSettings, train
 
     settings = TrainingSettings()
     if args.epochs is not None:
         settings = replace(settings, epochs=args.epochs)
     if args.seed is not None:
         settings = replace(settings, seed=args.seed)
-    report = train(args.out, settings, progress=main_progress)
+    report = train(args.out, settings, progress=print_progress)
     per_class = ", ".join(f"{name} {acc:.1%}" for name, acc in report.per_class_accuracy.items())
     print(f"held-out accuracy: {report.held_out_accuracy:.1%} ({per_class})")
     for kind, path in report.files.items():
@@ -153,14 +154,14 @@ def _train(args: argparse.Namespace) -> int:
 def _train_saliency(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from service.tools.demo.train_saliency import SaliencySettings, main_progress, train_saliency_masker
+    from service.tools.demo.train_saliency import SaliencySettings, train_saliency_masker
 
     settings = SaliencySettings()
     if args.epochs is not None:
         settings = replace(settings, epochs=args.epochs)
     if args.seed is not None:
         settings = replace(settings, seed=args.seed)
-    report = train_saliency_masker(args.out, settings, progress=main_progress)
+    report = train_saliency_masker(args.out, settings, progress=print_progress)
     figures = report.figures
     print(
         f"held-out pointing game (mask peak inside the lesion): nodule {figures['pointing_nodule']:.0%}, "
@@ -184,9 +185,9 @@ def _train_saliency(args: argparse.Namespace) -> int:
 
 
 def _run_node_demo(args: argparse.Namespace) -> int:
-    from service.tools.demo.node_demo import main_progress, run_node_demo
+    from service.tools.demo.node_demo import run_node_demo
 
-    return run_node_demo(args.out, args.methods or ("gradcam", "occlusion"), main_progress)
+    return run_node_demo(args.out, args.methods or ("gradcam", "occlusion"), print_progress)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -194,12 +195,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     from service.inference.deployed import DeployedModel
     from service.models import demo_card_path
     from service.node.pipeline import ExplainPipeline
-    from service.tools.demo.node_demo import gather_inputs, main_progress
+    from service.tools.demo.node_demo import gather_inputs
 
     inputs = args.out / "input"
-    gather_inputs(inputs, main_progress)
+    gather_inputs(inputs, print_progress)
     model = DeployedModel.from_card_path(demo_card_path())
-    main_progress(f"model {model.card.name} {model.card.version} on {model.forward_runner.device}")
+    print_progress(f"model {model.card.name} {model.card.version} on {model.forward_runner.device}")
     pipeline = ExplainPipeline(model, methods=args.methods or ("gradcam", "occlusion"), outputs=("sc",))
     rows, failures = explain_paths(pipeline, [inputs], args.out, png=True)
     print_table(rows)

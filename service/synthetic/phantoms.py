@@ -18,7 +18,6 @@ exactly from its identifiers. Patients are synthetic (``PHANTOM^Pnnnnn``).
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -102,12 +101,6 @@ def make_phantom(
         series_uid=series_uid,
     )
     return Phantom(dataset=dataset, label=label, lesion_mask=mask)
-
-
-def iter_phantoms(count: int, *, seed: int = 0, **kwargs: object) -> Iterator[Phantom]:
-    """``count`` phantoms cycling through the classes (normal, nodule, effusion, normal, ...)."""
-    for index in range(count):
-        yield make_phantom(index, CLASSES[index % len(CLASSES)], seed=seed, **kwargs)  # type: ignore[arg-type]
 
 
 def write_phantom_studies(

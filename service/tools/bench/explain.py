@@ -43,7 +43,7 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +71,8 @@ from service.tools.bench.measure import (
 )
 from service.tools.bench.models import IMAGE_SEED, MODELS, BenchModel, load_bench_model, phantom_images
 from service.tools.bench.peers import PeerCase, PeerMissing, peer_cases
+from service.tools.progress import Progress
 
-Progress = Callable[[str], None]
 DELETION_STEPS = 20
 #: Goals of issue #4.
 IG_SPEEDUP_GOAL, IG_MEMORY_GOAL = 2.0, 0.25

@@ -28,8 +28,8 @@ from dicom_io.net.scp import ListenerSettings, StorageSCP
 from dicom_io.net.scu import Destination, StoreSCU
 from service.tools.bench.receive import AnswerAtOnce, fresh_copies
 from service.tools.demo.node_demo import FolderDestination
+from service.tools.progress import Progress
 
-Progress = Callable[[str], None]
 SOURCE = "RG1_UNCR.dcm"
 TRANSFER_REPEATS = 7
 

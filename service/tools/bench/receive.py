@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,9 +35,9 @@ from service.node.metrics import create_metrics
 from service.node.receiver import Receiver
 from service.node.store import Durability, Journal, Spool
 from service.tools.dcmtk import dcmtk_tool
+from service.tools.progress import Progress
 
 SOURCES = {"CT 512x512": "693_UNCR.dcm", "CR 1955x1841": "RG1_UNCR.dcm"}
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)

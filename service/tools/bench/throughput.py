@@ -39,8 +39,8 @@ from service.explain.registry import get_explainer
 from service.tools.bench.measure import PeakMemory, device_description, synchronise
 from service.tools.bench.models import MODELS, BenchModel, load_bench_model, phantom_images
 from service.tools.bench.peers import PeerMissing, import_peer, pytorch_grad_cam
+from service.tools.progress import Progress
 
-Progress = Callable[[str], None]
 #: Issue #6: batched Grad-CAM on a DenseNet-121-sized model, images per second on one GPU.
 GPU_GOAL_IMAGES_PER_S = 1000.0
 #: Timed calls per batch size at least, whatever ``images`` says.

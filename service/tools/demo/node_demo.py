@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import re
 import shutil
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -25,12 +24,12 @@ from dicom_io.net.scp import ListenerSettings, StorageSCP
 from dicom_io.net.scu import Destination, StoreSCU
 from dicom_io.writers import save_png
 from service.synthetic.phantoms import write_phantom_studies
+from service.tools.progress import Progress
 
 #: Real sample files: a CR chest radiograph (MONOCHROME1, JPEG 2000 lossless, from pydicom-data)
 #: that the demo model applies to, and a CT slice it does not apply to (reported as skipped).
 REAL_SAMPLES = ("RG1_J2KR.dcm", "CT_small.dcm")
 DESTINATION_AE = "DEMODEST"
-Progress = Callable[[str], None]
 
 
 class FolderDestination:
@@ -204,7 +203,3 @@ def _sample_file(name: str) -> str | None:
         return get_testdata_file(name)
     except (ValueError, OSError):
         return None
-
-
-def main_progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

@@ -10,9 +10,7 @@ and ``model.yaml`` with the sha256 of each.
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from dicom_io.pixels import InputSpec, prepare_frames
 from service.inference.card import sha256_of
 from service.models.demo.network import TARGET_LAYER, DemoNet
 from service.synthetic.phantoms import CLASSES, make_phantom
+from service.tools.progress import Progress
 
 MODEL_NAME = "pacs-xai-demo-chest"
 MODEL_VERSION = "1.0.0"
@@ -35,8 +34,6 @@ MEAN, STD = 0.5, 0.25
 HELD_OUT_SEED_OFFSET = 1000
 #: How the card names the eager architecture for the ``torch`` runtime.
 ARCHITECTURE = f"{DemoNet.__module__}:{DemoNet.__name__}"
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -207,7 +204,3 @@ def export(model: nn.Module, out_dir: Path, accuracy: float) -> dict[str, Path]:
     card_path = out_dir / "model.yaml"
     card_path.write_text(yaml.safe_dump(card, sort_keys=False), encoding="utf-8")
     return {"onnx": onnx_path, "torchscript": torchscript_path, "torch": state_path, "card": card_path}
-
-
-def main_progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

@@ -46,9 +46,10 @@ from service.inference.card import ModelCard
 from service.models import demo_card_path
 from service.models.demo.network import DemoNet
 from service.synthetic.phantoms import CLASSES, make_phantom
-from service.tools.demo.train import INPUT_SPEC, Progress, main_progress, normalise, phantom_arrays
+from service.tools.demo.train import INPUT_SPEC, normalise, phantom_arrays
+from service.tools.progress import Progress
 
-__all__ = ["SaliencySettings", "SaliencyReport", "train_saliency_masker", "main_progress"]
+__all__ = ["SaliencyReport", "SaliencySettings", "train_saliency_masker"]
 
 #: Held-out phantoms come from a different seed than any training image (of the masker or the model).
 HELD_OUT_SEED_OFFSET = 1000
