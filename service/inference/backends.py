@@ -113,6 +113,21 @@ class TorchRunner(_TorchModuleRunner):
 
 AnyRunner = OnnxRunner | TorchScriptRunner | TorchRunner
 
+#: Runtimes that can back-propagate to the input, in order of preference: eager torch (it takes
+#: forward hooks, so the CAM family runs on it too), then TorchScript.
+GRADIENT_RUNTIMES: tuple[Runtime, ...] = ("torch", "torchscript")
+
+
+def gradient_runtime(card: ModelCard) -> Runtime:
+    """The card's first runtime that can back-propagate; a clear error for a card without one."""
+    for runtime in GRADIENT_RUNTIMES:
+        if runtime in card.weights:
+            return runtime
+    raise ModelCardError(
+        f"model card {card.name} ships only {', '.join(sorted(card.weights))} weights; methods that back-propagate "
+        "need a torch or torchscript runtime in the card's weights: add one, or use a forward-only method (occlusion)"
+    )
+
 
 def load_runner(card: ModelCard, runtime: Runtime, *, device: DevicePreference = "auto") -> AnyRunner:
     """Load ``runtime``'s weights of ``card`` and check the output size against the class list."""

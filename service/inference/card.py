@@ -36,6 +36,8 @@ from dicom_io.pixels import InputSpec
 #: into an eager ``nn.Module`` named by ``architecture``; the form CAM methods need, because
 #: TorchScript modules take no forward hooks.
 Runtime = Literal["onnx", "torchscript", "torch"]
+#: How logits become probabilities: softmax over the classes, or a sigmoid per class (multi-label).
+Activation = Literal["softmax", "sigmoid"]
 
 
 class ModelCardError(ValueError):
@@ -78,6 +80,15 @@ class InputSection(_Strict):
             raise ValueError(f"input.std must be > 0, got {list(self.std)}")
         return self
 
+    def value_range(self) -> tuple[float, float]:
+        """The lowest and highest model input that pixel values 0..1 become under (x - mean) / std,
+        over all channels: the inputs a real image can produce."""
+        means = self.mean * self.channels if len(self.mean) == 1 else self.mean
+        stds = self.std * self.channels if len(self.std) == 1 else self.std
+        low = min((0.0 - m) / s for m, s in zip(means, stds))
+        high = max((1.0 - m) / s for m, s in zip(means, stds))
+        return low, high
+
     def spec(self) -> InputSpec:
         """The pixel pipeline's view of this section."""
         return InputSpec(
@@ -92,7 +103,7 @@ class InputSection(_Strict):
 class OutputSection(_Strict):
     """What the model returns: logits for ``classes``, turned into probabilities by ``activation``."""
 
-    activation: Literal["softmax", "sigmoid"] = "softmax"
+    activation: Activation = "softmax"
     classes: tuple[str, ...] = Field(min_length=1)
 
     @field_validator("classes")
@@ -180,6 +191,13 @@ class ModelCard(_Strict):
                     f"model card {self.name}: sha256 of {path} is {digest}, the card says {entry.sha256}; "
                     "the weights changed without a new card (retrain or update the card)"
                 )
+
+    def class_index(self, name: str) -> int:
+        """Index of class ``name`` in ``output.classes``; an error listing the valid names otherwise."""
+        classes = self.output.classes
+        if name not in classes:
+            raise ModelCardError(f"unknown class {name!r} for model {self.name}; valid names: {', '.join(classes)}")
+        return classes.index(name)
 
     def applies_to_dataset(self, modality: str, sop_class_uid: str, body_part: str) -> str | None:
         """``None`` when the model applies to a series with these attributes, else the reason it does not."""

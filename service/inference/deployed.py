@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.inference.backends import AnyRunner, DevicePreference, load_runner
-from service.inference.card import ModelCard, ModelCardError
+from service.inference.backends import AnyRunner, DevicePreference, gradient_runtime, load_runner
+from service.inference.card import Activation, ModelCard
 from service.inference.pool import InferencePool, PoolMetrics
 
 
@@ -37,6 +37,12 @@ class Prediction:
     class_name: str
     probability: float  # of class_name, 0..1
     probabilities: tuple[float, ...]  # per class of the card, same order
+
+
+def class_probabilities(activation: Activation, logits: torch.Tensor) -> torch.Tensor:
+    """Probabilities 0..1 from logits ``[..., K]`` by the card's ``output.activation``: softmax over
+    the classes (one finding per image) or a sigmoid per class (multi-label)."""
+    return torch.softmax(logits, dim=-1) if activation == "softmax" else torch.sigmoid(logits)
 
 
 class DeployedModel:
@@ -81,15 +87,10 @@ class DeployedModel:
     @functools.cached_property
     def gradient_runner(self) -> AnyRunner:
         """A differentiable runner for methods that back-propagate: eager torch, else TorchScript."""
-        for runtime in ("torch", "torchscript"):
-            if runtime in self.card.weights:
-                if runtime == self.forward_runtime:
-                    return self.forward_runner
-                return load_runner(self.card, runtime, device=self._device)
-        raise ModelCardError(
-            f"model card {self.card.name} ships no torch or TorchScript weights, so gradient explainers cannot "
-            "run; use a forward-only method (occlusion) or add torch weights to the card"
-        )
+        runtime = gradient_runtime(self.card)
+        if runtime == self.forward_runtime:
+            return self.forward_runner
+        return load_runner(self.card, runtime, device=self._device)
 
     def model_for(self, *, needs_gradients: bool) -> torch.nn.Module | InferencePool:
         """What an explainer receives as its model: the differentiable module for a method that
@@ -106,11 +107,7 @@ class DeployedModel:
 
     def predict(self, batch: np.ndarray) -> list[Prediction]:
         """Class and probability per sample of a normalised batch."""
-        logits = torch.from_numpy(self.pool.forward(batch))
-        if self.card.output.activation == "softmax":
-            probabilities = torch.softmax(logits, dim=1)
-        else:
-            probabilities = torch.sigmoid(logits)
+        probabilities = class_probabilities(self.card.output.activation, torch.from_numpy(self.pool.forward(batch)))
         classes = self.card.output.classes
         result = []
         for row in probabilities.numpy():
