@@ -7,6 +7,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from service.explain.registry import get_explainer
+from service.tools.bench import explain as explain_bench
+from service.tools.bench import pipeline as pipeline_bench
+from service.tools.bench import receive as receive_bench
+from service.tools.bench import throughput as throughput_bench
 from service.tools.progress import print_progress
 
 
@@ -166,40 +171,40 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
 
 
 def _receive(args: argparse.Namespace) -> int:
-    from service.tools.bench.receive import print_figures, run_receive_bench
-
-    figures = run_receive_bench(args.count, args.associations or [1, 4], args.out, print_progress)
-    print_figures(figures)
+    figures = receive_bench.run_receive_bench(args.count, args.associations or [1, 4], args.out, print_progress)
+    receive_bench.print_figures(figures)
     print(f"\nfigures: {args.out / 'receive.json'}, plot: {args.out / 'receive.png'}")
     return 0
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from service.tools.bench.pipeline import print_figures, run_pipeline_bench
-
-    figures = run_pipeline_bench(args.method, args.images, args.burst, args.out, print_progress, args.source)
-    print_figures(figures)
+    figures = pipeline_bench.run_pipeline_bench(
+        args.method, args.images, args.burst, args.out, print_progress, args.source
+    )
+    pipeline_bench.print_figures(figures)
     print(f"\nfigures: {args.out / f'pipeline-{args.method}.json'}")
     return 0
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from service.explain.registry import get_explainer
-    from service.tools.bench.explain import MODELS, check_request, parse_param, print_figures, run_explain_bench
-
-    models = [name.strip() for value in args.models or [",".join(MODELS)] for name in value.split(",") if name.strip()]
+    models = [
+        name.strip()
+        for value in args.models or [",".join(explain_bench.MODELS)]
+        for name in value.split(",")
+        if name.strip()
+    ]
     params: dict[str, dict[str, object]] = {}
     try:
-        check_request(args.methods, models, args.images, args.repeats, args.compare_images)
+        explain_bench.check_request(args.methods, models, args.images, args.repeats, args.compare_images)
         for text in args.param:
-            method, setting, value = parse_param(text)
+            method, setting, value = explain_bench.parse_param(text)
             params.setdefault(method, {})[setting] = value
         for method, settings in params.items():
             get_explainer(method, **settings)  # a wrong setting stops here, not after the run
     except ValueError as exc:
         print(f"pacs-xai bench explain: {exc}", file=sys.stderr)
         return 2
-    figures = run_explain_bench(
+    figures = explain_bench.run_explain_bench(
         args.methods,
         models,
         args.images,
@@ -210,19 +215,19 @@ def _explain(args: argparse.Namespace) -> int:
         params=params,
         compare_images=args.compare_images,
     )
-    print_figures(figures)
+    explain_bench.print_figures(figures)
     print(f"\nfigures: {args.out / 'explain.json'}, plot: {args.out / 'explain.png'}")
     return 0
 
 
 def _throughput(args: argparse.Namespace) -> int:
-    from service.tools.bench.throughput import print_figures, run_throughput_bench
-
     try:
-        figures = run_throughput_bench(args.model, args.batch, args.images, args.out, print_progress, args.device)
+        figures = throughput_bench.run_throughput_bench(
+            args.model, args.batch, args.images, args.out, print_progress, args.device
+        )
     except ValueError as exc:
         print(f"pacs-xai bench throughput: {exc}", file=sys.stderr)
         return 2
-    print_figures(figures)
+    throughput_bench.print_figures(figures)
     print(f"\nfigures: {args.out / 'throughput.json'}, plot: {args.out / 'throughput.png'}")
     return 0

@@ -6,7 +6,14 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from service.cli.explain import explain_paths, print_table
+from service.inference.deployed import DeployedModel
+from service.models import demo_card_path
+from service.node.pipeline import ExplainPipeline
 from service.synthetic.phantoms import write_phantom_studies
+from service.tools.demo.node_demo import gather_inputs, run_node_demo
+from service.tools.demo.train import TrainingSettings, train
+from service.tools.demo.train_saliency import SaliencySettings, train_saliency_masker
 from service.tools.progress import print_progress
 
 
@@ -135,8 +142,6 @@ def _phantoms(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from service.tools.demo.train import TrainingSettings, train
-
     settings = TrainingSettings()
     if args.epochs is not None:
         settings = replace(settings, epochs=args.epochs)
@@ -153,8 +158,6 @@ def _train(args: argparse.Namespace) -> int:
 
 def _train_saliency(args: argparse.Namespace) -> int:
     from dataclasses import replace
-
-    from service.tools.demo.train_saliency import SaliencySettings, train_saliency_masker
 
     settings = SaliencySettings()
     if args.epochs is not None:
@@ -185,17 +188,11 @@ def _train_saliency(args: argparse.Namespace) -> int:
 
 
 def _run_node_demo(args: argparse.Namespace) -> int:
-    from service.tools.demo.node_demo import run_node_demo
 
     return run_node_demo(args.out, args.methods or ("gradcam", "occlusion"), print_progress)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from service.cli.explain import explain_paths, print_table
-    from service.inference.deployed import DeployedModel
-    from service.models import demo_card_path
-    from service.node.pipeline import ExplainPipeline
-    from service.tools.demo.node_demo import gather_inputs
 
     inputs = args.out / "input"
     gather_inputs(inputs, print_progress)

@@ -11,6 +11,7 @@ from pathlib import Path
 from service.explain import ExplainerError, available_explainers
 from service.inference.card import ModelCardError
 from service.inference.deployed import DeployedModel
+from service.models import demo_card_path
 from service.node.offline import explain_files
 from service.node.pipeline import OUTPUT_KINDS, DatasetResult, ExplainPipeline, PipelineConfigError
 
@@ -73,7 +74,6 @@ class Row:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.models import demo_card_path
 
     try:
         model = DeployedModel.from_card_path(args.model or demo_card_path())

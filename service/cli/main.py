@@ -11,6 +11,12 @@ import logging
 from collections.abc import Sequence
 
 from service import __version__
+from service.cli import bench as bench_commands
+from service.cli import demo as demo_commands
+from service.cli import explain as explain_command
+from service.cli import node as node_commands
+from service.cli import viewer as viewer_command
+from service.cli import visualize as visualize_command
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -28,13 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pacs-xai {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (no patient data is logged)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    from service.cli import bench as bench_commands
-    from service.cli import demo as demo_commands
-    from service.cli import explain as explain_command
-    from service.cli import node as node_commands
-    from service.cli import viewer as viewer_command
-    from service.cli import visualize as visualize_command
 
     node_commands.register(commands, _formatter)
     explain_command.register(commands, _formatter)

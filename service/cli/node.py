@@ -11,6 +11,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dicom_io.net.scu import Destination, StoreSCU
+from service.explain import ExplainerError, get_explainer
+from service.inference.card import ModelCard, ModelCardError
+from service.models import demo_card_path
+from service.node.app import Node
+from service.node.config import ConfigError, example_config, load_config
+from service.node.logs import configure_logging
+from service.node.offline import iter_files
+from service.node.store import Journal
+
 
 class FlagError(ValueError):
     """A command-line flag's value is malformed."""
@@ -92,9 +102,6 @@ def _allow_flag(text: str) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.node.app import Node
-    from service.node.config import ConfigError, load_config
-    from service.node.logs import configure_logging
 
     try:
         config = load_config(args.config, overrides_from_flags(args))
@@ -132,8 +139,6 @@ def _register_send(commands: argparse._SubParsersAction, formatter: Callable) ->
 
 
 def _send(args: argparse.Namespace) -> int:
-    from dicom_io.net.scu import Destination, StoreSCU
-    from service.node.offline import iter_files
 
     try:
         destination = Destination.parse(args.to)
@@ -179,17 +184,12 @@ def _register_config(commands: argparse._SubParsersAction, formatter: Callable) 
 
 
 def _config_example(args: argparse.Namespace) -> int:
-    from service.node.config import example_config
 
     print(example_config())
     return 0
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    from service.explain import ExplainerError, get_explainer
-    from service.inference.card import ModelCard, ModelCardError
-    from service.models import demo_card_path
-    from service.node.config import ConfigError, load_config
 
     try:
         config = load_config(args.file)
@@ -250,8 +250,6 @@ def _on_journal(action: Callable[[Any, argparse.Namespace], int]) -> Callable[[a
     """Wrap an outbox action: open the node's journal (from --data-dir or --config), run, close."""
 
     def handler(args: argparse.Namespace) -> int:
-        from service.node.config import ConfigError, load_config
-        from service.node.store import Journal
 
         try:
             data_dir = args.data_dir if args.data_dir is not None else load_config(args.config).storage.data_dir

@@ -10,6 +10,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from dicom_io.pixels import prepare_frames
+from service.inference.backends import load_runner
+from service.inference.card import ModelCard
+from service.models import demo_card_path
+from service.synthetic.phantoms import make_phantom
+from service.tools.bench.densenet import TARGET_LAYER, densenet121
+
 MODELS = ("demo", "densenet121")
 #: Phantom series of the benchmark images (not the training seeds 7 and 1007).
 IMAGE_SEED = 31337
@@ -31,10 +38,6 @@ class BenchModel:
 
 def phantom_images(count: int, seed: int = IMAGE_SEED) -> torch.Tensor:
     """``count`` phantom nodule radiographs through the demo card's pixel pipeline, normalised."""
-    from dicom_io.pixels import prepare_frames
-    from service.inference.card import ModelCard
-    from service.models import demo_card_path
-    from service.synthetic.phantoms import make_phantom
 
     card = ModelCard.load(demo_card_path())
     frames = [
@@ -52,10 +55,6 @@ def load_bench_model(name: str, images: torch.Tensor, device: torch.device) -> B
     Targets are each image's predicted class, what the node explains.
     """
     if name == "demo":
-        from service.inference.backends import load_runner
-        from service.inference.card import ModelCard
-        from service.models import demo_card_path
-
         card = ModelCard.load(demo_card_path())
         module = load_runner(card, "torch", device="cpu").torch_module
         onnx_runner = load_runner(card, "onnx", device="cpu") if "onnx" in card.weights else None
@@ -63,8 +62,6 @@ def load_bench_model(name: str, images: torch.Tensor, device: torch.device) -> B
         if module is None or layer is None:
             raise ValueError(f"the demo card {demo_card_path()} must ship torch weights and a target layer")
     elif name == "densenet121":
-        from service.tools.bench.densenet import TARGET_LAYER, densenet121
-
         module, layer = densenet121(in_channels=images.shape[1]), TARGET_LAYER
         onnx_runner = None
     else:

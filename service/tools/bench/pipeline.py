@@ -26,6 +26,8 @@ import pydicom
 
 from dicom_io.net.scp import ListenerSettings, StorageSCP
 from dicom_io.net.scu import Destination, StoreSCU
+from service.node.app import Node
+from service.node.config import load_config
 from service.tools.bench.receive import AnswerAtOnce, fresh_copies
 from service.tools.demo.node_demo import FolderDestination
 from service.tools.progress import Progress
@@ -74,8 +76,6 @@ def percentile(values: list[float], q: float) -> float:
 def run_pipeline_bench(
     method: str, latency_images: int, burst_images: int, out_dir: Path, progress: Progress, source: str = SOURCE
 ) -> PipelineFigures:
-    from service.node.app import Node
-    from service.node.config import load_config
 
     idle = 0.05
     with tempfile.TemporaryDirectory(prefix="pacs-xai-bench-") as temp:

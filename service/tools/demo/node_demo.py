@@ -23,6 +23,9 @@ from dicom_io.net.network import Status
 from dicom_io.net.scp import ListenerSettings, StorageSCP
 from dicom_io.net.scu import Destination, StoreSCU
 from dicom_io.writers import save_png
+from service.node.app import Node
+from service.node.config import load_config
+from service.node.store import Journal
 from service.synthetic.phantoms import write_phantom_studies
 from service.tools.progress import Progress
 
@@ -80,8 +83,6 @@ def gather_inputs(folder: Path, progress: Progress) -> list[Path]:
 
 def run_node_demo(out_dir: Path, methods: Sequence[str], progress: Progress, timeout: float = 300.0) -> int:
     """The whole demo; returns the exit code (0 when every applicable image came back explained)."""
-    from service.node.app import Node
-    from service.node.config import load_config
 
     files = gather_inputs(out_dir / "input", progress)
     received = out_dir / "received"
@@ -152,7 +153,6 @@ def _wait_until_settled(node, progress: Progress, timeout: float) -> None:
 def _rows(
     files: list[Path], received: Path, arrivals: dict[str, float], sent_at: float, journal_path: Path
 ) -> list[ResultRow]:
-    from service.node.store import Journal
 
     headers = {f: pydicom.dcmread(f, stop_before_pixels=True) for f in files}
     sources = {str(ds.SOPInstanceUID): f for f, ds in headers.items()}

@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dicom_io.net.network import free_port
+from service.node.app import Node
+from service.node.config import load_config
+from service.synthetic.phantoms import write_phantom_studies
 from service.tools.orthanc import OrthancError, OrthancProcess, stop_process, wait_http
 
 #: The OHIF release served; its built app ships in the npm package ``@ohif/app``.
@@ -211,8 +214,6 @@ class ViewerStack:
         self.nginx: Nginx | None = None
 
     def start(self) -> None:
-        from service.node.app import Node
-        from service.node.config import load_config
 
         if not self.app_config.is_file():
             raise ViewerError(f"OHIF config not found: {self.app_config}")
@@ -256,7 +257,6 @@ class ViewerStack:
 
     def send_demo_studies(self, count: int, timeout: float = 120.0) -> list[StudyResults]:
         """Write ``count`` phantom studies, upload them to Orthanc, route each to the node, wait for results."""
-        from service.synthetic.phantoms import write_phantom_studies
 
         assert self.orthanc is not None
         written = write_phantom_studies(self.folder / "phantoms", studies=count, rows=512, cols=480)
