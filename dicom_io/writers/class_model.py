@@ -33,6 +33,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.codes import PURPOSE_PROCESSING_EQUIPMENT
 from dicom_io.uids import derived_device_uid, generated_uid
+from dicom_io.vr import LO_MAX, ST_MAX
 from dicom_io.writers.provenance import DISCLAIMER, pacs_xai_version
 
 __all__ = [
@@ -51,8 +52,6 @@ PATIENT_ID = "PACS-XAI-CLASS-MODEL"
 #: Percentiles mapped to black and white by :func:`grayscale_tiles` (robust to a few extreme pixels).
 STRETCH_PERCENTILES = (0.5, 99.5)
 
-_LO_MAX = 64
-_ST_MAX = 1024
 # highdicom needs an orientation for a PATIENT image; a synthetic image has none, so it is
 # replaced by an empty value (Type 2C) right after construction, as in the source-derived SC.
 _PLACEHOLDER_ORIENTATION = ("L", "P")
@@ -87,7 +86,7 @@ def save_grayscale_png(pixels: np.ndarray, path: str | os.PathLike[str]) -> None
     Image.fromarray(pixels, "L").save(os.fspath(path), format="PNG")
 
 
-def _check_text(name: str, value: object, limit: int = _LO_MAX) -> str:
+def _check_text(name: str, value: object, limit: int = LO_MAX) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
     if len(value) > limit:
@@ -114,8 +113,8 @@ def _equipment(
         manufacturer=manufacturer,
         purpose_of_reference=PURPOSE_PROCESSING_EQUIPMENT,
         manufacturer_model_name=model_name,
-        software_versions=[model_version, f"pacs-xai {software_version}"[:_LO_MAX]],
-        contribution_description=f"XAI class model visualisation of class {class_name}"[:_ST_MAX],
+        software_versions=[model_version, f"pacs-xai {software_version}"[:LO_MAX]],
+        contribution_description=f"XAI class model visualisation of class {class_name}"[:ST_MAX],
     )
     item.DeviceUID = derived_device_uid(model_name, model_version)
     return item
@@ -143,7 +142,7 @@ def build_class_model_capture(
     _check_text("class_name", class_name)
     _check_text("model_name", model_name)
     _check_text("model_version", model_version)
-    _check_text("generation", generation, _ST_MAX)
+    _check_text("generation", generation, ST_MAX)
     study_uid, series_uid, instance_uid = _uids(class_name, model_name, model_version, generation)
     now = datetime.datetime.now()
     sc = hd.sc.SCImage(
@@ -164,7 +163,7 @@ def build_class_model_capture(
         patient_orientation=_PLACEHOLDER_ORIENTATION,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[_equipment(class_name, model_name, model_version, manufacturer, software_version)],
-        series_description=f"pacs-xai class model: {class_name}"[:_LO_MAX],
+        series_description=f"pacs-xai class model: {class_name}"[:LO_MAX],
         manufacturer_model_name="pacs-xai",
         software_versions=software_version,
     )
@@ -179,7 +178,7 @@ def build_class_model_capture(
         f"Class model visualisation (Simonyan et al. 2014) of class '{class_name}', model {model_name} "
         f"version {model_version}: a synthetic input optimised to maximise the class score; {generation}; "
         f"pacs-xai {software_version}. No patient image involved. {DISCLAIMER}."
-    )[:_ST_MAX]
+    )[:ST_MAX]
     sc.SecondaryCaptureDeviceManufacturer = manufacturer
     sc.SecondaryCaptureDeviceManufacturerModelName = "pacs-xai"
     sc.SecondaryCaptureDeviceSoftwareVersions = software_version

@@ -42,6 +42,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.codes import ATTRIBUTION_UNIT, quantity_code
 from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
+from dicom_io.vr import LO_MAX, SH_MAX
 from dicom_io.writers.provenance import (
     ExplanationResult,
     algorithm_equipment,
@@ -65,8 +66,6 @@ __all__ = ["OUTPUT_KIND", "attribution_window", "build_parametric_map"]
 #: ``output_kind`` of the derived UIDs of Parametric Map outputs.
 OUTPUT_KIND = "pm"
 
-_SH_MAX = 16
-_LO_MAX = 64
 _SYNTHETIC_GEOMETRY_NOTE = (
     "The source frame has no patient geometry (projection image or frame without plane position): "
     "this map's Frame of Reference, position and orientation are its own and nominal (pixel spacing {spacing}); "
@@ -109,8 +108,8 @@ def _derived_uids(source: pydicom.Dataset, result: ExplanationResult) -> tuple[s
 def _value_mapping(values: np.ndarray, result: ExplanationResult) -> hd.pm.RealWorldValueMapping:
     """Identity mapping of the stored floats to attribution values, with quantity and units."""
     return hd.pm.RealWorldValueMapping(
-        lut_label=result.method[:_SH_MAX],
-        lut_explanation=f"{result.method} attribution for class {result.class_name}"[:_LO_MAX],
+        lut_label=result.method[:SH_MAX],
+        lut_explanation=f"{result.method} attribution for class {result.class_name}"[:LO_MAX],
         unit=ATTRIBUTION_UNIT,
         value_range=(float(values.min()), float(values.max())),
         slope=1.0,
@@ -182,7 +181,7 @@ def build_parametric_map(
         ],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         content_label="XAI_ATTRIBUTION",
-        content_description=f"{result.method} attribution, class {result.class_name}"[:_LO_MAX],
+        content_description=f"{result.method} attribution, class {result.class_name}"[:LO_MAX],
         contributing_equipment=[equipment],
     )
     copy_patient_study_attributes(source, pm)

@@ -30,6 +30,7 @@ from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
 from dicom_io import uids as _uids
 from dicom_io.codes import PURPOSE_PROCESSING_EQUIPMENT, PURPOSE_SOURCE_IMAGE_FOR_PROCESSING
+from dicom_io.vr import LO_MAX, ST_MAX
 
 __all__ = [
     "DISCLAIMER",
@@ -65,9 +66,6 @@ __all__ = [
 
 #: Burned into every overlay and written into every description: the output is not a diagnosis.
 DISCLAIMER = "NOT FOR DIAGNOSTIC USE"
-
-_LO_MAX = 64  # Long String (LO) value length
-_ST_MAX = 1024  # Short Text (ST) value length
 
 #: Patient, Clinical Trial Subject, General Study, Patient Study and Clinical Trial Study module
 #: attributes that describe the patient and the study (not the source series, equipment or
@@ -174,9 +172,9 @@ class ExplanationResult:
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"ExplanationResult.{name} must be a non-empty string, got {value!r}")
         for name in ("model_name", "model_version"):
-            if len(getattr(self, name)) > _LO_MAX:
+            if len(getattr(self, name)) > LO_MAX:
                 raise ValueError(
-                    f"ExplanationResult.{name} {getattr(self, name)!r} is longer than {_LO_MAX} characters "
+                    f"ExplanationResult.{name} {getattr(self, name)!r} is longer than {LO_MAX} characters "
                     "(DICOM LO, it becomes Manufacturer's Model Name / Software Versions)"
                 )
         _check_probability(self.probability)
@@ -278,13 +276,13 @@ def derivation_description(result: ExplanationResult, *, output: str, software_v
         f"{result.model_version}, source frame {result.frame_index + 1}, pacs-xai {software_version}. "
         f"{DISCLAIMER}."
     )
-    return text[:_ST_MAX]
+    return text[:ST_MAX]
 
 
 def series_description(result: ExplanationResult, *, tag: str = "") -> str:
     """Series Description (0008,103E, LO), e.g. "XAI gradcam nodule"; cut to 64 characters."""
     words = ["XAI", result.method, result.class_name] + ([tag] if tag else [])
-    return " ".join(words)[:_LO_MAX]
+    return " ".join(words)[:LO_MAX]
 
 
 def _is_empty(dataset: Dataset, keyword: str) -> bool:
@@ -322,8 +320,8 @@ def algorithm_equipment(
         manufacturer=manufacturer,
         purpose_of_reference=PURPOSE_PROCESSING_EQUIPMENT,
         manufacturer_model_name=result.model_name,
-        software_versions=[result.model_version, f"pacs-xai {software_version}"[:_LO_MAX]],
-        contribution_description=contribution[:_ST_MAX],
+        software_versions=[result.model_version, f"pacs-xai {software_version}"[:LO_MAX]],
+        contribution_description=contribution[:ST_MAX],
     )
     item.DeviceUID = device_uid
     return item

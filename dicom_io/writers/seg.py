@@ -64,6 +64,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.codes import ARTIFICIAL_INTELLIGENCE, VISUAL_EXPLANATION, quantity_code
 from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
+from dicom_io.vr import LO_MAX, ST_MAX
 from dicom_io.writers.provenance import (
     NOMINAL_SLICE_THICKNESS_MM,
     ExplanationResult,
@@ -102,8 +103,6 @@ DEFAULT_SERIES_NUMBERS: dict[str, int] = {"fractional": 9003, "binary": 9004}
 #: Maximum Fractional Value of the fractional kind: 8-bit steps of 1/255.
 MAX_FRACTIONAL_VALUE = 255
 
-_LO_MAX = 64
-_ST_MAX = 1024
 _SYNTHETIC_GEOMETRY_NOTE = (
     "The source frame has no patient geometry (projection image or frame without plane position): "
     "this segmentation's Frame of Reference, position, orientation and slice thickness are its own and nominal "
@@ -210,14 +209,14 @@ def _segment(result: ExplanationResult, kind: str, share: float) -> hd.seg.Segme
     )
     segment = hd.seg.SegmentDescription(
         segment_number=1,
-        segment_label=label[:_LO_MAX],
+        segment_label=label[:LO_MAX],
         segmented_property_category=VISUAL_EXPLANATION,
         segmented_property_type=quantity_code(result.method),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
         display_color=hd.color.CIELabColor(*_DISPLAY_COLOURS[kind]),
     )
-    segment.SegmentDescription = f"{text} Model {result.model_name} {result.model_version}."[:_ST_MAX]
+    segment.SegmentDescription = f"{text} Model {result.model_name} {result.model_version}."[:ST_MAX]
     return segment
 
 
@@ -287,7 +286,7 @@ def build_segmentation(
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         max_fractional_value=MAX_FRACTIONAL_VALUE,
         content_label="XAI_HEATMAP" if kind == "fractional" else "XAI_TOP_REGION",
-        content_description=f"{result.method} {result.class_name} {tag}"[:_LO_MAX],
+        content_description=f"{result.method} {result.class_name} {tag}"[:LO_MAX],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=False,
         contributing_equipment=[equipment],

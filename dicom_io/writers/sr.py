@@ -55,6 +55,7 @@ from dicom_io.codes import (
     quantity_code,
 )
 from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
+from dicom_io.vr import LO_MAX
 from dicom_io.writers.provenance import (
     ExplanationResult,
     algorithm_equipment,
@@ -74,7 +75,6 @@ __all__ = ["OUTPUT_KIND", "build_report"]
 #: ``output_kind`` of the derived UIDs of SR outputs.
 OUTPUT_KIND = "sr"
 
-_LO_MAX = 64
 _CROSS_SECTIONAL = frozenset({"CT", "MR", "PT"})
 _PROJECTION = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
 _REFERENCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
@@ -192,7 +192,7 @@ def _finding_group(
     frames = [result.frame_index + 1] if number_of_frames(source) > 1 else None
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid, identifier=f"{result.model_name} {result.class_name}"[:_LO_MAX]
+            uid=tracking_uid, identifier=f"{result.model_name} {result.class_name}"[:LO_MAX]
         ),
         finding_type=finding_code(result.class_name),
         algorithm_id=algorithm,
@@ -226,7 +226,7 @@ def _observer(result: ExplanationResult, manufacturer: str, device_uid: str) -> 
                 uid=device_uid,
                 name=result.model_name,
                 manufacturer_name=manufacturer,
-                model_name=f"{result.model_name} {result.model_version}"[:_LO_MAX],
+                model_name=f"{result.model_name} {result.model_version}"[:LO_MAX],
             ),
         )
     )
