@@ -34,7 +34,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_io.codes import PURPOSE_PROCESSING_EQUIPMENT
 from dicom_io.uids import derived_device_uid, generated_uid
 from dicom_io.vr import LO_MAX, ST_MAX
-from dicom_io.writers.provenance import DISCLAIMER, pacs_xai_version
+from dicom_io.writers.descriptions import DISCLAIMER
+from dicom_io.writers.equipment import pacs_xai_version
 
 __all__ = [
     "CLASS_MODEL_METHOD",
@@ -108,7 +109,7 @@ def _uids(class_name: str, model_name: str, model_version: str, generation: str)
 def _equipment(
     class_name: str, model_name: str, model_version: str, manufacturer: str, software_version: str
 ) -> hd.ContributingEquipment:
-    """Contributing Equipment item for the model (as :func:`provenance.algorithm_equipment`)."""
+    """Contributing Equipment item for the model (as :func:`dicom_io.writers.equipment.algorithm_equipment`)."""
     item = hd.ContributingEquipment(
         manufacturer=manufacturer,
         purpose_of_reference=PURPOSE_PROCESSING_EQUIPMENT,

@@ -15,7 +15,7 @@ The signed attribution map of one source frame, at the source's pixel grid, as 3
   it has them (CT, MR, enhanced images with plane positions). The Parametric Map IOD requires a
   Frame of Reference and plane position/orientation, which a projection radiograph (CR/DX) or a
   multi-frame image without plane positions does not have; for those the map gets a geometry of
-  its own (:func:`dicom_io.writers.provenance.synthetic_frame_geometry`): a deterministic Frame of
+  its own (:func:`dicom_io.writers.geometry.synthetic_frame_geometry`): a deterministic Frame of
   Reference UID per source frame, origin (0, 0, 0), the orientation 1\\0\\0\\0\\1\\0 that viewers
   give a source without one (OHIF 3.x overlays a map only in the plane it gives the source; the
   anatomical directions stay in Patient Orientation), Pixel Spacing from Pixel Spacing / Imager
@@ -25,7 +25,7 @@ The signed attribution map of one source frame, at the source's pixel grid, as 3
   highdicom 0.28.2 itself fails on a source without Frame of Reference ("Unexpected mismatch
   between dimension index values ...") and refuses one frame of a multi-frame source without
   plane positions; it is therefore given a single-frame stand-in of the source frame
-  (:func:`dicom_io.writers.provenance.highdicom_source_view`) whose references are pointed back
+  (:func:`dicom_io.writers.source_view.highdicom_source_view`) whose references are pointed back
   at the real source (SOP class, frame number) afterwards.
 - Provenance as for every output: same study, a new series per (source series, model version,
   method, "pm"), deterministic SOP Instance UID, Source Image Sequence with purpose 121322,
@@ -43,23 +43,13 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_io.codes import ATTRIBUTION_UNIT, quantity_code
 from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
 from dicom_io.vr import LO_MAX, SH_MAX
-from dicom_io.writers.provenance import (
-    ExplanationResult,
-    algorithm_equipment,
-    check_source,
-    copy_patient_study_attributes,
-    derivation_description,
-    drop_assumed_slice_spacing,
-    highdicom_source_view,
-    instance_number,
-    pacs_xai_version,
-    patient_orientation,
-    retarget_source_references,
-    series_description,
-    set_laterality,
-    source_frame_geometry,
-    synthetic_frame_geometry,
-)
+from dicom_io.writers.descriptions import derivation_description, series_description
+from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
+from dicom_io.writers.geometry import drop_assumed_slice_spacing, source_frame_geometry, synthetic_frame_geometry
+from dicom_io.writers.orientation import patient_orientation, set_laterality
+from dicom_io.writers.references import copy_patient_study_attributes, instance_number, retarget_source_references
+from dicom_io.writers.result import ExplanationResult, check_source
+from dicom_io.writers.source_view import highdicom_source_view
 
 __all__ = ["OUTPUT_KIND", "attribution_window", "build_parametric_map"]
 

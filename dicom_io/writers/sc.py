@@ -26,21 +26,13 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
+from dicom_io.writers.descriptions import derivation_description, series_description
+from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
+from dicom_io.writers.orientation import patient_orientation, set_laterality
 from dicom_io.writers.overlay import overlay_title_lines, render_overlay
-from dicom_io.writers.provenance import (
-    ExplanationResult,
-    algorithm_equipment,
-    check_source,
-    copy_patient_study_attributes,
-    derivation_description,
-    number_of_frames,
-    pacs_xai_version,
-    patient_orientation,
-    series_description,
-    set_laterality,
-    source_image_item,
-    without_person_names,
-)
+from dicom_io.writers.references import copy_patient_study_attributes, number_of_frames, source_image_item
+from dicom_io.writers.result import ExplanationResult, check_source
+from dicom_io.writers.source_view import without_person_names
 
 __all__ = ["OUTPUT_KIND", "build_secondary_capture"]
 

@@ -25,10 +25,10 @@ explanation points", and anatomy or tissue codes would claim something the map d
 Geometry: a source frame with a patient geometry (CT, MR) gives the SEG its Frame of Reference,
 plane position/orientation and pixel measures. A projection radiograph (CR/DX) or a frame without
 plane position has none; the SEG then gets the synthetic geometry the Parametric Map of the same
-frame gets (:func:`dicom_io.writers.provenance.synthetic_frame_geometry`: the same Frame of
+frame gets (:func:`dicom_io.writers.geometry.synthetic_frame_geometry`: the same Frame of
 Reference UID, origin (0, 0, 0), the orientation 1\\0\\0\\0\\1\\0 viewers give such a source, the
 source's Pixel Spacing or Imager Pixel Spacing, else a nominal 1 mm), with a nominal Slice
-Thickness of 1 mm (:data:`~dicom_io.writers.provenance.NOMINAL_SLICE_THICKNESS_MM`); Image
+Thickness of 1 mm (:data:`~dicom_io.writers.geometry.NOMINAL_SLICE_THICKNESS_MM`); Image
 Comments says so. The frame-level Derivation Image reference still maps the SEG 1:1 onto the
 source frame. Why not a SEG without Frame of Reference (the IOD allows one): OHIF 3.x cannot open
 it — its SEG viewport reads Pixel Measures from the Shared Functional Groups ("Cannot destructure
@@ -45,7 +45,7 @@ Sequence"), while with a Frame of Reference dciodvfy requires the thickness (Typ
   part); Body Part Examined is copied.
 
 highdicom is given a single-frame stand-in of the source frame whose references are pointed back
-at the real source afterwards (see :func:`dicom_io.writers.provenance.highdicom_source_view`).
+at the real source afterwards (see :func:`dicom_io.writers.source_view.highdicom_source_view`).
 
 Provenance as for every output: same study; a new series per (source series, model version,
 method, kind) — kinds "seg-fractional" and "seg-binary"; deterministic SOP Instance UID (the
@@ -65,23 +65,18 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_io.codes import ARTIFICIAL_INTELLIGENCE, VISUAL_EXPLANATION, quantity_code
 from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
 from dicom_io.vr import LO_MAX, ST_MAX
-from dicom_io.writers.provenance import (
+from dicom_io.writers.descriptions import derivation_description, series_description
+from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
+from dicom_io.writers.geometry import (
     NOMINAL_SLICE_THICKNESS_MM,
-    ExplanationResult,
-    algorithm_equipment,
-    check_source,
-    copy_patient_study_attributes,
-    derivation_description,
     drop_assumed_slice_spacing,
-    highdicom_source_view,
-    instance_number,
-    pacs_xai_version,
-    patient_orientation,
-    retarget_source_references,
-    series_description,
     source_frame_geometry,
     synthetic_frame_geometry,
 )
+from dicom_io.writers.orientation import patient_orientation
+from dicom_io.writers.references import copy_patient_study_attributes, instance_number, retarget_source_references
+from dicom_io.writers.result import ExplanationResult, check_source
+from dicom_io.writers.source_view import highdicom_source_view
 
 __all__ = [
     "DEFAULT_SERIES_NUMBERS",

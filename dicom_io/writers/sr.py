@@ -56,19 +56,13 @@ from dicom_io.codes import (
 )
 from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
 from dicom_io.vr import LO_MAX
-from dicom_io.writers.provenance import (
-    ExplanationResult,
-    algorithm_equipment,
-    check_source,
-    copy_patient_study_attributes,
-    highdicom_source_view,
-    instance_number,
-    number_of_frames,
-    pacs_xai_version,
-    patient_orientation,
-    series_description,
-    source_frame_geometry,
-)
+from dicom_io.writers.descriptions import series_description
+from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
+from dicom_io.writers.geometry import source_frame_geometry
+from dicom_io.writers.orientation import patient_orientation
+from dicom_io.writers.references import copy_patient_study_attributes, instance_number, number_of_frames
+from dicom_io.writers.result import ExplanationResult, check_source
+from dicom_io.writers.source_view import highdicom_source_view
 
 __all__ = ["OUTPUT_KIND", "build_report"]
 
