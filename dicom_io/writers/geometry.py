@@ -12,9 +12,8 @@ import math
 from dataclasses import dataclass
 
 from pydicom import Dataset
-from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
-from dicom_io import uids as _uids
+from dicom_io.uids import derived_frame_of_reference_uid
 
 __all__ = [
     "NOMINAL_PIXEL_SPACING_MM",
@@ -25,7 +24,6 @@ __all__ = [
     "pixel_spacing",
     "source_frame_geometry",
     "synthetic_frame_geometry",
-    "synthetic_frame_of_reference_uid",
 ]
 
 #: Pixel spacing written when the source states none (or zeros): 1 mm, nominal. The objects still
@@ -144,23 +142,14 @@ def source_frame_geometry(source: Dataset, frame_index: int = 0) -> FrameGeometr
     return FrameGeometry(str(frame_of_reference), ipp, iop, spacing, slice_thickness)  # type: ignore[arg-type]
 
 
-def synthetic_frame_of_reference_uid(source: Dataset, frame_index: int = 0) -> str:
-    """A Frame of Reference UID of its own for one source frame that has none, deterministic.
-
-    A hash of the source SOP Instance UID and frame, under the pacs-xai UID root, so that every
-    output made from that frame (any model, any method) shares it and re-processing repeats it.
-    """
-    payload = f"pacs-xai-uid-v1|frame-of-reference|{source.SOPInstanceUID}|{int(frame_index)}"
-    return str(generate_uid(prefix=_uids.PACS_XAI_UID_PREFIX or PYDICOM_ROOT_UID, entropy_srcs=[payload]))
-
-
 def synthetic_frame_geometry(
     source: Dataset, frame_index: int = 0, *, slice_thickness: float | None = None
 ) -> FrameGeometry:
     """A patient geometry for a source frame that has none (projection radiographs, bare frames).
 
-    - Frame of Reference: :func:`synthetic_frame_of_reference_uid` (never the source's own, since
-      nothing here is positioned in it); Position Reference Indicator stays empty.
+    - Frame of Reference: :func:`dicom_io.uids.derived_frame_of_reference_uid` of the source
+      frame (never the source's own, since nothing here is positioned in it); Position Reference
+      Indicator stays empty.
     - Image Position (Patient): (0, 0, 0), nominal.
     - Image Orientation (Patient): :data:`VIEWER_DEFAULT_ORIENTATION` (1\\\\0\\\\0\\\\0\\\\1\\\\0), the plane viewers
       put a source without one in, so that the output lies on the source there. Not the directions
@@ -173,7 +162,7 @@ def synthetic_frame_geometry(
     """
     spacing = pixel_spacing(source, frame_index) or (NOMINAL_PIXEL_SPACING_MM, NOMINAL_PIXEL_SPACING_MM)
     return FrameGeometry(
-        frame_of_reference_uid=synthetic_frame_of_reference_uid(source, frame_index),
+        frame_of_reference_uid=derived_frame_of_reference_uid(str(source.SOPInstanceUID), frame_index),
         image_position=(0.0, 0.0, 0.0),
         image_orientation=VIEWER_DEFAULT_ORIENTATION,
         pixel_spacing=spacing,

@@ -41,7 +41,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.codes import ATTRIBUTION_UNIT, quantity_code
-from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
+from dicom_io.uids import derived_device_uid, derived_output_uids
 from dicom_io.vr import LO_MAX, SH_MAX
 from dicom_io.writers.descriptions import derivation_description, series_description
 from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
@@ -83,18 +83,6 @@ def attribution_window(values: np.ndarray, percentile: float = 99.0) -> tuple[fl
     return top / 2.0, top
 
 
-def _derived_uids(source: pydicom.Dataset, result: ExplanationResult) -> tuple[str, str]:
-    common = {
-        "model_name": result.model_name,
-        "model_version": result.model_version,
-        "method": result.method,
-        "output_kind": OUTPUT_KIND,
-    }
-    series_uid = derived_series_uid(str(source.SeriesInstanceUID), **common)
-    instance_uid = derived_instance_uid(str(source.SOPInstanceUID), frame_index=result.frame_index, **common)
-    return series_uid, instance_uid
-
-
 def _value_mapping(values: np.ndarray, result: ExplanationResult) -> hd.pm.RealWorldValueMapping:
     """Identity mapping of the stored floats to attribution values, with quantity and units."""
     return hd.pm.RealWorldValueMapping(
@@ -132,7 +120,7 @@ def build_parametric_map(
     check_source(source, result)
     frame_index = result.frame_index
     values = np.ascontiguousarray(result.attribution, dtype=np.float32)
-    series_uid, instance_uid = _derived_uids(source, result)
+    series_uid, instance_uid = derived_output_uids(source, result, OUTPUT_KIND)
     device = device_uid or derived_device_uid(result.model_name, result.model_version)
     equipment = algorithm_equipment(
         result,

@@ -25,7 +25,7 @@ import highdicom as hd
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
+from dicom_io.uids import derived_device_uid, derived_output_uids
 from dicom_io.writers.descriptions import derivation_description, series_description
 from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
 from dicom_io.writers.orientation import patient_orientation, set_laterality
@@ -53,19 +53,6 @@ def _instance_number(source: pydicom.Dataset, frame_index: int) -> int:
         return int(source.get("InstanceNumber") or 1)
     except (TypeError, ValueError):
         return 1
-
-
-def _derived_uids(source: pydicom.Dataset, result: ExplanationResult) -> tuple[str, str]:
-    """(Series Instance UID, SOP Instance UID) of the SC for this source frame and explanation."""
-    common = {
-        "model_name": result.model_name,
-        "model_version": result.model_version,
-        "method": result.method,
-        "output_kind": OUTPUT_KIND,
-    }
-    series_uid = derived_series_uid(str(source.SeriesInstanceUID), **common)
-    instance_uid = derived_instance_uid(str(source.SOPInstanceUID), frame_index=result.frame_index, **common)
-    return series_uid, instance_uid
 
 
 def _set_orientation_and_laterality(sc: pydicom.Dataset, source: pydicom.Dataset, frame_index: int) -> None:
@@ -111,7 +98,7 @@ def build_secondary_capture(
     if not isinstance(result, ExplanationResult):
         raise ValueError(f"result must be an ExplanationResult, got {type(result).__name__}")
     check_source(source, result)
-    series_uid, instance_uid = _derived_uids(source, result)
+    series_uid, instance_uid = derived_output_uids(source, result, OUTPUT_KIND)
     device = device_uid or derived_device_uid(result.model_name, result.model_version)
     equipment = algorithm_equipment(
         result,

@@ -63,7 +63,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.codes import ARTIFICIAL_INTELLIGENCE, VISUAL_EXPLANATION, quantity_code
-from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
+from dicom_io.uids import derived_device_uid, derived_output_uids
 from dicom_io.vr import LO_MAX, ST_MAX
 from dicom_io.writers.descriptions import derivation_description, series_description
 from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
@@ -155,18 +155,6 @@ def fractional_map(attribution: np.ndarray) -> np.ndarray:
     return np.clip(positive / top, 0.0, 1.0).astype(np.float32)
 
 
-def _derived_uids(source: pydicom.Dataset, result: ExplanationResult, kind: str, share: float) -> tuple[str, str]:
-    """(Series Instance UID, SOP Instance UID); a binary SEG's instance also depends on the share."""
-    common = {"model_name": result.model_name, "model_version": result.model_version, "method": result.method}
-    series_kind = OUTPUT_KINDS[kind]
-    instance_kind = series_kind if kind == "fractional" else f"{series_kind}-mass-{share:.6g}"
-    series_uid = derived_series_uid(str(source.SeriesInstanceUID), output_kind=series_kind, **common)
-    instance_uid = derived_instance_uid(
-        str(source.SOPInstanceUID), frame_index=result.frame_index, output_kind=instance_kind, **common
-    )
-    return series_uid, instance_uid
-
-
 def _set_body_part(seg: pydicom.Dataset, source: pydicom.Dataset) -> None:
     """Body Part Examined from the source; no series Laterality (dciodvfy forbids it on a SEG)."""
     body_part = str(source.get("BodyPartExamined") or "").strip().upper()
@@ -245,7 +233,10 @@ def build_segmentation(
         raise ValueError(f"result must be an ExplanationResult, got {type(result).__name__}")
     check_source(source, result)
     frame_index = result.frame_index
-    series_uid, instance_uid = _derived_uids(source, result, kind, share)
+    series_kind = OUTPUT_KINDS[kind]
+    # A binary SEG's instance also depends on the mass share.
+    instance_kind = series_kind if kind == "fractional" else f"{series_kind}-mass-{share:.6g}"
+    series_uid, instance_uid = derived_output_uids(source, result, series_kind, instance_kind=instance_kind)
     device = device_uid or derived_device_uid(result.model_name, result.model_version)
     equipment = algorithm_equipment(
         result,

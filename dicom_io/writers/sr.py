@@ -54,7 +54,7 @@ from dicom_io.codes import (
     procedure_code,
     quantity_code,
 )
-from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
+from dicom_io.uids import derived_device_uid, derived_output_uids
 from dicom_io.vr import LO_MAX
 from dicom_io.writers.descriptions import series_description
 from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
@@ -68,23 +68,12 @@ __all__ = ["OUTPUT_KIND", "build_report"]
 
 #: ``output_kind`` of the derived UIDs of SR outputs.
 OUTPUT_KIND = "sr"
+# ``output_kind`` of the derived Tracking Unique Identifier of the report's finding.
+_TRACKING_KIND = "sr-finding"
 
 _CROSS_SECTIONAL = frozenset({"CT", "MR", "PT"})
 _PROJECTION = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
 _REFERENCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
-
-
-def _derived_uids(source: pydicom.Dataset, result: ExplanationResult) -> tuple[str, str, str]:
-    """(Series Instance UID, SOP Instance UID, Tracking Unique Identifier) of the report."""
-    common = {"model_name": result.model_name, "model_version": result.model_version, "method": result.method}
-    series_uid = derived_series_uid(str(source.SeriesInstanceUID), output_kind=OUTPUT_KIND, **common)
-    instance_uid = derived_instance_uid(
-        str(source.SOPInstanceUID), frame_index=result.frame_index, output_kind=OUTPUT_KIND, **common
-    )
-    tracking_uid = derived_instance_uid(
-        str(source.SOPInstanceUID), frame_index=result.frame_index, output_kind="sr-finding", **common
-    )
-    return series_uid, instance_uid, tracking_uid
 
 
 def _check_references(source: pydicom.Dataset, references: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
@@ -261,7 +250,9 @@ def build_report(
         raise ValueError(f"result must be an ExplanationResult, got {type(result).__name__}")
     check_source(source, result)
     referenced = _check_references(source, references)
-    series_uid, instance_uid, tracking_uid = _derived_uids(source, result)
+    series_uid, instance_uid = derived_output_uids(source, result, OUTPUT_KIND)
+    # The finding's Tracking Unique Identifier: derived like the report's instance, of its own kind.
+    _, tracking_uid = derived_output_uids(source, result, OUTPUT_KIND, instance_kind=_TRACKING_KIND)
     device = device_uid or derived_device_uid(result.model_name, result.model_version)
     equipment = algorithm_equipment(
         result,
