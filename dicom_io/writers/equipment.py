@@ -6,12 +6,12 @@ from __future__ import annotations
 from importlib import metadata
 
 import highdicom as hd
+from pydicom import Dataset
 
 from dicom_io.codes import PURPOSE_PROCESSING_EQUIPMENT
 from dicom_io.vr import LO_MAX, ST_MAX
-from dicom_io.writers.result import ExplanationResult
 
-__all__ = ["algorithm_equipment", "pacs_xai_version"]
+__all__ = ["algorithm_equipment", "pacs_xai_version", "set_capture_equipment"]
 
 
 def pacs_xai_version() -> str:
@@ -23,7 +23,8 @@ def pacs_xai_version() -> str:
 
 
 def algorithm_equipment(
-    result: ExplanationResult,
+    model_name: str,
+    model_version: str,
     *,
     manufacturer: str,
     software_version: str,
@@ -39,9 +40,19 @@ def algorithm_equipment(
     item = hd.ContributingEquipment(
         manufacturer=manufacturer,
         purpose_of_reference=PURPOSE_PROCESSING_EQUIPMENT,
-        manufacturer_model_name=result.model_name,
-        software_versions=[result.model_version, f"pacs-xai {software_version}"[:LO_MAX]],
+        manufacturer_model_name=model_name,
+        software_versions=[model_version, f"pacs-xai {software_version}"[:LO_MAX]],
         contribution_description=contribution[:ST_MAX],
     )
     item.DeviceUID = device_uid
     return item
+
+
+def set_capture_equipment(sc: Dataset, *, manufacturer: str, software_version: str) -> None:
+    """SC Equipment module of a Secondary Capture pacs-xai drew: Conversion Type WSD (workstation)
+    and pacs-xai as the capture device (manufacturer, model name, software version; Type 3, but
+    viewers show it)."""
+    sc.ConversionType = "WSD"
+    sc.SecondaryCaptureDeviceManufacturer = manufacturer
+    sc.SecondaryCaptureDeviceManufacturerModelName = "pacs-xai"
+    sc.SecondaryCaptureDeviceSoftwareVersions = software_version

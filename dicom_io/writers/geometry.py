@@ -21,9 +21,11 @@ __all__ = [
     "VIEWER_DEFAULT_ORIENTATION",
     "FrameGeometry",
     "drop_assumed_slice_spacing",
+    "frame_functional_groups",
     "pixel_spacing",
     "source_frame_geometry",
     "synthetic_frame_geometry",
+    "synthetic_geometry_note",
 ]
 
 #: Pixel spacing written when the source states none (or zeros): 1 mm, nominal. The objects still
@@ -73,7 +75,7 @@ def _positive_pair(value: object) -> tuple[float, float] | None:
     return pair  # type: ignore[return-value]
 
 
-def _frame_groups(source: Dataset, frame_index: int) -> list[Dataset]:
+def frame_functional_groups(source: Dataset, frame_index: int) -> list[Dataset]:
     """Functional group items that apply to a frame: its per-frame item first, then the shared one."""
     groups: list[Dataset] = []
     per_frame = source.get("PerFrameFunctionalGroupsSequence")
@@ -89,7 +91,7 @@ def _group_value(source: Dataset, frame_index: int, sequence: str, keyword: str)
     """``keyword`` at the top level of ``source``, else in the frame's functional ``sequence``."""
     if source.get(keyword) not in (None, ""):
         return source.get(keyword)
-    for group in _frame_groups(source, frame_index):
+    for group in frame_functional_groups(source, frame_index):
         items = group.get(sequence)
         if items and items[0].get(keyword) not in (None, ""):
             return items[0].get(keyword)
@@ -168,6 +170,21 @@ def synthetic_frame_geometry(
         pixel_spacing=spacing,
         slice_thickness=slice_thickness,
         synthetic=True,
+    )
+
+
+def synthetic_geometry_note(geometry: FrameGeometry, own: str) -> str:
+    """Image Comments (0020,4000) of an output whose geometry is synthetic, saying so.
+
+    ``own`` names what is the output's own, e.g. "this map's Frame of Reference, position and
+    orientation"; the text adds the pixel spacing in mm and that the output still lies pixel for
+    pixel on the referenced source frame.
+    """
+    spacing = "\\".join(f"{value:g}" for value in geometry.pixel_spacing)
+    return (
+        "The source frame has no patient geometry (projection image or frame without plane position): "
+        f"{own} are its own and nominal (pixel spacing {spacing}); "
+        "it is aligned pixel for pixel with the referenced source frame."
     )
 
 

@@ -7,7 +7,22 @@ from collections.abc import Iterable
 
 from pydicom import Dataset
 
-__all__ = ["UNPAIRED_BODY_PARTS", "patient_orientation", "series_laterality", "set_laterality"]
+from dicom_io.writers.geometry import frame_functional_groups
+
+__all__ = [
+    "PLACEHOLDER_ORIENTATION",
+    "UNPAIRED_BODY_PARTS",
+    "patient_orientation",
+    "series_laterality",
+    "set_laterality",
+    "set_patient_orientation",
+]
+
+#: Patient Orientation handed to highdicom, which needs *some* orientation to build a PATIENT
+#: Secondary Capture; replaced right after construction by the source's (which may be
+#: multi-letter, e.g. oblique "LP", see :func:`set_patient_orientation`) or by an empty value
+#: (Type 2C) when there is none.
+PLACEHOLDER_ORIENTATION = ("L", "P")
 
 #: Body Part Examined (0018,0015) values of unpaired structures (PS3.16 Annex L; the same list
 #: dicom3tools' dciodvfy applies). For these, Laterality (0020,0060) must be absent; for any other
@@ -38,14 +53,7 @@ def _image_orientation(source: Dataset, frame_index: int) -> list[float] | None:
     """Image Orientation (Patient) of a frame: top level, else per-frame, else shared functional groups."""
     if source.get("ImageOrientationPatient"):
         return [float(v) for v in source.ImageOrientationPatient]
-    groups: list[Dataset] = []
-    per_frame = source.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and frame_index < len(per_frame):
-        groups.append(per_frame[frame_index])
-    shared = source.get("SharedFunctionalGroupsSequence")
-    if shared:
-        groups.append(shared[0])
-    for group in groups:
+    for group in frame_functional_groups(source, frame_index):
         plane = group.get("PlaneOrientationSequence")
         if plane and plane[0].get("ImageOrientationPatient"):
             return [float(v) for v in plane[0].ImageOrientationPatient]
@@ -68,14 +76,19 @@ def patient_orientation(source: Dataset, frame_index: int = 0) -> tuple[str, str
     return (row, column) if row and column else None
 
 
+def set_patient_orientation(target: Dataset, source: Dataset, frame_index: int = 0) -> None:
+    """Patient Orientation (0020,0020) of ``target``: the source frame's (:func:`patient_orientation`),
+    empty when unknown (Type 2 / 2C)."""
+    orientation = patient_orientation(source, frame_index)
+    target.PatientOrientation = list(orientation) if orientation else None
+
+
 def _frame_laterality(source: Dataset, frame_index: int) -> str | None:
     """Frame Laterality (0020,9072) from the Frame Anatomy functional group, if any."""
-    for keyword, index in (("PerFrameFunctionalGroupsSequence", frame_index), ("SharedFunctionalGroupsSequence", 0)):
-        groups = source.get(keyword)
-        if groups and index < len(groups):
-            anatomy = groups[index].get("FrameAnatomySequence")
-            if anatomy and anatomy[0].get("FrameLaterality"):
-                return str(anatomy[0].FrameLaterality)
+    for group in frame_functional_groups(source, frame_index):
+        anatomy = group.get("FrameAnatomySequence")
+        if anatomy and anatomy[0].get("FrameLaterality"):
+            return str(anatomy[0].FrameLaterality)
     return None
 
 

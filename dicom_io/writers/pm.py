@@ -45,22 +45,21 @@ from dicom_io.uids import derived_device_uid, derived_output_uids
 from dicom_io.vr import LO_MAX, SH_MAX
 from dicom_io.writers.descriptions import derivation_description, series_description
 from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
-from dicom_io.writers.geometry import drop_assumed_slice_spacing, source_frame_geometry, synthetic_frame_geometry
-from dicom_io.writers.orientation import patient_orientation, set_laterality
+from dicom_io.writers.geometry import (
+    drop_assumed_slice_spacing,
+    source_frame_geometry,
+    synthetic_frame_geometry,
+    synthetic_geometry_note,
+)
+from dicom_io.writers.orientation import set_laterality, set_patient_orientation
 from dicom_io.writers.references import copy_patient_study_attributes, instance_number, retarget_source_references
-from dicom_io.writers.result import ExplanationResult, check_source
+from dicom_io.writers.result import ExplanationResult, check_inputs
 from dicom_io.writers.source_view import highdicom_source_view
 
 __all__ = ["OUTPUT_KIND", "attribution_window", "build_parametric_map"]
 
 #: ``output_kind`` of the derived UIDs of Parametric Map outputs.
 OUTPUT_KIND = "pm"
-
-_SYNTHETIC_GEOMETRY_NOTE = (
-    "The source frame has no patient geometry (projection image or frame without plane position): "
-    "this map's Frame of Reference, position and orientation are its own and nominal (pixel spacing {spacing}); "
-    "it is aligned pixel for pixel with the referenced source frame."
-)
 
 
 def attribution_window(values: np.ndarray, percentile: float = 99.0) -> tuple[float, float]:
@@ -113,17 +112,14 @@ def build_parametric_map(
     (Enhanced General Equipment, Type 1; default: the software version). Raises ValueError when
     the source lacks the UIDs or grid the output needs, or the map does not match it.
     """
-    if not isinstance(source, pydicom.Dataset):
-        raise ValueError(f"source must be a pydicom Dataset, got {type(source).__name__}")
-    if not isinstance(result, ExplanationResult):
-        raise ValueError(f"result must be an ExplanationResult, got {type(result).__name__}")
-    check_source(source, result)
+    check_inputs(source, result)
     frame_index = result.frame_index
     values = np.ascontiguousarray(result.attribution, dtype=np.float32)
     series_uid, instance_uid = derived_output_uids(source, result, OUTPUT_KIND)
     device = device_uid or derived_device_uid(result.model_name, result.model_version)
     equipment = algorithm_equipment(
-        result,
+        result.model_name,
+        result.model_version,
         manufacturer=manufacturer,
         software_version=software_version,
         device_uid=device,
@@ -165,14 +161,12 @@ def build_parametric_map(
     copy_patient_study_attributes(source, pm)
     retarget_source_references(pm, source, frame_index)
     drop_assumed_slice_spacing(pm)
-    orientation = patient_orientation(source, frame_index)
-    pm.PatientOrientation = list(orientation) if orientation else None
+    set_patient_orientation(pm, source, frame_index)
     set_laterality(pm, source, frame_index)
     pm.SeriesDescription = series_description(result, tag="map")
     pm.DerivationDescription = derivation_description(
         result, output="Parametric map (raw values)", software_version=software_version
     )
     if geometry.synthetic:
-        spacing = "\\".join(f"{value:g}" for value in geometry.pixel_spacing)
-        pm.ImageComments = _SYNTHETIC_GEOMETRY_NOTE.format(spacing=spacing)
+        pm.ImageComments = synthetic_geometry_note(geometry, "this map's Frame of Reference, position and orientation")
     return pm

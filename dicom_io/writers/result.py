@@ -12,7 +12,7 @@ from pydicom import Dataset
 from dicom_io.vr import LO_MAX
 from dicom_io.writers.references import number_of_frames
 
-__all__ = ["ExplanationResult", "check_source"]
+__all__ = ["ExplanationResult", "check_inputs"]
 
 _REQUIRED_SOURCE_KEYWORDS = (
     "SOPClassUID",
@@ -87,8 +87,16 @@ def _check_map(name: str, array: np.ndarray) -> None:
         raise ValueError(f"ExplanationResult.{name} has {bad} non-finite (NaN/inf) values")
 
 
-def check_source(source: Dataset, result: ExplanationResult) -> None:
-    """Refuse a source that an output cannot reference or whose grid differs from the maps."""
+def check_inputs(source: Dataset, result: ExplanationResult) -> None:
+    """Refuse what no output can be made from, with ValueError naming what was found.
+
+    ``source`` must be a pydicom Dataset with the UIDs an output references and Rows/Columns,
+    ``result`` an :class:`ExplanationResult` of one of its frames with maps on its pixel grid.
+    """
+    if not isinstance(source, Dataset):
+        raise ValueError(f"source must be a pydicom Dataset, got {type(source).__name__}")
+    if not isinstance(result, ExplanationResult):
+        raise ValueError(f"result must be an ExplanationResult, got {type(result).__name__}")
     missing = [kw for kw in _REQUIRED_SOURCE_KEYWORDS if source.get(kw) in (None, "")]
     if missing:
         raise ValueError(f"source dataset lacks {', '.join(missing)}; cannot derive an object from it")

@@ -72,10 +72,11 @@ from dicom_io.writers.geometry import (
     drop_assumed_slice_spacing,
     source_frame_geometry,
     synthetic_frame_geometry,
+    synthetic_geometry_note,
 )
-from dicom_io.writers.orientation import patient_orientation
+from dicom_io.writers.orientation import set_patient_orientation
 from dicom_io.writers.references import copy_patient_study_attributes, instance_number, retarget_source_references
-from dicom_io.writers.result import ExplanationResult, check_source
+from dicom_io.writers.result import ExplanationResult, check_inputs
 from dicom_io.writers.source_view import highdicom_source_view
 
 __all__ = [
@@ -98,11 +99,6 @@ DEFAULT_SERIES_NUMBERS: dict[str, int] = {"fractional": 9003, "binary": 9004}
 #: Maximum Fractional Value of the fractional kind: 8-bit steps of 1/255.
 MAX_FRACTIONAL_VALUE = 255
 
-_SYNTHETIC_GEOMETRY_NOTE = (
-    "The source frame has no patient geometry (projection image or frame without plane position): "
-    "this segmentation's Frame of Reference, position, orientation and slice thickness are its own and nominal "
-    "(pixel spacing {spacing}); it is aligned pixel for pixel with the referenced source frame."
-)
 # CIELab display colours: a warm orange for the heatmap, red for the top region.
 _DISPLAY_COLOURS = {"fractional": (70.0, 40.0, 70.0), "binary": (53.0, 80.0, 67.0)}
 
@@ -227,11 +223,7 @@ def build_segmentation(
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"kind must be 'fractional' or 'binary', got {kind!r}")
     share = _check_mass_share(mass_share)
-    if not isinstance(source, pydicom.Dataset):
-        raise ValueError(f"source must be a pydicom Dataset, got {type(source).__name__}")
-    if not isinstance(result, ExplanationResult):
-        raise ValueError(f"result must be an ExplanationResult, got {type(result).__name__}")
-    check_source(source, result)
+    check_inputs(source, result)
     frame_index = result.frame_index
     series_kind = OUTPUT_KINDS[kind]
     # A binary SEG's instance also depends on the mass share.
@@ -239,7 +231,8 @@ def build_segmentation(
     series_uid, instance_uid = derived_output_uids(source, result, series_kind, instance_kind=instance_kind)
     device = device_uid or derived_device_uid(result.model_name, result.model_version)
     equipment = algorithm_equipment(
-        result,
+        result.model_name,
+        result.model_version,
         manufacturer=manufacturer,
         software_version=software_version,
         device_uid=device,
@@ -280,13 +273,13 @@ def build_segmentation(
     copy_patient_study_attributes(source, seg)
     retarget_source_references(seg, source, frame_index)
     drop_assumed_slice_spacing(seg)
-    orientation = patient_orientation(source, frame_index)
-    seg.PatientOrientation = list(orientation) if orientation else None
+    set_patient_orientation(seg, source, frame_index)
     _set_body_part(seg, source)
     seg.SeriesDescription = series_description(result, tag=tag)
     output = "Fractional segmentation (heatmap)" if kind == "fractional" else f"Top-{_share_text(share)} region"
     seg.DerivationDescription = derivation_description(result, output=output, software_version=software_version)
     if geometry.synthetic:
-        spacing = "\\".join(f"{value:g}" for value in geometry.pixel_spacing)
-        seg.ImageComments = _SYNTHETIC_GEOMETRY_NOTE.format(spacing=spacing)
+        seg.ImageComments = synthetic_geometry_note(
+            geometry, "this segmentation's Frame of Reference, position, orientation and slice thickness"
+        )
     return seg

@@ -61,7 +61,7 @@ from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
 from dicom_io.writers.geometry import source_frame_geometry
 from dicom_io.writers.orientation import patient_orientation
 from dicom_io.writers.references import copy_patient_study_attributes, instance_number, number_of_frames
-from dicom_io.writers.result import ExplanationResult, check_source
+from dicom_io.writers.result import ExplanationResult, check_inputs
 from dicom_io.writers.source_view import highdicom_source_view
 
 __all__ = ["OUTPUT_KIND", "build_report"]
@@ -244,18 +244,15 @@ def build_report(
     Raises ValueError for a source without the UIDs or grid the output needs, a map that does not
     match it, or a reference without UIDs, from another study, or listed twice.
     """
-    if not isinstance(source, pydicom.Dataset):
-        raise ValueError(f"source must be a pydicom Dataset, got {type(source).__name__}")
-    if not isinstance(result, ExplanationResult):
-        raise ValueError(f"result must be an ExplanationResult, got {type(result).__name__}")
-    check_source(source, result)
+    check_inputs(source, result)
     referenced = _check_references(source, references)
     series_uid, instance_uid = derived_output_uids(source, result, OUTPUT_KIND)
     # The finding's Tracking Unique Identifier: derived like the report's instance, of its own kind.
     _, tracking_uid = derived_output_uids(source, result, OUTPUT_KIND, instance_kind=_TRACKING_KIND)
     device = device_uid or derived_device_uid(result.model_name, result.model_version)
     equipment = algorithm_equipment(
-        result,
+        result.model_name,
+        result.model_version,
         manufacturer=manufacturer,
         software_version=software_version,
         device_uid=device,
