@@ -8,7 +8,7 @@ Aspect policy (:meth:`GridMapping.for_shapes`):
 - ``stretch``: the frame fills the whole grid, each axis scaled on its own.
 
 The mapping is exact in both directions: a model-grid coordinate ``y`` corresponds to the
-source coordinate ``(y - top) / (height / rows)`` (continuous pixel coordinates in pixels, pixel
+source coordinate ``(y - top) / (height / rows)`` (continuous coordinates in pixels, pixel
 centres at +0.5), and :meth:`GridMapping.to_source_grid` uses precisely that relation, so an
 attribution map drawn back on the source frame lines up with the anatomy. Resampling is Pillow's
 bilinear filter, antialiased when shrinking.
