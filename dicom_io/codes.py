@@ -8,6 +8,8 @@ import re as _re
 
 from pydicom.sr.coding import Code
 
+from dicom_io.vr import LO_MAX, SH_MAX
+
 #: Purpose of Reference for SourceImageSequence items: "Source image for image processing operation".
 PURPOSE_SOURCE_IMAGE_FOR_PROCESSING = Code("121322", "DCM", "Source image for image processing operation")
 
@@ -127,9 +129,9 @@ def finding_code(class_name: str) -> Code:
     if known is not None:
         return known
     slug = _re.sub(r"[^a-z0-9]+", "-", class_name.strip().lower()).strip("-") or "class"
-    if len(slug) > 16:
+    if len(slug) > SH_MAX:
         slug = f"{slug[:7]}-{_hashlib.sha256(class_name.encode()).hexdigest()[:8]}"
-    return Code(slug, PRIVATE_SCHEME, class_name.strip()[:64])
+    return Code(slug, PRIVATE_SCHEME, class_name.strip()[:LO_MAX])
 
 
 #: Procedure Reported (CID 100) per source modality; other modalities get SCT "Imaging procedure".

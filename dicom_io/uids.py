@@ -17,14 +17,20 @@ import json
 import numbers
 import os
 import re
+from typing import Protocol
 
+from pydicom import Dataset
 from pydicom.uid import PYDICOM_ROOT_UID, UID, generate_uid
 
 __all__ = [
     "PACS_XAI_UID_PREFIX",
+    "ExplainedFrame",
     "derived_device_uid",
+    "derived_frame_of_reference_uid",
     "derived_instance_uid",
+    "derived_output_uids",
     "derived_series_uid",
+    "generated_uid",
 ]
 
 #: Root under which derived UIDs are generated; ``None`` means pydicom's root UID.
@@ -123,6 +129,55 @@ def derived_series_uid(
             output_kind=output_kind,
         )
     )
+
+
+class ExplainedFrame(Protocol):
+    """What keys the UIDs of an output besides its source (a ``dicom_io.writers.ExplanationResult`` has it)."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def model_version(self) -> str: ...
+
+    @property
+    def frame_index(self) -> int: ...
+
+
+def derived_output_uids(
+    source: Dataset, explained: ExplainedFrame, output_kind: str, *, instance_kind: str | None = None
+) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of the ``output_kind`` object made from one explained source frame.
+
+    The series is one per (source series, model name and version, method, ``output_kind``); the
+    instance one per (source instance, frame, model, method, ``instance_kind``), where
+    ``instance_kind`` defaults to ``output_kind`` and tells apart objects of one series that differ
+    in more than the frame (e.g. binary Segmentations of different mass shares).
+    """
+    model = {"model_name": explained.model_name, "model_version": explained.model_version, "method": explained.method}
+    series_uid = derived_series_uid(str(source.SeriesInstanceUID), output_kind=output_kind, **model)
+    instance_uid = derived_instance_uid(
+        str(source.SOPInstanceUID),
+        frame_index=explained.frame_index,
+        output_kind=instance_kind or output_kind,
+        **model,
+    )
+    return series_uid, instance_uid
+
+
+def derived_frame_of_reference_uid(source_sop_instance_uid: str, frame_index: int = 0) -> str:
+    """Frame of Reference UID (0020,0052) of its own for one source frame that has none, deterministic.
+
+    A hash of the source SOP Instance UID and frame, under the pacs-xai UID root, so that every
+    output made from that frame (any model, any method) shares it and re-processing repeats it.
+    Its payload is a plain "|"-joined text, not the JSON of the other derived UIDs: changing it
+    would change every synthetic Frame of Reference UID already sent.
+    """
+    payload = f"{_SCHEME}|frame-of-reference|{source_sop_instance_uid}|{int(frame_index)}"
+    return str(generate_uid(prefix=PACS_XAI_UID_PREFIX or PYDICOM_ROOT_UID, entropy_srcs=[payload]))
 
 
 #: The levels of :func:`generated_uid`.

@@ -19,6 +19,8 @@ import ssl
 from pathlib import Path
 from typing import Literal
 
+from dicom_io.vr import AE_MAX
+
 __all__ = [
     "StoreVerdict",
     "Status",
@@ -32,9 +34,8 @@ __all__ = [
 
 StoreVerdict = Literal["delivered", "retry", "reject"]
 
-# PS3.5 6.2: an AE title is at most 16 characters of the default repertoire, no backslash and no
-# control characters; leading and trailing spaces are not significant.
-_AE_TITLE_MAX = 16
+# PS3.5 6.2: an AE title is at most AE_MAX (16) characters of the default repertoire, no backslash
+# and no control characters; leading and trailing spaces are not significant.
 
 
 class Status(enum.IntEnum):
@@ -180,8 +181,8 @@ def validate_ae_title(value: str, what: str = "AE title") -> str:
     title = value.strip()
     if not title:
         raise ValueError(f"{what} must not be empty or only spaces, got {value!r}")
-    if len(title) > _AE_TITLE_MAX:
-        raise ValueError(f"{what} is at most {_AE_TITLE_MAX} characters, got {value!r} ({len(title)})")
+    if len(title) > AE_MAX:
+        raise ValueError(f"{what} is at most {AE_MAX} characters, got {value!r} ({len(title)})")
     if "\\" in title or any(ord(ch) < 0x20 or ord(ch) > 0x7E for ch in title):
         raise ValueError(f"{what} allows printable ASCII without backslash, got {value!r}")
     return title

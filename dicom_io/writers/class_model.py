@@ -31,9 +31,11 @@ import pydicom
 from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_io.codes import PURPOSE_PROCESSING_EQUIPMENT
 from dicom_io.uids import derived_device_uid, generated_uid
-from dicom_io.writers.provenance import DISCLAIMER, pacs_xai_version
+from dicom_io.vr import LO_MAX, ST_MAX
+from dicom_io.writers.descriptions import DISCLAIMER
+from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version, set_capture_equipment
+from dicom_io.writers.orientation import PLACEHOLDER_ORIENTATION
 
 __all__ = [
     "CLASS_MODEL_METHOD",
@@ -50,12 +52,6 @@ PATIENT_NAME = "PACS-XAI^CLASS-MODEL"
 PATIENT_ID = "PACS-XAI-CLASS-MODEL"
 #: Percentiles mapped to black and white by :func:`grayscale_tiles` (robust to a few extreme pixels).
 STRETCH_PERCENTILES = (0.5, 99.5)
-
-_LO_MAX = 64
-_ST_MAX = 1024
-# highdicom needs an orientation for a PATIENT image; a synthetic image has none, so it is
-# replaced by an empty value (Type 2C) right after construction, as in the source-derived SC.
-_PLACEHOLDER_ORIENTATION = ("L", "P")
 
 
 def grayscale_tiles(image: np.ndarray) -> np.ndarray:
@@ -87,7 +83,7 @@ def save_grayscale_png(pixels: np.ndarray, path: str | os.PathLike[str]) -> None
     Image.fromarray(pixels, "L").save(os.fspath(path), format="PNG")
 
 
-def _check_text(name: str, value: object, limit: int = _LO_MAX) -> str:
+def _check_text(name: str, value: object, limit: int = LO_MAX) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
     if len(value) > limit:
@@ -104,21 +100,6 @@ def _uids(class_name: str, model_name: str, model_version: str, generation: str)
         generated_uid("series", key=image_key, **model),
         generated_uid("instance", key=image_key, **model),
     )
-
-
-def _equipment(
-    class_name: str, model_name: str, model_version: str, manufacturer: str, software_version: str
-) -> hd.ContributingEquipment:
-    """Contributing Equipment item for the model (as :func:`provenance.algorithm_equipment`)."""
-    item = hd.ContributingEquipment(
-        manufacturer=manufacturer,
-        purpose_of_reference=PURPOSE_PROCESSING_EQUIPMENT,
-        manufacturer_model_name=model_name,
-        software_versions=[model_version, f"pacs-xai {software_version}"[:_LO_MAX]],
-        contribution_description=f"XAI class model visualisation of class {class_name}"[:_ST_MAX],
-    )
-    item.DeviceUID = derived_device_uid(model_name, model_version)
-    return item
 
 
 def build_class_model_capture(
@@ -143,8 +124,16 @@ def build_class_model_capture(
     _check_text("class_name", class_name)
     _check_text("model_name", model_name)
     _check_text("model_version", model_version)
-    _check_text("generation", generation, _ST_MAX)
+    _check_text("generation", generation, ST_MAX)
     study_uid, series_uid, instance_uid = _uids(class_name, model_name, model_version, generation)
+    equipment = algorithm_equipment(
+        model_name,
+        model_version,
+        manufacturer=manufacturer,
+        software_version=software_version,
+        device_uid=derived_device_uid(model_name, model_version),
+        contribution=f"XAI class model visualisation of class {class_name}",
+    )
     now = datetime.datetime.now()
     sc = hd.sc.SCImage(
         pixel_array=pixels,
@@ -161,26 +150,23 @@ def build_class_model_capture(
         patient_name=PATIENT_NAME,
         study_date=now.date(),
         study_time=now.time(),
-        patient_orientation=_PLACEHOLDER_ORIENTATION,
+        patient_orientation=PLACEHOLDER_ORIENTATION,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[_equipment(class_name, model_name, model_version, manufacturer, software_version)],
-        series_description=f"pacs-xai class model: {class_name}"[:_LO_MAX],
+        contributing_equipment=[equipment],
+        series_description=f"pacs-xai class model: {class_name}"[:LO_MAX],
         manufacturer_model_name="pacs-xai",
         software_versions=software_version,
     )
-    sc.PatientOrientation = None
+    sc.PatientOrientation = None  # a synthetic image has no orientation (Type 2C, empty)
     sc.Laterality = None  # Type 2C: required (empty, unknown) when no unpaired Body Part Examined says otherwise
     sc.StudyID = "CLASS-MODELS"
     sc.StudyDescription = "pacs-xai class models"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "NO"
-    sc.ConversionType = "WSD"
     sc.DerivationDescription = (
         f"Class model visualisation (Simonyan et al. 2014) of class '{class_name}', model {model_name} "
         f"version {model_version}: a synthetic input optimised to maximise the class score; {generation}; "
         f"pacs-xai {software_version}. No patient image involved. {DISCLAIMER}."
-    )[:_ST_MAX]
-    sc.SecondaryCaptureDeviceManufacturer = manufacturer
-    sc.SecondaryCaptureDeviceManufacturerModelName = "pacs-xai"
-    sc.SecondaryCaptureDeviceSoftwareVersions = software_version
+    )[:ST_MAX]
+    set_capture_equipment(sc, manufacturer=manufacturer, software_version=software_version)
     return sc

@@ -30,7 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dicom_io.writers.provenance import DISCLAIMER, ExplanationResult
+from dicom_io.writers.descriptions import DISCLAIMER
+from dicom_io.writers.result import ExplanationResult
 
 __all__ = [
     "INFERNO_LUT",

@@ -15,7 +15,7 @@ The signed attribution map of one source frame, at the source's pixel grid, as 3
   it has them (CT, MR, enhanced images with plane positions). The Parametric Map IOD requires a
   Frame of Reference and plane position/orientation, which a projection radiograph (CR/DX) or a
   multi-frame image without plane positions does not have; for those the map gets a geometry of
-  its own (:func:`dicom_io.writers.provenance.synthetic_frame_geometry`): a deterministic Frame of
+  its own (:func:`dicom_io.writers.geometry.synthetic_frame_geometry`): a deterministic Frame of
   Reference UID per source frame, origin (0, 0, 0), the orientation 1\\0\\0\\0\\1\\0 that viewers
   give a source without one (OHIF 3.x overlays a map only in the plane it gives the source; the
   anatomical directions stay in Patient Orientation), Pixel Spacing from Pixel Spacing / Imager
@@ -25,7 +25,7 @@ The signed attribution map of one source frame, at the source's pixel grid, as 3
   highdicom 0.28.2 itself fails on a source without Frame of Reference ("Unexpected mismatch
   between dimension index values ...") and refuses one frame of a multi-frame source without
   plane positions; it is therefore given a single-frame stand-in of the source frame
-  (:func:`dicom_io.writers.provenance.highdicom_source_view`) whose references are pointed back
+  (:func:`dicom_io.writers.source_view.highdicom_source_view`) whose references are pointed back
   at the real source (SOP class, frame number) afterwards.
 - Provenance as for every output: same study, a new series per (source series, model version,
   method, "pm"), deterministic SOP Instance UID, Source Image Sequence with purpose 121322,
@@ -41,37 +41,25 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.codes import ATTRIBUTION_UNIT, quantity_code
-from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
-from dicom_io.writers.provenance import (
-    ExplanationResult,
-    algorithm_equipment,
-    check_source,
-    copy_patient_study_attributes,
-    derivation_description,
+from dicom_io.uids import derived_device_uid, derived_output_uids
+from dicom_io.vr import LO_MAX, SH_MAX
+from dicom_io.writers.descriptions import derivation_description, series_description
+from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
+from dicom_io.writers.geometry import (
     drop_assumed_slice_spacing,
-    highdicom_source_view,
-    instance_number,
-    pacs_xai_version,
-    patient_orientation,
-    retarget_source_references,
-    series_description,
-    set_laterality,
     source_frame_geometry,
     synthetic_frame_geometry,
+    synthetic_geometry_note,
 )
+from dicom_io.writers.orientation import set_laterality, set_patient_orientation
+from dicom_io.writers.references import copy_patient_study_attributes, instance_number, retarget_source_references
+from dicom_io.writers.result import ExplanationResult, check_inputs
+from dicom_io.writers.source_view import highdicom_source_view
 
 __all__ = ["OUTPUT_KIND", "attribution_window", "build_parametric_map"]
 
 #: ``output_kind`` of the derived UIDs of Parametric Map outputs.
 OUTPUT_KIND = "pm"
-
-_SH_MAX = 16
-_LO_MAX = 64
-_SYNTHETIC_GEOMETRY_NOTE = (
-    "The source frame has no patient geometry (projection image or frame without plane position): "
-    "this map's Frame of Reference, position and orientation are its own and nominal (pixel spacing {spacing}); "
-    "it is aligned pixel for pixel with the referenced source frame."
-)
 
 
 def attribution_window(values: np.ndarray, percentile: float = 99.0) -> tuple[float, float]:
@@ -94,23 +82,11 @@ def attribution_window(values: np.ndarray, percentile: float = 99.0) -> tuple[fl
     return top / 2.0, top
 
 
-def _derived_uids(source: pydicom.Dataset, result: ExplanationResult) -> tuple[str, str]:
-    common = {
-        "model_name": result.model_name,
-        "model_version": result.model_version,
-        "method": result.method,
-        "output_kind": OUTPUT_KIND,
-    }
-    series_uid = derived_series_uid(str(source.SeriesInstanceUID), **common)
-    instance_uid = derived_instance_uid(str(source.SOPInstanceUID), frame_index=result.frame_index, **common)
-    return series_uid, instance_uid
-
-
 def _value_mapping(values: np.ndarray, result: ExplanationResult) -> hd.pm.RealWorldValueMapping:
     """Identity mapping of the stored floats to attribution values, with quantity and units."""
     return hd.pm.RealWorldValueMapping(
-        lut_label=result.method[:_SH_MAX],
-        lut_explanation=f"{result.method} attribution for class {result.class_name}"[:_LO_MAX],
+        lut_label=result.method[:SH_MAX],
+        lut_explanation=f"{result.method} attribution for class {result.class_name}"[:LO_MAX],
         unit=ATTRIBUTION_UNIT,
         value_range=(float(values.min()), float(values.max())),
         slope=1.0,
@@ -136,17 +112,14 @@ def build_parametric_map(
     (Enhanced General Equipment, Type 1; default: the software version). Raises ValueError when
     the source lacks the UIDs or grid the output needs, or the map does not match it.
     """
-    if not isinstance(source, pydicom.Dataset):
-        raise ValueError(f"source must be a pydicom Dataset, got {type(source).__name__}")
-    if not isinstance(result, ExplanationResult):
-        raise ValueError(f"result must be an ExplanationResult, got {type(result).__name__}")
-    check_source(source, result)
+    check_inputs(source, result)
     frame_index = result.frame_index
     values = np.ascontiguousarray(result.attribution, dtype=np.float32)
-    series_uid, instance_uid = _derived_uids(source, result)
+    series_uid, instance_uid = derived_output_uids(source, result, OUTPUT_KIND)
     device = device_uid or derived_device_uid(result.model_name, result.model_version)
     equipment = algorithm_equipment(
-        result,
+        result.model_name,
+        result.model_version,
         manufacturer=manufacturer,
         software_version=software_version,
         device_uid=device,
@@ -182,20 +155,18 @@ def build_parametric_map(
         ],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         content_label="XAI_ATTRIBUTION",
-        content_description=f"{result.method} attribution, class {result.class_name}"[:_LO_MAX],
+        content_description=f"{result.method} attribution, class {result.class_name}"[:LO_MAX],
         contributing_equipment=[equipment],
     )
     copy_patient_study_attributes(source, pm)
     retarget_source_references(pm, source, frame_index)
     drop_assumed_slice_spacing(pm)
-    orientation = patient_orientation(source, frame_index)
-    pm.PatientOrientation = list(orientation) if orientation else None
+    set_patient_orientation(pm, source, frame_index)
     set_laterality(pm, source, frame_index)
     pm.SeriesDescription = series_description(result, tag="map")
     pm.DerivationDescription = derivation_description(
         result, output="Parametric map (raw values)", software_version=software_version
     )
     if geometry.synthetic:
-        spacing = "\\".join(f"{value:g}" for value in geometry.pixel_spacing)
-        pm.ImageComments = _SYNTHETIC_GEOMETRY_NOTE.format(spacing=spacing)
+        pm.ImageComments = synthetic_geometry_note(geometry, "this map's Frame of Reference, position and orientation")
     return pm

@@ -25,78 +25,27 @@ import highdicom as hd
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
+from dicom_io.uids import derived_device_uid, derived_output_uids
+from dicom_io.writers.descriptions import derivation_description, series_description
+from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version, set_capture_equipment
+from dicom_io.writers.orientation import PLACEHOLDER_ORIENTATION, set_laterality, set_patient_orientation
 from dicom_io.writers.overlay import overlay_title_lines, render_overlay
-from dicom_io.writers.provenance import (
-    ExplanationResult,
-    algorithm_equipment,
-    check_source,
-    copy_patient_study_attributes,
-    derivation_description,
-    number_of_frames,
-    pacs_xai_version,
-    patient_orientation,
-    series_description,
-    set_laterality,
-    source_image_item,
-    without_person_names,
-)
+from dicom_io.writers.references import copy_patient_study_attributes, instance_number, source_image_item
+from dicom_io.writers.result import ExplanationResult, check_inputs
+from dicom_io.writers.source_view import without_person_names
 
 __all__ = ["OUTPUT_KIND", "build_secondary_capture"]
 
 #: ``output_kind`` of the derived UIDs of Secondary Capture outputs.
 OUTPUT_KIND = "sc"
 
-# highdicom needs *some* orientation to build a PATIENT image; it is replaced right after
-# construction by the real one (which may be multi-letter, e.g. oblique "LP") or by an empty
-# value (Type 2) when the source does not tell.
-_PLACEHOLDER_ORIENTATION = ("L", "P")
-
-
-def _instance_number(source: pydicom.Dataset, frame_index: int) -> int:
-    """Instance Number: the source's for a single-frame source, the 1-based frame for a multi-frame one."""
-    if number_of_frames(source) > 1:
-        return frame_index + 1
-    try:
-        return int(source.get("InstanceNumber") or 1)
-    except (TypeError, ValueError):
-        return 1
-
-
-def _derived_uids(source: pydicom.Dataset, result: ExplanationResult) -> tuple[str, str]:
-    """(Series Instance UID, SOP Instance UID) of the SC for this source frame and explanation."""
-    common = {
-        "model_name": result.model_name,
-        "model_version": result.model_version,
-        "method": result.method,
-        "output_kind": OUTPUT_KIND,
-    }
-    series_uid = derived_series_uid(str(source.SeriesInstanceUID), **common)
-    instance_uid = derived_instance_uid(str(source.SOPInstanceUID), frame_index=result.frame_index, **common)
-    return series_uid, instance_uid
-
-
-def _set_orientation_and_laterality(sc: pydicom.Dataset, source: pydicom.Dataset, frame_index: int) -> None:
-    """Patient Orientation (Type 2C; empty when unknown) and Laterality (Type 2C) from the source."""
-    orientation = patient_orientation(source, frame_index)
-    sc.PatientOrientation = list(orientation) if orientation else None
-    set_laterality(sc, source, frame_index)
-
 
 def _set_derivation(sc: pydicom.Dataset, source: pydicom.Dataset, result: ExplanationResult, version: str) -> None:
     """Image Type, burned-in annotation, source reference and derivation description."""
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
-    sc.ConversionType = "WSD"
     sc.SourceImageSequence = [source_image_item(source, result.frame_index)]
     sc.DerivationDescription = derivation_description(result, output="Colour overlay", software_version=version)
-
-
-def _set_capture_device(sc: pydicom.Dataset, manufacturer: str, version: str) -> None:
-    """SC Equipment: the software that made the capture (Type 3, but viewers show it)."""
-    sc.SecondaryCaptureDeviceManufacturer = manufacturer
-    sc.SecondaryCaptureDeviceManufacturerModelName = "pacs-xai"
-    sc.SecondaryCaptureDeviceSoftwareVersions = version
 
 
 def build_secondary_capture(
@@ -114,15 +63,12 @@ def build_secondary_capture(
     derived from the model name and version (:func:`dicom_io.uids.derived_device_uid`). Raises
     ValueError when the source lacks the UIDs or grid the output needs, or the maps do not match it.
     """
-    if not isinstance(source, pydicom.Dataset):
-        raise ValueError(f"source must be a pydicom Dataset, got {type(source).__name__}")
-    if not isinstance(result, ExplanationResult):
-        raise ValueError(f"result must be an ExplanationResult, got {type(result).__name__}")
-    check_source(source, result)
-    series_uid, instance_uid = _derived_uids(source, result)
+    check_inputs(source, result)
+    series_uid, instance_uid = derived_output_uids(source, result, OUTPUT_KIND)
     device = device_uid or derived_device_uid(result.model_name, result.model_version)
     equipment = algorithm_equipment(
-        result,
+        result.model_name,
+        result.model_version,
         manufacturer=manufacturer,
         software_version=software_version,
         device_uid=device,
@@ -139,9 +85,9 @@ def build_secondary_capture(
         series_instance_uid=series_uid,
         series_number=series_number,
         sop_instance_uid=instance_uid,
-        instance_number=_instance_number(source, result.frame_index),
+        instance_number=instance_number(source, result.frame_index),
         manufacturer=manufacturer,
-        patient_orientation=_PLACEHOLDER_ORIENTATION,
+        patient_orientation=PLACEHOLDER_ORIENTATION,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[equipment],
         series_description=series_description(result),
@@ -149,7 +95,8 @@ def build_secondary_capture(
         software_versions=software_version,
     )
     copy_patient_study_attributes(source, sc)
-    _set_orientation_and_laterality(sc, source, result.frame_index)
+    set_patient_orientation(sc, source, result.frame_index)
+    set_laterality(sc, source, result.frame_index)
     _set_derivation(sc, source, result, software_version)
-    _set_capture_device(sc, manufacturer, software_version)
+    set_capture_equipment(sc, manufacturer=manufacturer, software_version=software_version)
     return sc

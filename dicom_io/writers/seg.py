@@ -25,10 +25,10 @@ explanation points", and anatomy or tissue codes would claim something the map d
 Geometry: a source frame with a patient geometry (CT, MR) gives the SEG its Frame of Reference,
 plane position/orientation and pixel measures. A projection radiograph (CR/DX) or a frame without
 plane position has none; the SEG then gets the synthetic geometry the Parametric Map of the same
-frame gets (:func:`dicom_io.writers.provenance.synthetic_frame_geometry`: the same Frame of
+frame gets (:func:`dicom_io.writers.geometry.synthetic_frame_geometry`: the same Frame of
 Reference UID, origin (0, 0, 0), the orientation 1\\0\\0\\0\\1\\0 viewers give such a source, the
 source's Pixel Spacing or Imager Pixel Spacing, else a nominal 1 mm), with a nominal Slice
-Thickness of 1 mm (:data:`~dicom_io.writers.provenance.NOMINAL_SLICE_THICKNESS_MM`); Image
+Thickness of 1 mm (:data:`~dicom_io.writers.geometry.NOMINAL_SLICE_THICKNESS_MM`); Image
 Comments says so. The frame-level Derivation Image reference still maps the SEG 1:1 onto the
 source frame. Why not a SEG without Frame of Reference (the IOD allows one): OHIF 3.x cannot open
 it — its SEG viewport reads Pixel Measures from the Shared Functional Groups ("Cannot destructure
@@ -45,7 +45,7 @@ Sequence"), while with a Frame of Reference dciodvfy requires the thickness (Typ
   part); Body Part Examined is copied.
 
 highdicom is given a single-frame stand-in of the source frame whose references are pointed back
-at the real source afterwards (see :func:`dicom_io.writers.provenance.highdicom_source_view`).
+at the real source afterwards (see :func:`dicom_io.writers.source_view.highdicom_source_view`).
 
 Provenance as for every output: same study; a new series per (source series, model version,
 method, kind) — kinds "seg-fractional" and "seg-binary"; deterministic SOP Instance UID (the
@@ -63,24 +63,21 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.codes import ARTIFICIAL_INTELLIGENCE, VISUAL_EXPLANATION, quantity_code
-from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
-from dicom_io.writers.provenance import (
+from dicom_io.uids import derived_device_uid, derived_output_uids
+from dicom_io.vr import LO_MAX, ST_MAX
+from dicom_io.writers.descriptions import derivation_description, series_description
+from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
+from dicom_io.writers.geometry import (
     NOMINAL_SLICE_THICKNESS_MM,
-    ExplanationResult,
-    algorithm_equipment,
-    check_source,
-    copy_patient_study_attributes,
-    derivation_description,
     drop_assumed_slice_spacing,
-    highdicom_source_view,
-    instance_number,
-    pacs_xai_version,
-    patient_orientation,
-    retarget_source_references,
-    series_description,
     source_frame_geometry,
     synthetic_frame_geometry,
+    synthetic_geometry_note,
 )
+from dicom_io.writers.orientation import set_patient_orientation
+from dicom_io.writers.references import copy_patient_study_attributes, instance_number, retarget_source_references
+from dicom_io.writers.result import ExplanationResult, check_inputs
+from dicom_io.writers.source_view import highdicom_source_view
 
 __all__ = [
     "DEFAULT_SERIES_NUMBERS",
@@ -102,13 +99,6 @@ DEFAULT_SERIES_NUMBERS: dict[str, int] = {"fractional": 9003, "binary": 9004}
 #: Maximum Fractional Value of the fractional kind: 8-bit steps of 1/255.
 MAX_FRACTIONAL_VALUE = 255
 
-_LO_MAX = 64
-_ST_MAX = 1024
-_SYNTHETIC_GEOMETRY_NOTE = (
-    "The source frame has no patient geometry (projection image or frame without plane position): "
-    "this segmentation's Frame of Reference, position, orientation and slice thickness are its own and nominal "
-    "(pixel spacing {spacing}); it is aligned pixel for pixel with the referenced source frame."
-)
 # CIELab display colours: a warm orange for the heatmap, red for the top region.
 _DISPLAY_COLOURS = {"fractional": (70.0, 40.0, 70.0), "binary": (53.0, 80.0, 67.0)}
 
@@ -161,18 +151,6 @@ def fractional_map(attribution: np.ndarray) -> np.ndarray:
     return np.clip(positive / top, 0.0, 1.0).astype(np.float32)
 
 
-def _derived_uids(source: pydicom.Dataset, result: ExplanationResult, kind: str, share: float) -> tuple[str, str]:
-    """(Series Instance UID, SOP Instance UID); a binary SEG's instance also depends on the share."""
-    common = {"model_name": result.model_name, "model_version": result.model_version, "method": result.method}
-    series_kind = OUTPUT_KINDS[kind]
-    instance_kind = series_kind if kind == "fractional" else f"{series_kind}-mass-{share:.6g}"
-    series_uid = derived_series_uid(str(source.SeriesInstanceUID), output_kind=series_kind, **common)
-    instance_uid = derived_instance_uid(
-        str(source.SOPInstanceUID), frame_index=result.frame_index, output_kind=instance_kind, **common
-    )
-    return series_uid, instance_uid
-
-
 def _set_body_part(seg: pydicom.Dataset, source: pydicom.Dataset) -> None:
     """Body Part Examined from the source; no series Laterality (dciodvfy forbids it on a SEG)."""
     body_part = str(source.get("BodyPartExamined") or "").strip().upper()
@@ -210,14 +188,14 @@ def _segment(result: ExplanationResult, kind: str, share: float) -> hd.seg.Segme
     )
     segment = hd.seg.SegmentDescription(
         segment_number=1,
-        segment_label=label[:_LO_MAX],
+        segment_label=label[:LO_MAX],
         segmented_property_category=VISUAL_EXPLANATION,
         segmented_property_type=quantity_code(result.method),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
         display_color=hd.color.CIELabColor(*_DISPLAY_COLOURS[kind]),
     )
-    segment.SegmentDescription = f"{text} Model {result.model_name} {result.model_version}."[:_ST_MAX]
+    segment.SegmentDescription = f"{text} Model {result.model_name} {result.model_version}."[:ST_MAX]
     return segment
 
 
@@ -245,16 +223,16 @@ def build_segmentation(
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"kind must be 'fractional' or 'binary', got {kind!r}")
     share = _check_mass_share(mass_share)
-    if not isinstance(source, pydicom.Dataset):
-        raise ValueError(f"source must be a pydicom Dataset, got {type(source).__name__}")
-    if not isinstance(result, ExplanationResult):
-        raise ValueError(f"result must be an ExplanationResult, got {type(result).__name__}")
-    check_source(source, result)
+    check_inputs(source, result)
     frame_index = result.frame_index
-    series_uid, instance_uid = _derived_uids(source, result, kind, share)
+    series_kind = OUTPUT_KINDS[kind]
+    # A binary SEG's instance also depends on the mass share.
+    instance_kind = series_kind if kind == "fractional" else f"{series_kind}-mass-{share:.6g}"
+    series_uid, instance_uid = derived_output_uids(source, result, series_kind, instance_kind=instance_kind)
     device = device_uid or derived_device_uid(result.model_name, result.model_version)
     equipment = algorithm_equipment(
-        result,
+        result.model_name,
+        result.model_version,
         manufacturer=manufacturer,
         software_version=software_version,
         device_uid=device,
@@ -287,7 +265,7 @@ def build_segmentation(
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         max_fractional_value=MAX_FRACTIONAL_VALUE,
         content_label="XAI_HEATMAP" if kind == "fractional" else "XAI_TOP_REGION",
-        content_description=f"{result.method} {result.class_name} {tag}"[:_LO_MAX],
+        content_description=f"{result.method} {result.class_name} {tag}"[:LO_MAX],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=False,
         contributing_equipment=[equipment],
@@ -295,13 +273,13 @@ def build_segmentation(
     copy_patient_study_attributes(source, seg)
     retarget_source_references(seg, source, frame_index)
     drop_assumed_slice_spacing(seg)
-    orientation = patient_orientation(source, frame_index)
-    seg.PatientOrientation = list(orientation) if orientation else None
+    set_patient_orientation(seg, source, frame_index)
     _set_body_part(seg, source)
     seg.SeriesDescription = series_description(result, tag=tag)
     output = "Fractional segmentation (heatmap)" if kind == "fractional" else f"Top-{_share_text(share)} region"
     seg.DerivationDescription = derivation_description(result, output=output, software_version=software_version)
     if geometry.synthetic:
-        spacing = "\\".join(f"{value:g}" for value in geometry.pixel_spacing)
-        seg.ImageComments = _SYNTHETIC_GEOMETRY_NOTE.format(spacing=spacing)
+        seg.ImageComments = synthetic_geometry_note(
+            geometry, "this segmentation's Frame of Reference, position, orientation and slice thickness"
+        )
     return seg

@@ -54,43 +54,26 @@ from dicom_io.codes import (
     procedure_code,
     quantity_code,
 )
-from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
-from dicom_io.writers.provenance import (
-    ExplanationResult,
-    algorithm_equipment,
-    check_source,
-    copy_patient_study_attributes,
-    highdicom_source_view,
-    instance_number,
-    number_of_frames,
-    pacs_xai_version,
-    patient_orientation,
-    series_description,
-    source_frame_geometry,
-)
+from dicom_io.uids import derived_device_uid, derived_output_uids
+from dicom_io.vr import LO_MAX
+from dicom_io.writers.descriptions import series_description
+from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
+from dicom_io.writers.geometry import source_frame_geometry
+from dicom_io.writers.orientation import patient_orientation
+from dicom_io.writers.references import copy_patient_study_attributes, instance_number, number_of_frames
+from dicom_io.writers.result import ExplanationResult, check_inputs
+from dicom_io.writers.source_view import highdicom_source_view
 
 __all__ = ["OUTPUT_KIND", "build_report"]
 
 #: ``output_kind`` of the derived UIDs of SR outputs.
 OUTPUT_KIND = "sr"
+# ``output_kind`` of the derived Tracking Unique Identifier of the report's finding.
+_TRACKING_KIND = "sr-finding"
 
-_LO_MAX = 64
 _CROSS_SECTIONAL = frozenset({"CT", "MR", "PT"})
 _PROJECTION = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
 _REFERENCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
-
-
-def _derived_uids(source: pydicom.Dataset, result: ExplanationResult) -> tuple[str, str, str]:
-    """(Series Instance UID, SOP Instance UID, Tracking Unique Identifier) of the report."""
-    common = {"model_name": result.model_name, "model_version": result.model_version, "method": result.method}
-    series_uid = derived_series_uid(str(source.SeriesInstanceUID), output_kind=OUTPUT_KIND, **common)
-    instance_uid = derived_instance_uid(
-        str(source.SOPInstanceUID), frame_index=result.frame_index, output_kind=OUTPUT_KIND, **common
-    )
-    tracking_uid = derived_instance_uid(
-        str(source.SOPInstanceUID), frame_index=result.frame_index, output_kind="sr-finding", **common
-    )
-    return series_uid, instance_uid, tracking_uid
 
 
 def _check_references(source: pydicom.Dataset, references: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
@@ -192,7 +175,7 @@ def _finding_group(
     frames = [result.frame_index + 1] if number_of_frames(source) > 1 else None
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid, identifier=f"{result.model_name} {result.class_name}"[:_LO_MAX]
+            uid=tracking_uid, identifier=f"{result.model_name} {result.class_name}"[:LO_MAX]
         ),
         finding_type=finding_code(result.class_name),
         algorithm_id=algorithm,
@@ -226,7 +209,7 @@ def _observer(result: ExplanationResult, manufacturer: str, device_uid: str) -> 
                 uid=device_uid,
                 name=result.model_name,
                 manufacturer_name=manufacturer,
-                model_name=f"{result.model_name} {result.model_version}"[:_LO_MAX],
+                model_name=f"{result.model_name} {result.model_version}"[:LO_MAX],
             ),
         )
     )
@@ -261,16 +244,15 @@ def build_report(
     Raises ValueError for a source without the UIDs or grid the output needs, a map that does not
     match it, or a reference without UIDs, from another study, or listed twice.
     """
-    if not isinstance(source, pydicom.Dataset):
-        raise ValueError(f"source must be a pydicom Dataset, got {type(source).__name__}")
-    if not isinstance(result, ExplanationResult):
-        raise ValueError(f"result must be an ExplanationResult, got {type(result).__name__}")
-    check_source(source, result)
+    check_inputs(source, result)
     referenced = _check_references(source, references)
-    series_uid, instance_uid, tracking_uid = _derived_uids(source, result)
+    series_uid, instance_uid = derived_output_uids(source, result, OUTPUT_KIND)
+    # The finding's Tracking Unique Identifier: derived like the report's instance, of its own kind.
+    _, tracking_uid = derived_output_uids(source, result, OUTPUT_KIND, instance_kind=_TRACKING_KIND)
     device = device_uid or derived_device_uid(result.model_name, result.model_version)
     equipment = algorithm_equipment(
-        result,
+        result.model_name,
+        result.model_version,
         manufacturer=manufacturer,
         software_version=software_version,
         device_uid=device,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from pydicom import Dataset
 from pydicom.uid import PYDICOM_ROOT_UID, UID
 
 from dicom_io import uids
+from dicom_io.uids import generated_uid
 
 INSTANCE_ARGS = {
     "model_name": "demo-densenet",
@@ -132,8 +135,6 @@ def test_numpy_frame_index_equals_int_frame_index() -> None:
 
 
 def test_generated_uids_are_deterministic_distinct_per_level_and_key() -> None:
-    from dicom_io.uids import generated_uid
-
     model = {"model_name": "demo", "model_version": "1"}
     uids = {level: generated_uid(level, key="nodule", **model) for level in ("study", "series", "instance")}
     assert len(set(uids.values())) == 3
@@ -145,3 +146,28 @@ def test_generated_uids_are_deterministic_distinct_per_level_and_key() -> None:
         generated_uid("frame", key="nodule", **model)
     with pytest.raises(ValueError, match="key"):
         generated_uid("study", key="", **model)
+
+
+def test_output_uids_are_the_series_and_instance_uids_of_the_explained_frame() -> None:
+    source = Dataset()
+    source.SeriesInstanceUID, source.SOPInstanceUID = SOURCE_SERIES, SOURCE_INSTANCE
+    model = {"model_name": "demo-densenet", "model_version": "1.2.0", "method": "gradcam"}
+    explained = SimpleNamespace(frame_index=2, **model)
+    series, instance = uids.derived_output_uids(source, explained, "seg-binary")
+    assert series == uids.derived_series_uid(SOURCE_SERIES, output_kind="seg-binary", **model)
+    assert instance == uids.derived_instance_uid(SOURCE_INSTANCE, frame_index=2, output_kind="seg-binary", **model)
+    same_series, other = uids.derived_output_uids(source, explained, "seg-binary", instance_kind="seg-binary-x")
+    assert same_series == series
+    assert other == uids.derived_instance_uid(SOURCE_INSTANCE, frame_index=2, output_kind="seg-binary-x", **model)
+
+
+def test_frame_of_reference_uid_is_one_per_source_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uids, "PACS_XAI_UID_PREFIX", None)
+    first = uids.derived_frame_of_reference_uid(SOURCE_INSTANCE, 0)
+    assert first == uids.derived_frame_of_reference_uid(SOURCE_INSTANCE)
+    assert first != uids.derived_frame_of_reference_uid(SOURCE_INSTANCE, 1)
+    assert first != uids.derived_frame_of_reference_uid(SOURCE_SERIES, 0)
+    _assert_valid(first)
+    assert first.startswith(PYDICOM_ROOT_UID)
+    monkeypatch.setattr(uids, "PACS_XAI_UID_PREFIX", "1.2.826.0.1.3680043.10.999.")
+    assert uids.derived_frame_of_reference_uid(SOURCE_INSTANCE, 0).startswith("1.2.826.0.1.3680043.10.999.")

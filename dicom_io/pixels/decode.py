@@ -1,0 +1,243 @@
+"""Reading a DICOM image and decoding its frames, with the header checks that decoding relies on.
+
+:func:`read_dataset` reads a Part 10 file that must hold Pixel Data (7FE0,0010) and refuses a
+truncated one. :func:`decoded_frames` decodes the stored values one frame at a time with the
+pydicom 3 decoders; colour data comes back as RGB (pydicom converts YBR_FULL / YBR_FULL_422, the
+JPEG 2000 plugins undo YBR_RCT / YBR_ICT). The checks read Photometric Interpretation (0028,0004)
+with Samples per Pixel (0028,0002), Rows/Columns (0028,0010/0011) and Number of Frames
+(0028,0008). Every failure is a DicomInputError or UnsupportedImageError that names the file
+(never patient data) and the value found.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import UID
+
+from dicom_io.errors import DicomInputError, UnsupportedImageError
+
+__all__ = [
+    "GRAYSCALE",
+    "PALETTE",
+    "decoded_frames",
+    "describe_dataset",
+    "has_pixel_data",
+    "image_shape",
+    "number_of_frames",
+    "photometric_interpretation",
+    "read_dataset",
+    "sop_class_name",
+]
+
+#: Photometric Interpretations with one sample per pixel that the Modality LUT and VOI apply to.
+GRAYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
+#: One index per pixel into the Red/Green/Blue Palette Color Lookup Tables.
+PALETTE = "PALETTE COLOR"
+#: Three-sample interpretations whose decoders hand back RGB (or YBR_FULL[_422] that we convert).
+_COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420", "YBR_PARTIAL_422"})
+_SUPPORTED_TEXT = "MONOCHROME1, MONOCHROME2, PALETTE COLOR, RGB, YBR_FULL, YBR_FULL_422, YBR_RCT, YBR_ICT"
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def has_pixel_data(ds: Dataset) -> bool:
+    """Whether ``ds`` holds Pixel Data, Float Pixel Data or Double Float Pixel Data (an image)."""
+    return any(keyword in ds for keyword in _PIXEL_KEYWORDS)
+
+
+def read_dataset(path: str | os.PathLike) -> pydicom.Dataset:
+    """Read a DICOM Part 10 file that must hold an image.
+
+    Raises DicomInputError when the file is missing, not DICOM (no 'DICM' prefix after the
+    128-byte preamble), unreadable, truncated, or has no Pixel Data. A file that only lacks the
+    preamble but starts with its File Meta Information (group 0002) is accepted.
+    """
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise DicomInputError(f"{name}: no such file; check the path")
+    try:
+        try:
+            ds = pydicom.dcmread(name)
+        except InvalidDicomError:
+            ds = _read_without_preamble(name)
+    except DicomInputError:
+        raise
+    except Exception as exc:  # pydicom raises many kinds on damaged files
+        raise DicomInputError(
+            f"{name}: the file is truncated or unreadable as DICOM ({type(exc).__name__}: {exc}); "
+            "resend the original file"
+        ) from exc
+
+    if not has_pixel_data(ds):
+        raise DicomInputError(
+            f"{name}: no Pixel Data (7FE0,0010) in this {sop_class_name(ds)} object "
+            f"(file size {os.path.getsize(name)} bytes): it is not an image, or the file is "
+            "truncated; only image objects can be classified"
+        )
+    _check_native_length(ds, name)
+    return ds
+
+
+def _read_without_preamble(name: str) -> Dataset:
+    """A file that lacks the 128-byte preamble and 'DICM' but starts with its File Meta group.
+
+    Some writers omit the preamble; such a file is accepted when group 0002 with a Transfer
+    Syntax UID is there. Anything else is not a DICOM Part 10 file.
+    """
+    with open(name, "rb") as handle:
+        start = handle.read(2)
+    ds = None
+    if start == b"\x02\x00":  # (0002,xxxx) little endian: File Meta Information first
+        try:
+            ds = pydicom.dcmread(name, force=True)
+        except Exception:
+            ds = None
+    if ds is None or _transfer_syntax(ds) is None:
+        raise DicomInputError(
+            f"{name}: not a DICOM file (no 'DICM' prefix after the 128-byte preamble and no "
+            "File Meta Information); send a DICOM Part 10 file"
+        )
+    return ds
+
+
+def _check_native_length(ds: Dataset, where: str) -> None:
+    """Native (uncompressed) Pixel Data shorter than Rows x Columns x ... means truncation."""
+    tsuid = _transfer_syntax(ds)
+    if "PixelData" not in ds or tsuid is None or tsuid.is_encapsulated:
+        return
+    try:
+        expected = int(get_expected_length(ds, "bytes"))
+        found = len(ds.PixelData)
+    except Exception:  # incomplete or malformed Image Pixel module: reported when prepared
+        return
+    if found < expected:
+        raise DicomInputError(
+            f"{where}: the file is truncated: Pixel Data holds {found} bytes, the image needs "
+            f"{expected} (Rows x Columns x Samples x Bits Allocated x Frames); resend the original file"
+        )
+
+
+def decoded_frames(ds: Dataset, count: int, where: str) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+    """Decode one frame at a time, turning every decoder failure into a DicomInputError."""
+    tsuid = _transfer_syntax(ds)
+    if tsuid is None:
+        raise DicomInputError(
+            f"{where}: no Transfer Syntax UID (0002,0010) in the file meta information, so the "
+            "pixel data cannot be decoded; send a DICOM Part 10 file"
+        )
+    ts_text = f"transfer syntax {tsuid} ({tsuid.name})" if tsuid.name != str(tsuid) else f"transfer syntax {tsuid}"
+    try:
+        decoder = get_decoder(tsuid)
+    except Exception:
+        raise UnsupportedImageError(
+            f"{where}: no pixel data decoder exists for {ts_text}; have the sender transcode "
+            "the image (for example to Explicit VR Little Endian 1.2.840.10008.1.2.1)"
+        ) from None
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
+        raise DicomInputError(
+            f"{where}: cannot decode {ts_text}: no decoding plugin is installed. Install one of: "
+            f"{missing} (e.g. pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg "
+            "python-gdcm), or have the sender transcode to Explicit VR Little Endian"
+        )
+    # One frame per call (Decoder.iter_array mishandles some sign corrections in pydicom 3.0).
+    for index in range(count):
+        try:
+            array, meta = decoder.as_array(ds, index=index, as_rgb=True)
+        except Exception as exc:
+            raise DicomInputError(
+                f"{where}: cannot decode frame {index} of {ts_text} ({type(exc).__name__}: {exc}); "
+                "the compressed data may be corrupt, or a decoder for it is missing "
+                "(pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg python-gdcm); "
+                "resend the original or an uncompressed copy"
+            ) from exc
+        yield array, meta
+
+
+def photometric_interpretation(ds: Dataset, where: str) -> str:
+    """Checked Photometric Interpretation (0028,0004) and its Samples per Pixel (0028,0002)."""
+    value = ds.get("PhotometricInterpretation")
+    if not value:
+        raise DicomInputError(
+            f"{where}: no Photometric Interpretation (0028,0004); the Image Pixel module is "
+            "incomplete: fix the file at its source"
+        )
+    photometric = str(value).strip().upper()
+    if photometric not in GRAYSCALE and photometric != PALETTE and photometric not in _COLOUR:
+        raise UnsupportedImageError(
+            f"{where}: Photometric Interpretation (0028,0004) '{photometric}' is not supported "
+            f"(supported: {_SUPPORTED_TEXT}); convert the image before sending it"
+        )
+    samples = ds.get("SamplesPerPixel")
+    needed = 3 if photometric in _COLOUR else 1
+    if samples != needed:
+        raise DicomInputError(
+            f"{where}: Samples per Pixel (0028,0002) is {samples!r} but Photometric "
+            f"Interpretation '{photometric}' needs {needed}; the header is inconsistent: fix "
+            "the file at its source"
+        )
+    return photometric
+
+
+def image_shape(ds: Dataset, where: str) -> tuple[int, int]:
+    """Checked (Rows, Columns) (0028,0010/0011): both positive integers."""
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    try:
+        valid = int(rows) > 0 and int(cols) > 0
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise DicomInputError(
+            f"{where}: Rows (0028,0010) / Columns (0028,0011) are {rows!r} / {cols!r}; an image "
+            "needs both, positive: fix the file at its source"
+        )
+    return int(rows), int(cols)
+
+
+def number_of_frames(ds: Dataset, where: str) -> int:
+    """Number of Frames (0028,0008); absent, empty or 0 means one frame (as pydicom reads it)."""
+    value = ds.get("NumberOfFrames")
+    if value is None or value == "":
+        return 1
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise DicomInputError(
+            f"{where}: Number of Frames (0028,0008) is {str(value)!r}, not a whole number; fix the file at its source"
+        ) from None
+    if count < 0:
+        raise DicomInputError(f"{where}: Number of Frames (0028,0008) is {count}; fix the file at its source")
+    return max(count, 1)
+
+
+def _transfer_syntax(ds: Dataset) -> UID | None:
+    """Transfer Syntax UID (0002,0010) of the file meta information, None when absent."""
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    return UID(str(uid)) if uid else None
+
+
+def sop_class_name(ds: Dataset) -> str:
+    """The SOP Class UID with its name, e.g. "CT Image Storage (1.2.840.10008.5.1.4.1.1.2)", for messages."""
+    uid = ds.get("SOPClassUID")
+    if not uid:
+        return "DICOM"
+    name = UID(str(uid)).name
+    return f"{name} ({uid})" if name != str(uid) else str(uid)
+
+
+def describe_dataset(ds: Dataset) -> str:
+    """How messages name a dataset: its file name, else its SOP Instance UID (never patient data)."""
+    filename = getattr(ds, "filename", None)
+    if isinstance(filename, str) and filename:
+        return filename
+    uid = ds.get("SOPInstanceUID")
+    return f"SOP Instance {uid}" if uid else "dataset"

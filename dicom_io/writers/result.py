@@ -1,0 +1,111 @@
+"""What the writers are given: one explained frame (:class:`ExplanationResult`), and the checks that
+a source dataset and a result fit together before any output is derived from them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom import Dataset
+
+from dicom_io.vr import LO_MAX
+from dicom_io.writers.references import number_of_frames
+
+__all__ = ["ExplanationResult", "check_inputs"]
+
+_REQUIRED_SOURCE_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Rows",
+    "Columns",
+)
+
+
+@dataclass(frozen=True, eq=False)
+class ExplanationResult:
+    """One explained frame, everything an output writer needs besides the source dataset."""
+
+    method: str  # explainer registry name, e.g. "gradcam", "occlusion"
+    class_name: str  # predicted/explained class, e.g. "nodule"
+    probability: float  # model output probability of class_name, 0..1
+    model_name: str
+    model_version: str
+    frame_index: int  # 0-based source frame
+    attribution: np.ndarray  # float32 [rows, cols] on the SOURCE pixel grid, signed, raw scale
+    display: np.ndarray  # float32 [rows, cols] in [0, 1]: the windowed grayscale source frame (1 = bright)
+
+    def __post_init__(self) -> None:
+        for name in ("method", "class_name", "model_name", "model_version"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"ExplanationResult.{name} must be a non-empty string, got {value!r}")
+        for name in ("model_name", "model_version"):
+            if len(getattr(self, name)) > LO_MAX:
+                raise ValueError(
+                    f"ExplanationResult.{name} {getattr(self, name)!r} is longer than {LO_MAX} characters "
+                    "(DICOM LO, it becomes Manufacturer's Model Name / Software Versions)"
+                )
+        _check_probability(self.probability)
+        index = self.frame_index
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+            raise ValueError(f"ExplanationResult.frame_index must be an integer >= 0, got {index!r}")
+        object.__setattr__(self, "frame_index", int(index))  # numpy integers become plain int
+        _check_map("attribution", self.attribution)
+        _check_map("display", self.display)
+        if self.attribution.shape != self.display.shape:
+            raise ValueError(
+                f"attribution shape {self.attribution.shape} differs from display shape {self.display.shape}; "
+                "both must be on the source pixel grid"
+            )
+
+
+def _check_probability(probability: float) -> None:
+    """Probability must be a real number in [0, 1]."""
+    try:
+        value = float(probability)
+    except (TypeError, ValueError):
+        raise ValueError(f"ExplanationResult.probability must be a number, got {probability!r}") from None
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"ExplanationResult.probability must be in [0, 1], got {probability!r}")
+
+
+def _check_map(name: str, array: np.ndarray) -> None:
+    """A 2-D, non-empty, finite real array."""
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"ExplanationResult.{name} must be a numpy array, got {type(array).__name__}")
+    if array.ndim != 2 or 0 in array.shape:
+        raise ValueError(
+            f"ExplanationResult.{name} must be a non-empty 2-D [rows, cols] array, got shape {array.shape}"
+        )
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"ExplanationResult.{name} must hold real numbers, got dtype {array.dtype}")
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise ValueError(f"ExplanationResult.{name} has {bad} non-finite (NaN/inf) values")
+
+
+def check_inputs(source: Dataset, result: ExplanationResult) -> None:
+    """Refuse what no output can be made from, with ValueError naming what was found.
+
+    ``source`` must be a pydicom Dataset with the UIDs an output references and Rows/Columns,
+    ``result`` an :class:`ExplanationResult` of one of its frames with maps on its pixel grid.
+    """
+    if not isinstance(source, Dataset):
+        raise ValueError(f"source must be a pydicom Dataset, got {type(source).__name__}")
+    if not isinstance(result, ExplanationResult):
+        raise ValueError(f"result must be an ExplanationResult, got {type(result).__name__}")
+    missing = [kw for kw in _REQUIRED_SOURCE_KEYWORDS if source.get(kw) in (None, "")]
+    if missing:
+        raise ValueError(f"source dataset lacks {', '.join(missing)}; cannot derive an object from it")
+    frames = number_of_frames(source)
+    if result.frame_index >= frames:
+        raise ValueError(f"frame_index {result.frame_index} is out of range for a source with {frames} frame(s)")
+    grid = (int(source.Rows), int(source.Columns))
+    if result.attribution.shape != grid:
+        raise ValueError(
+            f"attribution shape {result.attribution.shape} does not match the source grid "
+            f"Rows x Columns = {grid}; map it back to the source pixel grid first"
+        )
