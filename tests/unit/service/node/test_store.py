@@ -191,7 +191,7 @@ def test_durability_modes_set_fsync_and_sqlite_synchronous(tmp_path: Path) -> No
         assert path.read_bytes() == data and _temp_files(root) == []
         assert bool(synced) == expect_fsync
         with Journal(root / "journal.sqlite", durability=durability) as journal:
-            assert journal._connection.execute("PRAGMA synchronous").fetchone()[0] == expected_synchronous
+            assert journal._connection.pragma("synchronous") == expected_synchronous
     with pytest.raises(ValueError, match="'fast'"):
         Spool(tmp_path / "x", durability="fast")
     with pytest.raises(ValueError, match="'fast'"):
@@ -292,18 +292,18 @@ def test_concurrent_record_received_all_land(tmp_path: Path, shared: bool) -> No
 def test_quarantine_rows(journal: Journal, tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     path = spool.write_quarantine(b"\x00garbage", reason_slug="cannot-parse")
-    entry_id = journal.record_quarantined(path, "cannot parse: no File Meta", "MODALITY", "assoc-7")
-    (entry,) = journal.quarantined()
+    entry_id = journal.quarantine.record(path, "cannot parse: no File Meta", "MODALITY", "assoc-7")
+    (entry,) = journal.quarantine.entries()
     assert entry.id == entry_id and entry.path == path and entry.reason == "cannot parse: no File Meta"
     assert (entry.calling_ae, entry.association_id) == ("MODALITY", "assoc-7") and entry.at > 0
     assert journal.counts()["quarantined"] == 1
     with pytest.raises(ValueError, match="reason"):
-        journal.record_quarantined(path, " ", "MODALITY", "assoc-7")
+        journal.quarantine.record(path, " ", "MODALITY", "assoc-7")
 
 
 def _add(journal: Journal, n: int, destination: str = "PACS", path: Path | None = None) -> str:
     uid = f"{ROOT_UID}.9.{n}"
-    journal.add_output(
+    journal.outbox.add(
         sop_instance_uid=uid,
         source_sop_instance_uid=f"{ROOT_UID}.3.{n}",
         destination=destination,
@@ -317,10 +317,10 @@ def _add(journal: Journal, n: int, destination: str = "PACS", path: Path | None 
 def test_add_output_is_idempotent_and_resets_to_pending(journal: Journal) -> None:
     uid = _add(journal, 1)
     _add(journal, 1)
-    assert len(journal.outbox(("pending", "sent", "dead"))) == 1
-    journal.mark_dead(uid, "PACS", error="refused: SOP class not supported")
+    assert len(journal.outbox.entries(("pending", "sent", "dead"))) == 1
+    journal.outbox.mark_dead(uid, "PACS", error="refused: SOP class not supported")
     _add(journal, 1, path=Path("/spool/outbox/new.dcm"))  # reprocessed: replaces the old one
-    (entry,) = journal.outbox(("pending", "sent", "dead"))
+    (entry,) = journal.outbox.entries(("pending", "sent", "dead"))
     assert (entry.state, entry.attempts, entry.path, entry.last_error) == (
         "pending",
         0,
@@ -328,24 +328,24 @@ def test_add_output_is_idempotent_and_resets_to_pending(journal: Journal) -> Non
         "",
     )
     _add(journal, 1, destination="ARCHIVE")  # another destination is another row
-    assert len(journal.outbox()) == 2
+    assert len(journal.outbox.entries()) == 2
 
 
 def test_due_outputs_respects_next_attempt_at_and_limit(journal: Journal) -> None:
     first, second, third = _add(journal, 1), _add(journal, 2), _add(journal, 3)
-    assert [e.sop_instance_uid for e in journal.due_outputs(now=0.0)] == [first, second, third]
-    assert len(journal.due_outputs(now=0.0, limit=2)) == 2
-    journal.mark_retry(first, "PACS", error="association rejected", next_attempt_at=100.0)
-    journal.mark_retry(second, "PACS", error="timeout", next_attempt_at=50.0)
-    assert [e.sop_instance_uid for e in journal.due_outputs(now=10.0)] == [third]
-    assert [e.sop_instance_uid for e in journal.due_outputs(now=60.0)] == [third, second]
-    assert [e.sop_instance_uid for e in journal.due_outputs(now=100.0)] == [third, second, first]
-    (retried,) = [e for e in journal.outbox() if e.sop_instance_uid == first]
+    assert [e.sop_instance_uid for e in journal.outbox.due(now=0.0)] == [first, second, third]
+    assert len(journal.outbox.due(now=0.0, limit=2)) == 2
+    journal.outbox.mark_retry(first, "PACS", error="association rejected", next_attempt_at=100.0)
+    journal.outbox.mark_retry(second, "PACS", error="timeout", next_attempt_at=50.0)
+    assert [e.sop_instance_uid for e in journal.outbox.due(now=10.0)] == [third]
+    assert [e.sop_instance_uid for e in journal.outbox.due(now=60.0)] == [third, second]
+    assert [e.sop_instance_uid for e in journal.outbox.due(now=100.0)] == [third, second, first]
+    (retried,) = [e for e in journal.outbox.entries() if e.sop_instance_uid == first]
     assert (retried.attempts, retried.next_attempt_at, retried.last_error) == (1, 100.0, "association rejected")
-    journal.mark_sent(third, "PACS")
-    assert third not in [e.sop_instance_uid for e in journal.due_outputs(now=1e12)]
+    journal.outbox.mark_sent(third, "PACS")
+    assert third not in [e.sop_instance_uid for e in journal.outbox.due(now=1e12)]
     with pytest.raises(ValueError, match="limit"):
-        journal.due_outputs(now=0.0, limit=0)
+        journal.outbox.due(now=0.0, limit=0)
 
 
 def test_retry_dead_purge_and_counts(tmp_path: Path) -> None:
@@ -355,10 +355,10 @@ def test_retry_dead_purge_and_counts(tmp_path: Path) -> None:
     paths = {n: spool.write_output(b"o%d" % n, sop_uid=f"{ROOT_UID}.9.{n}") for n in range(1, 5)}
     uids = {n: _add(journal, n, path=paths[n]) for n in range(1, 5)}
     _add(journal, 1, destination="ARCHIVE", path=paths[1])  # same file, second destination
-    journal.mark_sent(uids[1], "PACS")
-    journal.mark_sent(uids[2], "PACS")
-    journal.mark_dead(uids[3], "PACS", error="0xA900 dataset does not match SOP class")
-    journal.mark_dead(uids[4], "PACS", error="out of retries")
+    journal.outbox.mark_sent(uids[1], "PACS")
+    journal.outbox.mark_sent(uids[2], "PACS")
+    journal.outbox.mark_dead(uids[3], "PACS", error="0xA900 dataset does not match SOP class")
+    journal.outbox.mark_dead(uids[4], "PACS", error="out of retries")
     assert journal.counts() == {
         "instances_received": 0,
         "instances_done": 0,
@@ -369,28 +369,28 @@ def test_retry_dead_purge_and_counts(tmp_path: Path) -> None:
         "outbox_dead": 2,
         "quarantined": 0,
     }
-    assert {e.sop_instance_uid for e in journal.outbox(("dead",))} == {uids[3], uids[4]}
+    assert {e.sop_instance_uid for e in journal.outbox.entries(("dead",))} == {uids[3], uids[4]}
 
     with pytest.raises(LookupError, match="NOWHERE"):
-        journal.mark_sent(uids[1], "NOWHERE")
-    assert journal.retry_dead(uids[3]) == 1
-    (revived,) = [e for e in journal.due_outputs(now=clock.now) if e.sop_instance_uid == uids[3]]
+        journal.outbox.mark_sent(uids[1], "NOWHERE")
+    assert journal.outbox.retry_dead(uids[3]) == 1
+    (revived,) = [e for e in journal.outbox.due(now=clock.now) if e.sop_instance_uid == uids[3]]
     assert (revived.state, revived.attempts) == ("pending", 0)
-    assert journal.retry_dead() == 1
-    assert journal.retry_dead() == 0
+    assert journal.outbox.retry_dead() == 1
+    assert journal.outbox.retry_dead() == 0
 
-    journal.mark_dead(uids[4], "PACS", error="refused")
+    journal.outbox.mark_dead(uids[4], "PACS", error="refused")
     clock.now = 2_000.0
-    journal.mark_sent(uids[3], "PACS")  # sent later than the other two
-    assert journal.purge(("sent",), older_than=1_500.0) == 2  # uids 1 and 2 to PACS
+    journal.outbox.mark_sent(uids[3], "PACS")  # sent later than the other two
+    assert journal.outbox.purge(("sent",), older_than=1_500.0) == 2  # uids 1 and 2 to PACS
     assert not paths[2].exists()
     assert paths[1].exists()  # still needed for ARCHIVE
     assert paths[3].exists() and paths[4].exists()
-    assert journal.purge(("dead",)) == 1 and not paths[4].exists()
-    assert journal.purge() == 1 and not paths[3].exists()
+    assert journal.outbox.purge(("dead",)) == 1 and not paths[4].exists()
+    assert journal.outbox.purge() == 1 and not paths[3].exists()
     assert journal.counts()["outbox_pending"] == 1 and journal.counts()["outbox_sent"] == 0
     with pytest.raises(ValueError, match="'gone'"):
-        journal.purge(("gone",))
+        journal.outbox.purge(("gone",))
     journal.close()
 
 
