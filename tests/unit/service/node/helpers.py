@@ -1,9 +1,10 @@
-"""What the node's unit tests share: UIDs, a clock under the test's control, journal rows."""
+"""What the node's unit tests share: UIDs, a clock under the test's control, journal rows, metric samples."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from service.node.metrics import NodeMetrics
 from service.node.store import Journal, ReceivedInstance
 
 ROOT_UID = "1.2.826.0.1.3680043.10.999"
@@ -55,3 +56,9 @@ def add_output(journal: Journal, n: int, destination: str = "PACS", path: Path |
 def temp_files(root: Path) -> list[Path]:
     """The spool's temp files (``.*.tmp``) anywhere below ``root``."""
     return [path for path in root.rglob("*") if path.name.endswith(".tmp")]
+
+
+def sample(metrics: NodeMetrics, name: str, **labels: str) -> float:
+    """The value of one sample in the node's registry; 0.0 when that label set was never used."""
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
