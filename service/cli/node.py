@@ -271,7 +271,7 @@ def _on_journal(action: Callable[[Any, argparse.Namespace], int]) -> Callable[[a
 @_on_journal
 def _outbox_list(journal: Any, args: argparse.Namespace) -> int:
     states = ("pending", "dead", "sent") if args.all else ("pending", "dead")
-    entries = journal.outbox(states)
+    entries = journal.outbox.entries(states)
     print(f"{'state':8} {'attempts':>8}  {'destination':12} {'kind':14} {'method':12} sop instance uid / last error")
     for e in entries:
         print(f"{e.state:8} {e.attempts:>8}  {e.destination:12} {e.kind:14} {e.method:12} {e.sop_instance_uid}")
@@ -283,13 +283,13 @@ def _outbox_list(journal: Any, args: argparse.Namespace) -> int:
 
 @_on_journal
 def _outbox_retry(journal: Any, args: argparse.Namespace) -> int:
-    count = journal.retry_dead(args.uid)
+    count = journal.outbox.retry_dead(args.uid)
     print(f"{count} dead result(s) back to pending; a running node sends them on its next pass")
     return 0
 
 
 @_on_journal
 def _outbox_purge(journal: Any, args: argparse.Namespace) -> int:
-    count = journal.purge(tuple(args.state or ("sent",)))
+    count = journal.outbox.purge(tuple(args.state or ("sent",)))
     print(f"{count} row(s) purged")
     return 0

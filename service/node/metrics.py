@@ -36,7 +36,8 @@ from service.inference.pool import PoolMetrics
 #: Latency buckets in seconds: from 1 ms (spooling) to 2 min (a slow perturbation method).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-STAGES = ("receive", "spool", "assemble_wait", "prepare", "infer", "explain", "encode", "send")
+#: Every ``stage`` label of ``pacsxai_stage_seconds``, in data-flow order (the module docstring says what each times).
+STAGES = ("receive", "spool", "assemble_wait", "read", "prepare", "infer", "explain", "encode", "store", "send")
 
 
 @dataclass(frozen=True)

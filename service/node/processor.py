@@ -5,7 +5,7 @@ For each instance of a ready batch: read it from the spool, run the
 journal one outbox row per (output, destination that wants its kind), then mark the instance
 processed. Outputs are journaled before the instance is marked done, so a crash in between
 reprocesses the instance on restart; its derived UIDs are deterministic, so the outbox rows are
-the same rows (``add_output`` is idempotent) and the destination receives replacements, never
+the same rows (``Outbox.add`` is idempotent) and the destination receives replacements, never
 duplicates.
 """
 
@@ -96,7 +96,7 @@ class SeriesProcessor:
             path = self._spool.write_output(encode(output.dataset), sop_uid=derived_uid)
             for destination in self._destinations:
                 if destination.outputs is None or output.kind in destination.outputs:
-                    self._journal.add_output(
+                    self._journal.outbox.add(
                         sop_instance_uid=derived_uid,
                         source_sop_instance_uid=uid,
                         destination=destination.name,

@@ -104,7 +104,7 @@ class Receiver:
     def _quarantine(self, encoded: bytes, reason: str, calling_ae: str, association_id: str) -> int:
         try:
             path = self._spool.write_quarantine(encoded, reason_slug="unparseable")
-            self._journal.record_quarantined(path, reason, calling_ae, association_id)
+            self._journal.quarantine.record(path, reason, calling_ae, association_id)
         except StoreError as exc:
             log.error("could not quarantine a dataset from %s (%s): %s", calling_ae, reason, exc)
             return Status.OUT_OF_RESOURCES

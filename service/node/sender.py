@@ -52,13 +52,13 @@ class OutboxSender:
         """One pass over the due outbox rows; returns counts of sent / retry / dead."""
         tally = {"sent": 0, "retry": 0, "dead": 0}
         by_destination: dict[str, list[OutboxEntry]] = defaultdict(list)
-        for entry in self._journal.due_outputs(self._clock(), limit=limit):
+        for entry in self._journal.outbox.due(self._clock(), limit=limit):
             by_destination[entry.destination].append(entry)
         for name, entries in by_destination.items():
             destination = self._destinations.get(name)
             if destination is None:
                 for entry in entries:
-                    self._journal.mark_dead(
+                    self._journal.outbox.mark_dead(
                         entry.sop_instance_uid, name, error=f"destination {name!r} is not configured"
                     )
                     self._metrics.outputs.labels(name, "dead").inc()
@@ -73,12 +73,12 @@ class OutboxSender:
         for entry, outcome in zip(entries, outcomes, strict=True):
             verdict, detail = outcome.verdict, outcome.detail
             if verdict == "delivered":
-                self._journal.mark_sent(entry.sop_instance_uid, name)
+                self._journal.outbox.mark_sent(entry.sop_instance_uid, name)
                 self._metrics.outputs.labels(name, "sent").inc()
                 tally["sent"] += 1
             elif verdict == "reject" or entry.attempts + 1 >= self._policy.max_attempts:
                 reason = detail if verdict == "reject" else f"gave up after {entry.attempts + 1} attempts: {detail}"
-                self._journal.mark_dead(entry.sop_instance_uid, name, error=reason)
+                self._journal.outbox.mark_dead(entry.sop_instance_uid, name, error=reason)
                 log.warning("output %s to %s dead-lettered: %s", entry.sop_instance_uid, name, reason)
                 self._metrics.outputs.labels(name, "dead").inc()
                 tally["dead"] += 1
@@ -89,7 +89,7 @@ class OutboxSender:
                     maximum=self._policy.max_delay_seconds,
                     rng=self._rng,
                 )
-                self._journal.mark_retry(
+                self._journal.outbox.mark_retry(
                     entry.sop_instance_uid, name, error=detail, next_attempt_at=self._clock() + delay
                 )
                 log.info("output %s to %s: retry in %.1f s (%s)", entry.sop_instance_uid, name, delay, detail)

@@ -161,7 +161,9 @@ def test_destination_down_then_up_delivers_everything_once(start_node, tmp_path:
     assert [o.verdict for o in outcomes] == ["delivered", "delivered"]
     journal = Journal(Path(node.config.storage.data_dir) / "journal.sqlite")
     wait_for(
-        lambda: any(e.attempts >= 2 for e in journal.outbox(("pending",))), 30, "retries while the destination is down"
+        lambda: any(e.attempts >= 2 for e in journal.outbox.entries(("pending",))),
+        30,
+        "retries while the destination is down",
     )
     assert journal.counts().get("outbox_dead", 0) == 0
     destination = Storescp(tmp_path / "dest", port=port)
@@ -185,7 +187,7 @@ def test_destination_that_rejects_dead_letters_at_once_with_the_reason(start_nod
         StoreSCU("MODALITY").send(Destination("PACSXAI", "127.0.0.1", node.port), phantom_files(tmp_path / "in", 1))
         journal = Journal(Path(node.config.storage.data_dir) / "journal.sqlite")
         wait_for(lambda: journal.counts().get("outbox_dead", 0) == 1, 30, "the dead letter")
-        (dead,) = journal.outbox(("dead",))
+        (dead,) = journal.outbox.entries(("dead",))
         assert dead.attempts <= 1, "a refused SOP class must not be retried"
         assert "1.2.840.10008.5.1.4.1.1.7" in dead.last_error or "Secondary Capture" in dead.last_error
         journal.close()
@@ -230,7 +232,7 @@ def test_broken_dataset_is_quarantined_and_the_node_keeps_serving(start_node, tm
     (outcome,) = StoreSCU("MODALITY").send(Destination("PACSXAI", "127.0.0.1", node.port), [good])
     assert outcome.verdict == "delivered"
     journal = Journal(Path(node.config.storage.data_dir) / "journal.sqlite")
-    (entry,) = journal.quarantined()
+    (entry,) = journal.quarantine.entries()
     assert entry.path.read_bytes().endswith(payload), "the quarantined file must keep the bytes received"
     assert "parse" in entry.reason or "missing" in entry.reason
     wait_for(lambda: (journal.instance_state(original.SOPInstanceUID) or ("",))[0] == "done", 30, "the good instance")
@@ -439,7 +441,7 @@ def test_follow_up_instances_and_resends_never_duplicate_outputs(start_node, tmp
     wait_for(lambda: states() == ["done", "done"], 30, "the follow-up processed")
     StoreSCU("MODALITY").send(destination, paths[:1])  # a resend of the first
     wait_for(lambda: journal.counts()["instances_received"] == 0 and states() == ["done", "done"], 30, "the resend")
-    rows = journal.outbox(("pending", "dead", "sent"))
+    rows = journal.outbox.entries(("pending", "dead", "sent"))
     assert len(rows) == 2 and len({row.sop_instance_uid for row in rows}) == 2
     journal.close()
 
@@ -484,8 +486,8 @@ def test_each_destination_gets_the_output_kinds_it_asks_for(start_node, tmp_path
     )
     StoreSCU("MODALITY").send(Destination("PACSXAI", "127.0.0.1", node.port), phantom_files(tmp_path / "in", 1))
     journal = Journal(Path(node.config.storage.data_dir) / "journal.sqlite")
-    wait_for(lambda: len(journal.outbox(("pending", "dead", "sent"))) == 3, 30, "three outbox rows")
-    rows = journal.outbox(("pending", "dead", "sent"))
+    wait_for(lambda: len(journal.outbox.entries(("pending", "dead", "sent"))) == 3, 30, "three outbox rows")
+    rows = journal.outbox.entries(("pending", "dead", "sent"))
     journal.close()
     assert sorted((row.destination, row.kind) for row in rows) == [
         ("pacs", "sc"),

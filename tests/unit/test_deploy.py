@@ -299,6 +299,14 @@ def test_dashboard_structure() -> None:
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
 
 
+def test_the_stage_latency_panel_names_every_stage_the_node_records() -> None:
+    """The panel groups by stage, so every stage shows up; its description tells the reader which ones."""
+    (panel,) = [panel for panel in _dashboard_panels() if "pacsxai_stage_seconds_bucket" in str(panel.get("targets"))]
+    described = re.fullmatch(r"Per stage: ([a-z_, ]+)\.", panel["description"])
+    assert described, f"description {panel['description']!r} does not list the stages"
+    assert tuple(described[1].split(", ")) == STAGES
+
+
 def test_alert_rules_are_complete_and_select_the_scrape_job() -> None:
     rules = _alert_rules()
     names = [rule["alert"] for rule in rules]

@@ -8,24 +8,15 @@ import time
 import pytest
 
 from service.node.assembler import Assembler, SeriesKey
+from tests.unit.service.node.helpers import FakeClock
 
 CT = SeriesKey("1.2.3.1", "1.2.3.1.1")
 MR = SeriesKey("1.2.3.1", "1.2.3.1.2")
 
 
-class FakeClock:
-    """Monotonic seconds under the test's control."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture()
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(100.0)  # monotonic seconds
 
 
 @pytest.fixture()

@@ -1,0 +1,102 @@
+"""The journal's one SQLite connection, in WAL mode, shared by every thread: transactions that
+serialise, commit or roll back, and name the database in every error.
+
+Threading: one connection shared by all threads, serialised by a lock (SQLite serialises writers
+anyway, and every transaction is short). Other processes (``pacs-xai outbox ...``) may open the
+same file; a write waits up to ``busy_timeout`` seconds for their lock. ``synchronous=FULL`` makes
+every commit durable across SIGKILL and power loss; ``NORMAL`` (in WAL mode) across SIGKILL only.
+Every ``sqlite3.Error`` becomes a :class:`~service.node.store.errors.StoreError` naming the database.
+
+The journal, its outbox and its quarantine share one :class:`JournalConnection`, so each of their
+methods is one transaction on the same database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from service.node.store.errors import StoreError
+
+__all__ = ["JournalConnection"]
+
+
+class JournalConnection:
+    """An open SQLite database in WAL mode; use it through :meth:`transaction`."""
+
+    def __init__(self, path: Path, *, busy_timeout: float, synchronous: Literal["FULL", "NORMAL"]) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self._sqlite = sqlite3.connect(
+                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open journal {self.path}: {exc}") from exc
+        try:
+            self._use_wal(synchronous)
+        except BaseException:
+            self._sqlite.close()
+            raise
+
+    def _use_wal(self, synchronous: str) -> None:
+        try:
+            mode = self._sqlite.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            self._sqlite.execute(f"PRAGMA synchronous={synchronous}")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open journal {self.path}: {exc}") from exc
+        if str(mode).lower() != "wal":
+            raise StoreError(f"journal {self.path} cannot use WAL mode (SQLite answered {mode!r})")
+
+    def pragma(self, name: str) -> object:
+        """The value of ``PRAGMA <name>`` on this connection (``synchronous`` is per connection)."""
+        with self._lock:
+            try:
+                row = self._sqlite.execute(f"PRAGMA {name}").fetchone()
+            except sqlite3.Error as exc:
+                raise StoreError(f"journal {self.path}: cannot read PRAGMA {name}: {exc}") from exc
+        return None if row is None else row[0]
+
+    @contextlib.contextmanager
+    def transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """Lock, BEGIN, yield, COMMIT (ROLLBACK on error); sqlite3 errors become StoreError.
+
+        A write transaction takes SQLite's write lock at once (BEGIN IMMEDIATE), so it waits for
+        other processes up front instead of failing half-way; a read one (BEGIN DEFERRED) reads a
+        consistent snapshot without blocking writers (WAL).
+        """
+        with self._lock:
+            db = self._sqlite
+            try:
+                db.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
+            except sqlite3.Error as exc:
+                raise StoreError(f"journal {self.path}: cannot begin a transaction: {exc}") from exc
+            try:
+                yield db
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise StoreError(f"journal {self.path}: {exc}") from exc
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _rollback(self) -> None:
+        """Undo the open transaction; a failing rollback is reported, chained to the first error."""
+        if self._sqlite.in_transaction:
+            try:
+                self._sqlite.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                raise StoreError(f"journal {self.path}: rollback failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the connection (checkpointing the WAL); later transactions raise StoreError."""
+        with self._lock:
+            try:
+                self._sqlite.close()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot close journal {self.path}: {exc}") from exc

@@ -1,0 +1,293 @@
+"""The journal: the node's state in one SQLite file (WAL mode): its schema and version, the
+instance rows (``received`` -> ``done`` | ``skipped`` | ``failed``), and the outbox and quarantine
+rows, reached as ``journal.outbox`` and ``journal.quarantine`` on the same connection.
+
+The journal holds UIDs, paths, AE titles, states and error texts, never patient names or IDs.
+
+Commits are durable (``synchronous=FULL``): once a method returns, its change survives SIGKILL and
+power loss (with ``durability="process-crash"``: ``synchronous=NORMAL``, SIGKILL only; see
+:mod:`service.node.store.spool` for the two modes).
+
+**Re-sent instance** (same SOP Instance UID journaled before): the spool file is replaced (same
+path when study and series are unchanged; otherwise the old file stays where it was, unreferenced),
+the row takes the new path/association/time, goes back to state ``received`` whatever it was, and
+:meth:`Journal.record_received` returns ``False``. The receiver hands it to the assembler again, so
+it is processed as a follow-up; derived UIDs are deterministic, so its outputs replace the old
+ones at the destination instead of duplicating them. To avoid marking a copy that arrived while
+the previous one was being processed, the pipeline passes ``received_before`` to
+:meth:`Journal.mark_processed`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from service.node.store.connection import JournalConnection
+from service.node.store.errors import StoreError, validate_uid
+from service.node.store.outbox import OUTBOX_STATES, Outbox
+from service.node.store.quarantine import Quarantine
+from service.node.store.spool import Durability, check_durability
+
+__all__ = ["INSTANCE_STATES", "SCHEMA_VERSION", "Journal", "ReceivedInstance"]
+
+#: Version of the journal schema written by this code; a different one refuses to open.
+SCHEMA_VERSION = 1
+#: ``received`` = journaled, waiting to be processed; the other three are outcomes.
+INSTANCE_STATES = ("received", "done", "skipped", "failed")
+
+_SCHEMA = f"""
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE instances (
+    sop_instance_uid    TEXT PRIMARY KEY,
+    sop_class_uid       TEXT NOT NULL,
+    study_instance_uid  TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    path                TEXT NOT NULL,
+    calling_ae          TEXT NOT NULL,
+    association_id      TEXT NOT NULL,
+    received_at         REAL NOT NULL,
+    times_received      INTEGER NOT NULL DEFAULT 1,
+    state               TEXT NOT NULL CHECK (state IN {INSTANCE_STATES!r}),
+    reason              TEXT NOT NULL DEFAULT '',
+    updated_at          REAL NOT NULL
+);
+CREATE INDEX instances_by_state ON instances (state, received_at);
+CREATE TABLE quarantine (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    path           TEXT NOT NULL,
+    reason         TEXT NOT NULL,
+    calling_ae     TEXT NOT NULL,
+    association_id TEXT NOT NULL,
+    at             REAL NOT NULL
+);
+CREATE TABLE outbox (
+    sop_instance_uid        TEXT NOT NULL,
+    destination             TEXT NOT NULL,
+    source_sop_instance_uid TEXT NOT NULL,
+    path                    TEXT NOT NULL,
+    kind                    TEXT NOT NULL,
+    method                  TEXT NOT NULL,
+    state                   TEXT NOT NULL CHECK (state IN {OUTBOX_STATES!r}),
+    attempts                INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at         REAL NOT NULL DEFAULT 0,
+    last_error              TEXT NOT NULL DEFAULT '',
+    created_at              REAL NOT NULL,
+    updated_at              REAL NOT NULL,
+    PRIMARY KEY (sop_instance_uid, destination)
+);
+CREATE INDEX outbox_by_due ON outbox (state, next_attempt_at);
+"""
+
+_INSTANCE_COLUMNS = (
+    "sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, path, calling_ae, "
+    "association_id, received_at"
+)
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """One instance as journaled on receipt: its UIDs, where its bytes are, who sent it and when (Unix time)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    path: Path
+    calling_ae: str
+    association_id: str
+    received_at: float
+
+
+def _instance(row: sqlite3.Row) -> ReceivedInstance:
+    return ReceivedInstance(
+        sop_instance_uid=row[0],
+        sop_class_uid=row[1],
+        study_instance_uid=row[2],
+        series_instance_uid=row[3],
+        path=Path(row[4]),
+        calling_ae=row[5],
+        association_id=row[6],
+        received_at=row[7],
+    )
+
+
+class Journal:
+    """The node's journal; safe to use from several threads; every method is one transaction.
+
+    ``journal.outbox`` (:class:`~service.node.store.outbox.Outbox`) and ``journal.quarantine``
+    (:class:`~service.node.store.quarantine.Quarantine`) share its connection (see
+    :mod:`service.node.store.connection` for threading, other processes and errors). A wrong
+    argument is a ``ValueError`` and an unknown UID a ``LookupError``, both naming the value.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+        durability: Durability = "power-loss",
+    ) -> None:
+        self.path = Path(path)
+        self.durability = check_durability(durability)
+        self._clock = clock
+        synchronous = "FULL" if self.durability == "power-loss" else "NORMAL"
+        self._connection = JournalConnection(self.path, busy_timeout=busy_timeout, synchronous=synchronous)
+        try:
+            self._check_schema()
+        except BaseException:
+            self._connection.close()
+            raise
+        self.outbox = Outbox(self._connection, clock)
+        self.quarantine = Quarantine(self._connection, clock)
+
+    def _check_schema(self) -> None:
+        """Create the schema when the file is new; otherwise refuse any version but :data:`SCHEMA_VERSION`."""
+        with self._connection.transaction() as db:
+            exists = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+            ).fetchone()
+            if exists is None:
+                # executescript() would commit on its own: create statement by statement instead.
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+                return
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+        version = None if row is None else row[0]
+        if version != SCHEMA_VERSION:
+            raise StoreError(
+                f"journal {self.path} has schema version {version!r}; this pacs-xai reads version {SCHEMA_VERSION}"
+            )
+
+    def close(self) -> None:
+        """Close the connection (checkpointing the WAL); later calls raise StoreError."""
+        self._connection.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------------- instances
+
+    def record_received(self, instance: ReceivedInstance) -> bool:
+        """Journal a received instance (state ``received``); ``True`` when new.
+
+        ``False`` when the SOP Instance UID was journaled before: the row is updated to this copy
+        and re-queued (state ``received``), to be processed as a follow-up (see the module docstring).
+        """
+        validate_uid(instance.sop_instance_uid, "SOP Instance UID")
+        validate_uid(instance.sop_class_uid, "SOP Class UID")
+        validate_uid(instance.study_instance_uid, "Study Instance UID")
+        validate_uid(instance.series_instance_uid, "Series Instance UID")
+        now = self._clock()
+        with self._connection.transaction() as db:
+            known = db.execute(
+                "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (instance.sop_instance_uid,)
+            ).fetchone()
+            db.execute(
+                f"INSERT INTO instances ({_INSTANCE_COLUMNS}, state, reason, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'received', '', ?) "
+                "ON CONFLICT (sop_instance_uid) DO UPDATE SET "
+                "sop_class_uid = excluded.sop_class_uid, study_instance_uid = excluded.study_instance_uid, "
+                "series_instance_uid = excluded.series_instance_uid, path = excluded.path, "
+                "calling_ae = excluded.calling_ae, association_id = excluded.association_id, "
+                "received_at = excluded.received_at, times_received = times_received + 1, "
+                "state = 'received', reason = '', updated_at = excluded.updated_at",
+                (
+                    instance.sop_instance_uid,
+                    instance.sop_class_uid,
+                    instance.study_instance_uid,
+                    instance.series_instance_uid,
+                    str(instance.path),
+                    instance.calling_ae,
+                    instance.association_id,
+                    instance.received_at,
+                    now,
+                ),
+            )
+        return known is None
+
+    def pending_instances(self) -> list[ReceivedInstance]:
+        """Instances received but not yet processed (state ``received``), oldest first: what a restart must process."""
+        with self._connection.transaction(write=False) as db:
+            rows = db.execute(
+                f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE state = 'received' ORDER BY received_at, rowid"
+            ).fetchall()
+        return [_instance(row) for row in rows]
+
+    def get_instances(self, sop_instance_uids: Sequence[str]) -> list[ReceivedInstance]:
+        """The journaled instances with these UIDs, in the given order; LookupError naming any unknown one."""
+        with self._connection.transaction(write=False) as db:
+            found = {
+                row[0]: _instance(row)
+                for uid in sop_instance_uids
+                for row in db.execute(f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE sop_instance_uid = ?", (uid,))
+            }
+        missing = [uid for uid in sop_instance_uids if uid not in found]
+        if missing:
+            raise LookupError(f"SOP Instance UID(s) not in the journal: {missing!r}")
+        return [found[uid] for uid in sop_instance_uids]
+
+    def mark_processed(
+        self,
+        sop_instance_uids: Sequence[str],
+        outcome: Literal["done", "skipped", "failed"],
+        reason: str = "",
+        *,
+        received_before: float | None = None,
+    ) -> None:
+        """Record the outcome of processing these instances (``reason`` says why skipped or failed).
+
+        With ``received_before`` (the Unix time the processing read its input), an instance whose
+        journaled ``received_at`` is later was re-sent meanwhile and stays ``received`` for its
+        follow-up. An unknown UID is a LookupError naming it, and nothing is changed.
+        """
+        if outcome not in INSTANCE_STATES[1:]:
+            raise ValueError(f"outcome must be one of {INSTANCE_STATES[1:]!r}, got {outcome!r}")
+        if isinstance(sop_instance_uids, str):
+            raise ValueError(f"sop_instance_uids must be a sequence of UIDs, got the string {sop_instance_uids!r}")
+        now = self._clock()
+        with self._connection.transaction() as db:
+            missing = [
+                uid
+                for uid in sop_instance_uids
+                if db.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (uid,)).fetchone() is None
+            ]
+            if missing:
+                raise LookupError(f"SOP Instance UID(s) not in the journal: {missing!r}")
+            db.executemany(
+                "UPDATE instances SET state = ?, reason = ?, updated_at = ? "
+                "WHERE sop_instance_uid = ? AND (? IS NULL OR received_at <= ?)",
+                [(outcome, reason, now, uid, received_before, received_before) for uid in sop_instance_uids],
+            )
+
+    def instance_state(self, sop_instance_uid: str) -> tuple[str, str] | None:
+        """``(state, reason)`` of a journaled instance, ``None`` when it is not journaled."""
+        with self._connection.transaction(write=False) as db:
+            row = db.execute(
+                "SELECT state, reason FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    # ------------------------------------------------------------------------------------- metrics
+
+    def counts(self) -> dict[str, int]:
+        """Gauges for metrics: ``instances_<state>`` (``instances_received`` = waiting to be processed),
+        ``outbox_<state>`` and ``quarantined``; every key present, zero when empty. One snapshot of all three tables."""
+        result = {f"instances_{state}": 0 for state in INSTANCE_STATES}
+        result.update({f"outbox_{state}": 0 for state in OUTBOX_STATES})
+        with self._connection.transaction(write=False) as db:
+            for state, count in db.execute("SELECT state, COUNT(*) FROM instances GROUP BY state"):
+                result[f"instances_{state}"] = count
+            for state, count in db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state"):
+                result[f"outbox_{state}"] = count
+            result["quarantined"] = db.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0]
+        return result

@@ -1,0 +1,234 @@
+"""The outbox rows of the journal: one per (output object, destination), and where its delivery stands.
+
+An output is added ``pending`` and due at once; each send attempt ends it ``sent``, ``pending``
+again with a later ``next_attempt_at`` (a retry), or ``dead`` (the dead letter: refused, or out of
+retries). Adding the same output for the same destination again (a reprocessed instance) replaces
+the row and resets it to ``pending``; there is never a second row.
+
+**Purge** deletes the outbox rows in the given states (optionally only those whose last state
+change is older than a Unix timestamp) in one transaction, then deletes their files from disk
+when no remaining outbox row points to the same file (one file serves every destination of an
+output). Rows go first: a kill in between leaves an unreferenced file, never a row without its
+file. Instance and quarantine files are not touched by purge.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.node.store.connection import JournalConnection
+from service.node.store.errors import StoreError, validate_uid
+
+__all__ = ["OUTBOX_STATES", "Outbox", "OutboxEntry"]
+
+#: ``pending`` = waiting for (another) send attempt; ``dead`` = gave up (the dead letter).
+OUTBOX_STATES = ("pending", "sent", "dead")
+
+_OUTBOX_COLUMNS = (
+    "sop_instance_uid, source_sop_instance_uid, destination, path, kind, method, state, attempts, "
+    "next_attempt_at, last_error"
+)
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """One output object for one destination and where its delivery stands."""
+
+    sop_instance_uid: str
+    source_sop_instance_uid: str
+    destination: str
+    path: Path
+    kind: str
+    method: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str
+
+
+def _outbox_entry(row: sqlite3.Row) -> OutboxEntry:
+    return OutboxEntry(
+        sop_instance_uid=row[0],
+        source_sop_instance_uid=row[1],
+        destination=row[2],
+        path=Path(row[3]),
+        kind=row[4],
+        method=row[5],
+        state=row[6],
+        attempts=row[7],
+        next_attempt_at=row[8],
+        last_error=row[9],
+    )
+
+
+def _check_states(states: Sequence[str]) -> tuple[str, ...]:
+    """The states as a tuple, each one checked against :data:`OUTBOX_STATES`."""
+    if isinstance(states, str):
+        raise ValueError(f"states must be a sequence of state names, got the string {states!r}")
+    unknown = [state for state in states if state not in OUTBOX_STATES]
+    if unknown:
+        raise ValueError(f"unknown state(s) {unknown!r}; expected some of {OUTBOX_STATES!r}")
+    return tuple(states)
+
+
+def _placeholders(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+class Outbox:
+    """The outbox table of a journal (reach it as ``journal.outbox``); every method is one transaction.
+
+    A wrong argument is a ``ValueError`` and an unknown row a ``LookupError``, both naming the value.
+    """
+
+    def __init__(self, connection: JournalConnection, clock: Callable[[], float]) -> None:
+        self._connection = connection
+        self._clock = clock
+
+    def add(
+        self,
+        *,
+        sop_instance_uid: str,
+        source_sop_instance_uid: str,
+        destination: str,
+        path: Path,
+        kind: str,
+        method: str,
+    ) -> None:
+        """Queue an output for a destination, due at once.
+
+        Idempotent on ``(sop_instance_uid, destination)``: adding it again (a reprocessed output)
+        replaces the row's path and details and resets it to ``pending`` with no attempts, whatever
+        its state was; there is never a second row.
+        """
+        validate_uid(sop_instance_uid, "SOP Instance UID")
+        validate_uid(source_sop_instance_uid, "source SOP Instance UID")
+        if not destination:
+            raise ValueError(f"destination must be a non-empty name, got {destination!r}")
+        now = self._clock()
+        with self._connection.transaction() as db:
+            db.execute(
+                "INSERT INTO outbox (sop_instance_uid, destination, source_sop_instance_uid, path, kind, method, "
+                "state, attempts, next_attempt_at, last_error, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, 0, '', ?, ?) "
+                "ON CONFLICT (sop_instance_uid, destination) DO UPDATE SET "
+                "source_sop_instance_uid = excluded.source_sop_instance_uid, path = excluded.path, "
+                "kind = excluded.kind, method = excluded.method, state = 'pending', attempts = 0, "
+                "next_attempt_at = 0, last_error = '', updated_at = excluded.updated_at",
+                (sop_instance_uid, destination, source_sop_instance_uid, str(path), kind, method, now, now),
+            )
+
+    def due(self, now: float, limit: int = 100) -> list[OutboxEntry]:
+        """Pending outputs whose ``next_attempt_at <= now`` (Unix time), earliest due first, at most ``limit``."""
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit!r}")
+        with self._connection.transaction(write=False) as db:
+            rows = db.execute(
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? "
+                "ORDER BY next_attempt_at, created_at, rowid LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        return [_outbox_entry(row) for row in rows]
+
+    def mark_sent(self, sop_instance_uid: str, destination: str) -> None:
+        """The destination accepted the output: state ``sent`` (attempts counts this one too)."""
+        self._update(
+            sop_instance_uid,
+            destination,
+            "state = 'sent', attempts = attempts + 1, last_error = ''",
+            (),
+        )
+
+    def mark_retry(self, sop_instance_uid: str, destination: str, *, error: str, next_attempt_at: float) -> None:
+        """A send attempt failed and will be retried at ``next_attempt_at`` (Unix time); attempts += 1."""
+        self._update(
+            sop_instance_uid,
+            destination,
+            "state = 'pending', attempts = attempts + 1, next_attempt_at = ?, last_error = ?",
+            (next_attempt_at, error),
+        )
+
+    def mark_dead(self, sop_instance_uid: str, destination: str, *, error: str) -> None:
+        """Give up on this output (refused, or out of retries): state ``dead`` with the reason; attempts += 1."""
+        self._update(
+            sop_instance_uid,
+            destination,
+            "state = 'dead', attempts = attempts + 1, last_error = ?",
+            (error,),
+        )
+
+    def _update(self, sop_instance_uid: str, destination: str, assignments: str, values: tuple) -> None:
+        """Apply ``assignments`` to one outbox row; LookupError naming it when there is no such row."""
+        with self._connection.transaction() as db:
+            cursor = db.execute(
+                f"UPDATE outbox SET {assignments}, updated_at = ? WHERE sop_instance_uid = ? AND destination = ?",
+                (*values, self._clock(), sop_instance_uid, destination),
+            )
+            if cursor.rowcount == 0:
+                raise LookupError(f"no outbox entry for SOP Instance UID {sop_instance_uid!r} to {destination!r}")
+
+    def entries(self, states: Sequence[str] = ("pending", "dead")) -> list[OutboxEntry]:
+        """Outbox entries in the given states, oldest first (what ``pacs-xai outbox list`` shows)."""
+        wanted = _check_states(states)
+        if not wanted:
+            return []
+        with self._connection.transaction(write=False) as db:
+            rows = db.execute(
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE state IN ({_placeholders(len(wanted))}) "
+                "ORDER BY created_at, rowid",
+                wanted,
+            ).fetchall()
+        return [_outbox_entry(row) for row in rows]
+
+    def retry_dead(self, sop_instance_uid: str | None = None) -> int:
+        """Dead outputs back to pending, due at once, attempts reset (``None``: all of them); returns how many.
+
+        The last error is kept for the record until the next attempt overwrites it.
+        """
+        condition, values = ("", ()) if sop_instance_uid is None else (" AND sop_instance_uid = ?", (sop_instance_uid,))
+        with self._connection.transaction() as db:
+            cursor = db.execute(
+                "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ? "
+                f"WHERE state = 'dead'{condition}",
+                (self._clock(), *values),
+            )
+            return cursor.rowcount
+
+    def purge(self, states: Sequence[str] = ("sent",), older_than: float | None = None) -> int:
+        """Delete outbox rows in ``states`` (last changed before Unix time ``older_than`` when given) and their files.
+
+        Rows are deleted in one transaction first; then each file no remaining row points to is
+        deleted (see the module docstring). Returns the number of rows deleted. A file that cannot
+        be deleted is a StoreError naming it (the rows are gone by then; the file is merely orphaned).
+        """
+        wanted = _check_states(states)
+        if not wanted:
+            return 0
+        condition = f"state IN ({_placeholders(len(wanted))})"
+        values: tuple = wanted
+        if older_than is not None:
+            condition += " AND updated_at < ?"
+            values = (*wanted, older_than)
+        with self._connection.transaction() as db:
+            paths = {row[0] for row in db.execute(f"SELECT path FROM outbox WHERE {condition}", values)}
+            deleted = db.execute(f"DELETE FROM outbox WHERE {condition}", values).rowcount
+            still_used = {
+                path
+                for path in paths
+                if db.execute("SELECT 1 FROM outbox WHERE path = ? LIMIT 1", (path,)).fetchone() is not None
+            }
+        failures = []
+        for path in sorted(paths - still_used):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                failures.append(f"{path}: {exc}")
+        if failures:
+            raise StoreError(f"purged {deleted} outbox row(s) but could not delete: {'; '.join(failures)}")
+        return deleted

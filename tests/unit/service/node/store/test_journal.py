@@ -1,0 +1,129 @@
+"""The journal: WAL mode and schema version, instance rows received -> processed that survive a
+restart, re-sent instances, concurrent writers, and no patient data. Real SQLite files in tmp_path.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from service.node.store.errors import StoreError
+from service.node.store.journal import Journal
+from tests.unit.service.node.helpers import ROOT_UID, add_output, received_instance
+
+
+def test_journal_is_in_wal_mode_with_a_schema_version(tmp_path: Path, journal: Journal) -> None:
+    with sqlite3.connect(tmp_path / "journal.sqlite") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+
+
+def test_journal_refuses_an_unknown_schema_version(tmp_path: Path) -> None:
+    Journal(tmp_path / "j.sqlite").close()
+    with sqlite3.connect(tmp_path / "j.sqlite") as db:
+        db.execute("UPDATE schema_version SET version = 99")
+    db.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        Journal(tmp_path / "j.sqlite")
+
+
+def test_journal_that_cannot_be_opened_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StoreError, match=str(tmp_path / "file" / "j.sqlite")):
+        Journal(tmp_path / "file" / "j.sqlite")
+
+
+def test_received_pending_processed_and_the_state_survives_a_restart(tmp_path: Path) -> None:
+    db_path = tmp_path / "journal.sqlite"
+    journal = Journal(db_path)
+    for n in (3, 1, 2):
+        assert journal.record_received(received_instance(n)) is True
+    assert [i.sop_instance_uid for i in journal.pending_instances()] == [f"{ROOT_UID}.3.{n}" for n in (1, 2, 3)]
+    assert journal.pending_instances()[0] == received_instance(1)
+    journal.mark_processed([f"{ROOT_UID}.3.1"], "done")
+    journal.mark_processed([f"{ROOT_UID}.3.2"], "skipped", "modality MR not covered by the model card")
+    journal.close()
+
+    with Journal(db_path) as restarted:
+        assert [i.sop_instance_uid for i in restarted.pending_instances()] == [f"{ROOT_UID}.3.3"]
+        assert restarted.instance_state(f"{ROOT_UID}.3.1") == ("done", "")
+        assert restarted.instance_state(f"{ROOT_UID}.3.2") == ("skipped", "modality MR not covered by the model card")
+        assert restarted.instance_state(f"{ROOT_UID}.3.404") is None
+        assert restarted.get_instances([f"{ROOT_UID}.3.3", f"{ROOT_UID}.3.1"]) == [
+            received_instance(3),
+            received_instance(1),
+        ]
+
+
+def test_mark_processed_checks_its_arguments(journal: Journal) -> None:
+    journal.record_received(received_instance(1))
+    with pytest.raises(ValueError, match="'finished'"):
+        journal.mark_processed([f"{ROOT_UID}.3.1"], "finished")  # type: ignore[arg-type]
+    with pytest.raises(LookupError, match=f"{ROOT_UID}.3.2"):
+        journal.mark_processed([f"{ROOT_UID}.3.1", f"{ROOT_UID}.3.2"], "done")
+    assert journal.instance_state(f"{ROOT_UID}.3.1") == ("received", "")  # all or nothing
+    with pytest.raises(ValueError, match="string"):
+        journal.mark_processed(f"{ROOT_UID}.3.1", "done")
+
+
+def test_a_resent_instance_replaces_the_row_and_is_requeued_as_a_follow_up(journal: Journal) -> None:
+    uid = f"{ROOT_UID}.3.1"
+    assert journal.record_received(received_instance(1, Path("/spool/a.dcm"), association="assoc-1", at=10.0)) is True
+    journal.mark_processed([uid], "done")
+    assert journal.record_received(received_instance(1, Path("/spool/b.dcm"), association="assoc-2", at=20.0)) is False
+    assert journal.instance_state(uid) == ("received", "")
+    assert journal.pending_instances() == [received_instance(1, Path("/spool/b.dcm"), association="assoc-2", at=20.0)]
+    assert journal.counts()["instances_received"] == 1  # one row, never two
+
+    # A copy that arrives while the previous one is processed is not swallowed by its mark_processed.
+    assert journal.record_received(received_instance(1, Path("/spool/c.dcm"), at=30.0)) is False
+    journal.mark_processed([uid], "done", received_before=25.0)
+    assert journal.instance_state(uid) == ("received", "")
+    journal.mark_processed([uid], "done", received_before=35.0)
+    assert journal.instance_state(uid) == ("done", "")
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one-journal", "journal-per-thread"])
+def test_concurrent_record_received_all_land(tmp_path: Path, shared: bool) -> None:
+    db_path = tmp_path / "journal.sqlite"
+    common = Journal(db_path)
+    errors: list[BaseException] = []
+
+    def receive(thread: int) -> None:
+        own = common if shared else Journal(db_path)
+        try:
+            for k in range(50):
+                own.record_received(received_instance(thread * 1000 + k, association=f"assoc-{thread}"))
+        except BaseException as exc:  # reported to the main thread below
+            errors.append(exc)
+        finally:
+            if not shared:
+                own.close()
+
+    threads = [threading.Thread(target=receive, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    pending = common.pending_instances()
+    assert len(pending) == 200 == len({i.sop_instance_uid for i in pending})
+    assert common.counts()["instances_received"] == 200
+    common.close()
+
+
+def test_journal_holds_no_patient_data(tmp_path: Path) -> None:
+    with Journal(tmp_path / "journal.sqlite") as journal:
+        journal.record_received(received_instance(1))
+        add_output(journal, 1)
+    with sqlite3.connect(tmp_path / "journal.sqlite") as db:
+        columns = {
+            row[1]
+            for table in ("instances", "outbox", "quarantine")
+            for row in db.execute(f"PRAGMA table_info({table})")
+        }
+    db.close()
+    assert not {c for c in columns if "patient" in c or "name" in c or "birth" in c}

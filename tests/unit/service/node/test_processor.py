@@ -1,0 +1,171 @@
+"""The series processor: a ready batch read from the spool, explained by the real demo model, its
+outputs written to the spool and journaled per destination, each instance marked with its outcome.
+
+Real phantoms (service.synthetic.phantoms) and pydicom test files in a real spool and journal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from service.inference.deployed import DeployedModel
+from service.models import demo_card_path
+from service.node.assembler import SeriesKey
+from service.node.config import DestinationConfig
+from service.node.metrics import STAGES, NodeMetrics
+from service.node.pipeline import ExplainPipeline
+from service.node.processor import SeriesProcessor
+from service.node.store import Journal, ReceivedInstance, Spool
+from service.synthetic.phantoms import make_phantom
+from tests.helpers import data_file
+from tests.unit.service.node.helpers import ROOT_UID, FakeClock, sample
+
+STUDY = f"{ROOT_UID}.50"
+SERIES = f"{ROOT_UID}.50.1"
+#: Each destination asks for some of the pipeline's output kinds (None: all of them).
+DESTINATIONS = (
+    DestinationConfig(name="pacs", ae_title="PACS", host="127.0.0.1", port=104, outputs=("sc",)),
+    DestinationConfig(name="research", ae_title="SLICER", host="127.0.0.1", port=105, outputs=("pm", "sr")),
+    DestinationConfig(name="archive", ae_title="ARCHIVE", host="127.0.0.1", port=106),
+)
+KINDS_PER_DESTINATION = {"pacs": ["sc"], "research": ["pm", "sr"], "archive": ["pm", "sc", "sr"]}
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Iterator[ExplainPipeline]:
+    model = DeployedModel.from_card_path(demo_card_path())
+    yield ExplainPipeline(model, ["gradcam"], ["sc", "pm", "sr"])
+    model.close()
+
+
+@pytest.fixture()
+def clock() -> FakeClock:
+    return FakeClock(1_700_000_000.0)
+
+
+@pytest.fixture()
+def processor(
+    pipeline: ExplainPipeline, spool: Spool, journal: Journal, metrics: NodeMetrics, clock: FakeClock
+) -> SeriesProcessor:
+    return SeriesProcessor(pipeline, spool, journal, DESTINATIONS, metrics, clock=clock)
+
+
+def _encode(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _receive(spool: Spool, journal: Journal, encoded: bytes, received_at: float) -> ReceivedInstance:
+    """What the receiver does with a stored instance: spool file, then journal row."""
+    ds = pydicom.dcmread(BytesIO(encoded), stop_before_pixels=True)
+    path = spool.write_instance(
+        encoded, study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID, sop_uid=ds.SOPInstanceUID
+    )
+    instance = ReceivedInstance(
+        ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, path, "MODALITY", "a", received_at
+    )
+    journal.record_received(instance)
+    return instance
+
+
+def _phantom(index: int) -> bytes:
+    label = ("nodule", "normal", "effusion")[index % 3]
+    return _encode(make_phantom(index, label, rows=128, cols=128, study_uid=STUDY, series_uid=SERIES).dataset)
+
+
+def _outputs_by_source(journal: Journal) -> dict[str, list[tuple[str, str]]]:
+    """``source SOP Instance UID -> sorted (destination, kind)`` of every outbox row."""
+    rows: dict[str, list[tuple[str, str]]] = {}
+    for entry in journal.outbox.entries(("pending", "sent", "dead")):
+        rows.setdefault(entry.source_sop_instance_uid, []).append((entry.destination, entry.kind))
+    return {source: sorted(pairs) for source, pairs in rows.items()}
+
+
+def _expected_rows() -> list[tuple[str, str]]:
+    return sorted((name, kind) for name, kinds in KINDS_PER_DESTINATION.items() for kind in kinds)
+
+
+def _recorded_stages(metrics: NodeMetrics) -> set[str]:
+    return {
+        s.labels["stage"]
+        for family in metrics.registry.collect()
+        if family.name == "pacsxai_stage_seconds"
+        for s in family.samples
+        if s.name.endswith("_count") and s.value > 0
+    }
+
+
+def test_a_ready_batch_journals_its_outputs_for_each_destination_with_the_kinds_it_asks_for(
+    processor: SeriesProcessor, spool: Spool, journal: Journal, metrics: NodeMetrics, clock: FakeClock
+) -> None:
+    instances = [_receive(spool, journal, _phantom(index), received_at=clock.now - 2.0) for index in range(2)]
+
+    assert processor.process_batch(SeriesKey(STUDY, SERIES), instances) == {"done": 2, "skipped": 0, "failed": 0}
+
+    by_source = _outputs_by_source(journal)
+    assert by_source == {instance.sop_instance_uid: _expected_rows() for instance in instances}
+    for entry in journal.outbox.entries(("pending",)):
+        output = pydicom.dcmread(entry.path)  # one file in the spool's outbox, shared by its destinations
+        assert entry.path.parent == spool.outbox_dir
+        assert output.SOPInstanceUID == entry.sop_instance_uid and output.StudyInstanceUID == STUDY
+        assert (entry.method, entry.state, entry.attempts) == ("gradcam", "pending", 0)
+    for instance in instances:
+        assert journal.instance_state(instance.sop_instance_uid) == ("done", "")
+    assert journal.pending_instances() == []
+
+    assert sample(metrics, "pacsxai_instances_processed_total", outcome="done") == 2
+    assert sample(metrics, "pacsxai_series_processed_total", outcome="done") == 1
+    assert sample(metrics, "pacsxai_explain_seconds_count", method="gradcam") == 2
+    predicted = [s for f in metrics.registry.collect() if f.name == "pacsxai_predictions" for s in f.samples]
+    assert sum(s.value for s in predicted if s.name.endswith("_total")) == 2
+    assert sample(metrics, "pacsxai_stage_seconds_sum", stage="assemble_wait") == 2.0
+    for stage in ("read", "prepare", "infer", "explain", "encode", "store"):
+        assert sample(metrics, "pacsxai_stage_seconds_count", stage=stage) == 2, stage
+    recorded = _recorded_stages(metrics)
+    assert recorded <= set(STAGES), f"stages recorded but not in metrics.STAGES: {sorted(recorded - set(STAGES))}"
+
+
+def test_an_image_outside_the_cards_applies_to_is_skipped_with_the_reason(
+    processor: SeriesProcessor, spool: Spool, journal: Journal, metrics: NodeMetrics, clock: FakeClock
+) -> None:
+    ct = _receive(spool, journal, Path(data_file("CT_small.dcm")).read_bytes(), received_at=clock.now)
+    key = SeriesKey(ct.study_instance_uid, ct.series_instance_uid)
+
+    assert processor.process_batch(key, [ct]) == {"done": 0, "skipped": 1, "failed": 0}
+
+    state, reason = journal.instance_state(ct.sop_instance_uid)
+    assert state == "skipped" and "modality CT" in reason, reason
+    assert journal.outbox.entries(("pending", "sent", "dead")) == [] and list(spool.outbox_dir.iterdir()) == []
+    assert sample(metrics, "pacsxai_instances_processed_total", outcome="skipped") == 1
+    assert sample(metrics, "pacsxai_series_processed_total", outcome="skipped") == 1
+
+
+def test_an_unreadable_spool_file_fails_with_the_reason_and_the_rest_of_the_batch_is_processed(
+    processor: SeriesProcessor, spool: Spool, journal: Journal, metrics: NodeMetrics, clock: FakeClock
+) -> None:
+    first, damaged, last = (_receive(spool, journal, _phantom(index), received_at=clock.now) for index in range(3))
+    whole = damaged.path.read_bytes()
+    damaged.path.write_bytes(whole[: len(whole) // 2])  # the disk lost the second half
+
+    tally = processor.process_batch(SeriesKey(STUDY, SERIES), [first, damaged, last])
+
+    assert tally == {"done": 2, "skipped": 0, "failed": 1}
+    state, reason = journal.instance_state(damaged.sop_instance_uid)
+    assert state == "failed" and str(damaged.path) in reason and "truncated" in reason, reason
+    assert not reason.startswith("internal error"), "a damaged file is the input's fault, not a node bug"
+    assert _outputs_by_source(journal) == {
+        first.sop_instance_uid: _expected_rows(),
+        last.sop_instance_uid: _expected_rows(),
+    }
+    assert (
+        journal.instance_state(first.sop_instance_uid) == journal.instance_state(last.sop_instance_uid) == ("done", "")
+    )
+    assert sample(metrics, "pacsxai_instances_processed_total", outcome="failed") == 1
+    assert sample(metrics, "pacsxai_series_processed_total", outcome="partial") == 1
