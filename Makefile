@@ -28,6 +28,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[test,demo,export]'
+	# Quantus (the reference for the evaluation metrics) without its dependency list: it asks for
+	# opencv-python beside the headless build scikit-image brings; what it imports is in the test extra.
+	$(BIN)/python -m pip install --quiet --no-deps quantus==0.6.0
 	touch $(STAMP)
 
 demo: $(STAMP)
