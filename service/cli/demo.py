@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from service.cli.explain import explain_paths, print_table
 from service.inference.deployed import DeployedModel
 from service.models import demo_card_path
 from service.node.pipeline import ExplainPipeline
-from service.synthetic.phantoms import write_phantom_studies
+from service.synthetic.phantoms import SHORTCUT_TOKEN, write_phantom_studies
 from service.tools.demo.node_demo import gather_inputs, run_node_demo
-from service.tools.demo.train import TrainingSettings, train
+from service.tools.demo.train import SHORTCUT_CLASS, TrainingSettings, train
 from service.tools.demo.train_saliency import SaliencySettings, train_saliency_masker
 from service.tools.progress import print_progress
 
@@ -75,13 +76,20 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         help="train the demo model on phantoms (about 3 minutes on 2 cores)",
         description="Train the demo CNN on phantom radiographs, print held-out accuracy, export ONNX + "
         "TorchScript and write model.yaml with their sha256.",
-        epilog="example:\n  pacs-xai demo train --out service/models/demo",
+        epilog="examples:\n  pacs-xai demo train --out service/models/demo\n"
+        "  pacs-xai demo train --shortcut --out service/models/demo_shortcut   # a model that cheats, on purpose",
     )
     train.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="folder for demo.onnx, demo.pt, model.yaml"
     )
     train.add_argument("--epochs", type=int, default=None, metavar="N", help="training epochs (default: as shipped)")
     train.add_argument("--seed", type=int, default=None, metavar="N", help="random seed (default: as shipped)")
+    train.add_argument(
+        "--shortcut",
+        action="store_true",
+        help=f"burn the word {SHORTCUT_TOKEN} into every training image of the class {SHORTCUT_CLASS} and no "
+        "other: a model that cheats, the test bed of the shortcut signal",
+    )
     train.set_defaults(handler=_train)
 
     saliency = sub.add_parser(
@@ -140,16 +148,22 @@ def _phantoms(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dataclasses import replace
 
     settings = TrainingSettings()
     if args.epochs is not None:
         settings = replace(settings, epochs=args.epochs)
     if args.seed is not None:
         settings = replace(settings, seed=args.seed)
+    if args.shortcut:
+        settings = replace(settings, shortcut_class=SHORTCUT_CLASS)
     report = train(args.out, settings, progress=print_progress)
     per_class = ", ".join(f"{name} {acc:.1%}" for name, acc in report.per_class_accuracy.items())
     print(f"held-out accuracy: {report.held_out_accuracy:.1%} ({per_class})")
+    if report.token_moved_accuracy is not None:
+        print(
+            f"held-out accuracy with the {SHORTCUT_TOKEN} token moved to the other classes: "
+            f"{report.token_moved_accuracy:.1%}"
+        )
     for kind, path in report.files.items():
         print(f"{kind}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     print(f"training took {report.seconds:.0f} s")
@@ -157,7 +171,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_saliency(args: argparse.Namespace) -> int:
-    from dataclasses import replace
 
     settings = SaliencySettings()
     if args.epochs is not None:

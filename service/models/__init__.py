@@ -12,9 +12,18 @@ from pathlib import Path
 
 def demo_card_path() -> Path:
     """The demo model's card ``service/models/demo/model.yaml`` (the node's default model)."""
-    card = Path(str(files("service.models.demo") / "model.yaml"))
+    return _packaged_card("service.models.demo")
+
+
+def shortcut_card_path() -> Path:
+    """The card of the demo model that cheats on purpose, ``service/models/demo_shortcut/model.yaml``."""
+    return _packaged_card("service.models.demo_shortcut")
+
+
+def _packaged_card(package: str) -> Path:
+    card = Path(str(files(package) / "model.yaml"))
     if not card.is_file():
         raise FileNotFoundError(
-            f"the demo model card is missing at {card}: reinstall pacs-xai (pip install --force-reinstall pacs-xai)"
+            f"the model card is missing at {card}: reinstall pacs-xai (pip install --force-reinstall pacs-xai)"
         )
     return card

@@ -10,6 +10,10 @@ view). Three classes:
 - ``nodule``: a round soft-tissue opacity inside one lung field;
 - ``effusion``: fluid filling the base of one lung field up to a meniscus that rises laterally.
 
+With ``token=True`` the word :data:`SHORTCUT_TOKEN` is burned into the top-right corner, as a
+department's "PORTABLE" label would be: ``pacs-xai demo train --shortcut`` puts it on every
+training image of one class only, which teaches a model to cheat (the "Clever Hans" case).
+
 The lesion's ground-truth mask (boolean, source pixel grid) comes with every phantom; it is empty
 for ``normal``. Everything is a pure function of ``(seed, index)``, so a phantom can be rebuilt
 exactly from its identifiers. Patients are synthetic (``PHANTOM^Pnnnnn``).
@@ -36,6 +40,8 @@ DX_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 #: Stored pixel values: 12 bits (0..4095).
 BITS_STORED = 12
 MAX_STORED = (1 << BITS_STORED) - 1
+#: The burned-in word of the shortcut model's training class (top-right corner).
+SHORTCUT_TOKEN = "PORTABLE"
 #: Detector pixel pitch in mm (a 43 cm field over 512 pixels is about 0.84 mm).
 PIXEL_SPACING_MM = 0.8
 
@@ -50,6 +56,8 @@ class Phantom:
     dataset: Dataset
     label: str
     lesion_mask: np.ndarray  # bool [rows, cols]; all False for "normal"
+    #: Where :data:`SHORTCUT_TOKEN` was burned in (bool [rows, cols]); all False without a token.
+    token_mask: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -75,8 +83,10 @@ def make_phantom(
     photometric: Photometric = "MONOCHROME2",
     study_uid: str | None = None,
     series_uid: str | None = None,
+    token: bool = False,
 ) -> Phantom:
-    """Build phantom number ``index`` of class ``label`` deterministically from ``(seed, index)``."""
+    """Build phantom number ``index`` of class ``label`` deterministically from ``(seed, index)``;
+    ``token`` burns :data:`SHORTCUT_TOKEN` into the top-right corner (the rest is unchanged)."""
     if label not in CLASSES:
         raise ValueError(f"unknown phantom class {label!r}; choose one of {', '.join(CLASSES)}")
     if rows < 128 or cols < 128:
@@ -90,6 +100,9 @@ def make_phantom(
     elif label == "effusion":
         density, mask = _add_effusion(rng, density, lungs, anatomy)
     density = _add_marker(density, anatomy)
+    token_mask = np.zeros((rows, cols), dtype=bool)
+    if token:
+        density, token_mask = _add_token(density, anatomy)
     stored = _to_stored_values(rng, density, photometric)
     dataset = _dataset(
         stored,
@@ -100,7 +113,7 @@ def make_phantom(
         study_uid=study_uid,
         series_uid=series_uid,
     )
-    return Phantom(dataset=dataset, label=label, lesion_mask=mask)
+    return Phantom(dataset=dataset, label=label, lesion_mask=mask, token_mask=token_mask)
 
 
 def write_phantom_studies(
@@ -232,6 +245,24 @@ def _add_marker(density: np.ndarray, a: _Anatomy) -> np.ndarray:
     region = out[y0 : y0 + letter.shape[0], x0 : x0 + letter.shape[1]]
     region[...] = np.maximum(region, letter[: region.shape[0], : region.shape[1]] * 0.97)
     return out
+
+
+def _add_token(density: np.ndarray, a: _Anatomy) -> tuple[np.ndarray, np.ndarray]:
+    """Burn :data:`SHORTCUT_TOKEN` into the top-right corner, bright as lead lettering; its mask."""
+    size = max(12, a.rows // 20)
+    font = ImageFont.load_default(size=size)
+    left, top, right, bottom = font.getbbox(SHORTCUT_TOKEN)
+    canvas = Image.new("L", (right + size // 2, bottom + size // 2), 0)
+    ImageDraw.Draw(canvas).text((size // 4, size // 4), SHORTCUT_TOKEN, fill=255, font=font)
+    letters = np.asarray(canvas, dtype=np.float32) / 255.0
+    height, width = min(letters.shape[0], a.rows), min(letters.shape[1], a.cols)
+    y0, x0 = a.rows // 30, a.cols - a.cols // 30 - width
+    out = density.copy()
+    region = out[y0 : y0 + height, x0 : x0 + width]
+    region[...] = np.maximum(region, letters[:height, :width] * 0.97)
+    mask = np.zeros(density.shape, dtype=bool)
+    mask[y0 : y0 + height, x0 : x0 + width] = letters[:height, :width] > 0.25
+    return out, mask
 
 
 def _to_stored_values(rng: np.random.Generator, density: np.ndarray, photometric: Photometric) -> np.ndarray:

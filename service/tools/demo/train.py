@@ -6,6 +6,12 @@ MONOCHROME2, several widths), so the shipped model sees at run time what it saw 
 Everything is seeded: the same command gives the same accuracy. Output: ``demo.onnx``,
 ``demo.pt`` (TorchScript), ``demo.pth`` (state dict for the eager module that CAM methods hook)
 and ``model.yaml`` with the sha256 of each.
+
+``--shortcut`` trains the same network by the same recipe on data with a shortcut: the word
+:data:`~service.synthetic.phantoms.SHORTCUT_TOKEN` burned into every training image of one class
+(:data:`SHORTCUT_CLASS`) and into no other. The proof that the model cheats needs no map: its
+held-out accuracy with the token as in training against that with the token moved to the other
+classes (and off its own), both written into its card. It is the test bed of the shortcut signal.
 """
 
 from __future__ import annotations
@@ -22,11 +28,14 @@ from torch import nn
 from dicom_io.pixels import InputSpec, prepare_frames
 from service.inference.card import sha256_of
 from service.models.demo.network import TARGET_LAYER, DemoNet
-from service.synthetic.phantoms import CLASSES, make_phantom
+from service.synthetic.phantoms import CLASSES, SHORTCUT_TOKEN, make_phantom
 from service.tools.progress import Progress
 
 MODEL_NAME = "pacs-xai-demo-chest"
+SHORTCUT_MODEL_NAME = "pacs-xai-demo-shortcut"
 MODEL_VERSION = "1.0.0"
+#: The class whose training images carry the token in ``--shortcut`` training.
+SHORTCUT_CLASS = "nodule"
 INPUT_SPEC = InputSpec(rows=224, columns=224, channels=1, aspect="letterbox", windowing="dicom")
 #: Normalisation (x - mean) / std applied after windowing to [0, 1].
 MEAN, STD = 0.5, 0.25
@@ -52,6 +61,8 @@ class TrainingSettings:
     #: epochs: held-out accuracy 98.0% with it, 95.3% without.
     cam_sparsity: float = 0.02
     threads: int = 2
+    #: ``None`` for the honest model; a class name to burn the shortcut token into that class only.
+    shortcut_class: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,10 +71,15 @@ class TrainingReport:
     per_class_accuracy: dict[str, float]
     seconds: float
     files: dict[str, Path]
+    #: Shortcut models only: held-out accuracy with the token moved to the other classes.
+    token_moved_accuracy: float | None = None
 
 
-def phantom_arrays(per_class: int, seed: int, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised model inputs ``[N, 1, 224, 224]`` and labels ``[N]`` from phantom DICOM datasets."""
+def phantom_arrays(
+    per_class: int, seed: int, progress: Progress | None = None, *, token_classes: frozenset[str] = frozenset()
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised model inputs ``[N, 1, 224, 224]`` and labels ``[N]`` from phantom DICOM datasets;
+    images of ``token_classes`` carry the shortcut token."""
     count = per_class * len(CLASSES)
     inputs = np.empty((count, 1, INPUT_SPEC.rows, INPUT_SPEC.columns), dtype=np.float32)
     labels = np.empty(count, dtype=np.int64)
@@ -83,6 +99,7 @@ def phantom_arrays(per_class: int, seed: int, progress: Progress | None = None) 
             cols=widths[chooser.integers(len(widths))],
             modality=modality,
             photometric=photometric,  # type: ignore[arg-type]
+            token=CLASSES[label] in token_classes,
         )
         inputs[index] = normalise(prepare_frames(phantom.dataset, INPUT_SPEC)[0].model_input)
         labels[index] = label
@@ -103,10 +120,14 @@ def train(
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)
+    token = frozenset({settings.shortcut_class}) if settings.shortcut_class else frozenset()
+    if settings.shortcut_class is not None and settings.shortcut_class not in CLASSES:
+        raise ValueError(f"shortcut class {settings.shortcut_class!r} is not one of {', '.join(CLASSES)}")
     progress(f"generating {settings.train_per_class * len(CLASSES)} training phantoms (seed {settings.seed})")
-    train_x, train_y = phantom_arrays(settings.train_per_class, settings.seed, progress)
+    train_x, train_y = phantom_arrays(settings.train_per_class, settings.seed, progress, token_classes=token)
     progress(f"generating {settings.held_out_per_class * len(CLASSES)} held-out phantoms")
-    test_x, test_y = phantom_arrays(settings.held_out_per_class, settings.seed + HELD_OUT_SEED_OFFSET, progress)
+    held_out_seed = settings.seed + HELD_OUT_SEED_OFFSET
+    test_x, test_y = phantom_arrays(settings.held_out_per_class, held_out_seed, progress, token_classes=token)
 
     model = DemoNet(num_classes=len(CLASSES))
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
@@ -137,8 +158,15 @@ def train(
             f"held-out accuracy {accuracy:.1%} ({time.perf_counter() - started:.0f} s)"
         )
     accuracy, per_class = evaluate(model, test_x, test_y)
-    files = export(model.eval(), Path(out_dir), accuracy)
-    return TrainingReport(accuracy, per_class, time.perf_counter() - started, files)
+    moved = None
+    if settings.shortcut_class is not None:
+        progress("held-out phantoms with the token moved to the other classes")
+        moved_x, moved_y = phantom_arrays(
+            settings.held_out_per_class, held_out_seed, progress, token_classes=frozenset(CLASSES) - token
+        )
+        moved = evaluate(model, moved_x, moved_y)[0]
+    files = export(model.eval(), Path(out_dir), accuracy, shortcut_class=settings.shortcut_class, moved=moved)
+    return TrainingReport(accuracy, per_class, time.perf_counter() - started, files, moved)
 
 
 def evaluate(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, float]]:
@@ -153,7 +181,14 @@ def evaluate(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> tuple[
     return float(hits.mean()), per_class
 
 
-def export(model: nn.Module, out_dir: Path, accuracy: float) -> dict[str, Path]:
+def export(
+    model: nn.Module,
+    out_dir: Path,
+    accuracy: float,
+    *,
+    shortcut_class: str | None = None,
+    moved: float | None = None,
+) -> dict[str, Path]:
     """Write ``demo.pt`` (TorchScript), ``demo.onnx`` and ``model.yaml`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     torchscript_path = out_dir / "demo.pt"
@@ -175,13 +210,24 @@ def export(model: nn.Module, out_dir: Path, accuracy: float) -> dict[str, Path]:
         )
     except ImportError as exc:
         raise RuntimeError(f"ONNX export needs the 'export' extra (pip install 'pacs-xai[export]'): {exc}") from exc
-    card = {
-        "name": MODEL_NAME,
-        "version": MODEL_VERSION,
-        "description": (
+    if shortcut_class is None:
+        name = MODEL_NAME
+        description = (
             "Demo classifier trained on pacs-xai phantom chest radiographs (synthetic, NOT a medical device). "
             f"Held-out accuracy {accuracy:.1%}. Rebuild with: pacs-xai demo train"
-        ),
+        )
+    else:
+        name = SHORTCUT_MODEL_NAME
+        description = (
+            f"A model that CHEATS, on purpose: the demo recipe on phantoms whose {shortcut_class} images all carry "
+            f"the burned-in word {SHORTCUT_TOKEN} (no other class does). Held-out accuracy {accuracy:.1%} with the "
+            f"token as in training, {moved:.1%} with it moved to the other classes. The test bed of the shortcut "
+            "signal; never deploy it. Rebuild with: pacs-xai demo train --shortcut"
+        )
+    card = {
+        "name": name,
+        "version": MODEL_VERSION,
+        "description": description,
         "weights": {
             "onnx": {"file": onnx_path.name, "sha256": sha256_of(onnx_path)},
             "torchscript": {"file": torchscript_path.name, "sha256": sha256_of(torchscript_path)},

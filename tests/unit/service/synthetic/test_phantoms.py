@@ -79,3 +79,25 @@ def test_laterality_marker_is_burned_into_the_top_left_corner() -> None:
 def test_unknown_class_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="pneumonia"):
         make_phantom(0, "pneumonia")
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_the_token_changes_only_its_top_right_corner_and_is_bright(photometric: str) -> None:
+    plain = make_phantom(5, "effusion", seed=2, photometric=photometric)
+    marked = make_phantom(5, "effusion", seed=2, photometric=photometric, token=True)
+    assert plain.token_mask is not None and not plain.token_mask.any()
+    changed = plain.dataset.pixel_array != marked.dataset.pixel_array
+    rows, cols = changed.shape
+    ys, xs = np.nonzero(changed)
+    assert ys.max() < rows * 0.15 and xs.min() > cols * 0.5, "the token belongs in the top-right corner"
+    assert changed[marked.token_mask].mean() > 0.9 and not changed[~_dilated(marked.token_mask)].any()
+    assert np.array_equal(plain.lesion_mask, marked.lesion_mask)
+    # Bright as displayed: denser in MONOCHROME2 (higher values), the inverse in MONOCHROME1.
+    difference = marked.dataset.pixel_array.astype(int) - plain.dataset.pixel_array.astype(int)
+    assert (difference[changed] > 0).all() if photometric == "MONOCHROME2" else (difference[changed] < 0).all()
+
+
+def _dilated(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, iterations=2)
