@@ -69,14 +69,32 @@ def check_batch_and_targets(batch: torch.Tensor, targets: Sequence[int]) -> tupl
     return batch, target_tensor
 
 
+class TargetOutOfRange(ExplainerError):
+    """A target is not one of the model's classes; ``targets`` and ``classes`` are what was found.
+
+    Methods that run the model on inputs derived from the batch (integration steps, noisy copies)
+    catch it and raise it again with the caller's own targets.
+    """
+
+    def __init__(self, targets: Sequence[int], classes: int) -> None:
+        super().__init__(f"targets {list(targets)} out of range for a model with {classes} classes")
+        self.targets = list(targets)
+        self.classes = classes
+
+
+def check_target_range(targets: torch.Tensor, classes: int) -> None:
+    """Every target is a class index below ``classes``; else :class:`TargetOutOfRange` naming all targets."""
+    if targets.numel() and int(targets.max()) >= classes:
+        raise TargetOutOfRange(targets.tolist(), classes)
+
+
 def check_logits(logits: torch.Tensor, targets: torch.Tensor) -> None:
     """Check that ``logits`` is ``[B, K]`` for the ``B`` targets and every target is below ``K``."""
     if logits.ndim != 2 or logits.shape[0] != targets.numel():
         raise ExplainerError(
             f"model must return logits [B, K] with B = {targets.numel()}, got shape {tuple(logits.shape)}"
         )
-    if targets.numel() and int(targets.max()) >= logits.shape[1]:
-        raise ExplainerError(f"targets {targets.tolist()} out of range for a model with {logits.shape[1]} classes")
+    check_target_range(targets, logits.shape[1])
 
 
 def torch_module_of(model: ModelLike, method: str) -> torch.nn.Module:

@@ -19,7 +19,6 @@ from service.explain.base import (
     Explainer,
     ExplainerError,
     ModelLike,
-    check_logits,
     chunk_size_for,
     forward_function,
     torch_module_of,
@@ -32,7 +31,7 @@ from service.explain.hooks import (
     resolve_module,
     this_thread_only,
 )
-from service.explain.methods.perturbation import SCORES, chunked_scores, target_scores
+from service.explain.scores import SCORES, forward_scores, target_scores
 from service.explain.settings import boolean, choice, finite_float, optional_positive_int
 
 
@@ -114,8 +113,7 @@ class _CamExplainer(Explainer):
         """One forward (and backward when needed): the layer's activations and their gradients."""
         start = (call_index or 0) if self.uses_layer_gradients else None
         with LayerRecorder(layer, differentiate_from=start) as recorder:
-            logits = module(inputs)
-            check_logits(logits, targets)
+            scores = target_scores(module(inputs), targets)
             call = recorder.only_call() if call_index is None else recorder.calls[call_index]
             if call.activation.ndim != 4:
                 raise ExplainerError(
@@ -123,7 +121,7 @@ class _CamExplainer(Explainer):
                     f"gives shape {tuple(call.activation.shape)}"
                 )
             if self.uses_layer_gradients:
-                recorder.backprop(logits.gather(1, targets[:, None]).sum())
+                recorder.backprop(scores.sum())
         return call.activation, call.gradient
 
 
@@ -396,7 +394,7 @@ class ScoreCAM(_CamExplainer):
             low = masks.amin(dim=(1, 2, 3), keepdim=True)
             span = masks.amax(dim=(1, 2, 3), keepdim=True) - low
             masks = torch.where(span > 0, (masks - low) / span.clamp_min(torch.finfo(masks.dtype).tiny), 0.0)
-            scores[start : start + len(index)] = target_scores(
+            scores[start : start + len(index)] = forward_scores(
                 forward, masks * batch[image] + (1 - masks) * self.baseline, targets[image], self.score
             )
         scores = scores.view(n_images, n_channels)
@@ -404,7 +402,7 @@ class ScoreCAM(_CamExplainer):
             return torch.softmax(scores, dim=1).to(activations.dtype)
         if self.subtract_baseline:
             baseline = torch.full_like(batch, self.baseline)
-            scores = scores - chunked_scores(forward, baseline, targets, self.score, chunk)[:, None]
+            scores = scores - forward_scores(forward, baseline, targets, self.score, chunk)[:, None]
         return scores.to(activations.dtype)
 
 

@@ -34,13 +34,16 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from service.explain.base import ExplainerError, ModelLike, check_logits, torch_module_of
+from service.explain.base import ExplainerError, ModelLike, torch_module_of
 from service.explain.hooks import eval_mode, module_device
 from service.explain.methods.perturbation import gaussian_blur
+from service.explain.scores import LOG_PROBABILITY, LOGIT, target_scores
 from service.explain.settings import choice, finite_float, positive_float, positive_int, seed_value
 
 #: What is maximised: the target's logit (Simonyan et al.) or its log-softmax probability.
 OBJECTIVES = ("logit", "log_softmax")
+#: The score (:mod:`service.explain.scores`) each objective reads.
+OBJECTIVE_SCORES = {"logit": LOGIT, "log_softmax": LOG_PROBABILITY}
 
 #: ``progress(step, score)``: the 1-based step and the target's score (the objective's class term,
 #: on that step's jittered image, before the step).
@@ -199,11 +202,7 @@ class ClassModelVisualisation:
         for step in range(1, self.iterations + 1):
             shift = torch.randint(-self.jitter, self.jitter + 1, (2,), generator=generator).tolist()
             logits = module(torch.roll(image, shifts=shift, dims=(2, 3)) if self.jitter else image)
-            if step == 1:
-                check_logits(logits, target_tensor)
-            if self.objective == "log_softmax":
-                logits = torch.log_softmax(logits.to(torch.float32), dim=1)
-            score = logits[0, target]
+            score = target_scores(logits, target_tensor, OBJECTIVE_SCORES[self.objective])[0]
             objective = score - self.l2_weight * image.pow(2).mean()
             (gradient,) = torch.autograd.grad(objective, image)
             image.grad = -gradient  # Adam minimises

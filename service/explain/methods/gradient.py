@@ -27,15 +27,13 @@ from service.explain.base import (
     Explainer,
     ExplainerError,
     ModelLike,
+    TargetOutOfRange,
     check_batch_and_targets,
-    check_logits,
     torch_module_of,
 )
 from service.explain.hooks import eval_mode, module_device
+from service.explain.scores import LOGIT, forward_scores, target_scores
 from service.explain.settings import boolean, choice, finite_float, positive_int
-
-# --- settings checks (shared with service.explain.methods.propagation) ----------------------------------
-
 
 # --- the shared base ------------------------------------------------------------------------------
 
@@ -54,9 +52,7 @@ def target_gradient(module: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     logits holds each sample's own gradient.
     """
     leaf = inputs.detach().requires_grad_(True)
-    logits = module(leaf)
-    check_target_range(logits, targets)
-    score = logits.gather(1, targets[:, None]).sum()
+    score = target_scores(module(leaf), targets).sum()
     if not score.requires_grad:
         raise ExplainerError(
             f"the logits of {type(module).__name__} do not depend on its input through autograd "
@@ -66,31 +62,11 @@ def target_gradient(module: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     return torch.zeros_like(leaf) if gradient is None else gradient
 
 
-class TargetOutOfRange(ExplainerError):
-    """A target is not a class of the model; :class:`InputAttribution` names all targets."""
-
-    def __init__(self, classes: int) -> None:
-        super().__init__(f"targets out of range for a model with {classes} classes")
-        self.classes = classes
-
-
-def check_target_range(logits: torch.Tensor, targets: torch.Tensor) -> None:
-    """:func:`check_logits` for inputs that are derived from the batch (steps, noisy copies): an
-    out-of-range target raises :class:`TargetOutOfRange`, reworded with the caller's targets."""
-    if logits.ndim == 2 and targets.numel() and int(targets.max()) >= logits.shape[1]:
-        raise TargetOutOfRange(logits.shape[1])
-    check_logits(logits, targets)
-
-
-def target_scores(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Each input's target logit ``[N]`` (float64), no gradients, ``chunk`` inputs per pass."""
-    scores = []
+def target_logits(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Each input's target logit ``[N]`` (float64), no gradients, ``chunk`` inputs per pass: what
+    the attributions of a method with a completeness axiom add up to."""
     with torch.no_grad():
-        for part, part_targets in zip(inputs.split(chunk), targets.split(chunk)):
-            logits = module(part)
-            check_target_range(logits, part_targets)
-            scores.append(logits.gather(1, part_targets[:, None])[:, 0].double())
-    return torch.cat(scores)
+        return forward_scores(module, inputs, targets, LOGIT, chunk).double()
 
 
 class InputAttribution(Explainer):
@@ -99,7 +75,9 @@ class InputAttribution(Explainer):
     ``_attribute`` is the method proper (on the model's device, eval mode, gradients on, a long
     ``targets`` tensor); ``_reduce_channels`` turns its result into the ``[B, H, W]`` map.
     :class:`SmoothGrad` wraps any subclass through these two methods. Subclasses that satisfy a
-    completeness axiom also implement ``_reference`` and get :meth:`explain_with_delta`.
+    completeness axiom also implement ``_reference`` and get :meth:`explain_with_delta`. The model
+    runs on inputs derived from the batch (steps, noisy copies), so an out-of-range target found
+    there is reported again with the caller's targets.
     """
 
     needs_gradients: ClassVar[bool] = True
@@ -138,9 +116,7 @@ class InputAttribution(Explainer):
             try:
                 attributions = self._attribute(module, inputs, targets)
             except TargetOutOfRange as exc:
-                raise ExplainerError(
-                    f"targets {targets.tolist()} out of range for a model with {exc.classes} classes"
-                ) from None
+                raise TargetOutOfRange(targets.tolist(), exc.classes) from None
             delta = None
             if with_delta:
                 reference = self._reference(module, inputs, targets)
@@ -279,7 +255,7 @@ class IntegratedGradients(InputAttribution):
 
     def _reference(self, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         both = torch.cat([inputs, torch.full_like(inputs, self.baseline)])
-        scores = target_scores(module, both, targets.repeat(2), self.internal_batch_size)
+        scores = target_logits(module, both, targets.repeat(2), self.internal_batch_size)
         return scores[: inputs.shape[0]] - scores[inputs.shape[0] :]
 
 
@@ -458,8 +434,7 @@ class _ModifiedReLUExplainer(InputAttribution):
         leaf = inputs.detach().requires_grad_(True)
         with ModifiedReLUMode(self.guided):
             logits = module(leaf)
-        check_target_range(logits, targets)
-        score = logits.gather(1, targets[:, None]).sum()
+        score = target_scores(logits, targets).sum()
         if not score.requires_grad:
             raise ExplainerError(f"the logits of {type(module).__name__} do not depend on its input through autograd")
         (gradient,) = torch.autograd.grad(score, leaf, allow_unused=True)

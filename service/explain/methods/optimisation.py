@@ -36,7 +36,8 @@ from service.explain.base import (
 )
 from service.explain.hooks import module_device
 from service.explain.methods.gradient import gradient_context
-from service.explain.methods.perturbation import PERTURBATIONS, SCORES, replacement_images
+from service.explain.methods.perturbation import PERTURBATIONS, replacement_images
+from service.explain.scores import SCORES, target_scores
 from service.explain.settings import choice, finite_float, positive_float, positive_int, seed_value
 
 #: Inverse temperature of the smooth max that pools the extremal mask's grid points (TorchRay's value).
@@ -107,12 +108,9 @@ def shift_images(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[..., pad - dy : pad - dy + height, pad - dx : pad - dx + width]
 
 
-def scores_of(logits: torch.Tensor, targets: torch.Tensor, score: str) -> torch.Tensor:
-    """Each row's score at its target, ``[N]``: the logit, or the softmax probability."""
-    check_logits(logits, targets)
-    if score == "probability":
-        logits = torch.softmax(logits, dim=1)
-    scores = logits.gather(1, targets[:, None])[:, 0]
+def differentiable_scores(logits: torch.Tensor, targets: torch.Tensor, score: str) -> torch.Tensor:
+    """Each row's :func:`~service.explain.scores.target_scores` ``[N]``; an error when they carry no gradient."""
+    scores = target_scores(logits, targets, score)
     if not scores.requires_grad:
         raise ExplainerError(
             "the logits of the model do not depend on its input through autograd "
@@ -277,7 +275,7 @@ class MeaningfulPerturbation(_MaskOptimisation):
             for dy, dx in shifts:
                 kept = self._upsample(mask, height, width)
                 perturbed = shift_images(replacement + kept * difference, dy, dx)
-                scores = scores_of(module(perturbed), targets, self.score)
+                scores = differentiable_scores(module(perturbed), targets, self.score)
                 loss = self.area_weight * (1 - mask).pow(self.area_exponent).mean(dim=(1, 2, 3))
                 loss = loss + self.tv_weight * self._total_variation(mask) + scores
                 optimiser.minimise(loss.sum())
@@ -478,7 +476,7 @@ class ExtremalPerturbation(_MaskOptimisation):
                 perturbed = shift_images(perturbed.reshape(-1, channels, height, width), dy, dx)
                 logits = module(perturbed)
                 check_logits(logits[::n_areas], targets)  # errors name the caller's targets, once each
-                scores = scores_of(logits, mask_targets, self.score)
+                scores = differentiable_scores(logits, mask_targets, self.score)
                 ranked = ranked_values(masks.flatten(2), tie_breaker)
                 regulariser = ((ranked - reference) ** 2).mean(dim=2)
                 optimiser.minimise((weight * regulariser).sum() - scores.sum())

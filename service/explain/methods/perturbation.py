@@ -22,11 +22,11 @@ from service.explain.base import (
     ForwardFn,
     ModelLike,
     check_batch_and_targets,
-    check_logits,
     chunk_size_for,
     forward_function,
 )
 from service.explain.hooks import eval_mode, module_device
+from service.explain.scores import SCORES, check_targets_on_first_image, forward_scores
 from service.explain.settings import (
     boolean,
     choice,
@@ -37,22 +37,11 @@ from service.explain.settings import (
     seed_value,
 )
 
-#: What a perturbation method reads off the model output for the target class.
-SCORES = ("logit", "probability")
 #: What a perturbed region becomes: a constant (``baseline``) or the Gaussian-blurred image.
 PERTURBATIONS = ("baseline", "blur")
 
 
 # --- forward passes -------------------------------------------------------------------------------
-
-
-def target_scores(forward: ForwardFn, inputs: torch.Tensor, targets: torch.Tensor, score: str) -> torch.Tensor:
-    """Each input's score at its own target, ``[N]``: the logit, or the softmax probability."""
-    logits = forward(inputs)
-    check_logits(logits, targets)
-    if score == "probability":
-        logits = torch.softmax(logits.to(torch.float32), dim=1)
-    return logits.gather(1, targets[:, None])[:, 0]
 
 
 @contextmanager
@@ -65,32 +54,6 @@ def forward_context(model: ModelLike, batch: torch.Tensor) -> Iterator[tuple[For
     forward = forward_function(model)
     with eval_mode(model) if isinstance(model, nn.Module) else nullcontext():
         yield forward, device if device is not None else batch.device
-
-
-def check_target_range(forward: ForwardFn, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-    """One forward pass of the first image: every target must be a class of the model.
-
-    Perturbation loops mix images in chunks; checking up front reports the batch's own targets.
-    """
-    logits = forward(inputs[:1])
-    if logits.ndim == 2 and logits.shape[0] == 1:
-        logits = logits.expand(len(targets), -1)
-    check_logits(logits, targets if logits.shape[0] == len(targets) else targets[:1])
-
-
-def chunked_scores(
-    forward: ForwardFn,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    score: str,
-    chunk_size: int,
-) -> torch.Tensor:
-    """:func:`target_scores` of ``inputs`` sent ``chunk_size`` at a time (targets checked all at once)."""
-    logits = torch.cat([forward(part) for part in inputs.split(chunk_size)])
-    check_logits(logits, targets)
-    if score == "probability":
-        logits = torch.softmax(logits.to(torch.float32), dim=1)
-    return logits.gather(1, targets[:, None])[:, 0]
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -240,7 +203,7 @@ class RISE(Explainer):
             targets = targets.to(device)
             replacement = replacement_images(inputs, self.perturbation, self.baseline, self.blur_sigma)
             difference = inputs - replacement
-            check_target_range(forward, inputs, targets)
+            check_targets_on_first_image(forward, inputs, targets)
             # float64 sums: thousands of terms, and centring subtracts two nearly equal sums
             saliency = torch.zeros(n_images, height, width, dtype=torch.float64, device=device)
             coverage = torch.zeros(height, width, dtype=torch.float64, device=device)  # sum_i M_i
@@ -258,7 +221,7 @@ class RISE(Explainer):
                     perturbed = torch.mul(kept, difference[image]).add_(self.baseline)
                 else:
                     perturbed = torch.addcmul(replacement[image], kept, difference[image])
-                scores = target_scores(forward, perturbed, targets[image], self.score).to(torch.float64)
+                scores = forward_scores(forward, perturbed, targets[image], self.score).to(torch.float64)
                 # scores as a [B, masks of the chunk] matrix (0 where a pair is in another chunk)
                 weights = torch.zeros(n_images, last - first, dtype=torch.float64, device=device)
                 weights[image, mask_index - first] = scores
@@ -355,7 +318,7 @@ class HiPe(Explainer):
             inputs = batch.detach().to(device)
             targets = targets.to(device)
             replacement = replacement_images(inputs, self.perturbation, self.baseline, self.blur_sigma)
-            clean = chunked_scores(forward, inputs, targets, self.score, chunk)
+            clean = forward_scores(forward, inputs, targets, self.score, chunk)
             saliency = torch.zeros(n_images, height, width, dtype=clean.dtype, device=device)
             passes = torch.ones(n_images, dtype=torch.long, device=device)
             for cells in levels:
@@ -368,7 +331,7 @@ class HiPe(Explainer):
                     b, i, j = image[part], row[part], col[part]
                     window = (rows[i][:, :, None] & cols[j][:, None, :])[:, None]
                     perturbed = torch.where(window, replacement[b], inputs[b])
-                    drop = clean[b] - target_scores(forward, perturbed, targets[b], self.score)
+                    drop = clean[b] - forward_scores(forward, perturbed, targets[b], self.score)
                     drops[b, i, j] = drop.clamp_min(0) if self.relu else drop
                 saliency += torch.einsum("bij,ih,jw->bhw", drops, rows.to(drops.dtype), cols.to(drops.dtype))
                 passes += selected.sum(dim=(1, 2))

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.explain.base import ExplainerError, check_logits
-from service.explain.methods.gradient import InputAttribution, target_scores
+from service.explain.methods.gradient import InputAttribution, target_logits
 from service.explain.settings import choice, finite_float
 
 # --- operation kinds ------------------------------------------------------------------------------
@@ -560,7 +560,7 @@ class DeepLift(_PropagationExplainer):
 
     def _reference(self, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         both = torch.cat([inputs, torch.full_like(inputs, self.baseline)])
-        scores = target_scores(module, both, targets.repeat(2), max(1, inputs.shape[0]))
+        scores = target_logits(module, both, targets.repeat(2), max(1, inputs.shape[0]))
         return scores[: inputs.shape[0]] - scores[inputs.shape[0] :]
 
 
@@ -682,7 +682,7 @@ class LRP(_PropagationExplainer):
         return relevance.get(graph.input, torch.zeros_like(inputs))
 
     def _reference(self, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return target_scores(module, inputs, targets, max(1, inputs.shape[0]))
+        return target_logits(module, inputs, targets, max(1, inputs.shape[0]))
 
     @staticmethod
     def _batchnorm_folds(graph: TracedGraph) -> dict[fx.Node, fx.Node]:

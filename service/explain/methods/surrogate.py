@@ -35,12 +35,8 @@ import torch
 from skimage.segmentation import slic
 
 from service.explain.base import Explainer, ExplainerError, ModelLike, check_batch_and_targets, chunk_size_for
-from service.explain.methods.perturbation import (
-    SCORES,
-    check_target_range,
-    forward_context,
-    target_scores,
-)
+from service.explain.methods.perturbation import forward_context
+from service.explain.scores import SCORES, check_targets_on_first_image, forward_scores
 from service.explain.settings import (
     choice,
     finite_float,
@@ -167,7 +163,7 @@ class _Surrogate(Explainer):
         with forward_context(model, batch) as (forward, device):
             inputs = batch.detach().to(device)
             targets = targets.to(device)
-            check_target_range(forward, inputs, targets)
+            check_targets_on_first_image(forward, inputs, targets)
             kept = kept.to(device)
             pixel_feature = torch.stack(features).to(device)
             image = torch.repeat_interleave(torch.arange(n_images, device=device), torch.tensor(rows, device=device))
@@ -177,7 +173,7 @@ class _Surrogate(Explainer):
                 b = image[part]
                 keep = torch.gather(kept[b, row[part]], 1, pixel_feature[b]).view(len(part), 1, height, width)
                 perturbed = torch.where(keep, inputs[b], self.baseline)
-                scores[part] = target_scores(forward, perturbed, targets[b], self.score).to(torch.float64)
+                scores[part] = forward_scores(forward, perturbed, targets[b], self.score).to(torch.float64)
         maps = []
         offsets = [0, *np.cumsum(rows).tolist()]
         for index, (z, weights) in enumerate(drawn):

@@ -42,6 +42,7 @@ from torch import nn
 from dicom_io.pixels import PreparedFrame, prepare_frames
 from service.explain.methods.perturbation import gaussian_blur
 from service.explain.methods.realtime import MASKER_FILE, SaliencyMasker, save_masker
+from service.explain.scores import LOG_PROBABILITY, PROBABILITY, target_scores
 from service.inference.card import ModelCard
 from service.models import demo_card_path
 from service.models.demo.network import DemoNet
@@ -213,8 +214,8 @@ def saliency_loss(
     preserve = destroy = torch.zeros(())
     if len(real):
         m, x, a, c = masks[real], images[real], alternative[real], targets[real]
-        log_p = torch.log_softmax(classifier(torch.cat([m * x + (1 - m) * a, (1 - m) * x + m * a])), dim=1)
-        log_p = log_p.gather(1, torch.cat([c, c])[:, None])[:, 0]
+        logits = classifier(torch.cat([m * x + (1 - m) * a, (1 - m) * x + m * a]))
+        log_p = target_scores(logits, torch.cat([c, c]), LOG_PROBABILITY)
         preserve = -log_p[: len(real)]
         destroy = settings.destroy_weight * torch.exp(settings.destroy_power * log_p[len(real) :])
         per_sample = per_sample.index_add(0, real, preserve + destroy)
@@ -354,7 +355,7 @@ def evaluate_masker(
         random = random_regions(m.shape, DELETION_FRACTION, torch.Generator().manual_seed(0))
         batches = [x, m * filled + (1 - m) * x, m * x + (1 - m) * filled]
         batches += [torch.where(top, filled, x), torch.where(random, filled, x)]
-        probabilities = [torch.softmax(classifier(b), 1).gather(1, c[:, None])[:, 0].mean() for b in batches]
+        probabilities = [target_scores(classifier(b), c, PROBABILITY).mean() for b in batches]
     figures = {}
     for name in ("nodule", "effusion"):
         hits = []
