@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from service.explain.base import ExplainerError, ForwardFn, check_logits
+from service.explain.base import ForwardFn, check_logits
+from service.explain.settings import choice
 
 LOGIT = "logit"
 PROBABILITY = "probability"
@@ -36,15 +37,12 @@ def target_scores(logits: torch.Tensor, targets: torch.Tensor, score: str = LOGI
     ``logits`` is ``[N, K]`` and ``targets`` a long tensor ``[N]``; both are checked first.
     """
     check_logits(logits, targets)
-    if score == LOGIT:
-        values = logits
-    elif score == PROBABILITY:
-        values = torch.softmax(_at_least_float32(logits), dim=1)
+    choice("score", score, SCORE_KINDS)
+    if score == PROBABILITY:
+        logits = torch.softmax(_at_least_float32(logits), dim=1)
     elif score == LOG_PROBABILITY:
-        values = torch.log_softmax(_at_least_float32(logits), dim=1)
-    else:
-        raise ExplainerError(f"score must be one of {', '.join(repr(s) for s in SCORE_KINDS)}, got {score!r}")
-    return values.gather(1, targets[:, None])[:, 0]
+        logits = torch.log_softmax(_at_least_float32(logits), dim=1)
+    return logits.gather(1, targets[:, None])[:, 0]
 
 
 def forward_scores(

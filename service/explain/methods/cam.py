@@ -32,7 +32,7 @@ from service.explain.hooks import (
     this_thread_only,
 )
 from service.explain.scores import SCORES, forward_scores, target_scores
-from service.explain.settings import boolean, choice, finite_float, optional_positive_int
+from service.explain.settings import boolean, choice, finite_float, optional_layer_name, optional_positive_int
 
 
 @dataclass(frozen=True)
@@ -66,12 +66,8 @@ class _CamExplainer(Explainer):
     uses_layer_gradients: ClassVar[bool] = True
 
     def __init__(self, target_layer: str | None = None, relu: bool = True) -> None:
-        if target_layer is not None and (not isinstance(target_layer, str) or not target_layer):
-            raise ExplainerError(f"target_layer must be a non-empty layer name or None, got {target_layer!r}")
-        if not isinstance(relu, bool):
-            raise ExplainerError(f"relu must be True or False, got {relu!r}")
-        self.target_layer = target_layer
-        self.relu = relu
+        self.target_layer = optional_layer_name("target_layer", target_layer)
+        self.relu = boolean("relu", relu)
 
     @abstractmethod
     def _channel_weights(self, inputs: CamInputs) -> torch.Tensor:
@@ -164,9 +160,7 @@ class CAM(_CamExplainer):
 
     def __init__(self, target_layer: str | None = None, relu: bool = True, classifier: str | None = None) -> None:
         super().__init__(target_layer=target_layer, relu=relu)
-        if classifier is not None and (not isinstance(classifier, str) or not classifier):
-            raise ExplainerError(f"classifier must be a non-empty layer name or None, got {classifier!r}")
-        self.classifier = classifier
+        self.classifier = optional_layer_name("classifier", classifier)
 
     def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         _require_torch_module(self.name, model)

@@ -11,7 +11,6 @@ in eval mode (each submodule's own ``training`` flag restored afterwards).
 
 from __future__ import annotations
 
-import numbers
 from abc import abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -33,7 +32,7 @@ from service.explain.base import (
 )
 from service.explain.hooks import eval_mode, module_device
 from service.explain.scores import LOGIT, forward_scores, target_scores
-from service.explain.settings import boolean, choice, finite_float, positive_int
+from service.explain.settings import boolean, choice, finite_float, positive_int, seed_value
 
 # --- the shared base ------------------------------------------------------------------------------
 
@@ -320,9 +319,7 @@ class SmoothGrad(InputAttribution):
         self.samples = positive_int("samples", samples)
         self.noise_level = finite_float("noise_level", noise_level, minimum=0.0)
         self.variant = choice("variant", variant, SMOOTHGRAD_VARIANTS)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise ExplainerError(f"seed must be an integer >= 0, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = seed_value(seed)
         self.internal_batch_size = positive_int("internal_batch_size", internal_batch_size)
 
     def _check_module(self, module: nn.Module) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from contextlib import nullcontext
 from typing import ClassVar
 
@@ -20,7 +18,7 @@ from service.explain.base import (
 )
 from service.explain.hooks import eval_mode, module_device
 from service.explain.scores import LOGIT, forward_scores
-from service.explain.settings import optional_positive_int, positive_int
+from service.explain.settings import finite_float, optional_positive_int, positive_int
 
 
 def window_masks(size: int, window: int, stride: int, device: torch.device) -> torch.Tensor:
@@ -58,9 +56,7 @@ class Occlusion(Explainer):
                 f"stride ({self.stride}) must not exceed window ({self.window}): pixels between windows "
                 "would get no attribution"
             )
-        if isinstance(baseline, bool) or not isinstance(baseline, numbers.Real) or not math.isfinite(baseline):
-            raise ExplainerError(f"baseline must be a finite number, got {baseline!r}")
-        self.baseline = float(baseline)
+        self.baseline = finite_float("baseline", baseline)
 
     def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         height, width = batch.shape[-2:]

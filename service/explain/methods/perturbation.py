@@ -31,6 +31,7 @@ from service.explain.settings import (
     boolean,
     choice,
     finite_float,
+    float_in,
     optional_positive_int,
     positive_float,
     positive_int,
@@ -139,9 +140,7 @@ class RISE(Explainer):
     ) -> None:
         self.n_masks = positive_int("masks", masks)
         self.cell_size = positive_int("cell_size", cell_size)
-        self.probability = finite_float("probability", probability)
-        if not 0 < self.probability <= 1:
-            raise ExplainerError(f"probability must be in (0, 1], got {probability!r}")
+        self.probability = float_in("probability", probability, 0.0, 1.0, include_low=False)
         self.seed = seed_value(seed)
         self.chunk_size = optional_positive_int("chunk_size", chunk_size)
         self.baseline = finite_float("baseline", baseline)

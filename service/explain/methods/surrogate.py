@@ -47,13 +47,6 @@ from service.explain.settings import (
 )
 
 
-def _non_negative_float(name: str, value: object) -> float:
-    number = finite_float(name, value)
-    if number < 0:
-        raise ExplainerError(f"{name} must be >= 0, got {value!r}")
-    return number
-
-
 class _Surrogate(Explainer):
     """Shared machinery: superpixels, perturbed forward passes, painting back."""
 
@@ -74,7 +67,7 @@ class _Surrogate(Explainer):
         self.seed = seed_value(seed)
         self.n_segments = positive_int("n_segments", n_segments)
         self.compactness = positive_float("compactness", compactness)
-        self.smoothing = _non_negative_float("smoothing", smoothing)
+        self.smoothing = finite_float("smoothing", smoothing, minimum=0.0)
         self.baseline = finite_float("baseline", baseline)
         self.score = choice("score", score, SCORES)
         self.chunk_size = optional_positive_int("chunk_size", chunk_size)
@@ -240,7 +233,7 @@ class Lime(_Surrogate):
     ) -> None:
         super().__init__(samples, seed, n_segments, compactness, smoothing, baseline, score, chunk_size)
         self.kernel_width = positive_float("kernel_width", kernel_width)
-        self.alpha = _non_negative_float("alpha", alpha)
+        self.alpha = finite_float("alpha", alpha, minimum=0.0)
 
     def coalitions(self, n_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed)
