@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import ClassVar
 
 import numpy as np
@@ -39,6 +41,12 @@ class Explainer(ABC):
     name: ClassVar[str]
     #: True when the method back-propagates (needs a torch module, not only a runner).
     needs_gradients: ClassVar[bool]
+    #: Wrapper methods: constructor setting that takes another explainer instance -> what it accepts
+    #: (see :class:`WrappedExplainer`; the registry builds the instance from a configuration).
+    wraps: ClassVar[Mapping[str, WrappedExplainer]] = MappingProxyType({})
+    #: Constructor setting that takes a file trained against the model -> the model card's
+    #: ``auxiliary`` entry that provides it (filled in by the node's pipeline when not set).
+    card_files: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     def explain(self, model: ModelLike, batch: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
         """Signed attribution maps ``[B, H, W]`` (float32) for ``targets`` on ``batch``."""
@@ -49,6 +57,24 @@ class Explainer(ABC):
     @abstractmethod
     def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Method-specific work on a checked batch; ``targets`` is a long tensor ``[B]``."""
+
+
+@dataclass(frozen=True)
+class WrappedExplainer:
+    """A constructor setting of a wrapper method that takes another explainer *instance*, as
+    Captum's ``NoiseTunnel`` takes an attribution method (e.g. SmoothGrad's ``base``).
+
+    A configuration cannot hold an instance, so it names the method instead: ``<setting>`` is its
+    registry name (``default`` when left out) and ``<setting>_params`` its own settings;
+    :func:`service.explain.registry.get_explainer` builds the instance.
+    """
+
+    #: Registry name of the method wrapped when the configuration names none.
+    default: str
+    #: The explainers that can be wrapped: instances of this class that are no wrappers themselves.
+    accepts: type[Explainer]
+    #: What ``accepts`` means, for error messages: "a method that attributes to the input pixels".
+    description: str
 
 
 def check_batch_and_targets(batch: torch.Tensor, targets: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,7 @@ from service.explain.hooks import (
     resolve_module,
     this_thread_only,
 )
+from service.explain.methods.gradient import GuidedBackprop
 from service.explain.scores import SCORES, forward_scores, target_scores
 from service.explain.settings import boolean, choice, finite_float, optional_layer_name, optional_positive_int
 
@@ -404,7 +405,7 @@ class GuidedGradCAM(GradCAM):
     """Guided Grad-CAM (Selvaraju et al., 2017): guided backpropagation times Grad-CAM.
 
     The Grad-CAM map of this class (ReLU'd unless ``relu=False``, bilinearly upsampled) multiplies,
-    pixel by pixel, the guided-backpropagation map of :class:`service.explain.methods.gradient.GuidedBackprop`
+    pixel by pixel, the map of its :class:`~service.explain.methods.gradient.GuidedBackprop` part
     (channels summed). As the Grad-CAM factor is the same for every input channel, this equals
     Captum's ``GuidedGradCam`` (per-channel product) with its channels summed, at
     ``interpolate_mode="bilinear"``. Two backward passes; a torch module is needed.
@@ -412,10 +413,11 @@ class GuidedGradCAM(GradCAM):
 
     name: ClassVar[str] = "guided_gradcam"
 
-    def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # Imported here: the gradient family imports nothing from the CAM family, and need not.
-        from service.explain.methods.gradient import GuidedBackprop
+    def __init__(self, target_layer: str | None = None, relu: bool = True) -> None:
+        super().__init__(target_layer=target_layer, relu=relu)
+        self.guided_backprop = GuidedBackprop()
 
+    def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         cam = super()._explain(model, batch, targets)
-        guided = GuidedBackprop().explain(model, batch, targets.tolist())
+        guided = self.guided_backprop.explain(model, batch, targets.tolist())
         return cam * guided.to(cam.device, cam.dtype)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -27,6 +28,7 @@ from service.explain.base import (
     ExplainerError,
     ModelLike,
     TargetOutOfRange,
+    WrappedExplainer,
     check_batch_and_targets,
     torch_module_of,
 )
@@ -275,10 +277,12 @@ def smoothgrad_noise(seed: int, draw: int, shape: Sequence[int], device: torch.d
 
 
 class SmoothGrad(InputAttribution):
-    """SmoothGrad (Smilkov et al., 2017) around any input-attribution method of the registry.
+    """SmoothGrad (Smilkov et al., 2017) around any input-attribution method.
 
-    For each sample the ``base`` method (built from the registry with ``base_params``) runs on
-    ``samples`` noisy copies ``x + sigma * n_s``, where ``sigma = noise_level * (max(x) - min(x))``
+    ``base`` is the wrapped explainer instance, as Captum's ``NoiseTunnel`` takes one (a node
+    configuration names it instead, ``base: integrated_gradients`` with ``base_params``, and the
+    registry builds it; :attr:`wraps`). For each sample the base method runs on ``samples`` noisy
+    copies ``x + sigma * n_s``, where ``sigma = noise_level * (max(x) - min(x))``
     (the sample's own range, as in the paper) and ``n_s`` is the standard normal noise of draw
     ``s`` (:func:`smoothgrad_noise`, from ``(seed, s)``). The same draws are used for every sample
     of a batch, which is what makes a batch equal its single runs: noise keyed on the position in
@@ -289,33 +293,29 @@ class SmoothGrad(InputAttribution):
     """
 
     name: ClassVar[str] = "smoothgrad"
+    wraps: ClassVar[Mapping[str, WrappedExplainer]] = MappingProxyType(
+        {
+            "base": WrappedExplainer(
+                default="saliency", accepts=InputAttribution, description="a method that attributes to the input pixels"
+            )
+        }
+    )
 
     def __init__(
         self,
-        base: str = "saliency",
+        base: InputAttribution,
         samples: int = 25,
         noise_level: float = 0.15,
         variant: str = "smoothgrad",
         seed: int = 0,
         internal_batch_size: int = 32,
-        base_params: Mapping[str, Any] | None = None,
     ) -> None:
-        from service.explain.registry import explainer_class, get_explainer
-
-        if not isinstance(base, str):
-            raise ExplainerError(f"base must be a registry name, got {base!r}")
-        base_class = explainer_class(base)
-        if not issubclass(base_class, InputAttribution) or issubclass(base_class, SmoothGrad):
+        if not isinstance(base, InputAttribution) or isinstance(base, SmoothGrad):
             raise ExplainerError(
-                f"base must name a method that attributes to the input pixels (saliency, input_x_gradient, "
-                f"integrated_gradients, guided_backprop, deconvnet, deeplift, lrp), got {base!r}"
+                "base must be an explainer that attributes to the input pixels (Saliency(), IntegratedGradients(), "
+                f"DeepLift(), ...; not SmoothGrad), got {base!r}"
             )
-        if base_params is not None and not isinstance(base_params, Mapping):
-            raise ExplainerError(f"base_params must be a mapping of settings, got {base_params!r}")
-        self.base = base
-        self.base_params = dict(base_params or {})
-        self.base_explainer = get_explainer(base, **self.base_params)
-        assert isinstance(self.base_explainer, InputAttribution)
+        self.base_explainer = base
         self.samples = positive_int("samples", samples)
         self.noise_level = finite_float("noise_level", noise_level, minimum=0.0)
         self.variant = choice("variant", variant, SMOOTHGRAD_VARIANTS)

@@ -89,13 +89,16 @@ AUC_TOLERANCE = 1.10
 
 
 def _json_settings(explainer: Explainer) -> dict[str, Any]:
-    """The explainer's simple settings (numbers, strings, paths), for the record."""
+    """The explainer's simple settings (numbers, strings, paths), for the record; a wrapped
+    explainer (SmoothGrad's base) as its registry name and settings."""
     settings: dict[str, Any] = {}
     for key, value in vars(explainer).items():
         if isinstance(value, (bool, int, float, str)) or value is None:
             settings[key] = value
         elif isinstance(value, os.PathLike):
             settings[key] = os.fspath(value)
+        elif isinstance(value, Explainer):
+            settings[key] = {"name": value.name, **_json_settings(value)}
     return settings
 
 
