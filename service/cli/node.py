@@ -190,13 +190,14 @@ def _config_check(args: argparse.Namespace) -> int:
     from service.inference.card import ModelCard, ModelCardError
     from service.models import demo_card_path
     from service.node.config import ConfigError, load_config
+    from service.node.pipeline import card_settings
 
     try:
         config = load_config(args.file)
         card = ModelCard.load(config.model.card or demo_card_path())
         methods = config.explain.methods or card.defaults.methods
         for method in methods:
-            get_explainer(method, **config.explain.method_params.get(method, {}))
+            get_explainer(method, **{**card_settings(card, method), **config.explain.method_params.get(method, {})})
     except (ConfigError, ModelCardError, ExplainerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

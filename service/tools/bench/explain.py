@@ -53,6 +53,7 @@ from torch import nn
 
 from service.explain.base import Explainer, ExplainerError
 from service.explain.registry import available_explainers, explainer_class, get_explainer
+from service.node.pipeline import card_settings
 from service.tools.bench.measure import (
     MIN_TIMED_S,
     InputLayer,
@@ -164,6 +165,8 @@ def bench_method(
     settings = dict(params)
     if "target_layer" in inspect.signature(explainer_class(name)).parameters:
         settings.setdefault("target_layer", bench.target_layer)
+    if bench.card is not None:  # files trained against the model, e.g. realtime_saliency's masker
+        settings = {**card_settings(bench.card, name), **settings}
     try:
         explainer = get_explainer(name, **settings)
         with_passes = getattr(explainer, "explain_with_passes", None)

@@ -24,6 +24,12 @@ held-out phantoms (another seed) measure the result: the pointing game of the ma
 the lesion masks, the classifier's probability when the masked region is removed or kept alone,
 and the mask area for classes that are absent. Seeded; the same settings give the same weights
 (about 30 s on 2 idle cores with the defaults).
+
+The masker is written as ``saliency-masker.pt`` into the output folder. When that is the model
+card's own folder, the card's ``auxiliary.saliency_masker`` entry (file and sha256) is updated
+too, as ``pacs-xai demo train`` writes the card beside the weights; the node then gives the
+masker to the ``realtime_saliency`` explainer. Elsewhere the card is left alone (a masker in a
+scratch folder is used by setting the explainer's ``masker``).
 """
 
 from __future__ import annotations
@@ -41,9 +47,9 @@ from torch import nn
 
 from dicom_io.pixels import PreparedFrame, prepare_frames
 from service.explain.methods.perturbation import gaussian_blur
-from service.explain.methods.realtime import MASKER_FILE, SaliencyMasker, save_masker
+from service.explain.methods.realtime import CARD_ENTRY, MASKER_FILE, SaliencyMasker, save_masker
 from service.explain.scores import LOG_PROBABILITY, PROBABILITY, target_scores
-from service.inference.card import ModelCard
+from service.inference.card import ModelCard, set_auxiliary_file
 from service.models import demo_card_path
 from service.models.demo.network import DemoNet
 from service.synthetic.phantoms import CLASSES, make_phantom
@@ -114,6 +120,9 @@ class SaliencyReport:
     figures: dict[str, float]
     seconds: float
     path: Path
+    #: The model card whose ``auxiliary.saliency_masker`` now names the masker; ``None`` when the
+    #: masker was written outside the card's folder and the card was left alone.
+    card: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +165,7 @@ def load_classifier(card_path: Path) -> tuple[DemoNet, ModelCard]:
     if weights is None:
         raise ValueError(f"model card {card_path} ships no torch state dict; the masker needs the eager model")
     model = DemoNet(num_classes=len(card.output.classes), in_channels=card.input.channels)
-    model.load_state_dict(torch.load(card_path.parent / weights.file, map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(card.weights_path("torch"), map_location="cpu", weights_only=True))
     model.eval().requires_grad_(False)
     return model, card
 
@@ -233,7 +242,8 @@ def train_saliency_masker(
     progress: Progress = print,
     card_path: str | Path | None = None,
 ) -> SaliencyReport:
-    """Train the masker for the model of ``card_path`` (default: the demo card); write it to ``out_dir``."""
+    """Train the masker for the model of ``card_path`` (default: the demo card); write it to ``out_dir``
+    and, when ``out_dir`` is the card's folder, point the card's ``auxiliary.saliency_masker`` at it."""
     started = time.perf_counter()
     card_file = Path(card_path) if card_path is not None else demo_card_path()
     previous_threads = torch.get_num_threads()
@@ -273,7 +283,14 @@ def train_saliency_masker(
         path = save_masker(Path(out_dir) / MASKER_FILE, masker, INPUT_SPEC.rows, INPUT_SPEC.columns, metadata)
     finally:
         torch.set_num_threads(previous_threads)
-    return SaliencyReport(figures, time.perf_counter() - started, path)
+    updated = None
+    if path.parent.resolve() == card.folder.resolve():
+        set_auxiliary_file(card_file, CARD_ENTRY, path)
+        updated = card_file
+        progress(f"model card {card_file}: auxiliary.{CARD_ENTRY} -> {path.name}")
+    else:
+        progress(f"model card {card_file} left as it is: the masker is not in its folder")
+    return SaliencyReport(figures, time.perf_counter() - started, path, updated)
 
 
 def _fit(
