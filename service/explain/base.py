@@ -34,6 +34,19 @@ class ExplainerError(ValueError):
     """An explainer cannot run with these settings, on this model, or on this input."""
 
 
+class TargetOutOfRange(ExplainerError):
+    """A target is not one of the model's classes; ``targets`` and ``classes`` are what was found.
+
+    Methods that run the model on inputs derived from the batch (integration steps, noisy copies)
+    catch it and raise it again with the caller's own targets.
+    """
+
+    def __init__(self, targets: Sequence[int], classes: int) -> None:
+        super().__init__(f"targets {list(targets)} out of range for a model with {classes} classes")
+        self.targets = list(targets)
+        self.classes = classes
+
+
 class Explainer(ABC):
     """Base class of all saliency methods."""
 
@@ -93,19 +106,6 @@ def check_batch_and_targets(batch: torch.Tensor, targets: Sequence[int]) -> tupl
     if (target_tensor < 0).any():
         raise ExplainerError(f"targets must be class indices >= 0, got {target_tensor.tolist()}")
     return batch, target_tensor
-
-
-class TargetOutOfRange(ExplainerError):
-    """A target is not one of the model's classes; ``targets`` and ``classes`` are what was found.
-
-    Methods that run the model on inputs derived from the batch (integration steps, noisy copies)
-    catch it and raise it again with the caller's own targets.
-    """
-
-    def __init__(self, targets: Sequence[int], classes: int) -> None:
-        super().__init__(f"targets {list(targets)} out of range for a model with {classes} classes")
-        self.targets = list(targets)
-        self.classes = classes
 
 
 def check_target_range(targets: torch.Tensor, classes: int) -> None:
