@@ -99,7 +99,8 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         description="Train the masking network of real-time saliency (Dabkowski & Gal, 2017) against the "
         "frozen demo classifier on phantom radiographs, print held-out figures (pointing game against the "
         "lesion masks, the classifier's probability with the masked region removed) and write "
-        "DIR/saliency-masker.pt, which the realtime_saliency explainer reads.",
+        "DIR/saliency-masker.pt, which the realtime_saliency explainer reads; when DIR is the demo model's folder, "
+        "its card's auxiliary.saliency_masker entry (file and sha256) is updated.",
         epilog="example:\n  pacs-xai demo train-saliency --out service/models/demo",
     )
     saliency.add_argument(
@@ -196,6 +197,7 @@ def _train_saliency(args: argparse.Namespace) -> int:
         f"mean mask area: {figures['area_true']:.3f} for the true class, {figures['area_absent']:.3f} for absent ones"
     )
     print(f"masker: {report.path} ({report.path.stat().st_size / 1e6:.2f} MB)")
+    print(f"model card: {report.card} (auxiliary.saliency_masker updated)" if report.card else "model card: unchanged")
     print(f"training took {report.seconds:.0f} s")
     return 0
 

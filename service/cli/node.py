@@ -19,6 +19,7 @@ from service.node.app import Node
 from service.node.config import ConfigError, example_config, load_config
 from service.node.logs import configure_logging
 from service.node.offline import iter_files
+from service.node.pipeline import card_settings
 from service.node.store import Journal
 
 
@@ -196,7 +197,7 @@ def _config_check(args: argparse.Namespace) -> int:
         card = ModelCard.load(config.model.card or demo_card_path())
         methods = config.explain.methods or card.defaults.methods
         for method in methods:
-            get_explainer(method, **config.explain.method_params.get(method, {}))
+            get_explainer(method, **{**card_settings(card, method), **config.explain.method_params.get(method, {})})
     except (ConfigError, ModelCardError, ExplainerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import ClassVar
 
 import numpy as np
@@ -32,6 +34,19 @@ class ExplainerError(ValueError):
     """An explainer cannot run with these settings, on this model, or on this input."""
 
 
+class TargetOutOfRange(ExplainerError):
+    """A target is not one of the model's classes; ``targets`` and ``classes`` are what was found.
+
+    Methods that run the model on inputs derived from the batch (integration steps, noisy copies)
+    catch it and raise it again with the caller's own targets.
+    """
+
+    def __init__(self, targets: Sequence[int], classes: int) -> None:
+        super().__init__(f"targets {list(targets)} out of range for a model with {classes} classes")
+        self.targets = list(targets)
+        self.classes = classes
+
+
 class Explainer(ABC):
     """Base class of all saliency methods."""
 
@@ -39,6 +54,12 @@ class Explainer(ABC):
     name: ClassVar[str]
     #: True when the method back-propagates (needs a torch module, not only a runner).
     needs_gradients: ClassVar[bool]
+    #: Wrapper methods: constructor setting that takes another explainer instance -> what it accepts
+    #: (see :class:`WrappedExplainer`; the registry builds the instance from a configuration).
+    wraps: ClassVar[Mapping[str, WrappedExplainer]] = MappingProxyType({})
+    #: Constructor setting that takes a file trained against the model -> the model card's
+    #: ``auxiliary`` entry that provides it (filled in by the node's pipeline when not set).
+    card_files: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     def explain(self, model: ModelLike, batch: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
         """Signed attribution maps ``[B, H, W]`` (float32) for ``targets`` on ``batch``."""
@@ -49,6 +70,24 @@ class Explainer(ABC):
     @abstractmethod
     def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Method-specific work on a checked batch; ``targets`` is a long tensor ``[B]``."""
+
+
+@dataclass(frozen=True)
+class WrappedExplainer:
+    """A constructor setting of a wrapper method that takes another explainer *instance*, as
+    Captum's ``NoiseTunnel`` takes an attribution method (e.g. SmoothGrad's ``base``).
+
+    A configuration cannot hold an instance, so it names the method instead: ``<setting>`` is its
+    registry name (``default`` when left out) and ``<setting>_params`` its own settings;
+    :func:`service.explain.registry.get_explainer` builds the instance.
+    """
+
+    #: Registry name of the method wrapped when the configuration names none.
+    default: str
+    #: The explainers that can be wrapped: instances of this class that are no wrappers themselves.
+    accepts: type[Explainer]
+    #: What ``accepts`` means, for error messages: "a method that attributes to the input pixels".
+    description: str
 
 
 def check_batch_and_targets(batch: torch.Tensor, targets: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,14 +108,19 @@ def check_batch_and_targets(batch: torch.Tensor, targets: Sequence[int]) -> tupl
     return batch, target_tensor
 
 
+def check_target_range(targets: torch.Tensor, classes: int) -> None:
+    """Every target is a class index below ``classes``; else :class:`TargetOutOfRange` naming all targets."""
+    if targets.numel() and int(targets.max()) >= classes:
+        raise TargetOutOfRange(targets.tolist(), classes)
+
+
 def check_logits(logits: torch.Tensor, targets: torch.Tensor) -> None:
     """Check that ``logits`` is ``[B, K]`` for the ``B`` targets and every target is below ``K``."""
     if logits.ndim != 2 or logits.shape[0] != targets.numel():
         raise ExplainerError(
             f"model must return logits [B, K] with B = {targets.numel()}, got shape {tuple(logits.shape)}"
         )
-    if targets.numel() and int(targets.max()) >= logits.shape[1]:
-        raise ExplainerError(f"targets {targets.tolist()} out of range for a model with {logits.shape[1]} classes")
+    check_target_range(targets, logits.shape[1])
 
 
 def torch_module_of(model: ModelLike, method: str) -> torch.nn.Module:

@@ -1,9 +1,14 @@
 """The model card: a YAML file beside the weights that says what the model is and how to feed it.
 
 A card is validated completely when it is loaded (schema, files present, sha256 of each weight
-file), so a wrong card stops the node at start-up, not at the first study. Whether the class list
-matches the model's output size is checked when a runner loads the weights
-(:func:`service.inference.backends.load_runner`).
+file and of each auxiliary file), so a wrong card stops the node at start-up, not at the first
+study. Whether the class list matches the model's output size is checked when a runner loads the
+weights (:func:`service.inference.backends.load_runner`).
+
+``auxiliary`` lists networks trained against the model that explainers use (not inference), by
+kind: ``saliency_masker`` is the masking network of the ``realtime_saliency`` explainer. An
+explainer names the kind it reads (``Explainer.card_files``) and the node's pipeline passes the
+file to it when the configuration does not set one.
 
 Example (``service/models/demo/model.yaml``)::
 
@@ -13,6 +18,8 @@ Example (``service/models/demo/model.yaml``)::
       onnx: {file: demo.onnx, sha256: 3f1c...}
       torchscript: {file: demo.pt, sha256: 9ab2...}
       torch: {file: demo.pth, sha256: 41d0..., architecture: "service.models.demo.network:DemoNet"}
+    auxiliary:
+      saliency_masker: {file: saliency-masker.pt, sha256: 7c4e...}
     input: {channels: 1, rows: 224, columns: 224, aspect: letterbox, windowing: dicom,
             mean: [0.5], std: [0.25]}
     output: {activation: softmax, classes: [normal, nodule, effusion]}
@@ -25,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -38,6 +45,10 @@ from dicom_io.pixels import InputSpec
 Runtime = Literal["onnx", "torchscript", "torch"]
 #: How logits become probabilities: softmax over the classes, or a sigmoid per class (multi-label).
 Activation = Literal["softmax", "sigmoid"]
+#: Kinds of networks trained against the model for an explainer. saliency_masker: the masking
+#: network of realtime_saliency (``pacs-xai demo train-saliency``). Another kind (a
+#: healthy-appearance VAE, say) is one more name here and a ``card_files`` entry on its explainer.
+AuxiliaryKind = Literal["saliency_masker"]
 
 
 class ModelCardError(ValueError):
@@ -58,6 +69,13 @@ class WeightsFile(_Strict):
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description="For runtime torch: 'package.module:ClassName', built as Class(num_classes=K, in_channels=C).",
     )
+
+
+class AuxiliaryFile(_Strict):
+    """A network trained against this model, used by an explainer; checked like the weights."""
+
+    file: str = Field(description="Path of the file, relative to the card's folder.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Lower-case hex SHA-256 of the file.")
 
 
 class InputSection(_Strict):
@@ -136,6 +154,9 @@ class ModelCard(_Strict):
     version: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._+-]+$")
     description: str = ""
     weights: dict[Runtime, WeightsFile] = Field(min_length=1)
+    auxiliary: dict[AuxiliaryKind, AuxiliaryFile] = Field(
+        default_factory=dict, description="Networks trained against the model that explainers use, by kind."
+    )
     input: InputSection
     output: OutputSection
     target_layer: str | None = Field(default=None, description="Layer for CAM-family explainers (dotted module name).")
@@ -152,14 +173,21 @@ class ModelCard(_Strict):
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:
-        """Read, validate and check the weight files of the card at ``path``."""
+        """Read, validate and check the weight and auxiliary files of the card at ``path``."""
         card_path = Path(path)
         if card_path.is_dir():
             card_path = card_path / "model.yaml"
         try:
-            raw = yaml.safe_load(card_path.read_text(encoding="utf-8"))
+            text = card_path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ModelCardError(f"model card not found: {card_path}") from None
+        return cls._from_text(text, card_path)
+
+    @classmethod
+    def _from_text(cls, text: str, card_path: Path) -> ModelCard:
+        """Validate the card ``text`` as if it were read from ``card_path`` (files resolve beside it)."""
+        try:
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ModelCardError(f"model card {card_path} is not valid YAML: {exc}") from exc
         if not isinstance(raw, dict):
@@ -169,6 +197,7 @@ class ModelCard(_Strict):
         except ValidationError as exc:
             raise ModelCardError(f"model card {card_path} is invalid:\n{_explain(exc)}") from None
         card.verify_weights()
+        card.verify_auxiliary()
         return card
 
     def weights_path(self, runtime: Runtime) -> Path:
@@ -179,18 +208,41 @@ class ModelCard(_Strict):
             )
         return (self.folder / self.weights[runtime].file).resolve()
 
+    def auxiliary_path(self, kind: str) -> Path:
+        """Absolute path of the ``auxiliary`` file of ``kind``; a clear error if the card has none."""
+        if kind not in self.auxiliary:
+            listed = ", ".join(sorted(self.auxiliary)) or "none"
+            raise ModelCardError(f"model card {self.name} has no auxiliary.{kind}; it has: {listed}")
+        return (self.folder / self.auxiliary[kind].file).resolve()
+
     def verify_weights(self) -> None:
         """Every weight file exists and has the sha256 the card states."""
         for runtime, entry in self.weights.items():
-            path = self.weights_path(runtime)
-            if not path.is_file():
-                raise ModelCardError(f"model card {self.name}: {runtime} weights file missing: {path}")
-            digest = sha256_of(path)
-            if digest != entry.sha256:
-                raise ModelCardError(
-                    f"model card {self.name}: sha256 of {path} is {digest}, the card says {entry.sha256}; "
-                    "the weights changed without a new card (retrain or update the card)"
-                )
+            self._verify_file(
+                f"{runtime} weights",
+                self.weights_path(runtime),
+                entry.sha256,
+                "the weights changed without a new card (retrain or update the card)",
+            )
+
+    def verify_auxiliary(self) -> None:
+        """Every auxiliary file exists and has the sha256 the card states."""
+        for kind, entry in self.auxiliary.items():
+            self._verify_file(
+                f"auxiliary.{kind}",
+                self.auxiliary_path(kind),
+                entry.sha256,
+                "the file changed without a new card entry (retrain it, which updates the entry, or update the card)",
+            )
+
+    def _verify_file(self, label: str, path: Path, expected: str, remedy: str) -> None:
+        if not path.is_file():
+            raise ModelCardError(f"model card {self.name}: {label} file missing: {path}")
+        digest = sha256_of(path)
+        if digest != expected:
+            raise ModelCardError(
+                f"model card {self.name}: sha256 of {path} is {digest}, the card says {expected} for {label}; {remedy}"
+            )
 
     def class_index(self, name: str) -> int:
         """Index of class ``name`` in ``output.classes``; an error listing the valid names otherwise."""
@@ -209,6 +261,39 @@ class ModelCard(_Strict):
         if rules.body_parts and body_part.upper() not in rules.body_parts:
             return f"body part {body_part or '(none)'} not in {list(rules.body_parts)}"
         return None
+
+
+def set_auxiliary_file(card_path: str | Path, kind: AuxiliaryKind, file: str | Path) -> ModelCard:
+    """Point the card's ``auxiliary.<kind>`` at ``file`` (inside the card's folder) with the file's
+    sha256 and rewrite the card, the rest of it as it was; returns the card as loaded. The new card
+    is validated completely first: a card that would not load is not written."""
+    card_path = Path(card_path)
+    if card_path.is_dir():
+        card_path = card_path / "model.yaml"
+    if kind not in get_args(AuxiliaryKind):
+        raise ModelCardError(f"unknown auxiliary kind {kind!r}; known: {', '.join(get_args(AuxiliaryKind))}")
+    path = Path(file).resolve()
+    try:
+        relative = path.relative_to(card_path.parent.resolve())
+    except ValueError:
+        raise ModelCardError(
+            f"auxiliary.{kind} file {path} is not inside the folder of the model card {card_path}"
+        ) from None
+    raw = yaml.safe_load(card_path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise ModelCardError(f"model card {card_path} must be a YAML mapping, got {type(raw).__name__}")
+    auxiliary = {**(raw.get("auxiliary") or {}), kind: {"file": relative.as_posix(), "sha256": sha256_of(path)}}
+    updated: dict[str, object] = {}
+    for key, value in raw.items():
+        if key != "auxiliary":
+            updated[key] = value
+        if key == "weights":  # the auxiliary files follow the weights
+            updated["auxiliary"] = auxiliary
+    updated.setdefault("auxiliary", auxiliary)
+    text = yaml.safe_dump(updated, sort_keys=False)
+    ModelCard._from_text(text, card_path)
+    card_path.write_text(text, encoding="utf-8")
+    return ModelCard.load(card_path)
 
 
 def sha256_of(path: Path) -> str:

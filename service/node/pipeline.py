@@ -30,7 +30,9 @@ from dicom_io.writers import (
     build_segmentation,
 )
 from service.explain import Explainer, explainer_class, get_explainer
+from service.inference.card import ModelCard
 from service.inference.deployed import DeployedModel, Prediction
+from service.synthetic.phantoms import make_phantom
 
 #: Image-like output kinds -> writer(source, result) -> derived dataset. The SR ("sr") is written
 #: after them, because it references the other objects of the same result.
@@ -101,7 +103,8 @@ class ExplainPipeline:
         self.enforce_applies_to = enforce_applies_to
         params = method_params or {}
         self.explainers: dict[str, Explainer] = {
-            method: get_explainer(method, **_card_params(model, method), **params.get(method, {})) for method in methods
+            method: get_explainer(method, **{**card_settings(model.card, method), **params.get(method, {})})
+            for method in methods
         }
 
     def process(self, ds: Dataset) -> DatasetResult:
@@ -124,7 +127,6 @@ class ExplainPipeline:
         the first 2k² CR against about 0.3 s for the next ones. The image is a phantom chest CR
         (1024², :mod:`service.synthetic.phantoms`); the card's ``applies_to`` rules are not applied to it.
         """
-        from service.synthetic.phantoms import make_phantom
 
         started = time.perf_counter()
         phantom = make_phantom(0, "nodule", rows=WARM_UP_SIZE, cols=WARM_UP_SIZE).dataset
@@ -172,12 +174,18 @@ class ExplainPipeline:
                     result.outputs.extend(written)
 
 
-def _card_params(model: DeployedModel, method: str) -> dict[str, object]:
-    """Settings the model card provides to methods that accept them (the CAM target layer)."""
-    accepted = inspect.signature(explainer_class(method)).parameters
-    if "target_layer" in accepted and model.card.target_layer:
-        return {"target_layer": model.card.target_layer}
-    return {}
+def card_settings(card: ModelCard, method: str) -> dict[str, object]:
+    """Settings the model card provides to ``method``, which a configuration's own settings override:
+    the CAM target layer, and each file the method reads from the card's ``auxiliary`` section
+    (``Explainer.card_files``, e.g. realtime_saliency's ``masker``) where the card has one."""
+    cls = explainer_class(method)
+    settings: dict[str, object] = {}
+    if "target_layer" in inspect.signature(cls).parameters and card.target_layer:
+        settings["target_layer"] = card.target_layer
+    for setting, kind in cls.card_files.items():
+        if kind in card.auxiliary:
+            settings[setting] = card.auxiliary_path(kind)
+    return settings
 
 
 @contextmanager

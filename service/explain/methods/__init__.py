@@ -1,2 +1,3 @@
 """The saliency methods, one module per method or small family (gradient, CAM, propagation,
-occlusion, perturbation, surrogate, optimisation, real-time masker, class model)."""
+occlusion, perturbation, surrogate, optimisation, real-time masker, class model), and the
+torch.fx graph interpreter the propagation methods walk (graph)."""

@@ -19,7 +19,6 @@ from service.explain.base import (
     Explainer,
     ExplainerError,
     ModelLike,
-    check_logits,
     chunk_size_for,
     forward_function,
     torch_module_of,
@@ -32,8 +31,9 @@ from service.explain.hooks import (
     resolve_module,
     this_thread_only,
 )
-from service.explain.methods.perturbation import SCORES, chunked_scores, target_scores
-from service.explain.settings import boolean, choice, finite_float, optional_positive_int
+from service.explain.methods.gradient import GuidedBackprop
+from service.explain.scores import SCORES, forward_scores, target_scores
+from service.explain.settings import boolean, choice, finite_float, optional_layer_name, optional_positive_int
 
 
 @dataclass(frozen=True)
@@ -67,12 +67,8 @@ class _CamExplainer(Explainer):
     uses_layer_gradients: ClassVar[bool] = True
 
     def __init__(self, target_layer: str | None = None, relu: bool = True) -> None:
-        if target_layer is not None and (not isinstance(target_layer, str) or not target_layer):
-            raise ExplainerError(f"target_layer must be a non-empty layer name or None, got {target_layer!r}")
-        if not isinstance(relu, bool):
-            raise ExplainerError(f"relu must be True or False, got {relu!r}")
-        self.target_layer = target_layer
-        self.relu = relu
+        self.target_layer = optional_layer_name("target_layer", target_layer)
+        self.relu = boolean("relu", relu)
 
     @abstractmethod
     def _channel_weights(self, inputs: CamInputs) -> torch.Tensor:
@@ -114,8 +110,7 @@ class _CamExplainer(Explainer):
         """One forward (and backward when needed): the layer's activations and their gradients."""
         start = (call_index or 0) if self.uses_layer_gradients else None
         with LayerRecorder(layer, differentiate_from=start) as recorder:
-            logits = module(inputs)
-            check_logits(logits, targets)
+            scores = target_scores(module(inputs), targets)
             call = recorder.only_call() if call_index is None else recorder.calls[call_index]
             if call.activation.ndim != 4:
                 raise ExplainerError(
@@ -123,7 +118,7 @@ class _CamExplainer(Explainer):
                     f"gives shape {tuple(call.activation.shape)}"
                 )
             if self.uses_layer_gradients:
-                recorder.backprop(logits.gather(1, targets[:, None]).sum())
+                recorder.backprop(scores.sum())
         return call.activation, call.gradient
 
 
@@ -166,9 +161,7 @@ class CAM(_CamExplainer):
 
     def __init__(self, target_layer: str | None = None, relu: bool = True, classifier: str | None = None) -> None:
         super().__init__(target_layer=target_layer, relu=relu)
-        if classifier is not None and (not isinstance(classifier, str) or not classifier):
-            raise ExplainerError(f"classifier must be a non-empty layer name or None, got {classifier!r}")
-        self.classifier = classifier
+        self.classifier = optional_layer_name("classifier", classifier)
 
     def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         _require_torch_module(self.name, model)
@@ -396,7 +389,7 @@ class ScoreCAM(_CamExplainer):
             low = masks.amin(dim=(1, 2, 3), keepdim=True)
             span = masks.amax(dim=(1, 2, 3), keepdim=True) - low
             masks = torch.where(span > 0, (masks - low) / span.clamp_min(torch.finfo(masks.dtype).tiny), 0.0)
-            scores[start : start + len(index)] = target_scores(
+            scores[start : start + len(index)] = forward_scores(
                 forward, masks * batch[image] + (1 - masks) * self.baseline, targets[image], self.score
             )
         scores = scores.view(n_images, n_channels)
@@ -404,7 +397,7 @@ class ScoreCAM(_CamExplainer):
             return torch.softmax(scores, dim=1).to(activations.dtype)
         if self.subtract_baseline:
             baseline = torch.full_like(batch, self.baseline)
-            scores = scores - chunked_scores(forward, baseline, targets, self.score, chunk)[:, None]
+            scores = scores - forward_scores(forward, baseline, targets, self.score, chunk)[:, None]
         return scores.to(activations.dtype)
 
 
@@ -412,7 +405,7 @@ class GuidedGradCAM(GradCAM):
     """Guided Grad-CAM (Selvaraju et al., 2017): guided backpropagation times Grad-CAM.
 
     The Grad-CAM map of this class (ReLU'd unless ``relu=False``, bilinearly upsampled) multiplies,
-    pixel by pixel, the guided-backpropagation map of :class:`service.explain.methods.gradient.GuidedBackprop`
+    pixel by pixel, the map of its :class:`~service.explain.methods.gradient.GuidedBackprop` part
     (channels summed). As the Grad-CAM factor is the same for every input channel, this equals
     Captum's ``GuidedGradCam`` (per-channel product) with its channels summed, at
     ``interpolate_mode="bilinear"``. Two backward passes; a torch module is needed.
@@ -420,10 +413,11 @@ class GuidedGradCAM(GradCAM):
 
     name: ClassVar[str] = "guided_gradcam"
 
-    def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # Imported here: the gradient family imports nothing from the CAM family, and need not.
-        from service.explain.methods.gradient import GuidedBackprop
+    def __init__(self, target_layer: str | None = None, relu: bool = True) -> None:
+        super().__init__(target_layer=target_layer, relu=relu)
+        self.guided_backprop = GuidedBackprop()
 
+    def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         cam = super()._explain(model, batch, targets)
-        guided = GuidedBackprop().explain(model, batch, targets.tolist())
+        guided = self.guided_backprop.explain(model, batch, targets.tolist())
         return cam * guided.to(cam.device, cam.dtype)

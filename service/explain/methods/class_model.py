@@ -34,43 +34,29 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from service.explain.base import ExplainerError, ModelLike, check_logits, torch_module_of
+from service.explain.base import ExplainerError, ModelLike, torch_module_of
 from service.explain.hooks import eval_mode, module_device
 from service.explain.methods.perturbation import gaussian_blur
-from service.explain.settings import choice, finite_float, positive_float, positive_int, seed_value
+from service.explain.scores import LOG_PROBABILITY, LOGIT, target_scores
+from service.explain.settings import (
+    choice,
+    finite_float,
+    float_in,
+    non_negative_int,
+    optional_interval,
+    positive_float,
+    positive_int,
+    seed_value,
+)
 
 #: What is maximised: the target's logit (Simonyan et al.) or its log-softmax probability.
 OBJECTIVES = ("logit", "log_softmax")
+#: The score (:mod:`service.explain.scores`) each objective reads.
+OBJECTIVE_SCORES = {"logit": LOGIT, "log_softmax": LOG_PROBABILITY}
 
 #: ``progress(step, score)``: the 1-based step and the target's score (the objective's class term,
 #: on that step's jittered image, before the step).
 ProgressFn = Callable[[int, float], None]
-
-
-def _non_negative_int(name: str, value: object) -> int:
-    """``value`` as an int >= 0 (0 switches the regulariser off); bools refused."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ExplainerError(f"{name} must be an integer >= 0, got {value!r}")
-    return int(value)
-
-
-def _non_negative_float(name: str, value: object) -> float:
-    number = finite_float(name, value)
-    if number < 0:
-        raise ExplainerError(f"{name} must be >= 0, got {value!r}")
-    return number
-
-
-def _value_range(value: object) -> tuple[float, float] | None:
-    """``None`` or a ``(low, high)`` pair of finite numbers with ``low < high``."""
-    if value is None:
-        return None
-    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
-        raise ExplainerError(f"value_range must be None or a (low, high) pair, got {value!r}")
-    low, high = finite_float("value_range low", value[0]), finite_float("value_range high", value[1])
-    if not low < high:
-        raise ExplainerError(f"value_range must have low < high, got {value!r}")
-    return low, high
 
 
 def check_input_shape(input_shape: object) -> tuple[int, int, int]:
@@ -118,17 +104,16 @@ class ClassModelVisualisation:
     ) -> None:
         self.iterations = positive_int("iterations", iterations)
         self.learning_rate = positive_float("learning_rate", learning_rate)
-        self.l2_weight = _non_negative_float("l2_weight", l2_weight)
-        self.blur_every = _non_negative_int("blur_every", blur_every)
+        self.l2_weight = finite_float("l2_weight", l2_weight, minimum=0.0)
+        # 0 switches a regulariser off.
+        self.blur_every = non_negative_int("blur_every", blur_every)
         self.blur_sigma = positive_float("blur_sigma", blur_sigma)
-        self.jitter = _non_negative_int("jitter", jitter)
+        self.jitter = non_negative_int("jitter", jitter)
         self.seed = seed_value(seed)
-        self.noise_std = _non_negative_float("noise_std", noise_std)
-        self.clip_percentile = _non_negative_float("clip_percentile", clip_percentile)
-        if self.clip_percentile >= 100:
-            raise ExplainerError(f"clip_percentile must be in [0, 100), got {clip_percentile!r}")
+        self.noise_std = finite_float("noise_std", noise_std, minimum=0.0)
+        self.clip_percentile = float_in("clip_percentile", clip_percentile, 0.0, 100.0, include_high=False)
         self.objective = choice("objective", objective, OBJECTIVES)
-        self.value_range = _value_range(value_range)
+        self.value_range = optional_interval("value_range", value_range)
         self.progress_every = positive_int("progress_every", progress_every)
 
     def settings_text(self) -> str:
@@ -199,11 +184,7 @@ class ClassModelVisualisation:
         for step in range(1, self.iterations + 1):
             shift = torch.randint(-self.jitter, self.jitter + 1, (2,), generator=generator).tolist()
             logits = module(torch.roll(image, shifts=shift, dims=(2, 3)) if self.jitter else image)
-            if step == 1:
-                check_logits(logits, target_tensor)
-            if self.objective == "log_softmax":
-                logits = torch.log_softmax(logits.to(torch.float32), dim=1)
-            score = logits[0, target]
+            score = target_scores(logits, target_tensor, OBJECTIVE_SCORES[self.objective])[0]
             objective = score - self.l2_weight * image.pow(2).mean()
             (gradient,) = torch.autograd.grad(objective, image)
             image.grad = -gradient  # Adam minimises

@@ -11,10 +11,10 @@ in eval mode (each submodule's own ``training`` flag restored afterwards).
 
 from __future__ import annotations
 
-import numbers
 from abc import abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -27,15 +27,14 @@ from service.explain.base import (
     Explainer,
     ExplainerError,
     ModelLike,
+    TargetOutOfRange,
+    WrappedExplainer,
     check_batch_and_targets,
-    check_logits,
     torch_module_of,
 )
 from service.explain.hooks import eval_mode, module_device
-from service.explain.settings import boolean, choice, finite_float, positive_int
-
-# --- settings checks (shared with service.explain.methods.propagation) ----------------------------------
-
+from service.explain.scores import LOGIT, forward_scores, target_scores
+from service.explain.settings import boolean, choice, finite_float, positive_int, seed_value
 
 # --- the shared base ------------------------------------------------------------------------------
 
@@ -54,9 +53,7 @@ def target_gradient(module: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     logits holds each sample's own gradient.
     """
     leaf = inputs.detach().requires_grad_(True)
-    logits = module(leaf)
-    check_target_range(logits, targets)
-    score = logits.gather(1, targets[:, None]).sum()
+    score = target_scores(module(leaf), targets).sum()
     if not score.requires_grad:
         raise ExplainerError(
             f"the logits of {type(module).__name__} do not depend on its input through autograd "
@@ -66,31 +63,11 @@ def target_gradient(module: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     return torch.zeros_like(leaf) if gradient is None else gradient
 
 
-class TargetOutOfRange(ExplainerError):
-    """A target is not a class of the model; :class:`InputAttribution` names all targets."""
-
-    def __init__(self, classes: int) -> None:
-        super().__init__(f"targets out of range for a model with {classes} classes")
-        self.classes = classes
-
-
-def check_target_range(logits: torch.Tensor, targets: torch.Tensor) -> None:
-    """:func:`check_logits` for inputs that are derived from the batch (steps, noisy copies): an
-    out-of-range target raises :class:`TargetOutOfRange`, reworded with the caller's targets."""
-    if logits.ndim == 2 and targets.numel() and int(targets.max()) >= logits.shape[1]:
-        raise TargetOutOfRange(logits.shape[1])
-    check_logits(logits, targets)
-
-
-def target_scores(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Each input's target logit ``[N]`` (float64), no gradients, ``chunk`` inputs per pass."""
-    scores = []
+def target_logits(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Each input's target logit ``[N]`` (float64), no gradients, ``chunk`` inputs per pass: what
+    the attributions of a method with a completeness axiom add up to."""
     with torch.no_grad():
-        for part, part_targets in zip(inputs.split(chunk), targets.split(chunk)):
-            logits = module(part)
-            check_target_range(logits, part_targets)
-            scores.append(logits.gather(1, part_targets[:, None])[:, 0].double())
-    return torch.cat(scores)
+        return forward_scores(module, inputs, targets, LOGIT, chunk).double()
 
 
 class InputAttribution(Explainer):
@@ -99,7 +76,9 @@ class InputAttribution(Explainer):
     ``_attribute`` is the method proper (on the model's device, eval mode, gradients on, a long
     ``targets`` tensor); ``_reduce_channels`` turns its result into the ``[B, H, W]`` map.
     :class:`SmoothGrad` wraps any subclass through these two methods. Subclasses that satisfy a
-    completeness axiom also implement ``_reference`` and get :meth:`explain_with_delta`.
+    completeness axiom also implement ``_reference`` and get :meth:`explain_with_delta`. The model
+    runs on inputs derived from the batch (steps, noisy copies), so an out-of-range target found
+    there is reported again with the caller's targets.
     """
 
     needs_gradients: ClassVar[bool] = True
@@ -138,9 +117,7 @@ class InputAttribution(Explainer):
             try:
                 attributions = self._attribute(module, inputs, targets)
             except TargetOutOfRange as exc:
-                raise ExplainerError(
-                    f"targets {targets.tolist()} out of range for a model with {exc.classes} classes"
-                ) from None
+                raise TargetOutOfRange(targets.tolist(), exc.classes) from None
             delta = None
             if with_delta:
                 reference = self._reference(module, inputs, targets)
@@ -279,7 +256,7 @@ class IntegratedGradients(InputAttribution):
 
     def _reference(self, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         both = torch.cat([inputs, torch.full_like(inputs, self.baseline)])
-        scores = target_scores(module, both, targets.repeat(2), self.internal_batch_size)
+        scores = target_logits(module, both, targets.repeat(2), self.internal_batch_size)
         return scores[: inputs.shape[0]] - scores[inputs.shape[0] :]
 
 
@@ -300,10 +277,12 @@ def smoothgrad_noise(seed: int, draw: int, shape: Sequence[int], device: torch.d
 
 
 class SmoothGrad(InputAttribution):
-    """SmoothGrad (Smilkov et al., 2017) around any input-attribution method of the registry.
+    """SmoothGrad (Smilkov et al., 2017) around any input-attribution method.
 
-    For each sample the ``base`` method (built from the registry with ``base_params``) runs on
-    ``samples`` noisy copies ``x + sigma * n_s``, where ``sigma = noise_level * (max(x) - min(x))``
+    ``base`` is the wrapped explainer instance, as Captum's ``NoiseTunnel`` takes one (a node
+    configuration names it instead, ``base: integrated_gradients`` with ``base_params``, and the
+    registry builds it; :attr:`wraps`). For each sample the base method runs on ``samples`` noisy
+    copies ``x + sigma * n_s``, where ``sigma = noise_level * (max(x) - min(x))``
     (the sample's own range, as in the paper) and ``n_s`` is the standard normal noise of draw
     ``s`` (:func:`smoothgrad_noise`, from ``(seed, s)``). The same draws are used for every sample
     of a batch, which is what makes a batch equal its single runs: noise keyed on the position in
@@ -314,39 +293,33 @@ class SmoothGrad(InputAttribution):
     """
 
     name: ClassVar[str] = "smoothgrad"
+    wraps: ClassVar[Mapping[str, WrappedExplainer]] = MappingProxyType(
+        {
+            "base": WrappedExplainer(
+                default="saliency", accepts=InputAttribution, description="a method that attributes to the input pixels"
+            )
+        }
+    )
 
     def __init__(
         self,
-        base: str = "saliency",
+        base: InputAttribution,
         samples: int = 25,
         noise_level: float = 0.15,
         variant: str = "smoothgrad",
         seed: int = 0,
         internal_batch_size: int = 32,
-        base_params: Mapping[str, Any] | None = None,
     ) -> None:
-        from service.explain.registry import explainer_class, get_explainer
-
-        if not isinstance(base, str):
-            raise ExplainerError(f"base must be a registry name, got {base!r}")
-        base_class = explainer_class(base)
-        if not issubclass(base_class, InputAttribution) or issubclass(base_class, SmoothGrad):
+        if not isinstance(base, InputAttribution) or isinstance(base, SmoothGrad):
             raise ExplainerError(
-                f"base must name a method that attributes to the input pixels (saliency, input_x_gradient, "
-                f"integrated_gradients, guided_backprop, deconvnet, deeplift, lrp), got {base!r}"
+                "base must be an explainer that attributes to the input pixels (Saliency(), IntegratedGradients(), "
+                f"DeepLift(), ...; not SmoothGrad), got {base!r}"
             )
-        if base_params is not None and not isinstance(base_params, Mapping):
-            raise ExplainerError(f"base_params must be a mapping of settings, got {base_params!r}")
-        self.base = base
-        self.base_params = dict(base_params or {})
-        self.base_explainer = get_explainer(base, **self.base_params)
-        assert isinstance(self.base_explainer, InputAttribution)
+        self.base_explainer = base
         self.samples = positive_int("samples", samples)
         self.noise_level = finite_float("noise_level", noise_level, minimum=0.0)
         self.variant = choice("variant", variant, SMOOTHGRAD_VARIANTS)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-            raise ExplainerError(f"seed must be an integer >= 0, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = seed_value(seed)
         self.internal_batch_size = positive_int("internal_batch_size", internal_batch_size)
 
     def _check_module(self, module: nn.Module) -> None:
@@ -458,8 +431,7 @@ class _ModifiedReLUExplainer(InputAttribution):
         leaf = inputs.detach().requires_grad_(True)
         with ModifiedReLUMode(self.guided):
             logits = module(leaf)
-        check_target_range(logits, targets)
-        score = logits.gather(1, targets[:, None]).sum()
+        score = target_scores(logits, targets).sum()
         if not score.requires_grad:
             raise ExplainerError(f"the logits of {type(module).__name__} do not depend on its input through autograd")
         (gradient,) = torch.autograd.grad(score, leaf, allow_unused=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from contextlib import nullcontext
 from typing import ClassVar
 
@@ -15,12 +13,12 @@ from service.explain.base import (
     ExplainerError,
     ForwardFn,
     ModelLike,
-    check_logits,
     chunk_size_for,
     forward_function,
 )
 from service.explain.hooks import eval_mode, module_device
-from service.explain.settings import optional_positive_int, positive_int
+from service.explain.scores import LOGIT, forward_scores
+from service.explain.settings import finite_float, optional_positive_int, positive_int
 
 
 def window_masks(size: int, window: int, stride: int, device: torch.device) -> torch.Tensor:
@@ -58,9 +56,7 @@ class Occlusion(Explainer):
                 f"stride ({self.stride}) must not exceed window ({self.window}): pixels between windows "
                 "would get no attribution"
             )
-        if isinstance(baseline, bool) or not isinstance(baseline, numbers.Real) or not math.isfinite(baseline):
-            raise ExplainerError(f"baseline must be a finite number, got {baseline!r}")
-        self.baseline = float(baseline)
+        self.baseline = finite_float("baseline", baseline)
 
     def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         height, width = batch.shape[-2:]
@@ -90,12 +86,7 @@ class Occlusion(Explainer):
     ) -> torch.Tensor:
         """``[B, n_rows, n_cols]``: target score of each image minus that with each window occluded,
         the inputs going through ``forward`` ``chunk`` at a time."""
-        clean = torch.cat(
-            [
-                self._target_scores(forward, part, part_targets)
-                for part, part_targets in zip(inputs.split(chunk), targets.split(chunk))
-            ]
-        )
+        clean = forward_scores(forward, inputs, targets, LOGIT, chunk)
         n_rows, n_cols = rows.shape[0], cols.shape[0]
         per_image = n_rows * n_cols
         drops = torch.empty(inputs.shape[0] * per_image, dtype=clean.dtype, device=inputs.device)
@@ -106,12 +97,5 @@ class Occlusion(Explainer):
             image, position = index // per_image, index % per_image
             mask = rows[position // n_cols][:, :, None] & cols[position % n_cols][:, None, :]
             occluded = torch.where(mask[:, None], self.baseline, inputs[image])
-            drops[start:stop] = clean[image] - self._target_scores(forward, occluded, targets[image])
+            drops[start:stop] = clean[image] - forward_scores(forward, occluded, targets[image], LOGIT)
         return drops.view(inputs.shape[0], n_rows, n_cols)
-
-    @staticmethod
-    def _target_scores(forward: ForwardFn, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Each input's logit at its own target, ``[N]``."""
-        logits = forward(inputs)
-        check_logits(logits, targets)
-        return logits.gather(1, targets[:, None])[:, 0]

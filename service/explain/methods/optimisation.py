@@ -17,7 +17,6 @@ once per call from ``seed`` and is the same for every image of the batch.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -36,53 +35,22 @@ from service.explain.base import (
 )
 from service.explain.hooks import module_device
 from service.explain.methods.gradient import gradient_context
-from service.explain.methods.perturbation import PERTURBATIONS, SCORES, replacement_images
-from service.explain.settings import choice, finite_float, positive_float, positive_int, seed_value
+from service.explain.methods.perturbation import PERTURBATIONS, replacement_images
+from service.explain.scores import SCORES, target_scores
+from service.explain.settings import (
+    choice,
+    finite_float,
+    fractions,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_value,
+)
 
 #: Inverse temperature of the smooth max that pools the extremal mask's grid points (TorchRay's value).
 SMOOTH_MAX_COLDNESS = 20.0
 #: Mask values closer than this are ranked in a seeded random order by the area regulariser.
 TIE_BREAK = 1e-4
-
-
-# --- settings checks ------------------------------------------------------------------------------
-
-
-def non_negative_int(name: str, value: object) -> int:
-    """``value`` as an int >= 0 (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ExplainerError(f"{name} must be an integer >= 0, got {value!r}")
-    return int(value)
-
-
-def non_negative_float(name: str, value: object) -> float:
-    """``value`` as a finite float >= 0."""
-    number = finite_float(name, value)
-    if number < 0:
-        raise ExplainerError(f"{name} must be a number >= 0, got {value!r}")
-    return number
-
-
-def at_least_one(name: str, value: object) -> float:
-    """``value`` as a finite float >= 1 (an exponent that keeps gradients finite at 0)."""
-    number = finite_float(name, value)
-    if number < 1:
-        raise ExplainerError(f"{name} must be a number >= 1, got {value!r}")
-    return number
-
-
-def area_fractions(value: object) -> tuple[float, ...]:
-    """One area fraction or a non-empty sequence of them, each strictly between 0 and 1."""
-    items = (value,) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
-    if isinstance(items, str) or not isinstance(items, Sequence) or len(items) == 0:
-        raise ExplainerError(f"areas must be a fraction or a non-empty sequence of fractions in (0, 1), got {value!r}")
-    fractions = []
-    for item in items:
-        number = finite_float("areas", item)
-        if not 0 < number < 1:
-            raise ExplainerError(f"areas must be fractions in (0, 1), got {item!r} in {value!r}")
-        fractions.append(number)
-    return tuple(fractions)
 
 
 # --- shared pieces --------------------------------------------------------------------------------
@@ -107,12 +75,9 @@ def shift_images(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[..., pad - dy : pad - dy + height, pad - dx : pad - dx + width]
 
 
-def scores_of(logits: torch.Tensor, targets: torch.Tensor, score: str) -> torch.Tensor:
-    """Each row's score at its target, ``[N]``: the logit, or the softmax probability."""
-    check_logits(logits, targets)
-    if score == "probability":
-        logits = torch.softmax(logits, dim=1)
-    scores = logits.gather(1, targets[:, None])[:, 0]
+def differentiable_scores(logits: torch.Tensor, targets: torch.Tensor, score: str) -> torch.Tensor:
+    """Each row's :func:`~service.explain.scores.target_scores` ``[N]``; an error when they carry no gradient."""
+    scores = target_scores(logits, targets, score)
     if not scores.requires_grad:
         raise ExplainerError(
             "the logits of the model do not depend on its input through autograd "
@@ -250,10 +215,11 @@ class MeaningfulPerturbation(_MaskOptimisation):
     ) -> None:
         self.iterations = positive_int("iterations", iterations)
         self.learning_rate = positive_float("learning_rate", learning_rate)
-        self.area_weight = non_negative_float("area_weight", area_weight)
-        self.area_exponent = at_least_one("area_exponent", area_exponent)
-        self.tv_weight = non_negative_float("tv_weight", tv_weight)
-        self.tv_beta = at_least_one("tv_beta", tv_beta)
+        self.area_weight = finite_float("area_weight", area_weight, minimum=0.0)
+        # Exponents >= 1 keep the gradients finite at 0.
+        self.area_exponent = finite_float("area_exponent", area_exponent, minimum=1.0)
+        self.tv_weight = finite_float("tv_weight", tv_weight, minimum=0.0)
+        self.tv_beta = finite_float("tv_beta", tv_beta, minimum=1.0)
         self.mask_size = positive_int("mask_size", mask_size)
         self.perturbation = choice("perturbation", perturbation, PERTURBATIONS)
         self.blur_sigma = positive_float("blur_sigma", blur_sigma)
@@ -277,7 +243,7 @@ class MeaningfulPerturbation(_MaskOptimisation):
             for dy, dx in shifts:
                 kept = self._upsample(mask, height, width)
                 perturbed = shift_images(replacement + kept * difference, dy, dx)
-                scores = scores_of(module(perturbed), targets, self.score)
+                scores = differentiable_scores(module(perturbed), targets, self.score)
                 loss = self.area_weight * (1 - mask).pow(self.area_exponent).mean(dim=(1, 2, 3))
                 loss = loss + self.tv_weight * self._total_variation(mask) + scores
                 optimiser.minimise(loss.sum())
@@ -431,7 +397,7 @@ class ExtremalPerturbation(_MaskOptimisation):
         jitter: int = 4,
         seed: int = 0,
     ) -> None:
-        self.areas = area_fractions(areas)
+        self.areas = fractions("areas", areas)
         self.iterations = positive_int("iterations", iterations)
         self.learning_rate = positive_float("learning_rate", learning_rate)
         self.mask_size = positive_int("mask_size", mask_size)
@@ -440,7 +406,7 @@ class ExtremalPerturbation(_MaskOptimisation):
         self.blur_sigma = positive_float("blur_sigma", blur_sigma)
         self.baseline = finite_float("baseline", baseline)
         self.regulariser_weight = positive_float("regulariser_weight", regulariser_weight)
-        self.regulariser_growth = at_least_one("regulariser_growth", regulariser_growth)
+        self.regulariser_growth = finite_float("regulariser_growth", regulariser_growth, minimum=1.0)
         self.score = choice("score", score, SCORES)
         self.jitter = non_negative_int("jitter", jitter)
         self.seed = seed_value(seed)
@@ -478,7 +444,7 @@ class ExtremalPerturbation(_MaskOptimisation):
                 perturbed = shift_images(perturbed.reshape(-1, channels, height, width), dy, dx)
                 logits = module(perturbed)
                 check_logits(logits[::n_areas], targets)  # errors name the caller's targets, once each
-                scores = scores_of(logits, mask_targets, self.score)
+                scores = differentiable_scores(logits, mask_targets, self.score)
                 ranked = ranked_values(masks.flatten(2), tie_breaker)
                 regulariser = ((ranked - reference) ** 2).mean(dim=2)
                 optimiser.minimise((weight * regulariser).sum() - scores.sum())

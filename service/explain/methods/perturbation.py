@@ -22,37 +22,27 @@ from service.explain.base import (
     ForwardFn,
     ModelLike,
     check_batch_and_targets,
-    check_logits,
     chunk_size_for,
     forward_function,
 )
 from service.explain.hooks import eval_mode, module_device
+from service.explain.scores import SCORES, check_targets_on_first_image, forward_scores
 from service.explain.settings import (
     boolean,
     choice,
     finite_float,
+    float_in,
     optional_positive_int,
     positive_float,
     positive_int,
     seed_value,
 )
 
-#: What a perturbation method reads off the model output for the target class.
-SCORES = ("logit", "probability")
 #: What a perturbed region becomes: a constant (``baseline``) or the Gaussian-blurred image.
 PERTURBATIONS = ("baseline", "blur")
 
 
 # --- forward passes -------------------------------------------------------------------------------
-
-
-def target_scores(forward: ForwardFn, inputs: torch.Tensor, targets: torch.Tensor, score: str) -> torch.Tensor:
-    """Each input's score at its own target, ``[N]``: the logit, or the softmax probability."""
-    logits = forward(inputs)
-    check_logits(logits, targets)
-    if score == "probability":
-        logits = torch.softmax(logits.to(torch.float32), dim=1)
-    return logits.gather(1, targets[:, None])[:, 0]
 
 
 @contextmanager
@@ -65,32 +55,6 @@ def forward_context(model: ModelLike, batch: torch.Tensor) -> Iterator[tuple[For
     forward = forward_function(model)
     with eval_mode(model) if isinstance(model, nn.Module) else nullcontext():
         yield forward, device if device is not None else batch.device
-
-
-def check_target_range(forward: ForwardFn, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-    """One forward pass of the first image: every target must be a class of the model.
-
-    Perturbation loops mix images in chunks; checking up front reports the batch's own targets.
-    """
-    logits = forward(inputs[:1])
-    if logits.ndim == 2 and logits.shape[0] == 1:
-        logits = logits.expand(len(targets), -1)
-    check_logits(logits, targets if logits.shape[0] == len(targets) else targets[:1])
-
-
-def chunked_scores(
-    forward: ForwardFn,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    score: str,
-    chunk_size: int,
-) -> torch.Tensor:
-    """:func:`target_scores` of ``inputs`` sent ``chunk_size`` at a time (targets checked all at once)."""
-    logits = torch.cat([forward(part) for part in inputs.split(chunk_size)])
-    check_logits(logits, targets)
-    if score == "probability":
-        logits = torch.softmax(logits.to(torch.float32), dim=1)
-    return logits.gather(1, targets[:, None])[:, 0]
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -176,9 +140,7 @@ class RISE(Explainer):
     ) -> None:
         self.n_masks = positive_int("masks", masks)
         self.cell_size = positive_int("cell_size", cell_size)
-        self.probability = finite_float("probability", probability)
-        if not 0 < self.probability <= 1:
-            raise ExplainerError(f"probability must be in (0, 1], got {probability!r}")
+        self.probability = float_in("probability", probability, 0.0, 1.0, include_low=False)
         self.seed = seed_value(seed)
         self.chunk_size = optional_positive_int("chunk_size", chunk_size)
         self.baseline = finite_float("baseline", baseline)
@@ -240,7 +202,7 @@ class RISE(Explainer):
             targets = targets.to(device)
             replacement = replacement_images(inputs, self.perturbation, self.baseline, self.blur_sigma)
             difference = inputs - replacement
-            check_target_range(forward, inputs, targets)
+            check_targets_on_first_image(forward, inputs, targets)
             # float64 sums: thousands of terms, and centring subtracts two nearly equal sums
             saliency = torch.zeros(n_images, height, width, dtype=torch.float64, device=device)
             coverage = torch.zeros(height, width, dtype=torch.float64, device=device)  # sum_i M_i
@@ -258,7 +220,7 @@ class RISE(Explainer):
                     perturbed = torch.mul(kept, difference[image]).add_(self.baseline)
                 else:
                     perturbed = torch.addcmul(replacement[image], kept, difference[image])
-                scores = target_scores(forward, perturbed, targets[image], self.score).to(torch.float64)
+                scores = forward_scores(forward, perturbed, targets[image], self.score).to(torch.float64)
                 # scores as a [B, masks of the chunk] matrix (0 where a pair is in another chunk)
                 weights = torch.zeros(n_images, last - first, dtype=torch.float64, device=device)
                 weights[image, mask_index - first] = scores
@@ -355,7 +317,7 @@ class HiPe(Explainer):
             inputs = batch.detach().to(device)
             targets = targets.to(device)
             replacement = replacement_images(inputs, self.perturbation, self.baseline, self.blur_sigma)
-            clean = chunked_scores(forward, inputs, targets, self.score, chunk)
+            clean = forward_scores(forward, inputs, targets, self.score, chunk)
             saliency = torch.zeros(n_images, height, width, dtype=clean.dtype, device=device)
             passes = torch.ones(n_images, dtype=torch.long, device=device)
             for cells in levels:
@@ -368,7 +330,7 @@ class HiPe(Explainer):
                     b, i, j = image[part], row[part], col[part]
                     window = (rows[i][:, :, None] & cols[j][:, None, :])[:, None]
                     perturbed = torch.where(window, replacement[b], inputs[b])
-                    drop = clean[b] - target_scores(forward, perturbed, targets[b], self.score)
+                    drop = clean[b] - forward_scores(forward, perturbed, targets[b], self.score)
                     drops[b, i, j] = drop.clamp_min(0) if self.relu else drop
                 saliency += torch.einsum("bij,ih,jw->bhw", drops, rows.to(drops.dtype), cols.to(drops.dtype))
                 passes += selected.sum(dim=(1, 2))

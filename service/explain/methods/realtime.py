@@ -12,11 +12,13 @@ classifier to keep its answer (see :mod:`service.tools.demo.train_saliency` for 
 
 At run time only the masker runs: the classifier is never called, so :class:`RealtimeSaliency`
 works with any model argument, ONNX runners included. A masker belongs to the one classifier it
-was trained against; its file records that model's name, version and weights digest, its class
-count and input shape. Class count and input shape are checked against the batch and targets;
-the classifier itself can only be checked where that is cheap: for a torch module (or a runner
-exposing one) the output size of its last ``nn.Linear`` must equal the masker's class count. A
-runner without a torch module (ONNX) cannot be checked; pair it with the masker trained for it.
+was trained against: the model card names it (``auxiliary.saliency_masker``, file and sha256,
+checked when the card loads) and the node passes it to the explainer; its file records that
+model's name, version and weights digest, its class count and input shape. Class count and input
+shape are checked against the batch and targets; the classifier itself can only be checked where
+that is cheap: for a torch module (or a runner exposing one) the output size of its last
+``nn.Linear`` must equal the masker's class count. A runner without a torch module (ONNX) cannot
+be checked; pair it with the masker trained for it.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import math
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -36,20 +40,16 @@ from torch import nn
 
 from service.explain.base import Explainer, ExplainerError, ModelLike
 from service.inference.runner import Runner
-from service.models import demo_card_path
 
 #: File name of a masker beside its model (the demo card's folder holds the shipped one).
 MASKER_FILE = "saliency-masker.pt"
+#: The model card's ``auxiliary`` entry that names a model's masker.
+CARD_ENTRY = "saliency_masker"
 #: Marks a masker file; a different value means some other checkpoint.
 FILE_FORMAT = "pacs-xai-saliency-masker"
 FORMAT_VERSION = 1
 #: How to rebuild a masker file (named in the errors).
 TRAIN_COMMAND = "pacs-xai demo train-saliency"
-
-
-def default_masker_path() -> Path:
-    """The masker shipped beside the demo model: ``service/models/demo/saliency-masker.pt``."""
-    return demo_card_path().parent / MASKER_FILE
 
 
 def _conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
@@ -225,25 +225,29 @@ def _model_class_count(model: ModelLike) -> int | None:
 class RealtimeSaliency(Explainer):
     """Real-time saliency (Dabkowski & Gal, 2017): the trained masker's mask for the target class.
 
-    ``masker`` is the masker file (default: :func:`default_masker_path`, trained for the demo
-    model by ``pacs-xai demo train-saliency``). The map is the mask itself, ``[B, H, W]`` in
+    ``masker`` is the masker file trained for the model; the node fills it in from the model
+    card's ``auxiliary.saliency_masker`` (the demo card names the one ``pacs-xai demo
+    train-saliency`` trained for the demo model). The map is the mask itself, ``[B, H, W]`` in
     (0, 1) (0.0025 to 0.9975 with the default logit bound): higher means the classifier needs
     that region to keep the target class (for a class the masker deems absent from the image it
-    comes out near 0 everywhere). One masker forward
-    pass per batch, the classifier never runs (see the module docstring for which checks that
-    leaves). The file is read once per explainer instance, at the first call; nothing random.
+    comes out near 0 everywhere). One masker forward pass per batch, the classifier never runs
+    (see the module docstring for which checks that leaves). The file is read once per explainer
+    instance, at the first call; nothing random.
     """
 
     name: ClassVar[str] = "realtime_saliency"
     needs_gradients: ClassVar[bool] = False
+    card_files: ClassVar[Mapping[str, str]] = MappingProxyType({"masker": CARD_ENTRY})
 
     def __init__(self, masker: str | os.PathLike[str] | None = None) -> None:
         if masker is None:
-            path = default_masker_path()
-        elif isinstance(masker, str | os.PathLike):
-            path = Path(masker)
-        else:
+            raise ExplainerError(
+                f"realtime_saliency needs the saliency masker trained for the model: set the model card's "
+                f"auxiliary.{CARD_ENTRY} (`{TRAIN_COMMAND} --out CARD_FOLDER` writes it) or the masker setting"
+            )
+        if not isinstance(masker, str | os.PathLike):
             raise ExplainerError(f"masker must be a path to a saliency masker file, got {masker!r}")
+        path = Path(masker)
         if not path.is_file():
             raise ExplainerError(
                 f"saliency masker file not found: {path}; create it with `{TRAIN_COMMAND} --out {path.parent}`"

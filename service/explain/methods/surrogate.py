@@ -35,12 +35,8 @@ import torch
 from skimage.segmentation import slic
 
 from service.explain.base import Explainer, ExplainerError, ModelLike, check_batch_and_targets, chunk_size_for
-from service.explain.methods.perturbation import (
-    SCORES,
-    check_target_range,
-    forward_context,
-    target_scores,
-)
+from service.explain.methods.perturbation import forward_context
+from service.explain.scores import SCORES, check_targets_on_first_image, forward_scores
 from service.explain.settings import (
     choice,
     finite_float,
@@ -49,13 +45,6 @@ from service.explain.settings import (
     positive_int,
     seed_value,
 )
-
-
-def _non_negative_float(name: str, value: object) -> float:
-    number = finite_float(name, value)
-    if number < 0:
-        raise ExplainerError(f"{name} must be >= 0, got {value!r}")
-    return number
 
 
 class _Surrogate(Explainer):
@@ -78,7 +67,7 @@ class _Surrogate(Explainer):
         self.seed = seed_value(seed)
         self.n_segments = positive_int("n_segments", n_segments)
         self.compactness = positive_float("compactness", compactness)
-        self.smoothing = _non_negative_float("smoothing", smoothing)
+        self.smoothing = finite_float("smoothing", smoothing, minimum=0.0)
         self.baseline = finite_float("baseline", baseline)
         self.score = choice("score", score, SCORES)
         self.chunk_size = optional_positive_int("chunk_size", chunk_size)
@@ -167,7 +156,7 @@ class _Surrogate(Explainer):
         with forward_context(model, batch) as (forward, device):
             inputs = batch.detach().to(device)
             targets = targets.to(device)
-            check_target_range(forward, inputs, targets)
+            check_targets_on_first_image(forward, inputs, targets)
             kept = kept.to(device)
             pixel_feature = torch.stack(features).to(device)
             image = torch.repeat_interleave(torch.arange(n_images, device=device), torch.tensor(rows, device=device))
@@ -177,7 +166,7 @@ class _Surrogate(Explainer):
                 b = image[part]
                 keep = torch.gather(kept[b, row[part]], 1, pixel_feature[b]).view(len(part), 1, height, width)
                 perturbed = torch.where(keep, inputs[b], self.baseline)
-                scores[part] = target_scores(forward, perturbed, targets[b], self.score).to(torch.float64)
+                scores[part] = forward_scores(forward, perturbed, targets[b], self.score).to(torch.float64)
         maps = []
         offsets = [0, *np.cumsum(rows).tolist()]
         for index, (z, weights) in enumerate(drawn):
@@ -244,7 +233,7 @@ class Lime(_Surrogate):
     ) -> None:
         super().__init__(samples, seed, n_segments, compactness, smoothing, baseline, score, chunk_size)
         self.kernel_width = positive_float("kernel_width", kernel_width)
-        self.alpha = _non_negative_float("alpha", alpha)
+        self.alpha = finite_float("alpha", alpha, minimum=0.0)
 
     def coalitions(self, n_features: int) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed)

@@ -53,6 +53,7 @@ from torch import nn
 
 from service.explain.base import Explainer, ExplainerError
 from service.explain.registry import available_explainers, explainer_class, get_explainer
+from service.node.pipeline import card_settings
 from service.tools.bench.measure import (
     MIN_TIMED_S,
     InputLayer,
@@ -89,13 +90,16 @@ AUC_TOLERANCE = 1.10
 
 
 def _json_settings(explainer: Explainer) -> dict[str, Any]:
-    """The explainer's simple settings (numbers, strings, paths), for the record."""
+    """The explainer's simple settings (numbers, strings, paths), for the record; a wrapped
+    explainer (SmoothGrad's base) as its registry name and settings."""
     settings: dict[str, Any] = {}
     for key, value in vars(explainer).items():
         if isinstance(value, (bool, int, float, str)) or value is None:
             settings[key] = value
         elif isinstance(value, os.PathLike):
             settings[key] = os.fspath(value)
+        elif isinstance(value, Explainer):
+            settings[key] = {"name": value.name, **_json_settings(value)}
     return settings
 
 
@@ -161,6 +165,8 @@ def bench_method(
     settings = dict(params)
     if "target_layer" in inspect.signature(explainer_class(name)).parameters:
         settings.setdefault("target_layer", bench.target_layer)
+    if bench.card is not None:  # files trained against the model, e.g. realtime_saliency's masker
+        settings = {**card_settings(bench.card, name), **settings}
     try:
         explainer = get_explainer(name, **settings)
         with_passes = getattr(explainer, "explain_with_passes", None)

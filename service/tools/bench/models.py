@@ -34,6 +34,8 @@ class BenchModel:
     parameters: int
     #: The model as the node runs forward-only methods on CPU (ONNX Runtime), when the card ships it.
     onnx_runner: Any = None
+    #: The model card, for the settings it provides to explainers (e.g. realtime_saliency's masker).
+    card: Any = None
 
 
 def phantom_images(count: int, seed: int = IMAGE_SEED) -> torch.Tensor:
@@ -63,7 +65,7 @@ def load_bench_model(name: str, images: torch.Tensor, device: torch.device) -> B
             raise ValueError(f"the demo card {demo_card_path()} must ship torch weights and a target layer")
     elif name == "densenet121":
         module, layer = densenet121(in_channels=images.shape[1]), TARGET_LAYER
-        onnx_runner = None
+        onnx_runner, card = None, None
     else:
         raise ValueError(f"unknown bench model {name!r}; choose from {', '.join(MODELS)}")
     module = module.to(device).eval()
@@ -72,4 +74,4 @@ def load_bench_model(name: str, images: torch.Tensor, device: torch.device) -> B
         targets = module(images).argmax(dim=1).tolist()
     parameters = sum(p.numel() for p in module.parameters())
     runner = onnx_runner if device.type == "cpu" else None
-    return BenchModel(name, module, layer, images, targets, parameters, runner)
+    return BenchModel(name, module, layer, images, targets, parameters, runner, card)

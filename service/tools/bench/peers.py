@@ -144,9 +144,9 @@ _NOISE_TUNNEL_BASES: dict[str, tuple[str, Callable[[Any], dict[str, Any]]]] = {
 
 
 def _captum_smoothgrad(explainer: Any, bench: BenchModel) -> list[PeerCase]:
-    if explainer.base not in _NOISE_TUNNEL_BASES:
+    if explainer.base_explainer.name not in _NOISE_TUNNEL_BASES:
         return []
-    class_name, base_settings = _NOISE_TUNNEL_BASES[explainer.base]
+    class_name, base_settings = _NOISE_TUNNEL_BASES[explainer.base_explainer.name]
     settings = {
         "base": class_name,
         **base_settings(explainer.base_explainer),

@@ -24,6 +24,12 @@ held-out phantoms (another seed) measure the result: the pointing game of the ma
 the lesion masks, the classifier's probability when the masked region is removed or kept alone,
 and the mask area for classes that are absent. Seeded; the same settings give the same weights
 (about 30 s on 2 idle cores with the defaults).
+
+The masker is written as ``saliency-masker.pt`` into the output folder. When that is the model
+card's own folder, the card's ``auxiliary.saliency_masker`` entry (file and sha256) is updated
+too, as ``pacs-xai demo train`` writes the card beside the weights; the node then gives the
+masker to the ``realtime_saliency`` explainer. Elsewhere the card is left alone (a masker in a
+scratch folder is used by setting the explainer's ``masker``).
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ from torch import nn
 
 from dicom_io.pixels import PreparedFrame, prepare_frames
 from service.explain.methods.perturbation import gaussian_blur
-from service.explain.methods.realtime import MASKER_FILE, SaliencyMasker, save_masker
-from service.inference.card import ModelCard
+from service.explain.methods.realtime import CARD_ENTRY, MASKER_FILE, SaliencyMasker, save_masker
+from service.explain.scores import LOG_PROBABILITY, PROBABILITY, target_scores
+from service.inference.card import ModelCard, set_auxiliary_file
 from service.models import demo_card_path
 from service.models.demo.network import DemoNet
 from service.synthetic.phantoms import CLASSES, make_phantom
@@ -113,6 +120,9 @@ class SaliencyReport:
     figures: dict[str, float]
     seconds: float
     path: Path
+    #: The model card whose ``auxiliary.saliency_masker`` now names the masker; ``None`` when the
+    #: masker was written outside the card's folder and the card was left alone.
+    card: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -155,7 +165,7 @@ def load_classifier(card_path: Path) -> tuple[DemoNet, ModelCard]:
     if weights is None:
         raise ValueError(f"model card {card_path} ships no torch state dict; the masker needs the eager model")
     model = DemoNet(num_classes=len(card.output.classes), in_channels=card.input.channels)
-    model.load_state_dict(torch.load(card_path.parent / weights.file, map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(card.weights_path("torch"), map_location="cpu", weights_only=True))
     model.eval().requires_grad_(False)
     return model, card
 
@@ -213,8 +223,8 @@ def saliency_loss(
     preserve = destroy = torch.zeros(())
     if len(real):
         m, x, a, c = masks[real], images[real], alternative[real], targets[real]
-        log_p = torch.log_softmax(classifier(torch.cat([m * x + (1 - m) * a, (1 - m) * x + m * a])), dim=1)
-        log_p = log_p.gather(1, torch.cat([c, c])[:, None])[:, 0]
+        logits = classifier(torch.cat([m * x + (1 - m) * a, (1 - m) * x + m * a]))
+        log_p = target_scores(logits, torch.cat([c, c]), LOG_PROBABILITY)
         preserve = -log_p[: len(real)]
         destroy = settings.destroy_weight * torch.exp(settings.destroy_power * log_p[len(real) :])
         per_sample = per_sample.index_add(0, real, preserve + destroy)
@@ -232,7 +242,8 @@ def train_saliency_masker(
     progress: Progress = print,
     card_path: str | Path | None = None,
 ) -> SaliencyReport:
-    """Train the masker for the model of ``card_path`` (default: the demo card); write it to ``out_dir``."""
+    """Train the masker for the model of ``card_path`` (default: the demo card); write it to ``out_dir``
+    and, when ``out_dir`` is the card's folder, point the card's ``auxiliary.saliency_masker`` at it."""
     started = time.perf_counter()
     card_file = Path(card_path) if card_path is not None else demo_card_path()
     previous_threads = torch.get_num_threads()
@@ -272,7 +283,14 @@ def train_saliency_masker(
         path = save_masker(Path(out_dir) / MASKER_FILE, masker, INPUT_SPEC.rows, INPUT_SPEC.columns, metadata)
     finally:
         torch.set_num_threads(previous_threads)
-    return SaliencyReport(figures, time.perf_counter() - started, path)
+    updated = None
+    if path.parent.resolve() == card.folder.resolve():
+        set_auxiliary_file(card_file, CARD_ENTRY, path)
+        updated = card_file
+        progress(f"model card {card_file}: auxiliary.{CARD_ENTRY} -> {path.name}")
+    else:
+        progress(f"model card {card_file} left as it is: the masker is not in its folder")
+    return SaliencyReport(figures, time.perf_counter() - started, path, updated)
 
 
 def _fit(
@@ -354,7 +372,7 @@ def evaluate_masker(
         random = random_regions(m.shape, DELETION_FRACTION, torch.Generator().manual_seed(0))
         batches = [x, m * filled + (1 - m) * x, m * x + (1 - m) * filled]
         batches += [torch.where(top, filled, x), torch.where(random, filled, x)]
-        probabilities = [torch.softmax(classifier(b), 1).gather(1, c[:, None])[:, 0].mean() for b in batches]
+        probabilities = [target_scores(classifier(b), c, PROBABILITY).mean() for b in batches]
     figures = {}
     for name in ("nodule", "effusion"):
         hits = []

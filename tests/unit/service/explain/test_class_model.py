@@ -180,6 +180,7 @@ def test_cli_onnx_only_card_needs_a_torch_runtime(tmp_path: Path, capsys: pytest
     source = demo_card_path()
     raw = yaml.safe_load(source.read_text(encoding="utf-8"))
     raw["weights"] = {"onnx": raw["weights"]["onnx"]}
+    raw.pop("auxiliary", None)  # the saliency masker, not copied: an ONNX-only card
     shutil.copy(source.parent / raw["weights"]["onnx"]["file"], tmp_path)
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     code = main(["visualize-class", "--class", "nodule", "--model", str(tmp_path), "--out", str(tmp_path / "o")])

@@ -29,9 +29,11 @@ from torch import nn
 from dicom_io.pixels import prepare_frames
 from service.explain.base import Explainer, ExplainerError
 from service.explain.registry import available_explainers, explainer_class, get_explainer
+from service.inference.card import ModelCard
 from service.inference.deployed import DeployedModel
 from service.inference.runner import Runner
 from service.models import demo_card_path
+from service.node.pipeline import card_settings
 from service.synthetic.phantoms import make_phantom
 from tests.helpers import HELD_OUT_SEED
 from tests.unit.service.explain.explainer_checks import hook_count, left_as_found
@@ -65,7 +67,8 @@ FAST: dict[str, dict[str, Any]] = {
     "kernel_shap": {"samples": 40, "n_segments": 12, "chunk_size": 16, "seed": 2},
     "meaningful_perturbation": {"iterations": 6, "seed": 1},
     "extremal_perturbation": {"iterations": 6, "seed": 1},
-    "realtime_saliency": {},
+    # the masker trained for the demo model, as the node takes it from the demo card
+    "realtime_saliency": card_settings(ModelCard.load(demo_card_path()), "realtime_saliency"),
 }
 #: Where the demo model's 224² images would make the settings above slow.
 FAST_ON_DEMO: dict[str, dict[str, Any]] = {

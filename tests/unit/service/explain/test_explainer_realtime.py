@@ -1,10 +1,12 @@
 """Real-time saliency: the shipped masker localises phantom nodules, its top region matters to the
 demo model, the explainer contract holds (batch = singles, any runner, model untouched, clear
-errors), and a tiny training run writes a masker the explainer loads."""
+errors), a tiny training run writes a masker the explainer loads, and the masker comes from the
+model card (auxiliary.saliency_masker) through the node's pipeline."""
 
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,15 +14,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from dicom_io.pixels import PreparedFrame, prepare_frames
 from service.cli.main import main as cli_main
 from service.explain.base import ExplainerError
-from service.explain.methods.realtime import RealtimeSaliency, default_masker_path, load_masker
+from service.explain.methods.realtime import RealtimeSaliency, load_masker
+from service.explain.registry import get_explainer
 from service.inference.backends import OnnxRunner
-from service.inference.card import ModelCard
+from service.inference.card import ModelCard, sha256_of
+from service.inference.deployed import DeployedModel
 from service.models import demo_card_path
 from service.models.demo.network import DemoNet
+from service.node.pipeline import ExplainPipeline, card_settings
 from service.synthetic.phantoms import CLASSES
 from service.tools.demo.train import INPUT_SPEC, normalise
 from service.tools.demo.train_saliency import SaliencySettings, train_saliency_masker
@@ -60,11 +66,12 @@ def classifier() -> DemoNet:
 
 @pytest.fixture(scope="module")
 def explainer() -> RealtimeSaliency:
-    return RealtimeSaliency()
+    """The explainer as the node builds it: the masker is the one the demo card names."""
+    return RealtimeSaliency(**card_settings(ModelCard.load(demo_card_path()), "realtime_saliency"))  # type: ignore[arg-type]
 
 
 def test_shipped_masker_is_the_demo_models_and_small() -> None:
-    path = default_masker_path()
+    path = ModelCard.load(demo_card_path()).auxiliary_path("saliency_masker")
     assert path.parent == demo_card_path().parent
     assert path.stat().st_size < 2_000_000
     _, info = load_masker(path)
@@ -211,3 +218,60 @@ def test_cli_refuses_bad_epochs(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert exit_info.value.code == 2
     assert "--epochs: must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "saliency-masker.pt").exists()
+
+
+# --- the masker comes from the model card -------------------------------------------------------
+
+
+def test_without_a_masker_the_error_says_where_to_set_it() -> None:
+    with pytest.raises(
+        ExplainerError, match=r"set the model card's auxiliary\.saliency_masker .* or the masker setting"
+    ):
+        RealtimeSaliency()
+
+
+def test_the_pipeline_takes_the_masker_from_the_card_unless_the_config_sets_one(tmp_path: Path) -> None:
+    deployed = DeployedModel.from_card_path(demo_card_path())
+    try:
+        pipeline = ExplainPipeline(deployed, ["realtime_saliency", "gradcam"])
+        explainer = pipeline.explainers["realtime_saliency"]
+        assert isinstance(explainer, RealtimeSaliency)
+        assert explainer.masker_path == deployed.card.auxiliary_path("saliency_masker")
+        own = tmp_path / "own-masker.pt"
+        own.write_bytes(explainer.masker_path.read_bytes())
+        params = {"realtime_saliency": {"masker": str(own)}, "gradcam": {"target_layer": "features.block2"}}
+        configured = ExplainPipeline(deployed, ["realtime_saliency", "gradcam"], method_params=params)
+        assert configured.explainers["realtime_saliency"].masker_path == own  # type: ignore[attr-defined]
+        assert configured.explainers["gradcam"].target_layer == "features.block2"  # type: ignore[attr-defined]
+    finally:
+        deployed.close()
+
+
+def test_a_card_without_a_masker_gives_none_and_the_explainer_says_so(tmp_path: Path) -> None:
+    folder = tmp_path / "demo"
+    shutil.copytree(demo_card_path().parent, folder)
+    raw = yaml.safe_load((folder / "model.yaml").read_text())
+    del raw["auxiliary"]
+    (folder / "model.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    settings = card_settings(ModelCard.load(folder), "realtime_saliency")
+    assert settings == {}
+    with pytest.raises(ExplainerError, match=r"auxiliary\.saliency_masker"):
+        get_explainer("realtime_saliency", **settings)
+
+
+def test_training_into_the_cards_folder_updates_its_entry(tmp_path: Path, nodules: Nodules) -> None:
+    folder = tmp_path / "demo"
+    shutil.copytree(demo_card_path().parent, folder)
+    before = (folder / "saliency-masker.pt").read_bytes()
+    report = train_saliency_masker(folder, TINY, progress=lambda line: None, card_path=folder / "model.yaml")
+    assert report.card == folder / "model.yaml" and report.path == folder / "saliency-masker.pt"
+    assert report.path.read_bytes() != before
+    card = ModelCard.load(folder)  # the new file's sha256 checks out
+    assert card.auxiliary["saliency_masker"].file == "saliency-masker.pt"
+    assert card.auxiliary["saliency_masker"].sha256 == sha256_of(report.path)
+    explainer = RealtimeSaliency(**card_settings(card, "realtime_saliency"))  # type: ignore[arg-type]
+    assert explainer.explain(ExplodingRunner(), nodules.inputs[:1], [NODULE]).shape == (1, 224, 224)
+    # elsewhere the card is left alone
+    elsewhere = train_saliency_masker(tmp_path / "other", TINY, progress=lambda line: None, card_path=folder)
+    assert elsewhere.card is None
+    assert ModelCard.load(folder).auxiliary["saliency_masker"].sha256 == sha256_of(report.path)

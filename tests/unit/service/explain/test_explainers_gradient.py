@@ -25,6 +25,7 @@ why next to the helper:
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -323,7 +324,7 @@ def test_integrated_gradients_quadratures_match_captum(method: str) -> None:
 def test_smoothgrad_matches_captum_noise_tunnel(variant: str, base: str, base_params: dict[str, Any]) -> None:
     """Same noise on both sides (see :class:`patched_captum_noise`)."""
     model, x = MODELS["densenet"](), images()
-    explainer = SmoothGrad(base=base, base_params=base_params, samples=6, variant=variant, seed=3)
+    explainer = get_explainer("smoothgrad", base=base, base_params=base_params, samples=6, variant=variant, seed=3)
     ours = explainer.explain(model, x, TARGETS)
     if base == "saliency":
         method, kwargs, reduce = CaptumSaliency(model), {"abs": base_params.get("absolute", True)}, "max_abs"
@@ -337,7 +338,7 @@ def test_smoothgrad_matches_captum_noise_tunnel(variant: str, base: str, base_pa
 
 def test_smoothgrad_on_demo_matches_captum(demo: tuple[Any, nn.Module, torch.Tensor, list[int]]) -> None:
     _, model, x, targets = demo
-    explainer = SmoothGrad(samples=4, noise_level=0.1, seed=11, internal_batch_size=4)
+    explainer = SmoothGrad(Saliency(), samples=4, noise_level=0.1, seed=11, internal_batch_size=4)
     ours = explainer.explain(model, x, targets)
     with patched_captum_noise(explainer, x):
         theirs = NoiseTunnel(CaptumSaliency(model)).attribute(x, nt_type="smoothgrad", nt_samples=4, target=targets)
@@ -519,8 +520,8 @@ EXPLAINERS: dict[str, Callable[[], Any]] = {
     "saliency": Saliency,
     "input_x_gradient": InputXGradient,
     "integrated_gradients": lambda: IntegratedGradients(steps=8, internal_batch_size=5),
-    "smoothgrad": lambda: SmoothGrad(samples=5, internal_batch_size=7, seed=2),
-    "smoothgrad_ig": lambda: SmoothGrad(base="integrated_gradients", base_params={"steps": 4}, samples=3),
+    "smoothgrad": lambda: SmoothGrad(Saliency(), samples=5, internal_batch_size=7, seed=2),
+    "smoothgrad_ig": lambda: SmoothGrad(IntegratedGradients(steps=4), samples=3),
     "guided_backprop": GuidedBackprop,
     "deconvnet": Deconvnet,
     "deeplift": DeepLift,
@@ -552,7 +553,7 @@ def test_deterministic(method: str) -> None:
 
 def test_smoothgrad_seed_changes_the_noise() -> None:
     model, x = MODELS["seq"](), images(2)
-    a, b = (SmoothGrad(samples=3, seed=seed).explain(model, x, [0, 1]) for seed in (0, 1))
+    a, b = (SmoothGrad(Saliency(), samples=3, seed=seed).explain(model, x, [0, 1]) for seed in (0, 1))
     assert not torch.equal(a, b)
 
 
@@ -685,6 +686,10 @@ def test_propagation_errors_name_the_layer() -> None:
             explainer.explain(batchnorm_without_stats, x, [0])
 
 
+#: SmoothGrad as a node configuration builds it: the base named, with its settings in base_params.
+SMOOTHGRAD_FROM_CONFIG = functools.partial(get_explainer, "smoothgrad")
+
+
 @pytest.mark.parametrize(
     ("cls", "params", "message"),
     [
@@ -696,17 +701,29 @@ def test_propagation_errors_name_the_layer() -> None:
         (IntegratedGradients, {"method": "simpson"}, "method must be one of .*, got 'simpson'"),
         (IntegratedGradients, {"internal_batch_size": -4}, "internal_batch_size must be a positive integer, got -4"),
         (IntegratedGradients, {"steps": 1, "method": "riemann_trapezoid"}, "steps must be >= 2 for riemann_trapezoid"),
-        (SmoothGrad, {"samples": 0}, "samples must be a positive integer, got 0"),
-        (SmoothGrad, {"noise_level": -0.1}, "noise_level must be >= 0, got -0.1"),
-        (SmoothGrad, {"variant": "smoothgrad_cubed"}, "variant must be one of .*, got 'smoothgrad_cubed'"),
-        (SmoothGrad, {"seed": -1}, "seed must be an integer >= 0, got -1"),
-        (SmoothGrad, {"seed": True}, "seed must be an integer >= 0, got True"),
-        (SmoothGrad, {"base": "occlusion"}, "base must name a method that attributes to the input pixels.*'occlusion'"),
-        (SmoothGrad, {"base": "smoothgrad"}, "base must name a method .*got 'smoothgrad'"),
-        (SmoothGrad, {"base": "nope"}, "unknown explainer 'nope'"),
-        (SmoothGrad, {"base_params": {"steps": 0}, "base": "integrated_gradients"}, "steps must be a positive integer"),
-        (SmoothGrad, {"base_params": {"bogus": 1}}, "unknown setting\\(s\\) 'bogus' for explainer 'saliency'"),
-        (SmoothGrad, {"base_params": [1]}, r"base_params must be a mapping of settings, got \[1\]"),
+        (SMOOTHGRAD_FROM_CONFIG, {"samples": 0}, "samples must be a positive integer, got 0"),
+        (SMOOTHGRAD_FROM_CONFIG, {"noise_level": -0.1}, "noise_level must be >= 0, got -0.1"),
+        (SMOOTHGRAD_FROM_CONFIG, {"variant": "smoothgrad_cubed"}, "variant must be one of .*, got 'smoothgrad_cubed'"),
+        (SMOOTHGRAD_FROM_CONFIG, {"seed": -1}, "seed must be an integer >= 0, got -1"),
+        (SMOOTHGRAD_FROM_CONFIG, {"seed": True}, "seed must be an integer >= 0, got True"),
+        (
+            SMOOTHGRAD_FROM_CONFIG,
+            {"base": "occlusion"},
+            "base must name a method that attributes to the input pixels.*'occlusion'",
+        ),
+        (SMOOTHGRAD_FROM_CONFIG, {"base": "smoothgrad"}, "base must name a method .*got 'smoothgrad'"),
+        (SMOOTHGRAD_FROM_CONFIG, {"base": "nope"}, "unknown explainer 'nope'"),
+        (
+            SMOOTHGRAD_FROM_CONFIG,
+            {"base_params": {"steps": 0}, "base": "integrated_gradients"},
+            "steps must be a positive integer",
+        ),
+        (
+            SMOOTHGRAD_FROM_CONFIG,
+            {"base_params": {"bogus": 1}},
+            "unknown setting\\(s\\) 'bogus' for explainer 'saliency'",
+        ),
+        (SMOOTHGRAD_FROM_CONFIG, {"base_params": [1]}, r"base_params must be a mapping of settings, got \[1\]"),
         (DeepLift, {"baseline": None}, "baseline must be a finite number, got None"),
         (LRP, {"composite": "epsilon_gamma"}, "composite must be one of .*, got 'epsilon_gamma'"),
         (LRP, {"epsilon": 0.0}, "epsilon must be > 0, got 0.0"),

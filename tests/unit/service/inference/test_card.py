@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from service.inference.backends import load_runner
-from service.inference.card import ModelCard, ModelCardError, sha256_of
+from service.inference.card import ModelCard, ModelCardError, set_auxiliary_file, sha256_of
 from service.inference.deployed import DeployedModel
 from service.models import demo_card_path
 
@@ -99,3 +99,74 @@ def test_applies_to_rules() -> None:
     assert card.applies_to_dataset("CR", "1.2.840.10008.5.1.4.1.1.1", "CHEST") is None
     assert "modality CT" in card.applies_to_dataset("CT", "1.2.840.10008.5.1.4.1.1.2", "CHEST")
     assert "body part" in card.applies_to_dataset("DX", "1.2.840.10008.5.1.4.1.1.1.1", "HAND")
+
+
+# --- auxiliary: networks trained against the model for an explainer -----------------------------
+
+
+def test_shipped_card_names_the_demo_masker_with_its_digest() -> None:
+    card = ModelCard.load(demo_card_path())
+    entry = card.auxiliary["saliency_masker"]
+    assert entry.file == "saliency-masker.pt"
+    path = card.auxiliary_path("saliency_masker")
+    assert path == (demo_card_path().parent / "saliency-masker.pt").resolve()
+    assert entry.sha256 == sha256_of(path)
+
+
+def test_missing_auxiliary_file_is_named(card_copy: Path) -> None:
+    (card_copy.parent / "saliency-masker.pt").unlink()
+    with pytest.raises(ModelCardError, match=r"auxiliary\.saliency_masker file missing: .*saliency-masker\.pt"):
+        ModelCard.load(card_copy)
+
+
+def test_auxiliary_digest_mismatch_names_both_digests(card_copy: Path) -> None:
+    masker = card_copy.parent / "saliency-masker.pt"
+    stated = ModelCard.load(card_copy).auxiliary["saliency_masker"].sha256
+    masker.write_bytes(masker.read_bytes() + b"tampered")
+    with pytest.raises(ModelCardError, match=r"sha256 of .*saliency-masker\.pt") as error:
+        ModelCard.load(card_copy)
+    message = str(error.value)
+    assert sha256_of(masker) in message and stated in message and "auxiliary.saliency_masker" in message
+
+
+@pytest.mark.parametrize(
+    ("auxiliary", "needle"),
+    [
+        ({"healthy_vae": {"file": "vae.pt", "sha256": "0" * 64}}, r"auxiliary\.healthy_vae"),
+        ({"saliency_masker": {"file": "saliency-masker.pt"}}, r"auxiliary\.saliency_masker\.sha256"),
+        ({"saliency_masker": {"file": "saliency-masker.pt", "sha256": "ABC"}}, r"auxiliary\.saliency_masker\.sha256"),
+        ({"saliency_masker": {"file": "x.pt", "sha256": "0" * 64, "size": 3}}, r"auxiliary\.saliency_masker\.size"),
+    ],
+)
+def test_invalid_auxiliary_entries_name_where_and_what(card_copy: Path, auxiliary: dict, needle: str) -> None:
+    _edit(card_copy, auxiliary=auxiliary)
+    with pytest.raises(ModelCardError, match=needle):
+        ModelCard.load(card_copy)
+
+
+def test_a_card_without_auxiliary_files_loads_and_says_what_it_lacks(card_copy: Path) -> None:
+    raw = yaml.safe_load(card_copy.read_text())
+    del raw["auxiliary"]
+    card_copy.write_text(yaml.safe_dump(raw))
+    card = ModelCard.load(card_copy)
+    assert card.auxiliary == {}
+    with pytest.raises(ModelCardError, match=r"has no auxiliary\.saliency_masker; it has: none"):
+        card.auxiliary_path("saliency_masker")
+
+
+def test_set_auxiliary_file_writes_file_and_digest_and_keeps_the_rest(card_copy: Path) -> None:
+    before = yaml.safe_load(card_copy.read_text())
+    masker = card_copy.parent / "saliency-masker.pt"
+    retrained = card_copy.parent / "masker-v2.pt"
+    retrained.write_bytes(masker.read_bytes() + b"retrained")
+    card = set_auxiliary_file(card_copy, "saliency_masker", retrained)
+    assert card.auxiliary["saliency_masker"].file == "masker-v2.pt"
+    assert card.auxiliary["saliency_masker"].sha256 == sha256_of(retrained)
+    after = yaml.safe_load(card_copy.read_text())
+    assert {k: v for k, v in after.items() if k != "auxiliary"} == {k: v for k, v in before.items() if k != "auxiliary"}
+    assert list(after).index("auxiliary") == list(after).index("weights") + 1
+    with pytest.raises(ModelCardError, match=r"not inside the folder of the model card"):
+        set_auxiliary_file(card_copy, "saliency_masker", card_copy.parent.parent / "elsewhere.pt")
+    with pytest.raises(ModelCardError, match="unknown auxiliary kind 'vae'"):
+        set_auxiliary_file(card_copy, "vae", retrained)  # type: ignore[arg-type]
+    assert ModelCard.load(card_copy).auxiliary["saliency_masker"].file == "masker-v2.pt"
