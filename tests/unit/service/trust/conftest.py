@@ -92,6 +92,21 @@ def blob_images(count: int = 4, seed: int = 1, size: int = SIZE) -> torch.Tensor
     return batch
 
 
+class RegionModel(nn.Module):
+    """Class 0's logit is 1.5 x the mean of a 4 x 4 region (rows and columns 12..15), class 1's its negative."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        evidence = 1.5 * x[:, 0, 12:16, 12:16].mean(dim=(1, 2))
+        return torch.stack([evidence, -evidence, torch.zeros_like(evidence)], dim=1)
+
+
+def region_images(count: int = 2) -> torch.Tensor:
+    """Faint noise and a bright region where :class:`RegionModel` looks (small enough for the blur to wipe)."""
+    images = 0.1 * torch.randn(count, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    images[:, 0, 12:16, 12:16] += 3.0
+    return images
+
+
 @dataclass(frozen=True)
 class DemoCase:
     """The demo model on held-out phantoms: its torch module, normalised inputs, label targets."""
