@@ -15,7 +15,8 @@ same inputs and targets. Each step's maps are compared with the trained model's 
   demo model's ``conv-bn-relu``). Containers (``Sequential``, ``ModuleList``, ``ModuleDict``) of
   blocks are looked into, not taken whole. For the demo model: ``classifier``,
   ``features.block4``, ``features.block3``, ``features.block2``, ``features.block1``,
-  ``features.stem``. A caller may give the order instead (``layers``).
+  ``features.stem``. Where a model registers its modules in another order than its forward pass
+  runs them, the caller gives the order instead (``layers``, names from the top).
 - Re-initialisation: every submodule of the unit with a ``reset_parameters`` method, in reverse
   module order, gets PyTorch's default initialisation (BatchNorm: weight 1, bias 0, running
   statistics 0 and 1), with the random generator seeded with ``seed + 1`` before each one. That
