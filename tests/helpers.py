@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.data import get_testdata_file
@@ -18,7 +20,7 @@ from pydicom.data import get_testdata_file
 from dicom_io.net.network import free_port
 from service.tools.dcmtk import DcmtkMissingError, dcmtk_tool
 
-__all__ = ["REPO_ROOT", "data_file", "free_port", "require_dcmtk", "require_tool", "wait_for"]
+__all__ = ["REPO_ROOT", "data_file", "free_port", "grad_cam_module", "require_dcmtk", "require_tool", "wait_for"]
 
 #: The source checkout the tests run in.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -78,3 +80,36 @@ def held_out_nodules(count: int) -> list:
         )
         for index in range(count)
     ]
+
+
+#: The torchvision op schemas declared by :func:`grad_cam_module` (a definition lives as long as its library).
+_TORCHVISION_OPS: list[Any] = []
+
+
+def grad_cam_module() -> Any:
+    """``pytorch_grad_cam``, or a skip when it is not installed.
+
+    It imports torchvision, whose PyPI wheel is built for a CUDA torch: its C++ ops do not load
+    beside the CPU torch here, and ``torchvision/_meta_registrations.py`` then fails on
+    ``register_fake("torchvision::nms")`` ("operator torchvision::nms does not exist"). Only in
+    that case, the two op schemas it registers fake kernels for (``nms`` and the quantized
+    ``qnms``, same signature as in torchvision's C++ sources) are declared and the import is
+    retried, so the pure-Python parts load; nothing here calls those ops. Kept in the tests: the
+    service never imports torchvision.
+    """
+    import torch
+
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        pytest.skip("torchvision is not installed: pip install grad-cam (the test extra)")
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]  # the failed import left half-initialised modules behind
+        for op in ("nms", "qnms"):
+            library = torch.library.Library("torchvision", "FRAGMENT")
+            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            _TORCHVISION_OPS.append(library)
+    return pytest.importorskip("pytorch_grad_cam", reason="pip install grad-cam (the test extra)")

@@ -1,6 +1,6 @@
 """The import rules of docs/architecture.md, checked with import-linter (contracts in pyproject.toml):
-the layers follow the data flow (cli -> tools -> node -> explain -> inference -> synthetic, models ->
-dicom_io), dicom_io never imports torch or the service, explain never imports DICOM."""
+the layers follow the data flow (cli -> tools -> node -> trust -> explain -> inference -> synthetic,
+models -> dicom_io), dicom_io never imports torch or the service, explain and trust never import DICOM."""
 
 from __future__ import annotations
 

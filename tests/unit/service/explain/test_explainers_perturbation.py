@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import numpy as np
 import pytest
@@ -33,7 +31,7 @@ from service.explain.methods.surrogate import KernelShap, Lime
 from service.explain.registry import available_explainers, get_explainer
 from service.inference.deployed import DeployedModel
 from service.models import demo_card_path
-from tests.helpers import held_out_nodules
+from tests.helpers import grad_cam_module, held_out_nodules
 from tests.unit.service.explain.explainer_checks import left_as_found
 from tests.unit.service.explain.test_explainers_core import (
     MODELS,
@@ -59,36 +57,7 @@ pytestmark = pytest.mark.filterwarnings(
 NODULES = 20
 
 
-# --- pytorch-grad-cam, imported behind a shim -------------------------------------------------------
-
-_TORCHVISION_OPS: list[torch.library.Library] = []
-
-
-def grad_cam_module() -> Any:
-    """``pytorch_grad_cam``, or a skip when it is not installed.
-
-    It imports torchvision, whose PyPI wheel is built for a CUDA torch: its C++ ops do not load
-    beside the CPU torch here, and ``torchvision/_meta_registrations.py`` then fails on
-    ``register_fake("torchvision::nms")`` ("operator torchvision::nms does not exist"). Only in
-    that case, the two op schemas it registers fake kernels for (``nms`` and the quantized
-    ``qnms``, same signature as in torchvision's C++ sources) are declared and the import is
-    retried, so the pure-Python parts load; nothing here calls those ops. Kept in the tests: the
-    service never imports torchvision.
-    """
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        pytest.skip("torchvision is not installed: pip install grad-cam (the test extra)")
-    except RuntimeError as exc:
-        if "torchvision::" not in str(exc):
-            raise
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[name]  # the failed import left half-initialised modules behind
-        for op in ("nms", "qnms"):
-            library = torch.library.Library("torchvision", "FRAGMENT")
-            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            _TORCHVISION_OPS.append(library)  # the definition lives as long as the library object
-    return pytest.importorskip("pytorch_grad_cam", reason="pip install grad-cam (the test extra)")
+# --- pytorch-grad-cam (imported behind the shim in tests/helpers.py) -------------------------------
 
 
 def grad_cam_reference(method: str, model: nn.Module, layer: str, x: torch.Tensor, targets: list[int]) -> torch.Tensor:
