@@ -119,11 +119,17 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         formatter_class=formatter,
         help="write phantom chest radiograph studies",
         description="Write synthetic CR/DX chest studies (normal, nodule, effusion), one image each.",
-        epilog="example:\n  pacs-xai demo phantoms --out phantoms/ --count 9",
+        epilog="examples:\n  pacs-xai demo phantoms --out phantoms/ --count 9\n"
+        "  pacs-xai demo phantoms --out labelled/ --count 60 --annotations   # for: pacs-xai evaluate --images",
     )
     phantoms.add_argument("--out", type=Path, required=True, metavar="DIR")
     phantoms.add_argument("--count", type=int, default=6, metavar="N", help="number of studies (default 6)")
     phantoms.add_argument("--seed", type=int, default=0, metavar="N")
+    phantoms.add_argument(
+        "--annotations",
+        action="store_true",
+        help="also write each lesion's ground truth as a DICOM Segmentation (<image>.seg.dcm)",
+    )
     phantoms.set_defaults(handler=_phantoms)
 
 
@@ -143,7 +149,9 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 def _phantoms(args: argparse.Namespace) -> int:
-    for path, phantom in write_phantom_studies(args.out, studies=args.count, seed=args.seed):
+    for path, phantom in write_phantom_studies(
+        args.out, studies=args.count, seed=args.seed, annotations=args.annotations
+    ):
         print(f"{path}  {phantom.label}")
     return 0
 

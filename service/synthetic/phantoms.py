@@ -29,10 +29,16 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
+from dicom_io.annotations import write_annotation
+
 CLASSES: tuple[str, ...] = ("normal", "nodule", "effusion")
+#: The SNOMED CT finding of each lesion class (Segmented Property Type of its ground-truth SEG).
+FINDING_CODES: dict[str, Code] = {"nodule": codes.SCT.Nodule, "effusion": codes.SCT.PleuralEffusion}
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -117,11 +123,19 @@ def make_phantom(
 
 
 def write_phantom_studies(
-    out_dir: str | Path, *, studies: int = 3, seed: int = 0, rows: int = 512, cols: int = 480
+    out_dir: str | Path,
+    *,
+    studies: int = 3,
+    seed: int = 0,
+    rows: int = 512,
+    cols: int = 480,
+    annotations: bool = False,
 ) -> list[tuple[Path, Phantom]]:
     """Write ``studies`` one-image studies, alternating CR/DX and MONOCHROME2/MONOCHROME1.
 
-    Returns the written paths with their phantoms (label and mask), for demos and tests.
+    With ``annotations``, every lesion also gets its ground truth as a DICOM Segmentation beside the
+    image (``<image stem>.seg.dcm``), the way a hospital keeps annotations. Returns the written
+    image paths with their phantoms (label and mask), for demos and tests.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,6 +154,9 @@ def write_phantom_studies(
         )
         path = out / f"phantom-{index:03d}-{phantom.label}-{modality}.dcm"
         phantom.dataset.save_as(path, enforce_file_format=True)
+        if annotations and phantom.label in FINDING_CODES:
+            seg = write_annotation(phantom.dataset, phantom.lesion_mask, phantom.label, FINDING_CODES[phantom.label])
+            seg.save_as(path.with_suffix(".seg.dcm"), enforce_file_format=True)
         written.append((path, phantom))
     return written
 
