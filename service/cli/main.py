@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from service import __version__
 from service.cli import bench as bench_commands
 from service.cli import demo as demo_commands
+from service.cli import evaluate as evaluate_command
 from service.cli import explain as explain_command
 from service.cli import node as node_commands
 from service.cli import viewer as viewer_command
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     node_commands.register(commands, _formatter)
     explain_command.register(commands, _formatter)
+    evaluate_command.register(commands, _formatter)
     demo_commands.register(commands, _formatter)
     bench_commands.register(commands, _formatter)
     viewer_command.register(commands, _formatter)

@@ -1,0 +1,354 @@
+"""``pacs-xai evaluate``: every model x method scored on a labelled set, with the node's own parts.
+
+For each model card: the images go through the node's pixel path (:func:`dicom_io.pixels.prepare_frames`
+with the card's input spec, first frame), the deployed model predicts, and for each method the
+explainer the node would build (the card's settings, then the run's) explains the ground-truth
+class of every image. Then, from :mod:`service.trust`:
+
+- localisation on the source grid, on every image with a finding (the map taken back through the
+  exact inverse of the model-grid mapping);
+- deletion (pixels replaced by black, the model input of pixel value 0) and insertion (into a
+  blurred image), with their random-order ratios, on every image with a finding, and ROAD
+  on the first ``road_images`` of them, through the node's forward path (the inference pool: ONNX
+  Runtime where the card ships it);
+- the cascading randomisation and the random-logit check on the first ``randomisation_images``
+  images with a finding, on the card's torch module (re-initialised copies);
+- seed repeatability of stochastic methods and the ONNX-vs-torch agreement of forward-only
+  methods on the first ``repeatability_images``;
+- cost: milliseconds per image and the model rows run with and without gradients.
+
+Nothing here computes a metric itself: it chooses the images, runs the parts and collects the
+figures into :class:`~service.tools.evaluate.scorecard.Scorecard`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dicom_io.pixels import PreparedFrame, prepare_frames
+from service.explain import Explainer, get_explainer
+from service.explain.base import ModelLike
+from service.inference.card import ModelCard
+from service.inference.deployed import DeployedModel
+from service.inference.runner import Runner
+from service.node.pipeline import card_settings
+from service.tools.bench.measure import RowCounter, input_layer
+from service.tools.evaluate.labelled import LabelledImage, LabelledSet
+from service.tools.evaluate.scorecard import PER_CLASS_COLUMNS, Figure, Row, Scorecard
+from service.tools.progress import Progress
+from service.trust import faithfulness, localisation, randomisation, repeatability
+
+#: How the fraction of pixels steps in the deletion and insertion curves (1/50 of the image a step).
+CURVE_STEPS = 50
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What one ``pacs-xai evaluate`` run does besides its models, methods and images."""
+
+    methods: tuple[str, ...]
+    #: Per method, settings on top of the card's (as ``explain.method_params`` in the node config).
+    method_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    randomisation_images: int = 12
+    road_images: int = 20
+    repeatability_images: int = 6
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class _Prepared:
+    """The set as this model sees it."""
+
+    images: list[LabelledImage]
+    frames: list[PreparedFrame]
+    inputs: torch.Tensor  # [N, C, H, W] normalised
+    targets: list[int]  # the ground-truth class per image
+
+
+def evaluate(
+    cards: Sequence[Path],
+    labelled: LabelledSet,
+    settings: EvaluationSettings,
+    progress: Progress,
+    *,
+    device: str = "auto",
+) -> Scorecard:
+    """Score every card x method on ``labelled``."""
+    started = time.perf_counter()
+    scorecard = Scorecard(
+        labelled.description, len(labelled.images), len(labelled.lesions), skipped=list(labelled.skipped)
+    )
+    for card_path in cards:
+        model = DeployedModel.from_card_path(card_path, device=device)  # type: ignore[arg-type]
+        scorecard.device = model.forward_runner.device
+        try:
+            prepared = _prepare(model, labelled, scorecard.skipped, progress)
+            for method in settings.methods:
+                scorecard.rows.append(_evaluate_method(model, prepared, method, settings, progress))
+        finally:
+            model.close()
+    scorecard.seconds = time.perf_counter() - started
+    return scorecard
+
+
+def _prepare(model: DeployedModel, labelled: LabelledSet, skipped: list[str], progress: Progress) -> _Prepared:
+    card = model.card
+    images, frames, targets = [], [], []
+    for image in labelled.images:
+        if image.label not in card.output.classes:
+            skipped.append(f"{image.name}: class {image.label!r} is not one of model {card.name}'s classes")
+            continue
+        images.append(image)
+        frames.append(prepare_frames(image.dataset, card.input.spec())[0])
+        targets.append(card.class_index(image.label))
+    if not images:
+        raise ValueError(f"no image of the set has a class of model {card.name} ({', '.join(card.output.classes)})")
+    inputs = torch.from_numpy(model.normalise(np.stack([frame.model_input for frame in frames])))
+    progress(f"{card.name} {card.version}: {len(images)} images prepared on {model.forward_runner.device}")
+    return _Prepared(images, frames, inputs, targets)
+
+
+def _evaluate_method(
+    model: DeployedModel, prepared: _Prepared, method: str, settings: EvaluationSettings, progress: Progress
+) -> Row:
+    card = model.card
+    method_settings = {**card_settings(card, method), **settings.method_params.get(method, {})}
+    explainer = get_explainer(method, **method_settings)
+    explained_model = model.model_for(needs_gradients=explainer.needs_gradients)
+    row = Row(card.name, card.version, method, {key: _plain(value) for key, value in method_settings.items()})
+    label = f"{card.name} {method}"
+
+    maps, seconds, rows_run = _explain_all(
+        explainer, explained_model, model, prepared, settings.batch_size, progress, label
+    )
+    count = len(prepared.images)
+    row.figures["ms_per_image"] = Figure(1000 * seconds / count, count)
+    row.figures["forward_passes_per_image"] = Figure(rows_run[0] / count, count)
+    row.figures["backward_passes_per_image"] = Figure(rows_run[1] / count, count)
+
+    lesions = [i for i, image in enumerate(prepared.images) if image.mask is not None]
+    if lesions:
+        on_source = [prepared.frames[i].mapping.to_source_grid(maps[i]) for i in lesions]
+        masks = [prepared.images[i].mask for i in lesions]
+        _localisation(row.figures, on_source, masks)
+        for class_name in dict.fromkeys(prepared.images[i].label for i in lesions):
+            chosen = [k for k, i in enumerate(lesions) if prepared.images[i].label == class_name]
+            _localisation(
+                row.per_class.setdefault(class_name, {}), [on_source[k] for k in chosen], [masks[k] for k in chosen]
+            )
+        _faithfulness(row, model, prepared, maps, lesions, settings, progress, label)
+        _randomisation(
+            row, model, explainer, prepared, lesions[: settings.randomisation_images], settings, progress, label
+        )
+    else:
+        row.figures["hit_rate"] = Figure(None, 0, "no image with a ground-truth finding")
+    _repeatability(row, model, explainer, method, method_settings, prepared, settings)
+    return row
+
+
+def _explain_all(
+    explainer: Explainer,
+    explained_model: ModelLike,
+    model: DeployedModel,
+    prepared: _Prepared,
+    batch_size: int,
+    progress: Progress,
+    label: str,
+) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """Maps ``[N, H, W]`` of every image, the seconds it took, and the model rows run without and with
+    gradients (counted at the torch module's input layer, or at the forward-only runner)."""
+    counter = None
+    if isinstance(explained_model, torch.nn.Module):
+        counter = RowCounter(input_layer(explained_model, prepared.inputs[:1]))
+    else:
+        explained_model = _CountingRunner(explained_model)
+    maps, seconds = [], 0.0
+    total = len(prepared.images)
+    for first in range(0, total, batch_size):
+        batch = prepared.inputs[first : first + batch_size]
+        targets = prepared.targets[first : first + batch_size]
+        started = time.perf_counter()
+        if counter is not None:
+            with counter:
+                result = explainer.explain(explained_model, batch, targets)
+        else:
+            result = explainer.explain(explained_model, batch, targets)
+        seconds += time.perf_counter() - started
+        maps.append(result.cpu().numpy())
+        progress(_bar(f"{label}: explain", min(first + batch_size, total), total))
+    if counter is not None:
+        rows = (counter.nograd_rows, counter.grad_rows)
+    else:
+        rows = (explained_model.rows, 0)
+    return np.concatenate(maps), seconds, rows
+
+
+class _CountingRunner:
+    """A forward-only runner (the inference pool) that counts the rows it is given."""
+
+    torch_module = None
+
+    def __init__(self, runner: Runner) -> None:
+        self._runner = runner
+        self.rows = 0
+
+    @property
+    def device(self) -> str:
+        return self._runner.device
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        self.rows += int(batch.shape[0])
+        return self._runner.forward(batch)
+
+
+def _localisation(figures: dict[str, Figure], maps: list[np.ndarray], masks: list[np.ndarray]) -> None:
+    summary = localisation.localisation_summary(maps, masks)
+    for name in PER_CLASS_COLUMNS:
+        figures[name] = Figure(getattr(summary, name), summary.images)
+
+
+def _faithfulness(
+    row: Row,
+    model: DeployedModel,
+    prepared: _Prepared,
+    maps: np.ndarray,
+    lesions: list[int],
+    settings: EvaluationSettings,
+    progress: Progress,
+    label: str,
+) -> None:
+    batch, lesion_maps = prepared.inputs[lesions], maps[lesions]
+    targets = [prepared.targets[i] for i in lesions]
+    activation = model.card.output.activation
+    pixels = lesion_maps.shape[1] * lesion_maps.shape[2]
+    step = max(1, pixels // CURVE_STEPS)
+    progress(f"{label}: deletion and insertion on {len(lesions)} images")
+    deletion = faithfulness.deletion(
+        model.pool,
+        batch,
+        lesion_maps,
+        targets,
+        baseline=_black(model.card),
+        pixels_per_step=step,
+        activation=activation,
+        seed=settings.seed,
+    )
+    insertion = faithfulness.insertion(
+        model.pool, batch, lesion_maps, targets, pixels_per_step=step, activation=activation, seed=settings.seed
+    )
+    count = len(lesions)
+    row.figures["deletion_auc"] = Figure(float(deletion.auc.mean()), count)
+    row.figures["deletion_ratio"] = Figure(float(deletion.ratio.mean()), count)
+    row.figures["insertion_auc"] = Figure(float(insertion.auc.mean()), count)
+    row.figures["insertion_ratio"] = Figure(float(insertion.ratio.mean()), count)
+    row.curves = {
+        "deletion": _mean_curve(deletion.curve),
+        "insertion": _mean_curve(insertion.curve),
+    }
+    chosen = lesions[: settings.road_images]
+    progress(f"{label}: ROAD on {len(chosen)} images")
+    road = faithfulness.road(
+        model.pool,
+        prepared.inputs[chosen],
+        maps[chosen],
+        [prepared.targets[i] for i in chosen],
+        activation=activation,
+        seed=settings.seed,
+    )
+    for name in ("morf", "lerf", "combined"):
+        row.figures[f"road_{name}"] = Figure(float(getattr(road, name).mean()), len(chosen))
+
+
+def _randomisation(
+    row: Row,
+    model: DeployedModel,
+    explainer: Explainer,
+    prepared: _Prepared,
+    chosen: list[int],
+    settings: EvaluationSettings,
+    progress: Progress,
+    label: str,
+) -> None:
+    if len(chosen) < 2:
+        row.figures["randomisation_passes"] = Figure(None, len(chosen), "needs at least 2 images with a finding")
+        return
+    module = model.gradient_runner.torch_module
+    batch, targets = prepared.inputs[chosen], [prepared.targets[i] for i in chosen]
+    progress(f"{label}: cascading randomisation on {len(chosen)} images")
+    cascade = randomisation.cascading_randomisation(module, explainer, batch, targets, seed=settings.seed)
+    row.randomisation_steps = [
+        {"layer": step.layer, "ssim": float(step.ssim.mean()), "spearman": float(step.spearman.mean())}
+        for step in cascade.steps
+    ]
+    row.figures["randomisation_ssim"] = Figure(cascade.verdict_ssim, len(chosen))
+    row.figures["randomisation_baseline"] = Figure(cascade.baseline_ssim, len(chosen))
+    row.figures["randomisation_passes"] = Figure(float(cascade.passes), len(chosen))
+    logit = randomisation.random_logit(
+        module, explainer, batch, targets, num_classes=len(model.card.output.classes), seed=settings.seed
+    )
+    row.figures["random_logit_ssim"] = Figure(float(logit.ssim.mean()), len(chosen))
+
+
+def _repeatability(
+    row: Row,
+    model: DeployedModel,
+    explainer: Explainer,
+    method: str,
+    method_settings: Mapping[str, Any],
+    prepared: _Prepared,
+    settings: EvaluationSettings,
+) -> None:
+    count = min(settings.repeatability_images, len(prepared.images))
+    batch, targets = prepared.inputs[:count], prepared.targets[:count]
+    if repeatability.stochastic(method):
+        extra = {key: value for key, value in method_settings.items() if key != "seed"}
+        explained = model.model_for(needs_gradients=explainer.needs_gradients)
+        seeds = repeatability.seed_repeatability(explained, method, batch, targets, settings=extra)
+        row.figures["seed_repeatability_ssim"] = Figure(float(seeds.ssim.mean()), count)
+    if not explainer.needs_gradients and "onnx" in model.card.weights:
+        agreement = repeatability.model_path_agreement(
+            explainer, model.pool, model.gradient_runner.torch_module, batch, targets
+        )
+        row.figures["path_agreement_pearson"] = Figure(float(agreement.pearson.mean()), count)
+
+
+def _black(card: ModelCard) -> float:
+    """The model input of a black pixel (value 0: no attenuation, air), averaged over the channels:
+    the deletion baseline. On a radiograph, removing evidence means removing tissue; the normalised 0
+    is mid-grey, which reads as soft tissue (to the demo model, grey patches even raise p(nodule))."""
+    means = card.input.mean * card.input.channels if len(card.input.mean) == 1 else card.input.mean
+    stds = card.input.std * card.input.channels if len(card.input.std) == 1 else card.input.std
+    return float(np.mean([(0.0 - m) / s for m, s in zip(means, stds)]))
+
+
+def _mean_curve(curve: faithfulness.PerturbationCurve) -> dict[str, list[float]]:
+    return {
+        "fraction": [float(x) for x in curve.fractions],
+        "probability": [float(p) for p in curve.probabilities.mean(axis=0)],
+    }
+
+
+def _bar(label: str, done: int, total: int, width: int = 24) -> str:
+    filled = round(width * done / total)
+    return f"{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+
+
+def _plain(value: Any) -> Any:
+    """A setting as JSON can hold it (paths as text, explainer instances by name)."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, Explainer):
+        return value.name
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return str(value)
