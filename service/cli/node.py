@@ -21,6 +21,8 @@ from service.node.logs import configure_logging
 from service.node.offline import iter_files
 from service.node.pipeline import card_settings
 from service.node.store import Journal
+from service.tools.evaluate.sanity import randomisation_verdict
+from service.tools.progress import print_progress
 
 
 class FlagError(ValueError):
@@ -171,9 +173,17 @@ def _register_config(commands: argparse._SubParsersAction, formatter: Callable) 
         "check",
         help="validate a config file (and its model card)",
         formatter_class=formatter,
-        epilog="example:\n  pacs-xai config check node.yaml",
+        description="Validate the config, its model card and every configured explainer's settings; then run "
+        "the randomisation sanity check of each configured method on the model (once per model version and "
+        "settings, remembered in ~/.cache/pacs-xai/randomisation) and warn when a method fails it.",
+        epilog="examples:\n  pacs-xai config check node.yaml\n  pacs-xai config check node.yaml --skip-sanity-check",
     )
     check.add_argument("file", type=Path, metavar="FILE")
+    check.add_argument(
+        "--skip-sanity-check",
+        action="store_true",
+        help="only validate; do not run the methods against randomised copies of the model",
+    )
     check.set_defaults(handler=_config_check)
     example = sub.add_parser(
         "example",
@@ -206,7 +216,34 @@ def _config_check(args: argparse.Namespace) -> int:
         f"OK: {args.file}: AE {config.listener.ae_title} on {config.listener.bind_address}:{config.listener.port}; "
         f"model {card.name} {card.version}; methods {', '.join(methods)}; destinations {destinations}"
     )
+    if not args.skip_sanity_check:
+        card_path = Path(config.model.card or demo_card_path())
+        for method in methods:
+            _warn_when_insane(card_path, card, method, config.explain.method_params.get(method, {}))
     return 0
+
+
+def _warn_when_insane(card_path: Path, card: ModelCard, method: str, params: dict) -> None:
+    """The randomisation sanity check of ``method`` (cached); a warning on stderr when it fails."""
+    print_progress(f"randomisation check of {method} on {card.name} {card.version} (once per model version) ...")
+    try:
+        verdict = randomisation_verdict(card_path, method, {**card_settings(card, method), **params})
+    except (ModelCardError, ExplainerError, ValueError) as exc:
+        print(f"note: randomisation check of {method} not run: {exc}", file=sys.stderr)
+        return
+    figures = (
+        f"SSIM {verdict.ssim_after_head_and_last_block:.2f} to the trained model's maps once the head and the last "
+        f"block are randomised, baseline {verdict.baseline_ssim:.2f}, {verdict.images} phantoms"
+    )
+    if verdict.passes:
+        print(f"{method}: passes the randomisation check ({figures})")
+    else:
+        print(
+            f"warning: {method} FAILS the randomisation sanity check on model {card.name} {card.version} ({figures}): "
+            "its maps hardly depend on what the model learned, so they cannot show why it decided; choose another "
+            "method (pacs-xai evaluate compares them; see docs/trust.md)",
+            file=sys.stderr,
+        )
 
 
 # --- outbox ---------------------------------------------------------------------------------

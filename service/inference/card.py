@@ -34,6 +34,7 @@ import hashlib
 from pathlib import Path
 from typing import Literal, get_args
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -97,6 +98,12 @@ class InputSection(_Strict):
         if any(s <= 0 for s in self.std):
             raise ValueError(f"input.std must be > 0, got {list(self.std)}")
         return self
+
+    def normalise(self, model_inputs: np.ndarray) -> np.ndarray:
+        """``(x - mean) / std`` per channel on ``[B, C, H, W]`` inputs in [0, 1] (float32)."""
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1)
+        return ((model_inputs - mean) / std).astype(np.float32)
 
     def value_range(self) -> tuple[float, float]:
         """The lowest and highest model input that pixel values 0..1 become under (x - mean) / std,

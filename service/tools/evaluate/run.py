@@ -324,9 +324,7 @@ def _black(card: ModelCard) -> float:
     """The model input of a black pixel (value 0: no attenuation, air), averaged over the channels:
     the deletion baseline. On a radiograph, removing evidence means removing tissue; the normalised 0
     is mid-grey, which reads as soft tissue (to the demo model, grey patches even raise p(nodule))."""
-    means = card.input.mean * card.input.channels if len(card.input.mean) == 1 else card.input.mean
-    stds = card.input.std * card.input.channels if len(card.input.std) == 1 else card.input.std
-    return float(np.mean([(0.0 - m) / s for m, s in zip(means, stds)]))
+    return float(card.input.normalise(np.zeros((1, card.input.channels, 1, 1), dtype=np.float32)).mean())
 
 
 def _mean_curve(curve: faithfulness.PerturbationCurve) -> dict[str, list[float]]:

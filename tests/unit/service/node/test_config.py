@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,8 @@ def test_wrong_configs_name_the_place_and_the_value(tmp_path: Path, content: dic
         load_config(path)
 
 
-def test_config_check_and_example_commands(tmp_path: Path, capsys) -> None:
+def test_config_check_and_example_commands(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PACS_XAI_CACHE", str(tmp_path / "cache"))
     assert main(["config", "example"]) == 0
     path = tmp_path / "node.yaml"
     path.write_text(capsys.readouterr().out)
@@ -98,6 +100,28 @@ def test_config_check_and_example_commands(tmp_path: Path, capsys) -> None:
     path.write_text(yaml.safe_dump({"explain": {"methods": ["nonsense"]}}))
     assert main(["config", "check", str(path)]) == 1
     assert "nonsense" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_config_check_warns_for_a_method_that_fails_the_randomisation_check_once_per_model(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guided backprop fails (Adebayo et al. 2018), Grad-CAM passes; the second check reads the cache."""
+    monkeypatch.setenv("PACS_XAI_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump({"explain": {"methods": ["gradcam", "guided_backprop"]}}))
+    assert main(["config", "check", str(path)]) == 0
+    first = capsys.readouterr()
+    assert "guided_backprop FAILS the randomisation sanity check" in first.err
+    assert "gradcam: passes the randomisation check" in first.out and "gradcam FAILS" not in first.err
+    cached = sorted((tmp_path / "cache" / "randomisation").glob("*.json"))
+    assert len(cached) == 2
+    for entry in cached:  # the second run must come from the cache: change it and look for the change
+        verdict = json.loads(entry.read_text())
+        entry.write_text(json.dumps({**verdict, "baseline_ssim": 0.9876}))
+    assert main(["config", "check", str(path)]) == 0
+    second = capsys.readouterr()
+    assert "baseline 0.99" in second.out + second.err
 
 
 def test_output_kinds_are_the_documented_ones() -> None:
@@ -139,7 +163,7 @@ def test_config_check_accepts_every_registry_name(tmp_path: Path, capsys) -> Non
 
     path = tmp_path / "node.yaml"
     path.write_text(yaml.safe_dump({"explain": {"methods": list(available_explainers())}}))
-    assert main(["config", "check", str(path)]) == 0, capsys.readouterr().err
+    assert main(["config", "check", str(path), "--skip-sanity-check"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert all(name in out for name in available_explainers())
 
