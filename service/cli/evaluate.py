@@ -90,12 +90,16 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
     parser.add_argument(
         "--randomisation-images",
         type=int,
-        default=12,
+        default=EvaluationSettings.randomisation_images,
         metavar="N",
         help="images with a finding in the randomisation checks (default %(default)s)",
     )
     parser.add_argument(
-        "--road-images", type=int, default=20, metavar="N", help="images with a finding in ROAD (default %(default)s)"
+        "--road-images",
+        type=int,
+        default=EvaluationSettings.road_images,
+        metavar="N",
+        help="images with a finding in ROAD (default %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of every random draw (default 0)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default auto)")
