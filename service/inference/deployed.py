@@ -101,9 +101,7 @@ class DeployedModel:
 
     def normalise(self, model_inputs: np.ndarray) -> np.ndarray:
         """The card's (x - mean) / std, per channel, on ``[B, C, H, W]`` inputs in [0, 1]."""
-        mean = np.asarray(self.card.input.mean, dtype=np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(self.card.input.std, dtype=np.float32).reshape(1, -1, 1, 1)
-        return ((model_inputs - mean) / std).astype(np.float32)
+        return self.card.input.normalise(model_inputs)
 
     def predict(self, batch: np.ndarray) -> list[Prediction]:
         """Class and probability per sample of a normalised batch."""

@@ -1,0 +1,1 @@
+"""Whether an explanation and its input can be believed: signals and measures computed beside the pipeline."""
