@@ -11,13 +11,16 @@ input pre-processing or layer ensemble:
   (classes as the model predicts them, so any unlabelled folder of in-distribution images will
   do) and one covariance shared by the classes, ``S = sum_c sum_{i in c} (x_i - mu_c)(x_i - mu_c)^T / N``,
   shrunk towards a multiple of the identity, ``S' = (1 - a) S + a (tr(S) / D) I`` with the small
-  shrinkage ``a`` (default :data:`DEFAULT_SHRINKAGE`), which keeps it invertible when D is near N;
+  shrinkage ``a`` (fraction, default :data:`DEFAULT_SHRINKAGE` = 0.01), which keeps it invertible
+  when D is near N;
 - the distance of an image: ``d(x) = min_c sqrt((x - mu_c)^T S'^-1 (x - mu_c))``, dimensionless
   (in units of the features' spread; for Gaussian features ``d^2`` would follow a chi-square law
   with D degrees of freedom);
-- the threshold: a high percentile (default :data:`DEFAULT_PERCENTILE`) of the distances of
-  *held-out* in-distribution images, images the statistics were not fitted on, times
-  :data:`DEFAULT_MARGIN`; an input is flagged "out of distribution" when ``d(x) > threshold``.
+- the threshold: a high percentile (default :data:`DEFAULT_PERCENTILE`, the 99th) of the
+  distances of *held-out* in-distribution images, images the statistics were not fitted on, times
+  :data:`DEFAULT_MARGIN` (1.5); an input is flagged "out of distribution" when ``d(x) > threshold``.
+  Shipped demo models (64 features, 900 phantoms fitted, 300 held out): thresholds 11.5 (honest)
+  and 10.4 (cheating); held-out test phantoms lie at 2-11, non-chest images at 28-132.
 
 The statistics and the threshold are stored in a small ``.npz`` beside the model card
 (:meth:`OodStatistics.save`), which the card lists as ``auxiliary.ood_statistics`` with its
