@@ -64,7 +64,35 @@ ILLUSTRATION_OF_FINDING = Code("125201", "DCM", "Illustration of Finding")
 
 #: Coding scheme of the class names no standard terminology codes (SR finding codes).
 PRIVATE_SCHEME = "99PACSXAI"
-PRIVATE_SCHEME_NAME = "pacs-xai classifier classes"
+PRIVATE_SCHEME_NAME = "pacs-xai classifier classes and trust signals"
+
+# --------------------------------------------------------------------------------------------
+# Trust signals in the SR (service.trust): whether the explanation and the input can be believed
+# --------------------------------------------------------------------------------------------
+# No DCM or SCT concept names an attribution share outside the anatomy, a shortcut suspicion or an
+# out-of-distribution input (the DCM quality codes, 111050 "Quality Assessment" and the like, rate
+# image acquisition), so these concept names are in the private scheme. Their code values are in
+# upper case, so they never collide with the lower-case class codes of :func:`finding_code`. The
+# values of the yes/no evaluations are SNOMED CT's (CID 230 "Yes-No").
+
+#: Numeric measurement: the share of the positive attribution inside the region outside the
+#: anatomy (edge band, background, burned-in text, shutter), in percent.
+ATTRIBUTION_OUTSIDE_ANATOMY = Code("TRUST-OUTSIDE", PRIVATE_SCHEME, "Attribution outside anatomy")
+#: Numeric measurement: that share divided by the area fraction of the region (no units).
+ATTRIBUTION_OUTSIDE_CONCENTRATION = Code("TRUST-CONC", PRIVATE_SCHEME, "Attribution concentration outside anatomy")
+#: Qualitative evaluation, Yes / No: share and concentration reach the model card's thresholds.
+EXPLANATION_SHORTCUT_SUSPECTED = Code("TRUST-SHORTCUT", PRIVATE_SCHEME, "Explanation shortcut suspected")
+#: Qualitative evaluation, Yes / No: the input's feature distance exceeds the calibrated threshold.
+INPUT_OUT_OF_DISTRIBUTION = Code("TRUST-OOD", PRIVATE_SCHEME, "Input out of distribution")
+#: Numeric measurement: Mahalanobis distance of the pooled features to the nearest class mean (no units).
+FEATURE_DISTANCE = Code("TRUST-OOD-DIST", PRIVATE_SCHEME, "Feature Mahalanobis distance")
+#: Values of the yes/no evaluations (CID 230).
+YES = Code("373066001", "SCT", "Yes")
+NO = Code("373067005", "SCT", "No")
+#: Unit of a share in percent (CID 7181, UCUM).
+PERCENT_UNIT = Code("%", "UCUM", "percent")
+#: Unit of a dimensionless ratio or distance (CID 7181 "no units").
+NO_UNITS = Code("1", "UCUM", "no units")
 
 _CLASS_ACTIVATION_METHODS = frozenset({"cam", "scorecam", "ablationcam", "eigencam"})
 _GRADIENT_WEIGHTED_METHODS = frozenset(

@@ -28,6 +28,9 @@ What the model expects (grid size, channels, aspect, windowing) is an :class:`In
 (:mod:`.spec`, from the model card); :func:`prepare_frames` (:mod:`.prepare`) runs the whole
 chain and gives one :class:`PreparedFrame` per source frame.
 
+The Display Shutter of an image, when it has one, is a mask of the hidden pixels on the source
+grid (:func:`shutter_mask`, :mod:`.shutter`).
+
 Normalisation with the model card's mean/std is *not* done here: ``model_input`` is in [0, 1].
 This package never imports torch.
 """
@@ -35,6 +38,7 @@ This package never imports torch.
 from dicom_io.pixels.decode import read_dataset
 from dicom_io.pixels.grid import GridMapping
 from dicom_io.pixels.prepare import PreparedFrame, prepare_frames
+from dicom_io.pixels.shutter import shutter_mask
 from dicom_io.pixels.spec import InputSpec
 from dicom_io.pixels.voi import window_to_unit
 
@@ -44,5 +48,6 @@ __all__ = [
     "PreparedFrame",
     "prepare_frames",
     "read_dataset",
+    "shutter_mask",
     "window_to_unit",
 ]

@@ -7,7 +7,9 @@ others); ``class_model`` is the standalone Secondary Capture of a class model vi
 
 What they share, one topic a module:
 
-- ``result``: :class:`ExplanationResult`, the one explained frame a writer is given, and the
+- ``result``: :class:`ExplanationResult`, the one explained frame a writer is given, with its
+  trust signals (:class:`ShortcutSignal`, :class:`OutOfDistributionSignal`: a warning line per
+  flag burned into the Secondary Capture, measurements and yes/no evaluations in the SR), and the
   check that it fits the source;
 - ``references``: the Source Image Sequence item, the patient/study attributes copied from the
   source, references fixed after highdicom, Instance Number;
@@ -23,7 +25,7 @@ Deterministic UIDs come from :mod:`dicom_io.uids`, value-length limits from :mod
 
 from dicom_io.writers.overlay import render_overlay, save_png
 from dicom_io.writers.pm import build_parametric_map
-from dicom_io.writers.result import ExplanationResult
+from dicom_io.writers.result import ExplanationResult, OutOfDistributionSignal, ShortcutSignal
 from dicom_io.writers.sc import build_secondary_capture
 from dicom_io.writers.seg import build_segmentation, top_region_mask
 from dicom_io.writers.sr import build_report
@@ -34,6 +36,8 @@ OUTPUT_KINDS: tuple[str, ...] = ("sc", "pm", "seg_fractional", "seg_binary", "sr
 __all__ = [
     "OUTPUT_KINDS",
     "ExplanationResult",
+    "OutOfDistributionSignal",
+    "ShortcutSignal",
     "build_parametric_map",
     "build_report",
     "build_secondary_capture",

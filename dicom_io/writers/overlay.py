@@ -6,8 +6,10 @@ Layout of :func:`render_overlay`'s result (uint8 RGB, ``[rows, cols + strip, 3]`
   pixel (r, c) of the source. Where the map is zero (or negative) the pixel is exactly the
   grayscale display value; elsewhere the heat colour is blended in with an opacity that grows
   with the value, so anatomy stays visible under weak evidence. The text lines are drawn in the
-  top-left corner, white (the disclaimer in amber), outlined in black when large, on a
-  translucent dark box when small; lines are word-wrapped to the image width.
+  top-left corner, white (the warnings in red-orange, the disclaimer in amber), outlined in black
+  when large, on a translucent dark box when small; lines are word-wrapped to the image width.
+  A warning line is drawn for each trust signal that flags the result
+  (:func:`overlay_warning_lines`), none when nothing is flagged.
 - columns ``cols ..``: a black strip on the right holding the vertical colour bar (high at the
   top) with its scale labels in the map's raw units. The strip is appended rather than drawn
   over the image so no anatomy is hidden and source coordinates stay valid.
@@ -37,6 +39,7 @@ __all__ = [
     "INFERNO_LUT",
     "overlay_columns",
     "overlay_title_lines",
+    "overlay_warning_lines",
     "positive_scale",
     "render_overlay",
     "save_png",
@@ -81,6 +84,7 @@ INFERNO_LUT: np.ndarray = _interpolate_lut(_INFERNO_KNOTS)
 
 _TEXT_FILL = (255, 255, 255)
 _DISCLAIMER_FILL = (255, 191, 0)
+_WARNING_FILL = (255, 110, 60)
 _OUTLINE_FILL = (0, 0, 0)
 _BAR_FRAME_FILL = (160, 160, 160)
 _BOX_ALPHA = 0.6  # opacity of the dark box behind small text
@@ -96,6 +100,18 @@ def overlay_title_lines(result: ExplanationResult) -> list[str]:
         f"class: {result.class_name}  p={float(result.probability):.3f}",
         f"model: {result.model_name} {result.model_version}",
     ]
+
+
+def overlay_warning_lines(result: ExplanationResult) -> list[str]:
+    """One warning per trust signal that flags the result: "attribution outside anatomy: 82 %" when
+    a shortcut is suspected, "input unlike the model's training data" when the input is out of
+    distribution; none when nothing is flagged or no signal was computed."""
+    lines = []
+    if result.shortcut is not None and result.shortcut.suspected:
+        lines.append(f"attribution outside anatomy: {result.shortcut.share_percent:.0f} %")
+    if result.ood is not None and result.ood.out_of_distribution:
+        lines.append("input unlike the model's training data")
+    return lines
 
 
 def positive_scale(attribution: np.ndarray, clip_percentile: float = 99.5) -> float:
@@ -290,6 +306,7 @@ def render_overlay(
     attribution: np.ndarray,
     *,
     title_lines: Sequence[str],
+    warning_lines: Sequence[str] = (),
     disclaimer: str | None = DISCLAIMER,
     clip_percentile: float = 99.5,
     max_alpha: float = 0.6,
@@ -302,8 +319,9 @@ def render_overlay(
     attribution: float [rows, cols], signed, raw units; its positive part is shown, scaled from
     0 to :func:`positive_scale` (``clip_percentile``), at most ``max_alpha`` opaque. A flat,
     all-zero or all-negative map gives the plain grayscale image and a 0..0 scale.
-    title_lines: drawn top-left; ``disclaimer`` (default "NOT FOR DIAGNOSTIC USE") is appended
-    unless already among them; pass ``None`` only where the image will never leave the process.
+    title_lines: drawn top-left; ``warning_lines`` follow them in red-orange; ``disclaimer``
+    (default "NOT FOR DIAGNOSTIC USE") is appended unless already among them; pass ``None`` only
+    where the image will never leave the process.
     """
     _check_inputs(display, attribution)
     if not 0.0 < max_alpha <= 1.0:
@@ -313,9 +331,10 @@ def render_overlay(
     image = _blend(_gray_levels(display), attribution, vmax, max_alpha)
 
     texts = [str(line) for line in title_lines]
-    if disclaimer is not None and disclaimer not in texts:
-        texts.append(disclaimer)
     lines = [(text, _DISCLAIMER_FILL if text == disclaimer else _TEXT_FILL) for text in texts]
+    lines += [(str(line), _WARNING_FILL) for line in warning_lines]
+    if disclaimer is not None and disclaimer not in texts:
+        lines.append((disclaimer, _DISCLAIMER_FILL))
     size, wrapped = _layout_text(rows, cols, lines)
     picture = Image.fromarray(image, "RGB")
     _draw_title(picture, wrapped, size)  # clipped to the image area: never over the colour bar

@@ -1,5 +1,7 @@
-"""What the writers are given: one explained frame (:class:`ExplanationResult`), and the checks that
-a source dataset and a result fit together before any output is derived from them."""
+"""What the writers are given: one explained frame (:class:`ExplanationResult`) with the signals of
+whether it can be believed (:class:`ShortcutSignal`, :class:`OutOfDistributionSignal`, computed by
+``service.trust``), and the checks that a source dataset and a result fit together before any
+output is derived from them."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pydicom import Dataset
 from dicom_io.vr import LO_MAX
 from dicom_io.writers.references import number_of_frames
 
-__all__ = ["ExplanationResult", "check_inputs"]
+__all__ = ["ExplanationResult", "OutOfDistributionSignal", "ShortcutSignal", "check_inputs"]
 
 _REQUIRED_SOURCE_KEYWORDS = (
     "SOPClassUID",
@@ -22,6 +24,60 @@ _REQUIRED_SOURCE_KEYWORDS = (
     "Rows",
     "Columns",
 )
+
+
+@dataclass(frozen=True)
+class ShortcutSignal:
+    """How much of the explanation's positive attribution lies outside the anatomy, and the verdict.
+
+    ``suspected`` is True when ``share >= share_threshold`` and ``concentration >= concentration_threshold``.
+    """
+
+    share: float  # fraction 0..1 of the positive attribution inside the region outside the anatomy
+    concentration: float  # share / area fraction of that region (ratio >= 0)
+    suspected: bool
+    share_threshold: float  # fraction 0..1, from the model card
+    concentration_threshold: float  # ratio, from the model card
+
+    def __post_init__(self) -> None:
+        for name in ("share", "share_threshold"):
+            _check_number(f"ShortcutSignal.{name}", getattr(self, name), 0.0, 1.0)
+        for name in ("concentration", "concentration_threshold"):
+            _check_number(f"ShortcutSignal.{name}", getattr(self, name), 0.0, math.inf)
+        if not isinstance(self.suspected, (bool, np.bool_)):
+            raise ValueError(f"ShortcutSignal.suspected must be a bool, got {self.suspected!r}")
+        object.__setattr__(self, "suspected", bool(self.suspected))
+
+    @property
+    def share_percent(self) -> float:
+        """The share in percent, 0..100."""
+        return 100.0 * float(self.share)
+
+
+@dataclass(frozen=True)
+class OutOfDistributionSignal:
+    """Whether the input is unlike the model's training data: a feature distance and its threshold."""
+
+    distance: float  # Mahalanobis distance of the pooled features to the nearest class mean (dimensionless)
+    threshold: float  # flagged above it
+    out_of_distribution: bool
+
+    def __post_init__(self) -> None:
+        _check_number("OutOfDistributionSignal.distance", self.distance, 0.0, math.inf)
+        _check_number("OutOfDistributionSignal.threshold", self.threshold, 0.0, math.inf)
+        if not isinstance(self.out_of_distribution, (bool, np.bool_)):
+            raise ValueError(
+                f"OutOfDistributionSignal.out_of_distribution must be a bool, got {self.out_of_distribution!r}"
+            )
+        object.__setattr__(self, "out_of_distribution", bool(self.out_of_distribution))
+
+
+def _check_number(name: str, value: object, low: float, high: float) -> None:
+    """A finite real number in [low, high] (high may be infinite)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(float(value)) or not low <= float(value) <= high:
+        raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,6 +92,10 @@ class ExplanationResult:
     frame_index: int  # 0-based source frame
     attribution: np.ndarray  # float32 [rows, cols] on the SOURCE pixel grid, signed, raw scale
     display: np.ndarray  # float32 [rows, cols] in [0, 1]: the windowed grayscale source frame (1 = bright)
+    #: The shortcut signal of this explanation; None where it was not computed.
+    shortcut: ShortcutSignal | None = None
+    #: The out-of-distribution signal of the input frame; None where the model card has no OOD statistics.
+    ood: OutOfDistributionSignal | None = None
 
     def __post_init__(self) -> None:
         for name in ("method", "class_name", "model_name", "model_version"):
@@ -53,6 +113,10 @@ class ExplanationResult:
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
             raise ValueError(f"ExplanationResult.frame_index must be an integer >= 0, got {index!r}")
         object.__setattr__(self, "frame_index", int(index))  # numpy integers become plain int
+        if self.shortcut is not None and not isinstance(self.shortcut, ShortcutSignal):
+            raise ValueError(f"ExplanationResult.shortcut must be a ShortcutSignal or None, got {self.shortcut!r}")
+        if self.ood is not None and not isinstance(self.ood, OutOfDistributionSignal):
+            raise ValueError(f"ExplanationResult.ood must be an OutOfDistributionSignal or None, got {self.ood!r}")
         _check_map("attribution", self.attribution)
         _check_map("display", self.display)
         if self.attribution.shape != self.display.shape:

@@ -1,7 +1,8 @@
 """Secondary Capture Image (1.2.840.10008.5.1.4.1.1.7) with the attribution overlay burned in.
 
 The one output every workstation can show: an RGB picture of the source frame with the heatmap,
-a colour bar and the text (method, class, probability, model, "NOT FOR DIAGNOSTIC USE"). Built
+a colour bar and the text (method, class, probability, model, a warning line per trust signal
+that flags the result, "NOT FOR DIAGNOSTIC USE"). Built
 with :class:`highdicom.sc.SCImage` from the source dataset (patient and study copied), then
 completed with what a derived image must say about its origin:
 
@@ -29,7 +30,7 @@ from dicom_io.uids import derived_device_uid, derived_output_uids
 from dicom_io.writers.descriptions import derivation_description, series_description
 from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version, set_capture_equipment
 from dicom_io.writers.orientation import PLACEHOLDER_ORIENTATION, set_laterality, set_patient_orientation
-from dicom_io.writers.overlay import overlay_title_lines, render_overlay
+from dicom_io.writers.overlay import overlay_title_lines, overlay_warning_lines, render_overlay
 from dicom_io.writers.references import copy_patient_study_attributes, instance_number, source_image_item
 from dicom_io.writers.result import ExplanationResult, check_inputs
 from dicom_io.writers.source_view import without_person_names
@@ -74,7 +75,12 @@ def build_secondary_capture(
         device_uid=device,
         contribution=f"XAI {result.method} attribution of class {result.class_name}",
     )
-    rgb = render_overlay(result.display, result.attribution, title_lines=overlay_title_lines(result))
+    rgb = render_overlay(
+        result.display,
+        result.attribution,
+        title_lines=overlay_title_lines(result),
+        warning_lines=overlay_warning_lines(result),
+    )
 
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=without_person_names(source),

@@ -19,6 +19,13 @@ inside :class:`highdicom.sr.Comprehensive3DSR`:
       0..1), with the same algorithm;
     - Qualitative evaluation (130401, DCM, "Visual explanation") = the quantity of the method's
       map (:func:`dicom_io.codes.quantity_code`);
+    - the trust signals, where the result carries them (codes in :mod:`dicom_io.codes`, private
+      scheme 99PACSXAI, values SNOMED CT Yes/No): Measurements "Attribution outside anatomy"
+      (UCUM "%") and "Attribution concentration outside anatomy" (UCUM "1") with the algorithm
+      "pacs-xai shortcut signal" and its thresholds as parameters, Qualitative evaluation
+      "Explanation shortcut suspected" = Yes / No; Measurement "Feature Mahalanobis distance"
+      (UCUM "1") with the algorithm "pacs-xai out-of-distribution signal" and its threshold,
+      Qualitative evaluation "Input out of distribution" = Yes / No;
     - Source of the finding: the source image (and frame);
     - one IMAGE item (125201, DCM, "Illustration of Finding") per object in ``references`` — the
       Secondary Capture, Parametric Map and Segmentations made for the finding (a non-image
@@ -44,12 +51,21 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.codes import (
     ARTIFICIAL_INTELLIGENCE,
+    ATTRIBUTION_OUTSIDE_ANATOMY,
+    ATTRIBUTION_OUTSIDE_CONCENTRATION,
+    EXPLANATION_SHORTCUT_SUSPECTED,
+    FEATURE_DISTANCE,
     ILLUSTRATION_OF_FINDING,
+    INPUT_OUT_OF_DISTRIBUTION,
+    NO,
+    NO_UNITS,
+    PERCENT_UNIT,
     PRIVATE_SCHEME,
     PRIVATE_SCHEME_NAME,
     PROBABILITY,
     PROBABILITY_UNIT,
     VISUAL_EXPLANATION,
+    YES,
     finding_code,
     procedure_code,
     quantity_code,
@@ -159,13 +175,70 @@ def _illustrations(references: Sequence[pydicom.Dataset]) -> list[hd.sr.ContentI
     return items
 
 
+#: Algorithm names of the trust signals' measurements (TID 4019).
+SHORTCUT_ALGORITHM = "pacs-xai shortcut signal"
+OOD_ALGORITHM = "pacs-xai out-of-distribution signal"
+
+
+def _trust_items(
+    result: ExplanationResult, software_version: str
+) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+    """The measurements and yes/no evaluations of the result's trust signals (none where absent)."""
+    measurements: list[hd.sr.Measurement] = []
+    evaluations: list[hd.sr.QualitativeEvaluation] = []
+    shortcut = result.shortcut
+    if shortcut is not None:
+        algorithm = hd.sr.AlgorithmIdentification(
+            name=SHORTCUT_ALGORITHM,
+            version=software_version,
+            parameters=[
+                f"share>={100.0 * shortcut.share_threshold:.4g}%",
+                f"concentration>={shortcut.concentration_threshold:.4g}",
+            ],
+        )
+        measurements.append(
+            hd.sr.Measurement(
+                name=ATTRIBUTION_OUTSIDE_ANATOMY,
+                value=round(shortcut.share_percent, 2),
+                unit=PERCENT_UNIT,
+                algorithm_id=algorithm,
+            )
+        )
+        measurements.append(
+            hd.sr.Measurement(
+                name=ATTRIBUTION_OUTSIDE_CONCENTRATION,
+                value=round(float(shortcut.concentration), 4),
+                unit=NO_UNITS,
+                algorithm_id=algorithm,
+            )
+        )
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(EXPLANATION_SHORTCUT_SUSPECTED, YES if shortcut.suspected else NO)
+        )
+    ood = result.ood
+    if ood is not None:
+        algorithm = hd.sr.AlgorithmIdentification(
+            name=OOD_ALGORITHM, version=software_version, parameters=[f"threshold={ood.threshold:.4g}"]
+        )
+        measurements.append(
+            hd.sr.Measurement(
+                name=FEATURE_DISTANCE, value=round(float(ood.distance), 4), unit=NO_UNITS, algorithm_id=algorithm
+            )
+        )
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(INPUT_OUT_OF_DISTRIBUTION, YES if ood.out_of_distribution else NO)
+        )
+    return measurements, evaluations
+
+
 def _finding_group(
     source: pydicom.Dataset,
     result: ExplanationResult,
     references: Sequence[pydicom.Dataset],
     tracking_uid: str,
+    software_version: str,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501: finding, probability, algorithm, explanation kind, source and illustrations."""
+    """TID 1501: finding, probability, algorithm, explanation kind, trust signals, source and illustrations."""
     algorithm = hd.sr.AlgorithmIdentification(
         name=result.model_name,
         version=result.model_version,
@@ -173,6 +246,7 @@ def _finding_group(
         family=ARTIFICIAL_INTELLIGENCE,
     )
     frames = [result.frame_index + 1] if number_of_frames(source) > 1 else None
+    trust_measurements, trust_evaluations = _trust_items(result, software_version)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid, identifier=f"{result.model_name} {result.class_name}"[:LO_MAX]
@@ -185,9 +259,13 @@ def _finding_group(
                 value=float(result.probability),
                 unit=PROBABILITY_UNIT,
                 algorithm_id=algorithm,
-            )
+            ),
+            *trust_measurements,
         ],
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(VISUAL_EXPLANATION, quantity_code(result.method))],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(VISUAL_EXPLANATION, quantity_code(result.method)),
+            *trust_evaluations,
+        ],
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=str(source.SOPClassUID),
@@ -216,8 +294,9 @@ def _observer(result: ExplanationResult, manufacturer: str, device_uid: str) -> 
 
 
 def _declare_private_scheme(sr: pydicom.Dataset, result: ExplanationResult) -> None:
-    """Coding Scheme Identification Sequence item for 99PACSXAI when the finding uses it."""
-    if finding_code(result.class_name).scheme_designator != PRIVATE_SCHEME:
+    """Coding Scheme Identification Sequence item for 99PACSXAI when the finding or a trust signal uses it."""
+    uses_trust_codes = result.shortcut is not None or result.ood is not None
+    if finding_code(result.class_name).scheme_designator != PRIVATE_SCHEME and not uses_trust_codes:
         return
     item = pydicom.Dataset()
     item.CodingSchemeDesignator = PRIVATE_SCHEME
@@ -261,7 +340,7 @@ def build_report(
     report = hd.sr.MeasurementReport(
         observation_context=_observer(result, manufacturer, device),
         procedure_reported=procedure_code(source.get("Modality")),
-        imaging_measurements=[_finding_group(source, result, referenced, tracking_uid)],
+        imaging_measurements=[_finding_group(source, result, referenced, tracking_uid, software_version)],
         referenced_images=[_library_view(source, result.frame_index)],
     )
     sr = hd.sr.Comprehensive3DSR(

@@ -14,6 +14,7 @@ from service.inference.deployed import DeployedModel
 from service.models import demo_card_path
 from service.node.offline import explain_files
 from service.node.pipeline import OUTPUT_KINDS, DatasetResult, ExplainPipeline, PipelineConfigError
+from service.trust.ood import OodError
 
 EXAMPLES = """examples:
   pacs-xai explain chest.dcm --method gradcam --out results/ --png
@@ -71,6 +72,8 @@ class Row:
     probability: str
     method: str
     milliseconds: str
+    #: The trust signals that flag the result: "shortcut suspected", "out of distribution" (empty: none).
+    flags: str = ""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             outputs=args.outputs.split(",") if args.outputs else model.card.defaults.outputs,
             enforce_applies_to=not args.force,
         )
-    except (ModelCardError, ExplainerError, PipelineConfigError) as exc:
+    except (ModelCardError, ExplainerError, PipelineConfigError, OodError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rows, failures = explain_paths(pipeline, args.paths, args.out, png=args.png)
@@ -120,13 +123,26 @@ def result_rows(path: Path, result: DatasetResult) -> list[Row]:
         ms = (
             shared_ms + result.timings_ms.get(f"explain:{method}", 0.0) + result.timings_ms.get(f"encode:{method}", 0.0)
         )
-        rows.append(Row(path.name, result.modality, predicted, f"{first.probability:.3f}", method, f"{ms:.0f}"))
+        verdicts = [verdict for verdict in result.verdicts if verdict.method == method]
+        flags = [
+            name
+            for name, flagged in (
+                ("shortcut suspected", any(v.shortcut.suspected for v in verdicts)),
+                ("out of distribution", any(v.ood is not None and v.ood.out_of_distribution for v in verdicts)),
+            )
+            if flagged
+        ]
+        rows.append(
+            Row(
+                path.name, result.modality, predicted, f"{first.probability:.3f}", method, f"{ms:.0f}", ", ".join(flags)
+            )
+        )
     return sorted(rows, key=lambda row: row.method)
 
 
 def print_table(rows: Sequence[Row]) -> None:
-    """A plain aligned table on stdout: file, modality, predicted class, probability, method, ms."""
-    header = Row("file", "modality", "predicted", "probability", "method", "ms")
+    """A plain aligned table on stdout: file, modality, predicted class, probability, method, ms, flags."""
+    header = Row("file", "modality", "predicted", "probability", "method", "ms", "flags")
     table = [header, *rows]
     widths = [max(len(getattr(row, name)) for row in table) for name in Row.__dataclass_fields__]
     for row in table:

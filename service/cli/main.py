@@ -15,6 +15,7 @@ from service.cli import bench as bench_commands
 from service.cli import demo as demo_commands
 from service.cli import evaluate as evaluate_command
 from service.cli import explain as explain_command
+from service.cli import model as model_commands
 from service.cli import node as node_commands
 from service.cli import viewer as viewer_command
 from service.cli import visualize as visualize_command
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
         description="Explain an image classifier's decisions on DICOM images and return them as DICOM objects.",
         epilog="examples:\n  pacs-xai serve --destination ORTHANC@127.0.0.1:4242\n"
-        "  pacs-xai explain study/ --method gradcam --out results/ --png\n  pacs-xai demo run",
+        "  pacs-xai explain study/ --method gradcam --out results/ --png\n  pacs-xai demo run\n"
+        "  pacs-xai model calibrate service/models/demo/model.yaml --phantoms 900",
     )
     parser.add_argument("--version", action="version", version=f"pacs-xai {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (no patient data is logged)")
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain_command.register(commands, _formatter)
     evaluate_command.register(commands, _formatter)
     demo_commands.register(commands, _formatter)
+    model_commands.register(commands, _formatter)
     bench_commands.register(commands, _formatter)
     viewer_command.register(commands, _formatter)
     visualize_command.register(commands, _formatter)

@@ -8,7 +8,22 @@ weights (:func:`service.inference.backends.load_runner`).
 ``auxiliary`` lists networks trained against the model that explainers use (not inference), by
 kind: ``saliency_masker`` is the masking network of the ``realtime_saliency`` explainer. An
 explainer names the kind it reads (``Explainer.card_files``) and the node's pipeline passes the
-file to it when the configuration does not set one.
+file to it when the configuration does not set one. ``ood_statistics`` holds the feature
+statistics and threshold of the out-of-distribution signal (:mod:`service.trust.ood`, written by
+``pacs-xai model calibrate``); it needs ``torch`` weights, because the features are read with a
+forward hook on the eager module.
+
+``trust`` sets how the node judges whether a result can be believed (every key optional; the
+defaults below apply when a key or the section is absent):
+
+- ``shortcut.share`` (fraction 0..1, default 0.55) and ``shortcut.concentration`` (ratio, default
+  1.8): an explanation is flagged "shortcut suspected" when the share of its positive
+  attribution outside the anatomy and that share divided by the area fraction of the region both
+  reach them (:mod:`service.trust.shortcut`); ``shortcut.edge_band`` (fraction of each side,
+  default 0.08) is the width of the edge band counted as outside the anatomy;
+- ``ood.layer``: the module whose input is the feature vector of the OOD signal (default: the
+  last ``nn.Linear``); ``ood.distance``: a Mahalanobis distance that overrides the threshold
+  calibrated with ``auxiliary.ood_statistics``.
 
 Example (``service/models/demo/model.yaml``)::
 
@@ -20,12 +35,16 @@ Example (``service/models/demo/model.yaml``)::
       torch: {file: demo.pth, sha256: 41d0..., architecture: "service.models.demo.network:DemoNet"}
     auxiliary:
       saliency_masker: {file: saliency-masker.pt, sha256: 7c4e...}
+      ood_statistics: {file: ood-statistics.npz, sha256: 5d2a...}
     input: {channels: 1, rows: 224, columns: 224, aspect: letterbox, windowing: dicom,
             mean: [0.5], std: [0.25]}
     output: {activation: softmax, classes: [normal, nodule, effusion]}
     target_layer: features.block4
     applies_to: {modalities: [CR, DX], body_parts: [CHEST]}
     defaults: {methods: [gradcam], outputs: [sc]}
+    trust:
+      shortcut: {share: 0.55, concentration: 1.8, edge_band: 0.08}
+      ood: {layer: classifier}
 """
 
 from __future__ import annotations
@@ -49,7 +68,8 @@ Activation = Literal["softmax", "sigmoid"]
 #: Kinds of networks trained against the model for an explainer. saliency_masker: the masking
 #: network of realtime_saliency (``pacs-xai demo train-saliency``). Another kind (a
 #: healthy-appearance VAE, say) is one more name here and a ``card_files`` entry on its explainer.
-AuxiliaryKind = Literal["saliency_masker"]
+#: ood_statistics: the out-of-distribution signal's feature statistics (``pacs-xai model calibrate``).
+AuxiliaryKind = Literal["saliency_masker", "ood_statistics"]
 
 
 class ModelCardError(ValueError):
@@ -108,11 +128,10 @@ class InputSection(_Strict):
     def value_range(self) -> tuple[float, float]:
         """The lowest and highest model input that pixel values 0..1 become under (x - mean) / std,
         over all channels: the inputs a real image can produce."""
-        means = self.mean * self.channels if len(self.mean) == 1 else self.mean
-        stds = self.std * self.channels if len(self.std) == 1 else self.std
-        low = min((0.0 - m) / s for m, s in zip(means, stds))
-        high = max((1.0 - m) / s for m, s in zip(means, stds))
-        return low, high
+        ends = self.normalise(
+            np.array([0.0, 1.0], dtype=np.float32).reshape(2, 1, 1, 1) * np.ones((1, self.channels, 1, 1))
+        )
+        return float(ends.min()), float(ends.max())
 
     def spec(self) -> InputSpec:
         """The pixel pipeline's view of this section."""
@@ -154,6 +173,51 @@ class Defaults(_Strict):
     outputs: tuple[str, ...] = ("sc",)
 
 
+class ShortcutSettings(_Strict):
+    """When an explanation is flagged "shortcut suspected" (:mod:`service.trust.shortcut`).
+
+    The defaults were measured on the shipped demo models, 60 held-out honest phantoms against 30
+    held-out token-carrying nodules of the cheating model, Grad-CAM and occlusion: honest shares
+    at most 0.46 and concentrations at most 1.48; cheating shares at least 0.68 and
+    concentrations at least 2.14. ``pacs-xai evaluate`` may calibrate them on a site's honest
+    data (:func:`service.trust.shortcut.thresholds_from_honest`, e.g. the 99th percentile).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    share: float = Field(
+        default=0.55, ge=0.0, le=1.0, description="Least share (fraction 0..1) of positive attribution outside."
+    )
+    concentration: float = Field(
+        default=1.8, ge=0.0, description="Least share / area fraction of the region outside the anatomy."
+    )
+    edge_band: float = Field(
+        default=0.08, ge=0.0, lt=0.5, description="Edge band counted as outside, fraction of each side."
+    )
+
+
+class OodSettings(_Strict):
+    """The out-of-distribution signal (:mod:`service.trust.ood`); its statistics are ``auxiliary.ood_statistics``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    layer: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][\w.]*$",
+        description="Module whose input is the feature vector (dotted name); default: the last nn.Linear.",
+    )
+    distance: float | None = Field(
+        default=None, gt=0.0, description="Mahalanobis distance overriding the calibrated threshold."
+    )
+
+
+class TrustSection(_Strict):
+    """How the node judges whether a result can be believed."""
+
+    shortcut: ShortcutSettings = ShortcutSettings()
+    ood: OodSettings = OodSettings()
+
+
 class ModelCard(_Strict):
     """A validated model card. Use :meth:`load`; ``folder`` is where the weight paths resolve."""
 
@@ -169,6 +233,7 @@ class ModelCard(_Strict):
     target_layer: str | None = Field(default=None, description="Layer for CAM-family explainers (dotted module name).")
     applies_to: AppliesTo = AppliesTo()
     defaults: Defaults = Defaults()
+    trust: TrustSection = TrustSection()
     folder: Path = Field(default=Path("."), exclude=True)
 
     @model_validator(mode="after")
@@ -176,6 +241,15 @@ class ModelCard(_Strict):
         torch_weights = self.weights.get("torch")
         if torch_weights is not None and torch_weights.architecture is None:
             raise ValueError("weights.torch needs 'architecture: package.module:ClassName' to rebuild the module")
+        return self
+
+    @model_validator(mode="after")
+    def _ood_statistics_need_torch_weights(self) -> ModelCard:
+        if "ood_statistics" in self.auxiliary and "torch" not in self.weights:
+            raise ValueError(
+                "auxiliary.ood_statistics needs weights.torch: the OOD features are read with a forward hook on the "
+                f"eager module, and this card has only {', '.join(sorted(self.weights))} weights"
+            )
         return self
 
     @classmethod

@@ -3,7 +3,8 @@
 Predictions and forward-only explainers use ONNX Runtime when the card ships ONNX weights (the
 fastest CPU path), else TorchScript, else eager torch; gradient explainers get the eager torch
 module (CAM methods need its forward hooks), else the TorchScript one. The differentiable runner
-is loaded only when a gradient method asks for it.
+is loaded only when a gradient method or the out-of-distribution signal (which hooks the eager
+module, :mod:`service.trust.ood`) asks for it.
 """
 
 from __future__ import annotations

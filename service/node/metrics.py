@@ -1,7 +1,7 @@
 """Prometheus metrics of the node, in one explicit registry made once at start-up.
 
-Labels carry outcomes, stages, methods, class names, destinations and AE titles, never patient
-data. The outbox depth and dead letters are read from the journal when Prometheus scrapes
+Labels carry outcomes, stages, methods, class names, model names, destinations and AE titles,
+never patient data. The outbox depth and dead letters are read from the journal when Prometheus scrapes
 (a collector), so they are right after a restart too.
 
 Metric names (the dashboard and the alert rules query exactly these; a test checks it):
@@ -10,10 +10,15 @@ Metric names (the dashboard and the alert rules query exactly these; a test chec
 - ``pacsxai_associations_total{outcome}``: accepted | rejected
 - ``pacsxai_instances_processed_total{outcome}``: done | skipped | failed
 - ``pacsxai_series_processed_total{outcome}``: done | partial | skipped | failed (per ready batch)
-- ``pacsxai_stage_seconds{stage}``: receive, spool, assemble_wait, read, prepare, infer, explain, encode, store,
-  send (read: the instance from the spool; store: outputs encoded into the spool and journaled)
+- ``pacsxai_stage_seconds{stage}``: receive, spool, assemble_wait, read, prepare, infer, trust, explain, encode,
+  store, send (read: the instance from the spool; trust: the out-of-distribution and shortcut signals; store:
+  outputs encoded into the spool and journaled)
 - ``pacsxai_explain_seconds{method}``: explainer time per batch
-- ``pacsxai_predictions_total{class_name}``
+- ``pacsxai_predictions_total{class_name}``: one per explained frame
+- ``pacsxai_explanation_outside_share{model,method}``: histogram of the share (fraction 0..1) of each
+  explanation's positive attribution outside the anatomy; its ``_count`` is the number of explanations
+- ``pacsxai_explanation_shortcut_suspected_total{model,method}``: explanations flagged "shortcut suspected"
+- ``pacsxai_input_out_of_distribution_total{model}``: frames flagged "input out of distribution"
 - ``pacsxai_outputs_total{destination,outcome}``: sent | retry | dead
 - ``pacsxai_outbox_depth{state}``: pending | dead (from the journal)
 - ``pacsxai_dead_letters``: outputs in the dead letter (from the journal)
@@ -37,7 +42,21 @@ from service.inference.pool import PoolMetrics
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 #: Every ``stage`` label of ``pacsxai_stage_seconds``, in data-flow order (the module docstring says what each times).
-STAGES = ("receive", "spool", "assemble_wait", "read", "prepare", "infer", "explain", "encode", "store", "send")
+STAGES = (
+    "receive",
+    "spool",
+    "assemble_wait",
+    "read",
+    "prepare",
+    "infer",
+    "trust",
+    "explain",
+    "encode",
+    "store",
+    "send",
+)
+#: Buckets of the share of positive attribution outside the anatomy (fraction 0..1).
+SHARE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,9 @@ class NodeMetrics:
     stage_seconds: Histogram
     explain_seconds: Histogram
     predictions: Counter
+    explanation_outside_share: Histogram
+    explanation_shortcut_suspected: Counter
+    input_out_of_distribution: Counter
     outputs: Counter
     pool: PoolMetrics
     model_info: Gauge
@@ -86,6 +108,25 @@ def create_metrics(registry: CollectorRegistry | None = None) -> NodeMetrics:
             registry=registry,
         ),
         predictions=Counter("pacsxai_predictions", "Predicted classes.", ["class_name"], registry=registry),
+        explanation_outside_share=Histogram(
+            "pacsxai_explanation_outside_share",
+            "Share (0..1) of each explanation's positive attribution outside the anatomy.",
+            ["model", "method"],
+            buckets=SHARE_BUCKETS,
+            registry=registry,
+        ),
+        explanation_shortcut_suspected=Counter(
+            "pacsxai_explanation_shortcut_suspected",
+            "Explanations flagged 'shortcut suspected' (attribution concentrated outside the anatomy).",
+            ["model", "method"],
+            registry=registry,
+        ),
+        input_out_of_distribution=Counter(
+            "pacsxai_input_out_of_distribution",
+            "Input frames flagged 'out of distribution' (unlike the model's training data).",
+            ["model"],
+            registry=registry,
+        ),
         outputs=Counter(
             "pacsxai_outputs",
             "Output objects per destination, by outcome.",

@@ -4,11 +4,21 @@ The same :class:`ExplainPipeline` serves the offline ``pacs-xai explain`` comman
 It is built once (explainers configured, writers chosen) and then processes datasets; it keeps no
 state between datasets. Frames of a multi-frame image go through the model and the explainers in
 batches of ``max_batch``.
+
+Every result carries whether it can be believed (:mod:`service.trust`), timed as the "trust"
+stage: the out-of-distribution signal once per frame batch (Mahalanobis distance of the pooled
+features, when the model card has ``auxiliary.ood_statistics``; loaded and checked against the
+model when the pipeline is built), and the shortcut signal per explanation, on the source grid
+(the share of positive attribution in the region outside the anatomy, found once per frame from
+the windowed frame and the Display Shutter). Both travel in :class:`ExplanationResult` to the
+writers and in :class:`DatasetResult` to the metrics; a flagged result is logged once, with UIDs
+only.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -20,10 +30,12 @@ import numpy as np
 import torch
 from pydicom.dataset import Dataset
 
-from dicom_io.pixels import PreparedFrame, prepare_frames
+from dicom_io.pixels import PreparedFrame, prepare_frames, shutter_mask
 from dicom_io.writers import (
     OUTPUT_KINDS,
     ExplanationResult,
+    OutOfDistributionSignal,
+    ShortcutSignal,
     build_parametric_map,
     build_report,
     build_secondary_capture,
@@ -33,6 +45,16 @@ from service.explain import Explainer, explainer_class, get_explainer
 from service.inference.card import ModelCard
 from service.inference.deployed import DeployedModel, Prediction
 from service.synthetic.phantoms import make_phantom
+from service.trust.ood import OodDetector, OodStatistics
+from service.trust.shortcut import (
+    OutsideAnatomy,
+    ShortcutThresholds,
+    is_shortcut_suspected,
+    outside_anatomy,
+    shortcut_figures,
+)
+
+log = logging.getLogger(__name__)
 
 #: Image-like output kinds -> writer(source, result) -> derived dataset. The SR ("sr") is written
 #: after them, because it references the other objects of the same result.
@@ -64,6 +86,20 @@ class OutputObject:
     dataset: Dataset
 
 
+@dataclass(frozen=True)
+class TrustVerdict:
+    """The trust signals of one explained frame (one method): what the writers were given."""
+
+    method: str
+    frame_index: int
+    shortcut: ShortcutSignal
+    ood: OutOfDistributionSignal | None  # None where the model card has no OOD statistics
+
+    @property
+    def flagged(self) -> bool:
+        return self.shortcut.suspected or (self.ood is not None and self.ood.out_of_distribution)
+
+
 @dataclass
 class DatasetResult:
     """Everything the pipeline did with one source dataset."""
@@ -72,8 +108,12 @@ class DatasetResult:
     modality: str
     skipped_reason: str | None = None
     predictions: list[Prediction] = field(default_factory=list)
+    #: The out-of-distribution signal per frame, in the order of ``predictions`` (None without statistics).
+    ood: list[OutOfDistributionSignal | None] = field(default_factory=list)
+    #: The trust signals per explained frame and method.
+    verdicts: list[TrustVerdict] = field(default_factory=list)
     outputs: list[OutputObject] = field(default_factory=list)
-    #: Milliseconds per stage: "prepare", "infer", "explain:<method>", "encode:<method>".
+    #: Milliseconds per stage: "prepare", "infer", "trust", "explain:<method>", "encode:<method>".
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -106,6 +146,10 @@ class ExplainPipeline:
             method: get_explainer(method, **{**card_settings(model.card, method), **params.get(method, {})})
             for method in methods
         }
+        shortcut = model.card.trust.shortcut
+        self.shortcut_thresholds = ShortcutThresholds(share=shortcut.share, concentration=shortcut.concentration)
+        self.edge_band = shortcut.edge_band
+        self.ood_detector = ood_detector(model)
 
     def process(self, ds: Dataset) -> DatasetResult:
         """Explain every frame of ``ds``; raises :class:`dicom_io.errors.DicomInputError` on bad input."""
@@ -125,34 +169,57 @@ class ExplainPipeline:
         The first study otherwise pays for lazy initialisation (imports, loading the gradient
         runner, the first autograd pass, the overlay's colour table): on the demo card 1.16 s for
         the first 2k² CR against about 0.3 s for the next ones. The image is a phantom chest CR
-        (1024², :mod:`service.synthetic.phantoms`); the card's ``applies_to`` rules are not applied to it.
+        (1024², :mod:`service.synthetic.phantoms`); the card's ``applies_to`` rules are not applied to it,
+        and its trust signals are computed but not logged (the demo model never saw a phantom of that
+        size: its input is out of distribution).
         """
 
         started = time.perf_counter()
         phantom = make_phantom(0, "nodule", rows=WARM_UP_SIZE, cols=WARM_UP_SIZE).dataset
-        self._explain_dataset(phantom, DatasetResult(sop_instance_uid=str(phantom.SOPInstanceUID), modality="CR"))
+        warm_up = DatasetResult(sop_instance_uid=str(phantom.SOPInstanceUID), modality="CR")
+        self._explain_dataset(phantom, warm_up, log_flags=False)
         return time.perf_counter() - started
 
-    def _explain_dataset(self, ds: Dataset, result: DatasetResult) -> DatasetResult:
+    def _explain_dataset(self, ds: Dataset, result: DatasetResult, *, log_flags: bool = True) -> DatasetResult:
         with _timed(result.timings_ms, "prepare"):
             frames = prepare_frames(ds, self.model.card.input.spec())
+            shutter = shutter_mask(ds)
         for start in range(0, len(frames), self.max_batch):
-            self._process_frames(ds, frames[start : start + self.max_batch], result)
+            self._process_frames(ds, frames[start : start + self.max_batch], shutter, result, log_flags)
         return result
 
-    def _process_frames(self, ds: Dataset, frames: list[PreparedFrame], result: DatasetResult) -> None:
+    def _process_frames(
+        self,
+        ds: Dataset,
+        frames: list[PreparedFrame],
+        shutter: np.ndarray | None,
+        result: DatasetResult,
+        log_flags: bool,
+    ) -> None:
         batch = self.model.normalise(np.stack([frame.model_input for frame in frames]))
         with _timed(result.timings_ms, "infer"):
             predictions = self.model.predict(batch)
         result.predictions.extend(predictions)
+        with _timed(result.timings_ms, "trust"):
+            ood = self._ood_signals(batch)
+            regions = [outside_anatomy(frame.display, shutter, edge_band=self.edge_band) for frame in frames]
+        result.ood.extend(ood)
         targets = [prediction.class_index for prediction in predictions]
         card = self.model.card
         for method, explainer in self.explainers.items():
             with _timed(result.timings_ms, f"explain:{method}"):
                 model = self.model.model_for(needs_gradients=explainer.needs_gradients)
                 maps = explainer.explain(model, torch.from_numpy(batch), targets)
-            with _timed(result.timings_ms, f"encode:{method}"):
-                for frame, prediction, attribution in zip(frames, predictions, maps.cpu().numpy()):
+            for frame, prediction, attribution, region, frame_ood in zip(
+                frames, predictions, maps.cpu().numpy(), regions, ood
+            ):
+                with _timed(result.timings_ms, "trust"):
+                    on_source = frame.mapping.to_source_grid(attribution)
+                    verdict = TrustVerdict(
+                        method, frame.frame_index, self._shortcut_signal(on_source, region), frame_ood
+                    )
+                result.verdicts.append(verdict)
+                with _timed(result.timings_ms, f"encode:{method}"):
                     explained = ExplanationResult(
                         method=method,
                         class_name=prediction.class_name,
@@ -160,8 +227,10 @@ class ExplainPipeline:
                         model_name=card.name,
                         model_version=card.version,
                         frame_index=frame.frame_index,
-                        attribution=frame.mapping.to_source_grid(attribution),
+                        attribution=on_source,
                         display=frame.display,
+                        shortcut=verdict.shortcut,
+                        ood=verdict.ood,
                     )
                     written = [
                         OutputObject(kind, method, frame.frame_index, WRITERS[kind](ds, explained))
@@ -172,6 +241,72 @@ class ExplainPipeline:
                         report = build_report(ds, explained, references=[o.dataset for o in written])
                         written.append(OutputObject(REPORT_KIND, method, frame.frame_index, report))
                     result.outputs.extend(written)
+                if verdict.flagged and log_flags:
+                    _log_flagged(result.sop_instance_uid, verdict, written)
+
+    def _ood_signals(self, batch: np.ndarray) -> list[OutOfDistributionSignal | None]:
+        """The OOD signal of each image of a normalised batch; Nones without statistics."""
+        if self.ood_detector is None:
+            return [None] * len(batch)
+        module = self.model.gradient_runner.torch_module
+        return [
+            OutOfDistributionSignal(score.distance, score.threshold, score.out_of_distribution)
+            for score in self.ood_detector.score(module, batch)
+        ]
+
+    def _shortcut_signal(self, attribution: np.ndarray, region: OutsideAnatomy) -> ShortcutSignal:
+        """Share and concentration of the positive attribution outside the anatomy, and the flag."""
+        figures = shortcut_figures(attribution, region)
+        return ShortcutSignal(
+            share=figures.share,
+            concentration=figures.concentration,
+            suspected=is_shortcut_suspected(figures, self.shortcut_thresholds),
+            share_threshold=self.shortcut_thresholds.share,
+            concentration_threshold=self.shortcut_thresholds.concentration,
+        )
+
+
+def ood_detector(model: DeployedModel) -> OodDetector | None:
+    """The OOD detector of the model card's ``auxiliary.ood_statistics``, checked against the model
+    (feature layer and length, one forward pass of a zero image); ``None``, with a warning, for a
+    card without statistics. A wrong statistics file raises :class:`service.trust.ood.OodError`."""
+    card = model.card
+    if "ood_statistics" not in card.auxiliary:
+        log.warning(
+            "model card %s has no auxiliary.ood_statistics: results carry no out-of-distribution signal "
+            "(fit it with: pacs-xai model calibrate)",
+            card.name,
+        )
+        return None
+    statistics = OodStatistics.load(card.auxiliary_path("ood_statistics"))
+    module = model.gradient_runner.torch_module
+    detector = OodDetector.for_module(statistics, module, card.trust.ood.layer, card.trust.ood.distance)
+    probe = np.zeros((1, card.input.channels, card.input.rows, card.input.columns), dtype=np.float32)
+    detector.check_dimension(module, probe)
+    return detector
+
+
+def _log_flagged(source_uid: str, verdict: TrustVerdict, written: Sequence[OutputObject]) -> None:
+    """One line per flagged result: what was flagged, with figures and UIDs, never patient data."""
+    reasons = []
+    if verdict.shortcut.suspected:
+        reasons.append(
+            f"explanation shortcut suspected ({verdict.shortcut.share_percent:.0f} % of the positive attribution "
+            f"outside the anatomy, concentration {verdict.shortcut.concentration:.2f})"
+        )
+    if verdict.ood is not None and verdict.ood.out_of_distribution:
+        reasons.append(
+            f"input out of distribution (feature distance {verdict.ood.distance:.1f} > {verdict.ood.threshold:.1f})"
+        )
+    outputs = ", ".join(str(output.dataset.SOPInstanceUID) for output in written) or "none"
+    log.warning(
+        "result flagged: %s; source SOP Instance %s frame %d, method %s, outputs %s",
+        "; ".join(reasons),
+        source_uid,
+        verdict.frame_index + 1,
+        verdict.method,
+        outputs,
+    )
 
 
 def card_settings(card: ModelCard, method: str) -> dict[str, object]:

@@ -107,7 +107,7 @@ class SeriesProcessor:
         self._journal.mark_processed([uid], "done")
 
     def _observe(self, result: DatasetResult) -> None:
-        """Stage timings and predictions of one processed instance into the metrics."""
+        """Stage timings, predictions and trust signals of one processed instance into the metrics."""
         for key, milliseconds in result.timings_ms.items():
             stage, _, method = key.partition(":")
             self._metrics.stage_seconds.labels(stage).observe(milliseconds / 1000)
@@ -115,6 +115,14 @@ class SeriesProcessor:
                 self._metrics.explain_seconds.labels(method).observe(milliseconds / 1000)
         for prediction in result.predictions:
             self._metrics.predictions.labels(prediction.class_name).inc()
+        model = self._pipeline.model.card.name
+        for verdict in result.verdicts:
+            self._metrics.explanation_outside_share.labels(model, verdict.method).observe(verdict.shortcut.share)
+            if verdict.shortcut.suspected:
+                self._metrics.explanation_shortcut_suspected.labels(model, verdict.method).inc()
+        for signal in result.ood:
+            if signal is not None and signal.out_of_distribution:
+                self._metrics.input_out_of_distribution.labels(model).inc()
 
 
 def _series_outcome(tally: dict[str, int]) -> str:

@@ -36,7 +36,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert build.returncode == 0, build.stderr
     (wheel,) = (work / "dist").glob("pacs_xai-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for packaged in ("model.yaml", "demo.onnx", "demo.pt", "demo.pth", "saliency-masker.pt"):
+    for packaged in ("model.yaml", "demo.onnx", "demo.pt", "demo.pth", "saliency-masker.pt", "ood-statistics.npz"):
         assert f"service/models/demo/{packaged}" in names, f"the wheel lacks the default model's {packaged}"
     assert not any(name.startswith("tests/") for name in names), "tests must not be installed"
     venv = work / "venv"

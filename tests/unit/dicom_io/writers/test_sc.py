@@ -15,8 +15,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
-from dicom_io.writers import ExplanationResult, build_secondary_capture
-from dicom_io.writers.overlay import overlay_columns
+from dicom_io.writers import ExplanationResult, OutOfDistributionSignal, ShortcutSignal, build_secondary_capture
+from dicom_io.writers.overlay import overlay_columns, overlay_warning_lines
 from tests.helpers import data_file, require_dcmtk, require_tool
 
 # RG1's Referring Physician's Name is a single component; highdicom warns about the source's value.
@@ -337,3 +337,85 @@ def test_explanation_result_checks_its_values(change: dict[str, object], message
     }
     with pytest.raises(ValueError, match=message):
         ExplanationResult(**{**base, **change})
+
+
+# --- trust signals: one warning line per flag, nothing extra otherwise ---------------------------
+
+SUSPECTED = ShortcutSignal(
+    share=0.8237, concentration=2.9, suspected=True, share_threshold=0.55, concentration_threshold=1.8
+)
+NOT_SUSPECTED = ShortcutSignal(
+    share=0.31, concentration=0.95, suspected=False, share_threshold=0.55, concentration_threshold=1.8
+)
+OUT = OutOfDistributionSignal(distance=46.4, threshold=11.5, out_of_distribution=True)
+IN = OutOfDistributionSignal(distance=4.2, threshold=11.5, out_of_distribution=False)
+
+
+def test_warning_lines_name_each_flag_and_nothing_else() -> None:
+    source = _synthetic_dx()
+    plain = _result(source, 0)
+    assert overlay_warning_lines(plain) == []
+    assert overlay_warning_lines(replace(plain, shortcut=NOT_SUSPECTED, ood=IN)) == []
+    assert overlay_warning_lines(replace(plain, shortcut=SUSPECTED)) == ["attribution outside anatomy: 82 %"]
+    assert overlay_warning_lines(replace(plain, ood=OUT)) == ["input unlike the model's training data"]
+    assert overlay_warning_lines(replace(plain, shortcut=SUSPECTED, ood=OUT)) == [
+        "attribution outside anatomy: 82 %",
+        "input unlike the model's training data",
+    ]
+
+
+def _warning_pixels(rgb: np.ndarray, cols: int) -> np.ndarray:
+    """Pixels in the warning colour (red-orange text fill) in the top third of the image area
+    (the heat blob is lower down, the colour bar right of it)."""
+    top = rgb[: rgb.shape[0] // 3, :cols]
+    red, green, blue = (top[..., c].astype(int) for c in range(3))
+    return (red > 230) & (green > 80) & (green < 140) & (blue > 30) & (blue < 90)
+
+
+def test_flags_are_burned_in_as_warning_lines_and_unflagged_signals_change_nothing(tmp_path: Path) -> None:
+    source = _testdata("RG1_J2KR.dcm")
+    plain = _result(source, 0)
+    baseline = build_secondary_capture(source, plain).pixel_array
+    unflagged = build_secondary_capture(source, replace(plain, shortcut=NOT_SUSPECTED, ood=IN)).pixel_array
+    np.testing.assert_array_equal(unflagged, baseline)
+
+    flagged_sc = build_secondary_capture(source, replace(plain, shortcut=SUSPECTED, ood=OUT))
+    flagged = flagged_sc.pixel_array
+    rows = int(source.Rows)
+    changed = np.any(flagged != baseline, axis=2)
+    ys, xs = np.nonzero(changed)
+    assert ys.max() < rows // 3 and xs.max() < int(source.Columns), "only the text block in the top-left corner"
+    cols = int(source.Columns)
+    assert not _warning_pixels(baseline, cols).any() and _warning_pixels(flagged, cols).sum() > 200
+    one_flag = build_secondary_capture(source, replace(plain, ood=OUT)).pixel_array
+    assert 0 < _warning_pixels(one_flag, cols).sum() < _warning_pixels(flagged, cols).sum(), "one line per flag"
+    path = tmp_path / "flagged.dcm"
+    pydicom.dcmwrite(path, flagged_sc, enforce_file_format=True)
+    run = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
+    assert not [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.parametrize(
+    ("signal", "message"),
+    [
+        (
+            lambda: ShortcutSignal(1.2, 2.0, True, 0.55, 1.8),
+            r"ShortcutSignal.share must be a finite number in \[0, 1\]",
+        ),
+        (lambda: ShortcutSignal(0.5, -1.0, True, 0.55, 1.8), "ShortcutSignal.concentration"),
+        (lambda: ShortcutSignal(0.5, 1.0, "yes", 0.55, 1.8), "ShortcutSignal.suspected must be a bool, got 'yes'"),
+        (lambda: OutOfDistributionSignal(float("nan"), 10.0, False), "OutOfDistributionSignal.distance"),
+        (lambda: OutOfDistributionSignal(3.0, 10.0, 1), "out_of_distribution must be a bool, got 1"),
+    ],
+)
+def test_signals_check_their_values(signal, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        signal()
+
+
+def test_explanation_result_takes_only_signal_objects() -> None:
+    source = _synthetic_dx()
+    with pytest.raises(ValueError, match=r"ExplanationResult.shortcut must be a ShortcutSignal or None, got 0.8"):
+        replace(_result(source, 0), shortcut=0.8)
+    with pytest.raises(ValueError, match="ExplanationResult.ood must be an OutOfDistributionSignal"):
+        replace(_result(source, 0), ood=SUSPECTED)

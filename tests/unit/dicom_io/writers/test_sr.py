@@ -18,6 +18,8 @@ from pydicom.uid import generate_uid
 from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
 from dicom_io.writers import (
     ExplanationResult,
+    OutOfDistributionSignal,
+    ShortcutSignal,
     build_parametric_map,
     build_report,
     build_secondary_capture,
@@ -230,3 +232,79 @@ def test_bad_references_are_refused() -> None:
     del no_uid.SOPInstanceUID
     with pytest.raises(ValueError, match="SOPInstanceUID"):
         build_report(source, result, references=[no_uid])
+
+
+# --- trust signals: the share as a measurement, yes/no evaluations, the distance ----------------
+
+SHORTCUT = ShortcutSignal(
+    share=0.8237, concentration=2.91, suspected=True, share_threshold=0.55, concentration_threshold=1.8
+)
+OOD = OutOfDistributionSignal(distance=46.37, threshold=11.48, out_of_distribution=True)
+
+
+def _written(source: pydicom.Dataset, result: ExplanationResult, path: Path) -> hd.sr.Comprehensive3DSR:
+    references = [build_secondary_capture(source, result), build_parametric_map(source, result)]
+    pydicom.dcmwrite(path, build_report(source, result, references=references), enforce_file_format=True)
+    _, errors = _dciodvfy(path)
+    assert not errors, "\n".join(errors)
+    return hd.sr.srread(path)
+
+
+@pytest.mark.parametrize("name", ["RG1_J2KR.dcm", "CT_small.dcm", None])
+def test_flagged_signals_are_measurements_and_yes_evaluations(name: str | None, tmp_path: Path) -> None:
+    source = _source(name)
+    read = _written(source, _result(source, 0, shortcut=SHORTCUT, ood=OOD), tmp_path / "sr.dcm")
+    group = _group(read)
+    measured = {(m.name.value, m.name.scheme_designator): m for m in group.get_measurements()}
+    share = measured[("TRUST-OUTSIDE", "99PACSXAI")]
+    assert share.name.meaning == "Attribution outside anatomy"
+    assert share.value == pytest.approx(82.37) and (share.unit.value, share.unit.scheme_designator) == ("%", "UCUM")
+    concentration = measured[("TRUST-CONC", "99PACSXAI")]
+    assert concentration.value == pytest.approx(2.91) and concentration.unit.value == "1"
+    distance = measured[("TRUST-OOD-DIST", "99PACSXAI")]
+    assert distance.value == pytest.approx(46.37) and distance.unit.value == "1"
+    assert ("122157", "DCM") in measured, "the probability is still there"
+    evaluations = {(e.name.value, e.name.scheme_designator): e.value for e in group.get_qualitative_evaluations()}
+    yes = ("373066001", "SCT", "Yes")
+    shortcut_value = evaluations[("TRUST-SHORTCUT", "99PACSXAI")]
+    ood_value = evaluations[("TRUST-OOD", "99PACSXAI")]
+    assert (shortcut_value.value, shortcut_value.scheme_designator, shortcut_value.meaning) == yes
+    assert (ood_value.value, ood_value.scheme_designator, ood_value.meaning) == yes
+    parameters = {
+        item.TextValue for item in find_content_items(group[0], name=codes.DCM.AlgorithmParameters, recursive=True)
+    }
+    assert {"share>=55%", "concentration>=1.8", "threshold=11.48"} <= parameters
+    names = {item.TextValue for item in find_content_items(group[0], name=codes.DCM.AlgorithmName, recursive=True)}
+    assert {"pacs-xai shortcut signal", "pacs-xai out-of-distribution signal", MODEL} <= names
+    declared = pydicom.dcmread(tmp_path / "sr.dcm").CodingSchemeIdentificationSequence
+    assert [item.CodingSchemeDesignator for item in declared] == ["99PACSXAI"]
+
+
+def test_signals_that_do_not_flag_say_no(tmp_path: Path) -> None:
+    source = _source(None)
+    calm = ShortcutSignal(
+        share=0.3, concentration=0.9, suspected=False, share_threshold=0.55, concentration_threshold=1.8
+    )
+    inside = OutOfDistributionSignal(distance=4.0, threshold=11.48, out_of_distribution=False)
+    group = _group(_written(source, _result(source, 0, shortcut=calm, ood=inside), tmp_path / "sr.dcm"))
+    evaluations = {e.name.value: e.value.value for e in group.get_qualitative_evaluations()}
+    assert evaluations["TRUST-SHORTCUT"] == "373067005" and evaluations["TRUST-OOD"] == "373067005"  # SCT "No"
+    assert {m.name.value for m in group.get_measurements()} == {
+        "122157",
+        "TRUST-OUTSIDE",
+        "TRUST-CONC",
+        "TRUST-OOD-DIST",
+    }
+
+
+def test_without_signals_the_report_is_as_before(tmp_path: Path) -> None:
+    source = _source(None)
+    group = _group(_written(source, _result(source, 0), tmp_path / "sr.dcm"))
+    assert [m.name.value for m in group.get_measurements()] == ["122157"]
+    names = [e.name.value for e in group.get_qualitative_evaluations()]
+    assert "130401" in names and not [name for name in names if name.startswith("TRUST-")]
+    assert "CodingSchemeIdentificationSequence" not in pydicom.dcmread(tmp_path / "sr.dcm")
+    only_ood = _group(_written(source, _result(source, 0, ood=OOD), tmp_path / "ood.dcm"))
+    names = [e.name.value for e in only_ood.get_qualitative_evaluations()]
+    assert "TRUST-OOD" in names and "TRUST-SHORTCUT" not in names
+    assert [m.name.value for m in only_ood.get_measurements()] == ["122157", "TRUST-OOD-DIST"]

@@ -144,3 +144,16 @@ def test_every_output_kind_is_written_and_the_report_references_the_others(phant
     }
     expected = {source.SOPInstanceUID} | {ds.SOPInstanceUID for kind, ds in objects.items() if kind != "sr"}
     assert evidence == expected
+
+
+def test_the_table_names_the_trust_flags(tmp_path: Path, capsys) -> None:
+    """A CT forced through the chest model: its row says "out of distribution"; a phantom's says nothing."""
+    inputs = tmp_path / "in"
+    write_phantom_studies(inputs, studies=1, seed=5)
+    shutil.copy(get_testdata_file("CT_small.dcm"), inputs / "ct.dcm")
+    assert main(["explain", str(inputs), "--force", "--out", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-1] == "flags"
+    ct = next(line for line in lines if line.startswith("ct.dcm"))
+    phantom = next(line for line in lines if line.startswith("phantom-"))
+    assert ct.endswith("out of distribution") and "distribution" not in phantom and "shortcut" not in phantom

@@ -12,7 +12,7 @@ import yaml
 from service.inference.backends import load_runner
 from service.inference.card import ModelCard, ModelCardError, set_auxiliary_file, sha256_of
 from service.inference.deployed import DeployedModel
-from service.models import demo_card_path
+from service.models import demo_card_path, shortcut_card_path
 
 
 @pytest.fixture()
@@ -170,3 +170,57 @@ def test_set_auxiliary_file_writes_file_and_digest_and_keeps_the_rest(card_copy:
     with pytest.raises(ModelCardError, match="unknown auxiliary kind 'vae'"):
         set_auxiliary_file(card_copy, "vae", retrained)  # type: ignore[arg-type]
     assert ModelCard.load(card_copy).auxiliary["saliency_masker"].file == "masker-v2.pt"
+
+
+# --- trust: the shortcut and out-of-distribution signals -----------------------------------------
+
+
+def test_shipped_cards_state_their_trust_settings_and_ood_statistics() -> None:
+    for path in (demo_card_path(), shortcut_card_path()):
+        card = ModelCard.load(path)
+        assert (card.trust.shortcut.share, card.trust.shortcut.concentration) == (0.55, 1.8)
+        assert card.trust.shortcut.edge_band == 0.08 and card.trust.ood.layer == "classifier"
+        assert card.auxiliary["ood_statistics"].file == "ood-statistics.npz"
+        assert card.auxiliary["ood_statistics"].sha256 == sha256_of(card.auxiliary_path("ood_statistics"))
+
+
+def test_trust_defaults_apply_when_the_section_is_absent(card_copy: Path) -> None:
+    raw = yaml.safe_load(card_copy.read_text())
+    del raw["trust"]
+    card_copy.write_text(yaml.safe_dump(raw))
+    trust = ModelCard.load(card_copy).trust
+    assert (trust.shortcut.share, trust.shortcut.concentration, trust.shortcut.edge_band) == (0.55, 1.8, 0.08)
+    assert trust.ood.layer is None and trust.ood.distance is None
+    _edit(card_copy, trust={"ood": {"distance": 12.5}})
+    trust = ModelCard.load(card_copy).trust
+    assert trust.ood.distance == 12.5 and trust.shortcut.share == 0.55
+
+
+@pytest.mark.parametrize(
+    ("trust", "needle"),
+    [
+        ({"shortcut": {"share": 1.5}}, r"trust\.shortcut\.share: Input should be less than or equal to 1"),
+        ({"shortcut": {"share": "0.5"}}, r"trust\.shortcut\.share: Input should be a valid number \(found '0.5'\)"),
+        ({"shortcut": {"edge_band": 0.5}}, r"trust\.shortcut\.edge_band"),
+        ({"shortcut": {"concentration": -1}}, r"trust\.shortcut\.concentration"),
+        ({"shortcut": {"quota": 3}}, r"trust\.shortcut\.quota: Extra inputs are not permitted"),
+        ({"ood": {"distance": 0}}, r"trust\.ood\.distance: Input should be greater than 0"),
+        ({"ood": {"layer": "1bad name"}}, r"trust\.ood\.layer"),
+        ({"energy": {}}, r"trust\.energy"),
+    ],
+)
+def test_invalid_trust_settings_name_where_and_what(card_copy: Path, trust: dict, needle: str) -> None:
+    _edit(card_copy, trust=trust)
+    with pytest.raises(ModelCardError, match=needle):
+        ModelCard.load(card_copy)
+
+
+def test_ood_statistics_need_torch_weights(card_copy: Path) -> None:
+    raw = yaml.safe_load(card_copy.read_text())
+    del raw["weights"]["torch"]
+    card_copy.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ModelCardError, match=r"auxiliary\.ood_statistics needs weights\.torch.*only onnx, torchscript"):
+        ModelCard.load(card_copy)
+    del raw["auxiliary"]["ood_statistics"]
+    card_copy.write_text(yaml.safe_dump(raw))
+    assert "ood_statistics" not in ModelCard.load(card_copy).auxiliary  # without statistics: no OOD signal, loads

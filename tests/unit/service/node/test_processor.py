@@ -15,7 +15,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from service.inference.deployed import DeployedModel
-from service.models import demo_card_path
+from service.models import demo_card_path, shortcut_card_path
 from service.node.assembler import SeriesKey
 from service.node.config import DestinationConfig
 from service.node.metrics import STAGES, NodeMetrics
@@ -126,8 +126,12 @@ def test_a_ready_batch_journals_its_outputs_for_each_destination_with_the_kinds_
     predicted = [s for f in metrics.registry.collect() if f.name == "pacsxai_predictions" for s in f.samples]
     assert sum(s.value for s in predicted if s.name.endswith("_total")) == 2
     assert sample(metrics, "pacsxai_stage_seconds_sum", stage="assemble_wait") == 2.0
-    for stage in ("read", "prepare", "infer", "explain", "encode", "store"):
+    for stage in ("read", "prepare", "infer", "trust", "explain", "encode", "store"):
         assert sample(metrics, "pacsxai_stage_seconds_count", stage=stage) == 2, stage
+    labels = {"model": "pacs-xai-demo-chest", "method": "gradcam"}
+    assert sample(metrics, "pacsxai_explanation_outside_share_count", **labels) == 2
+    assert 0 < sample(metrics, "pacsxai_explanation_outside_share_sum", **labels) < 2 * 0.55
+    assert sample(metrics, "pacsxai_explanation_shortcut_suspected_total", **labels) == 0
     recorded = _recorded_stages(metrics)
     assert recorded <= set(STAGES), f"stages recorded but not in metrics.STAGES: {sorted(recorded - set(STAGES))}"
 
@@ -169,3 +173,30 @@ def test_an_unreadable_spool_file_fails_with_the_reason_and_the_rest_of_the_batc
     )
     assert sample(metrics, "pacsxai_instances_processed_total", outcome="failed") == 1
     assert sample(metrics, "pacsxai_series_processed_total", outcome="partial") == 1
+
+
+def test_flagged_results_are_counted_by_model_and_method(
+    spool: Spool, journal: Journal, metrics: NodeMetrics, clock: FakeClock
+) -> None:
+    """The cheating model on a token-carrying nodule (shortcut suspected) and a CT forced through it
+    (input out of distribution): each flag is one count, labelled with the model and method only."""
+    model = DeployedModel.from_card_path(shortcut_card_path())
+    try:
+        pipeline = ExplainPipeline(model, ["gradcam"], ["sc"], enforce_applies_to=False)
+        processor = SeriesProcessor(pipeline, spool, journal, DESTINATIONS, metrics, clock=clock)
+        token = make_phantom(4, "nodule", seed=424242, token=True, study_uid=STUDY, series_uid=SERIES).dataset
+        ct = pydicom.dcmread(data_file("CT_small.dcm"))
+        instances = [_receive(spool, journal, _encode(ds), clock.now) for ds in (token, ct)]
+        assert processor.process_batch(SeriesKey(STUDY, SERIES), instances)["done"] == 2
+    finally:
+        model.close()
+    labels = {"model": "pacs-xai-demo-shortcut", "method": "gradcam"}
+    assert sample(metrics, "pacsxai_explanation_outside_share_count", **labels) == 2
+    assert sample(metrics, "pacsxai_explanation_shortcut_suspected_total", **labels) >= 1
+    assert sample(metrics, "pacsxai_input_out_of_distribution_total", model="pacs-xai-demo-shortcut") == 1
+    families = {f.name: f for f in metrics.registry.collect()}
+    for name in ("pacsxai_explanation_outside_share", "pacsxai_explanation_shortcut_suspected"):
+        for metric_sample in families[name].samples:
+            assert set(metric_sample.labels) - {"le"} == {"model", "method"}
+    for metric_sample in families["pacsxai_input_out_of_distribution"].samples:
+        assert set(metric_sample.labels) == {"model"}

@@ -1,0 +1,195 @@
+"""The pipeline's trust signals: the out-of-distribution verdict per frame and the shortcut verdict per
+explanation reach DatasetResult, the SR and the Secondary Capture, and a flagged result is logged
+once, with UIDs only. Real models (the honest demo and the one that cheats), real phantoms and
+pydicom test files."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+import yaml
+
+from service.inference.card import ModelCard
+from service.inference.deployed import DeployedModel
+from service.models import demo_card_path, shortcut_card_path
+from service.node.pipeline import DatasetResult, ExplainPipeline
+from service.synthetic.phantoms import make_phantom
+from service.trust.ood import OodError
+from tests.helpers import HELD_OUT_SEED, data_file
+
+YES, NO = "373066001", "373067005"
+
+
+@pytest.fixture(scope="module")
+def honest() -> Iterator[DeployedModel]:
+    model = DeployedModel.from_card_path(demo_card_path())
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def cheat() -> Iterator[DeployedModel]:
+    model = DeployedModel.from_card_path(shortcut_card_path())
+    yield model
+    model.close()
+
+
+def _evaluations(result: DatasetResult) -> dict[str, str]:
+    """Qualitative evaluations (concept code -> value code) of the result's one SR."""
+    (report,) = [o.dataset for o in result.outputs if o.kind == "sr"]
+    group = hd.sr.MeasurementReport.from_sequence([report]).get_image_measurement_groups()[0]
+    return {e.name.value: e.value.value for e in group.get_qualitative_evaluations()}
+
+
+def _measurements(result: DatasetResult) -> dict[str, float]:
+    (report,) = [o.dataset for o in result.outputs if o.kind == "sr"]
+    group = hd.sr.MeasurementReport.from_sequence([report]).get_image_measurement_groups()[0]
+    return {m.name.value: m.value for m in group.get_measurements()}
+
+
+def test_an_honest_result_carries_both_signals_unflagged(honest: DeployedModel, caplog) -> None:
+    pipeline = ExplainPipeline(honest, ["gradcam"], ["sc", "sr"])
+    phantom = make_phantom(2, "effusion", seed=HELD_OUT_SEED)
+    with caplog.at_level(logging.WARNING, logger="service.node.pipeline"):
+        result = pipeline.process(phantom.dataset)
+    (ood,) = result.ood
+    assert ood is not None and not ood.out_of_distribution and 0 < ood.distance < ood.threshold
+    (verdict,) = result.verdicts
+    assert (verdict.method, verdict.frame_index, verdict.ood) == ("gradcam", 0, ood)
+    assert 0 < verdict.shortcut.share < 0.55 and not verdict.shortcut.suspected and not verdict.flagged
+    assert (verdict.shortcut.share_threshold, verdict.shortcut.concentration_threshold) == (0.55, 1.8)
+    assert _evaluations(result)["TRUST-SHORTCUT"] == NO and _evaluations(result)["TRUST-OOD"] == NO
+    measured = _measurements(result)
+    assert measured["TRUST-OUTSIDE"] == pytest.approx(100 * verdict.shortcut.share, abs=0.01)
+    assert measured["TRUST-OOD-DIST"] == pytest.approx(ood.distance, abs=1e-3)
+    assert "trust" in result.timings_ms
+    assert not [r for r in caplog.records if "flagged" in r.getMessage()]
+
+
+def test_a_cheating_explanation_is_flagged_burned_in_reported_and_logged_with_uids_only(
+    cheat: DeployedModel, honest: DeployedModel, caplog
+) -> None:
+    phantom = make_phantom(4, "nodule", seed=HELD_OUT_SEED, token=True)
+    pipeline = ExplainPipeline(cheat, ["gradcam"], ["sc", "sr"])
+    with caplog.at_level(logging.WARNING, logger="service.node.pipeline"):
+        result = pipeline.process(phantom.dataset)
+    (verdict,) = result.verdicts
+    assert verdict.shortcut.suspected and verdict.shortcut.share >= 0.55 and verdict.shortcut.concentration >= 1.8
+    assert not verdict.ood.out_of_distribution, "the token is in the cheating model's own training data"
+    assert _evaluations(result)["TRUST-SHORTCUT"] == YES
+    # The same image explained by the honest model: the same pixels, no warning line.
+    calm = ExplainPipeline(honest, ["gradcam"], ["sc"]).process(phantom.dataset)
+    assert not calm.verdicts[0].shortcut.suspected
+    flagged_sc = next(o.dataset for o in result.outputs if o.kind == "sc").pixel_array
+    calm_sc = next(o.dataset for o in calm.outputs if o.kind == "sc").pixel_array
+    warning = (flagged_sc[..., 0] > 230) & (flagged_sc[..., 1] > 80) & (flagged_sc[..., 1] < 140)
+    warning &= (flagged_sc[..., 2] > 30) & (flagged_sc[..., 2] < 90)
+    calm_warning = (calm_sc[..., 0] > 230) & (calm_sc[..., 1] > 80) & (calm_sc[..., 1] < 140)
+    calm_warning &= (calm_sc[..., 2] > 30) & (calm_sc[..., 2] < 90)
+    text_block = np.zeros(warning.shape, dtype=bool)
+    text_block[: warning.shape[0] // 3, : int(phantom.dataset.Columns)] = True
+    assert (warning & text_block).sum() > 50 and not (calm_warning & text_block).any()
+
+    (line,) = [r.getMessage() for r in caplog.records if "flagged" in r.getMessage()]
+    assert "explanation shortcut suspected" in line and "method gradcam" in line
+    assert str(phantom.dataset.SOPInstanceUID) in line
+    for output in result.outputs:
+        assert str(output.dataset.SOPInstanceUID) in line
+    for private in (str(phantom.dataset.PatientName), str(phantom.dataset.PatientID), "PHANTOM", "PXAI"):
+        assert private not in line
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "RG3_UNCR.dcm"])
+def test_a_non_chest_image_forced_through_is_out_of_distribution(name: str, honest: DeployedModel, caplog) -> None:
+    import pydicom
+
+    pipeline = ExplainPipeline(honest, ["gradcam"], ["sc", "sr"], enforce_applies_to=False)
+    with caplog.at_level(logging.WARNING, logger="service.node.pipeline"):
+        result = pipeline.process(pydicom.dcmread(data_file(name)))
+    (ood,) = result.ood
+    assert ood.out_of_distribution and ood.distance > 2 * ood.threshold
+    assert _evaluations(result)["TRUST-OOD"] == YES
+    (line,) = [r.getMessage() for r in caplog.records if "flagged" in r.getMessage()]
+    assert "input out of distribution" in line
+
+
+def test_a_shutter_counts_as_outside_the_anatomy(honest: DeployedModel) -> None:
+    phantom = make_phantom(5, "nodule", seed=HELD_OUT_SEED, modality="DX")
+    pipeline = ExplainPipeline(honest, ["gradcam"], ["sc"])
+    plain = pipeline.process(phantom.dataset).verdicts[0].shortcut
+    shuttered = phantom.dataset.copy()
+    shuttered.ShutterShape = "CIRCULAR"  # a small visible disc at the top: the lungs and the nodule are hidden
+    shuttered.CenterOfCircularShutter = [40, 240]
+    shuttered.RadiusOfCircularShutter = 30
+    hidden = pipeline.process(shuttered).verdicts[0].shortcut
+    assert plain.share < 0.55 and hidden.share > 0.95
+
+
+def _card_without_statistics(tmp_path: Path, **trust: object) -> Path:
+    folder = tmp_path / "demo"
+    shutil.copytree(demo_card_path().parent, folder)
+    raw = yaml.safe_load((folder / "model.yaml").read_text())
+    del raw["auxiliary"]["ood_statistics"]
+    raw["trust"] = {**raw["trust"], **trust}
+    (folder / "model.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return folder / "model.yaml"
+
+
+def test_a_card_without_statistics_has_no_ood_signal_and_says_so(tmp_path: Path, caplog) -> None:
+    model = DeployedModel.from_card_path(_card_without_statistics(tmp_path))
+    try:
+        with caplog.at_level(logging.WARNING, logger="service.node.pipeline"):
+            pipeline = ExplainPipeline(model, ["gradcam"], ["sr"])
+        assert pipeline.ood_detector is None
+        assert any("no auxiliary.ood_statistics" in r.getMessage() for r in caplog.records)
+        result = pipeline.process(make_phantom(1, "normal", seed=HELD_OUT_SEED).dataset)
+        assert result.ood == [None] and result.verdicts[0].ood is None
+        evaluations = _evaluations(result)
+        assert "TRUST-OOD" not in evaluations and "TRUST-SHORTCUT" in evaluations
+    finally:
+        model.close()
+
+
+def test_statistics_of_another_layer_stop_the_pipeline_at_start(tmp_path: Path) -> None:
+    card_path = demo_card_path()
+    folder = tmp_path / "demo"
+    shutil.copytree(card_path.parent, folder)
+    raw = yaml.safe_load((folder / "model.yaml").read_text())
+    raw["trust"]["ood"]["layer"] = "features.block4"
+    (folder / "model.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    model = DeployedModel(ModelCard.load(folder))
+    try:
+        with pytest.raises(OodError, match="fitted on the input of layer 'classifier'.*'features.block4'"):
+            ExplainPipeline(model, ["gradcam"], ["sc"])
+    finally:
+        model.close()
+
+
+def test_the_cards_thresholds_are_the_pipelines(tmp_path: Path) -> None:
+    folder = tmp_path / "demo"
+    shutil.copytree(demo_card_path().parent, folder)
+    raw = yaml.safe_load((folder / "model.yaml").read_text())
+    raw["trust"] = {"shortcut": {"share": 0.0, "concentration": 0.0}, "ood": {"distance": 0.001}}
+    (folder / "model.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    model = DeployedModel.from_card_path(folder)
+    try:
+        result = ExplainPipeline(model, ["gradcam"], ["sc"]).process(make_phantom(1, "normal").dataset)
+        (verdict,) = result.verdicts
+        assert verdict.shortcut.suspected and verdict.ood.out_of_distribution and verdict.ood.threshold == 0.001
+    finally:
+        model.close()
+
+
+def test_the_warm_up_computes_the_signals_but_logs_no_flag(honest: DeployedModel, caplog) -> None:
+    """The warm-up's 1024² phantom is out of the demo model's distribution (it saw 512-row phantoms
+    only); it must not put a "result flagged" line in the log at every start."""
+    pipeline = ExplainPipeline(honest, ["gradcam"], ["sc"])
+    with caplog.at_level(logging.WARNING, logger="service.node.pipeline"):
+        pipeline.warm_up()
+    assert not [r for r in caplog.records if "flagged" in r.getMessage()]
