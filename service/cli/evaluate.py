@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from service.tools.bench.explain import parse_param
 from service.tools.evaluate.labelled import HELD_OUT_SEED, LabelledSet, folder_set, phantom_set
 from service.tools.evaluate.plots import plot_scorecard
 from service.tools.evaluate.run import EvaluationSettings, evaluate
-from service.tools.progress import print_progress
+from service.tools.progress import Progress, print_progress
 
 #: The methods a governance board sees first (the issue's set): CAM, perturbation, gradient, and a
 #: method known to fail the randomisation check.
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     try:
-        scorecard = evaluate(cards, labelled, settings, print_progress, device=args.device)
+        scorecard = evaluate(cards, labelled, settings, _with_elapsed_time(), device=args.device)
     except (ValueError, ModelCardError, ExplainerError) as exc:
         print(f"pacs-xai evaluate: {exc}", file=sys.stderr)
         return 1
@@ -143,6 +144,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"written: {as_json}, {as_markdown}, " + ", ".join(str(p) for p in pictures))
     print(f"evaluation took {scorecard.seconds:.0f} s")
     return 0
+
+
+def _with_elapsed_time() -> Progress:
+    """Progress lines on stderr that start with the minutes and seconds since the run began."""
+    started = time.monotonic()
+
+    def report(message: str) -> None:
+        minutes, seconds = divmod(int(time.monotonic() - started), 60)
+        print_progress(f"[{minutes:02d}:{seconds:02d}] {message}")
+
+    return report
 
 
 def _labelled_set(args: argparse.Namespace, cards: list[Path]) -> LabelledSet:

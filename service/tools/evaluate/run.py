@@ -15,7 +15,10 @@ class of every image. Then, from :mod:`service.trust`:
   images with a finding, on the card's torch module (re-initialised copies);
 - seed repeatability of stochastic methods and the ONNX-vs-torch agreement of forward-only
   methods on the first ``repeatability_images``;
-- cost: milliseconds per image and the model rows run with and without gradients.
+- cost: milliseconds per image and the model rows run with and without gradients;
+- shortcut exposure: the share of positive attribution outside the anatomy on every image (the
+  node's own signal, :mod:`service.trust.shortcut`), how many results the card's thresholds would
+  flag, and the thresholds this set suggests (its 99th percentiles, when the set is honest).
 
 Nothing here computes a metric itself: it chooses the images, runs the parts and collects the
 figures into :class:`~service.tools.evaluate.scorecard.Scorecard`.
@@ -32,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dicom_io.pixels import PreparedFrame, prepare_frames
+from dicom_io.pixels import PreparedFrame, prepare_frames, shutter_mask
 from service.explain import Explainer, get_explainer
 from service.explain.base import ModelLike
 from service.inference.card import ModelCard
@@ -44,6 +47,15 @@ from service.tools.evaluate.labelled import LabelledImage, LabelledSet
 from service.tools.evaluate.scorecard import PER_CLASS_COLUMNS, Figure, Row, Scorecard
 from service.tools.progress import Progress
 from service.trust import faithfulness, localisation, randomisation, repeatability
+from service.trust.shortcut import (
+    OutsideAnatomy,
+    ShortcutFigures,
+    ShortcutThresholds,
+    is_shortcut_suspected,
+    outside_anatomy,
+    shortcut_figures,
+    thresholds_from_honest,
+)
 
 #: How the fraction of pixels steps in the deletion and insertion curves (1/25 of the image a step).
 CURVE_STEPS = 25
@@ -75,6 +87,21 @@ class _Prepared:
     frames: list[PreparedFrame]
     inputs: torch.Tensor  # [N, C, H, W] normalised
     targets: list[int]  # the ground-truth class per image
+    regions: list[OutsideAnatomy]  # outside the anatomy, per image, on the source grid
+
+
+def shortcut_calibration(rows: Sequence[Row]) -> dict[str, Any]:
+    """The shortcut thresholds the rows' (honest) results suggest: the 99th percentiles of share and
+    concentration over every method's results, as :func:`service.trust.shortcut.thresholds_from_honest`."""
+    figures = [
+        ShortcutFigures(share, 0.0, concentration) for row in rows for share, concentration in row.shortcut_figures
+    ]
+    suggested = thresholds_from_honest(figures)
+    return {
+        "results": len(figures),
+        "suggested": {"share": round(suggested.share, 3), "concentration": round(suggested.concentration, 3)},
+        "note": "99th percentiles over every method's results; valid only when the set is honest (no shortcut)",
+    }
 
 
 def evaluate(
@@ -95,8 +122,9 @@ def evaluate(
         scorecard.device = model.forward_runner.device
         try:
             prepared = _prepare(model, labelled, scorecard.skipped, progress)
-            for method in settings.methods:
-                scorecard.rows.append(_evaluate_method(model, prepared, method, settings, progress))
+            rows = [_evaluate_method(model, prepared, method, settings, progress) for method in settings.methods]
+            scorecard.rows.extend(rows)
+            scorecard.shortcut_calibration[model.card.name] = shortcut_calibration(rows)
         finally:
             model.close()
     scorecard.seconds = time.perf_counter() - started
@@ -105,19 +133,22 @@ def evaluate(
 
 def _prepare(model: DeployedModel, labelled: LabelledSet, skipped: list[str], progress: Progress) -> _Prepared:
     card = model.card
-    images, frames, targets = [], [], []
+    images, frames, targets, regions = [], [], [], []
+    edge_band = card.trust.shortcut.edge_band
     for image in labelled.images:
         if image.label not in card.output.classes:
             skipped.append(f"{image.name}: class {image.label!r} is not one of model {card.name}'s classes")
             continue
         images.append(image)
-        frames.append(prepare_frames(image.dataset, card.input.spec())[0])
+        frame = prepare_frames(image.dataset, card.input.spec())[0]
+        frames.append(frame)
         targets.append(card.class_index(image.label))
+        regions.append(outside_anatomy(frame.display, shutter_mask(image.dataset), edge_band=edge_band))
     if not images:
         raise ValueError(f"no image of the set has a class of model {card.name} ({', '.join(card.output.classes)})")
     inputs = torch.from_numpy(model.normalise(np.stack([frame.model_input for frame in frames])))
     progress(f"{card.name} {card.version}: {len(images)} images prepared on {model.forward_runner.device}")
-    return _Prepared(images, frames, inputs, targets)
+    return _Prepared(images, frames, inputs, targets, regions)
 
 
 def _evaluate_method(
@@ -142,6 +173,7 @@ def _evaluate_method(
     row.figures["forward_passes_per_image"] = Figure(rows_run[0] / count, count)
     row.figures["backward_passes_per_image"] = Figure(rows_run[1] / count, count)
 
+    _shortcut_exposure(row, card, prepared, maps)
     lesions = [i for i, image in enumerate(prepared.images) if image.mask is not None]
     if lesions:
         on_source = [prepared.frames[i].mapping.to_source_grid(maps[i]) for i in lesions]
@@ -226,6 +258,21 @@ class _CountingRunner:
     def forward(self, batch: np.ndarray) -> np.ndarray:
         self.rows += int(batch.shape[0])
         return self._runner.forward(batch)
+
+
+def _shortcut_exposure(row: Row, card: ModelCard, prepared: _Prepared, maps: np.ndarray) -> None:
+    figures = [
+        shortcut_figures(frame.mapping.to_source_grid(saliency), region)
+        for frame, saliency, region in zip(prepared.frames, maps, prepared.regions)
+    ]
+    shares = np.array([figure.share for figure in figures])
+    thresholds = ShortcutThresholds(card.trust.shortcut.share, card.trust.shortcut.concentration)
+    flagged = [is_shortcut_suspected(figure, thresholds) for figure in figures]
+    count = len(figures)
+    row.figures["outside_anatomy_share_p50"] = Figure(float(np.percentile(shares, 50)), count)
+    row.figures["outside_anatomy_share_p99"] = Figure(float(np.percentile(shares, 99)), count)
+    row.figures["shortcut_flag_rate"] = Figure(float(np.mean(flagged)), count)
+    row.shortcut_figures = [(figure.share, figure.concentration) for figure in figures]
 
 
 def _localisation(figures: dict[str, Figure], maps: list[np.ndarray], masks: list[np.ndarray]) -> None:

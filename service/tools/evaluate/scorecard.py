@@ -151,6 +151,8 @@ class Row:
     per_class: dict[str, dict[str, Figure]] = field(default_factory=dict)
     #: Per step of the cascading randomisation: layer, mean SSIM, mean Spearman.
     randomisation_steps: list[dict[str, Any]] = field(default_factory=list)
+    #: (share, concentration) of every image's explanation outside the anatomy, for the calibration.
+    shortcut_figures: list[tuple[float, float]] = field(default_factory=list)
     #: Mean deletion and insertion curves: fraction of pixels -> mean target probability.
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
