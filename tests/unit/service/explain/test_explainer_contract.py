@@ -73,8 +73,11 @@ FAST: dict[str, dict[str, Any]] = {
 #: Where the demo model's 224² images would make the settings above slow.
 FAST_ON_DEMO: dict[str, dict[str, Any]] = {
     "occlusion": {"window": 56, "stride": 56, "chunk_size": 5},
-    "hipe": {"initial_grid": 4, "min_window": 28, "chunk_size": 10},
+    "hipe": {"initial_grid": 4, "min_window": 56, "chunk_size": 10},
     "scorecam": {"chunk_size": 16},
+    "lime": {"samples": 16, "n_segments": 8, "chunk_size": 16, "seed": 2},
+    "kernel_shap": {"samples": 16, "n_segments": 8, "chunk_size": 16, "seed": 2},
+    "extremal_perturbation": {"iterations": 3, "seed": 1},
 }
 
 #: Methods whose map is made without calling the classifier (a masking network trained for the

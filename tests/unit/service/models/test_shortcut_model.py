@@ -12,6 +12,8 @@ from service.synthetic.phantoms import CLASSES
 from service.tools.demo.train import HELD_OUT_SEED_OFFSET, SHORTCUT_CLASS, TrainingSettings, phantom_arrays
 
 PER_CLASS = 20
+
+pytestmark = pytest.mark.slow  # 120 phantoms through two models: a few seconds
 HELD_OUT_SEED = TrainingSettings().seed + HELD_OUT_SEED_OFFSET + 1  # not the images its card figures came from
 
 
