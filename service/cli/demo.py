@@ -176,6 +176,11 @@ def _train(args: argparse.Namespace) -> int:
     for kind, path in report.files.items():
         print(f"{kind}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     print(f"training took {report.seconds:.0f} s")
+    print(
+        "next: the new weights need their own saliency masker and out-of-distribution statistics:\n"
+        f"  pacs-xai demo train-saliency --out {args.out}\n  pacs-xai model calibrate {args.out} --phantoms 900"
+        + (f" --token-class {SHORTCUT_CLASS}" if args.shortcut else "")
+    )
     return 0
 
 
