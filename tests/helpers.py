@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from dicom_io.net.network import free_port
+from service.tools.bench import peers as bench_peers
 from service.tools.dcmtk import DcmtkMissingError, dcmtk_tool
 
 __all__ = ["REPO_ROOT", "data_file", "free_port", "grad_cam_module", "require_dcmtk", "require_tool", "wait_for"]
@@ -82,34 +82,14 @@ def held_out_nodules(count: int) -> list:
     ]
 
 
-#: The torchvision op schemas declared by :func:`grad_cam_module` (a definition lives as long as its library).
-_TORCHVISION_OPS: list[Any] = []
-
-
 def grad_cam_module() -> Any:
-    """``pytorch_grad_cam``, or a skip when it is not installed.
-
-    It imports torchvision, whose PyPI wheel is built for a CUDA torch: its C++ ops do not load
-    beside the CPU torch here, and ``torchvision/_meta_registrations.py`` then fails on
-    ``register_fake("torchvision::nms")`` ("operator torchvision::nms does not exist"). Only in
-    that case, the two op schemas it registers fake kernels for (``nms`` and the quantized
-    ``qnms``, same signature as in torchvision's C++ sources) are declared and the import is
-    retried, so the pure-Python parts load; nothing here calls those ops. Kept in the tests: the
-    service never imports torchvision.
-    """
-    import torch
-
+    """``pytorch_grad_cam`` through the benches' torchvision shim
+    (:func:`service.tools.bench.peers.pytorch_grad_cam`: torchvision's PyPI wheel does not load
+    beside the CPU torch here, so the two op schemas it needs are declared first), or a skip when
+    it is not installed (pip install grad-cam, the test extra). The service itself never imports
+    torchvision."""
     try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        pytest.skip("torchvision is not installed: pip install grad-cam (the test extra)")
-    except RuntimeError as exc:
-        if "torchvision::" not in str(exc):
-            raise
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[name]  # the failed import left half-initialised modules behind
-        for op in ("nms", "qnms"):
-            library = torch.library.Library("torchvision", "FRAGMENT")
-            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            _TORCHVISION_OPS.append(library)
-    return pytest.importorskip("pytorch_grad_cam", reason="pip install grad-cam (the test extra)")
+        module, _libraries = bench_peers.pytorch_grad_cam()  # cached there, with the libraries it keeps alive
+    except bench_peers.PeerMissing as exc:
+        pytest.skip(f"{exc}: pip install grad-cam (the test extra)")
+    return module

@@ -59,15 +59,14 @@ def _no_close() -> None:
 
 @cache
 def pytorch_grad_cam() -> tuple[ModuleType, tuple[torch.library.Library, ...]]:
-    """``pytorch_grad_cam``, with the shim the tests use (tests/unit/service/explain/test_explainers_perturbation.py).
+    """``pytorch_grad_cam``, with a torchvision shim (the tests use it too, through tests/helpers.py).
 
     It imports torchvision, whose PyPI wheel is built for a CUDA torch: its C++ ops do not load
     beside a CPU torch, and ``torchvision/_meta_registrations.py`` then fails on
     ``register_fake("torchvision::nms")``. Only in that case the two op schemas it registers fake
     kernels for (``nms`` and ``qnms``, as in torchvision's C++ sources) are declared and the import
     retried, so the pure-Python parts load; nothing here calls those ops. The libraries are returned
-    (and cached) because a definition lives only as long as its library object. A copy, not an
-    import: product code does not import the tests.
+    (and cached) because a definition lives only as long as its library object.
     """
     libraries: list[torch.library.Library] = []
     try:
