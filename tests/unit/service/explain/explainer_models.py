@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from captum.attr._utils.custom_modules import Addition_Module
@@ -135,3 +136,25 @@ def images(n: int = 4, seed: int = 1, size: int = SIZE, *, margin: int = 4, sigm
 def function_modes() -> int:
     """Depth of torch's function-mode stack: explainers that override ops must pop what they push."""
     return torch._C._len_torch_function_stack()
+
+
+class ModuleRunner:
+    """A runner over a torch module's no-grad forward that hides the module: forward-only access,
+    numpy in and out (like ONNX Runtime); ``calls`` records the batch size of every forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.module = model
+        self.calls: list[int] = []
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    @property
+    def torch_module(self) -> None:
+        return None
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        self.calls.append(len(batch))
+        with torch.no_grad():
+            return self.module(torch.from_numpy(batch)).numpy()

@@ -37,7 +37,14 @@ from service.node.pipeline import card_settings
 from service.synthetic.phantoms import make_phantom
 from tests.helpers import HELD_OUT_SEED
 from tests.unit.service.explain.explainer_checks import hook_count, left_as_found
-from tests.unit.service.explain.explainer_models import DenseNetLike, ResidualNet, build, function_modes, images
+from tests.unit.service.explain.explainer_models import (
+    DenseNetLike,
+    ModuleRunner,
+    ResidualNet,
+    build,
+    function_modes,
+    images,
+)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -105,25 +112,6 @@ class Case:
     #: model-as-found test.
     late: nn.Module
     early: nn.Module
-
-
-class ModuleRunner:
-    """A runner over a torch module's no-grad forward that hides the module: forward-only access."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self._model = model
-
-    @property
-    def device(self) -> str:
-        return "cpu"
-
-    @property
-    def torch_module(self) -> None:
-        return None
-
-    def forward(self, batch: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return self._model(torch.from_numpy(batch)).numpy()
 
 
 @pytest.fixture(scope="module")

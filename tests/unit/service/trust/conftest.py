@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from tests.unit.service.explain.explainer_models import build
+
 #: Side of the small test images, pixels.
 SIZE = 32
 
@@ -66,17 +68,12 @@ class SmallNet(nn.Module):
 
 
 def small_net(classes: int = 3, seed: int = 0) -> SmallNet:
-    """A seeded :class:`SmallNet` in eval mode with non-trivial batch-norm statistics and a strong head."""
-    torch.manual_seed(seed)
-    model = SmallNet(classes)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.1, 0.1)
-    nn.init.normal_(model.classifier.weight, std=2.0)
-    return model.eval()
+    """A seeded :class:`SmallNet` in eval mode with non-trivial batch-norm statistics (the explainer
+    tests' :func:`build`) and a stronger head."""
+    model = build(SmallNet, classes, seed=seed)
+    with torch.no_grad():
+        nn.init.normal_(model.classifier.weight, std=2.0)
+    return model
 
 
 def blob_images(count: int = 4, seed: int = 1, size: int = SIZE) -> torch.Tensor:

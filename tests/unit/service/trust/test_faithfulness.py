@@ -23,6 +23,7 @@ from service.trust.faithfulness import (
     road,
 )
 from tests.helpers import grad_cam_module
+from tests.unit.service.explain.explainer_models import ModuleRunner
 from tests.unit.service.trust.conftest import SIZE, RegionModel, blob_images, region_images, small_net
 
 pytestmark = pytest.mark.filterwarnings(
@@ -45,27 +46,6 @@ def gradient_maps(model: nn.Module, inputs: torch.Tensor, targets: list[int]) ->
     leaf = inputs.clone().requires_grad_(True)
     model(leaf).gather(1, torch.tensor(targets)[:, None]).sum().backward()
     return leaf.grad.abs()[:, 0].numpy()
-
-
-class NumpyRunner:
-    """A Runner: numpy in, numpy logits out, no torch module (like ONNX Runtime)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.calls: list[int] = []
-
-    @property
-    def device(self) -> str:
-        return "cpu"
-
-    @property
-    def torch_module(self) -> None:
-        return None
-
-    def forward(self, batch: np.ndarray) -> np.ndarray:
-        self.calls.append(len(batch))
-        with torch.no_grad():
-            return self.module(torch.from_numpy(batch)).numpy()
 
 
 def region_map(first: bool) -> np.ndarray:
@@ -154,7 +134,7 @@ def test_random_order_is_seeded_and_shared_by_the_samples() -> None:
 def test_a_runner_in_chunks_gives_the_modules_curve() -> None:
     model, x = small_net(), blob_images()
     maps = torch.from_numpy(np.random.default_rng(5).normal(size=(4, SIZE, SIZE)))
-    runner = NumpyRunner(model)
+    runner = ModuleRunner(model)
     through_runner = insertion_curve(runner, x, maps, TARGETS, pixels_per_step=128, chunk_size=7)
     assert max(runner.calls) == 7 and sum(runner.calls) == 4 * 9
     through_module = insertion_curve(model, x, maps, TARGETS, pixels_per_step=128)
