@@ -165,9 +165,7 @@ def _evaluate_method(
     row = Row(card.name, card.version, method, {key: _plain(value) for key, value in method_settings.items()})
     label = f"{card.name} {method}"
 
-    maps, seconds, rows_run = _explain_all(
-        explainer, explained_model, model, prepared, settings.batch_size, progress, label
-    )
+    maps, seconds, rows_run = _explain_all(explainer, explained_model, prepared, settings.batch_size, progress, label)
     count = len(prepared.images)
     row.figures["ms_per_image"] = Figure(1000 * seconds / count, count)
     row.figures["forward_passes_per_image"] = Figure(rows_run[0] / count, count)
@@ -208,7 +206,6 @@ def _evaluate_method(
 def _explain_all(
     explainer: Explainer,
     explained_model: ModelLike,
-    model: DeployedModel,
     prepared: _Prepared,
     batch_size: int,
     progress: Progress,
