@@ -39,6 +39,7 @@ percentile). This module knows numpy arrays only: no DICOM, no torch.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,9 +87,9 @@ class OutsideAnatomy:
     burned_in: np.ndarray
     shutter: np.ndarray  # all False when the object has no Display Shutter
 
-    @property
+    @functools.cached_property
     def region(self) -> np.ndarray:
-        """R: the union of the four parts."""
+        """R: the union of the four parts (computed once)."""
         return self.outside_body | self.edge_band | self.burned_in | self.shutter
 
     @property
@@ -221,9 +222,7 @@ def _to_source(mask: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndar
     """A working-grid mask drawn back on the source grid (nearest neighbour)."""
     if factor == 1:
         return mask
-    rows = np.arange(shape[0]) // factor
-    cols = np.arange(shape[1]) // factor
-    return mask[rows[:, None], cols[None, :]]
+    return np.repeat(np.repeat(mask, factor, axis=0)[: shape[0]], factor, axis=1)[:, : shape[1]]
 
 
 def _edge_band(shape: tuple[int, int], fraction: float) -> np.ndarray:
