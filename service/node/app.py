@@ -17,14 +17,15 @@ import logging
 import threading
 from pathlib import Path
 
-from dicom_io.net.scp import AllowedCaller, ListenerSettings, StorageSCP, TlsFiles
+from dicom_io.net.scp import StorageSCP
 from dicom_io.net.scu import StoreSCU
 from service.inference.deployed import DeployedModel, PoolSettings
 from service.models import demo_card_path
 from service.node.assembler import Assembler, SeriesKey
 from service.node.config import NodeConfig
 from service.node.http import HealthServer
-from service.node.metrics import JournalCollector, create_metrics
+from service.node.intake import listener_settings
+from service.node.metrics import JournalCollector, NodeMetrics, create_metrics
 from service.node.pipeline import ExplainPipeline
 from service.node.processor import SeriesProcessor
 from service.node.receiver import Receiver
@@ -51,19 +52,9 @@ class Node:
         self.spool = Spool(data_dir / "spool", durability=durability)
         self.journal = Journal(data_dir / "journal.sqlite", durability=durability)
         self.metrics = create_metrics()
-        self.model = model or DeployedModel.from_card_path(
-            config.model.card or demo_card_path(),
-            device=config.model.device,
-            pool=PoolSettings(config.pool.max_batch, config.pool.max_wait_ms, config.pool.max_queue),
-            metrics=self.metrics.pool,
-        )
+        self.model = model or build_model(config, self.metrics)
         card = self.model.card
-        self.pipeline = ExplainPipeline(
-            self.model,
-            methods=config.explain.methods or card.defaults.methods,
-            outputs=config.explain.outputs or card.defaults.outputs,
-            method_params=config.explain.method_params,
-        )
+        self.pipeline = build_pipeline(config, self.model)
         self.assembler = Assembler(
             idle_seconds=config.assembly.idle_seconds, max_wait_seconds=config.assembly.max_wait_seconds
         )
@@ -78,7 +69,7 @@ class Node:
             self.metrics,
         )
         self.scp = StorageSCP(
-            _listener_settings(config), Receiver(self.spool, self.journal, self.assembler, self.metrics)
+            listener_settings(config), Receiver(self.spool, self.journal, self.assembler, self.metrics)
         )
         self.http = (
             HealthServer(
@@ -196,20 +187,22 @@ class Node:
                 self._outputs_ready.wait(SEND_POLL_SECONDS)
 
 
-def _listener_settings(config: NodeConfig) -> ListenerSettings:
-    listener = config.listener
-    tls = None
-    if config.tls is not None:
-        tls = TlsFiles(config.tls.certificate, config.tls.private_key, config.tls.client_ca)
-    return ListenerSettings(
-        ae_title=listener.ae_title,
-        bind_address=listener.bind_address,
-        port=listener.port,
-        max_associations=listener.max_associations,
-        max_pdu=listener.max_pdu,
-        acse_timeout=listener.acse_timeout,
-        dimse_timeout=listener.dimse_timeout,
-        network_timeout=listener.network_timeout,
-        allowed_callers=tuple(AllowedCaller(c.ae_title, c.host) for c in config.allowed_callers),
-        tls=tls,
+def build_model(config: NodeConfig, metrics: NodeMetrics) -> DeployedModel:
+    """The deployed model of the configuration (the demo model without a card), its pool reporting to ``metrics``."""
+    return DeployedModel.from_card_path(
+        config.model.card or demo_card_path(),
+        device=config.model.device,
+        pool=PoolSettings(config.pool.max_batch, config.pool.max_wait_ms, config.pool.max_queue),
+        metrics=metrics.pool,
+    )
+
+
+def build_pipeline(config: NodeConfig, model: DeployedModel) -> ExplainPipeline:
+    """The pipeline of the configuration: its methods and outputs, or the model card's defaults."""
+    card = model.card
+    return ExplainPipeline(
+        model,
+        methods=config.explain.methods or card.defaults.methods,
+        outputs=config.explain.outputs or card.defaults.outputs,
+        method_params=config.explain.method_params,
     )

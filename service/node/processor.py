@@ -1,12 +1,11 @@
 """Series-level processing for the node: spool -> pipeline -> outbox, every step journaled.
 
 For each instance of a ready batch: read it from the spool, run the
-:class:`~service.node.pipeline.ExplainPipeline`, write each output object to the outbox folder and
-journal one outbox row per (output, destination that wants its kind), then mark the instance
-processed. Outputs are journaled before the instance is marked done, so a crash in between
-reprocesses the instance on restart; its derived UIDs are deterministic, so the outbox rows are
-the same rows (``Outbox.add`` is idempotent) and the destination receives replacements, never
-duplicates.
+:class:`~service.node.pipeline.ExplainPipeline`, write each output object to the outbox folder,
+then journal one outbox row per (output, destination that wants its kind) and mark the instance
+done in one transaction (:meth:`Journal.complete <service.node.store.Journal.complete>`). A crash
+before that commit reprocesses the instance (its derived UIDs are deterministic, so its files are
+the same files); after it, nothing is done twice, so a delivered result is never queued again.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from service.node.assembler import SeriesKey
 from service.node.config import DestinationConfig
 from service.node.metrics import NodeMetrics
 from service.node.pipeline import DatasetResult, ExplainPipeline
-from service.node.store import Journal, ReceivedInstance, Spool
+from service.node.store import Journal, NewOutput, ReceivedInstance, Spool
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +88,16 @@ class SeriesProcessor:
         return "done"
 
     def _store_outputs(self, uid: str, result: DatasetResult) -> None:
-        """Encode each output into the spool, journal one outbox row per destination that takes
-        its kind, then mark the source instance done."""
+        """Encode each output into the spool, then in one journal transaction queue one outbox row
+        per destination that takes its kind and mark the source instance done."""
+        queued = []
         for output in result.outputs:
             derived_uid = str(output.dataset.SOPInstanceUID)
             path = self._spool.write_output(encode(output.dataset), sop_uid=derived_uid)
             for destination in self._destinations:
                 if destination.outputs is None or output.kind in destination.outputs:
-                    self._journal.outbox.add(
-                        sop_instance_uid=derived_uid,
-                        source_sop_instance_uid=uid,
-                        destination=destination.name,
-                        path=path,
-                        kind=output.kind,
-                        method=output.method,
-                    )
-        self._journal.mark_processed([uid], "done")
+                    queued.append(NewOutput(derived_uid, uid, destination.name, path, output.kind, output.method))
+        self._journal.complete(uid, queued)
 
     def _observe(self, result: DatasetResult) -> None:
         """Stage timings, predictions and trust signals of one processed instance into the metrics."""

@@ -29,8 +29,9 @@ from typing import Literal
 
 from service.node.store.connection import JournalConnection
 from service.node.store.errors import StoreError, validate_uid
-from service.node.store.outbox import OUTBOX_STATES, Outbox
+from service.node.store.outbox import OUTBOX_STATES, NewOutput, Outbox, insert_output
 from service.node.store.quarantine import Quarantine
+from service.node.store.series import SERIES_SCHEMA, SeriesClaims, drop_claims
 from service.node.store.spool import Durability, check_durability
 
 __all__ = ["INSTANCE_STATES", "SCHEMA_VERSION", "Journal", "ReceivedInstance"]
@@ -145,6 +146,7 @@ class Journal:
             raise
         self.outbox = Outbox(self._connection, clock)
         self.quarantine = Quarantine(self._connection, clock)
+        self.series = SeriesClaims(self._connection, clock)
 
     def _check_schema(self) -> None:
         """Create the schema when the file is new; otherwise refuse any version but :data:`SCHEMA_VERSION`."""
@@ -157,13 +159,17 @@ class Journal:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     db.execute(statement)
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-                return
-            row = db.execute("SELECT version FROM schema_version").fetchone()
-        version = None if row is None else row[0]
-        if version != SCHEMA_VERSION:
-            raise StoreError(
-                f"journal {self.path} has schema version {version!r}; this pacs-xai reads version {SCHEMA_VERSION}"
-            )
+                row = (SCHEMA_VERSION,)
+            else:
+                row = db.execute("SELECT version FROM schema_version").fetchone()
+            version = None if row is None else row[0]
+            if version != SCHEMA_VERSION:
+                raise StoreError(
+                    f"journal {self.path} has schema version {version!r}; this pacs-xai reads version {SCHEMA_VERSION}"
+                )
+            # The multi-process tables (service.node.store.series) are additive: created when missing.
+            for statement in filter(str.strip, SERIES_SCHEMA.split(";")):
+                db.execute(statement)
 
     def close(self) -> None:
         """Close the connection (checkpointing the WAL); later calls raise StoreError."""
@@ -268,6 +274,25 @@ class Journal:
                 "WHERE sop_instance_uid = ? AND (? IS NULL OR received_at <= ?)",
                 [(outcome, reason, now, uid, received_before, received_before) for uid in sop_instance_uids],
             )
+            drop_claims(db, sop_instance_uids)
+
+    def complete(self, sop_instance_uid: str, outputs: Sequence[NewOutput]) -> None:
+        """In one transaction: queue the outputs of an instance and mark it ``done``.
+
+        One commit, so a process killed at any moment leaves either nothing (the instance is
+        processed again) or everything; the outputs of a delivered result are never queued twice.
+        """
+        now = self._clock()
+        with self._connection.transaction() as db:
+            cursor = db.execute(
+                "UPDATE instances SET state = 'done', reason = '', updated_at = ? WHERE sop_instance_uid = ?",
+                (now, sop_instance_uid),
+            )
+            if cursor.rowcount == 0:
+                raise LookupError(f"SOP Instance UID not in the journal: {sop_instance_uid!r}")
+            for output in outputs:
+                insert_output(db, output, now)
+            drop_claims(db, [sop_instance_uid])
 
     def instance_state(self, sop_instance_uid: str) -> tuple[str, str] | None:
         """``(state, reason)`` of a journaled instance, ``None`` when it is not journaled."""
