@@ -66,6 +66,7 @@ def run_child(role: str, body: RoleMain, argv: Sequence[str] | None = None) -> i
     die_with_parent()
     config = load_resolved_config(args.config)
     configure_logging(config.logging.level, json_format=config.logging.json_format)
+    Path(config.storage.data_dir).mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

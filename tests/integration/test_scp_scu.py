@@ -137,7 +137,7 @@ def start_scp() -> Iterator[Callable[..., tuple[StorageSCP, Recorder]]]:
 
     def start(recorder: Recorder | None = None, extra_handlers=(), **settings) -> tuple[StorageSCP, Recorder]:
         recorder = recorder or Recorder()
-        scp = StorageSCP(ListenerSettings(port=0, **settings), recorder, extra_handlers=extra_handlers)
+        scp = StorageSCP(ListenerSettings(**{"port": 0, **settings}), recorder, extra_handlers=extra_handlers)
         scp.start()
         started.append(scp)
         return scp, recorder
@@ -582,3 +582,18 @@ def test_more_than_128_contexts_use_several_associations(start_scp) -> None:
     assert [o.sop_instance_uid for o in outcomes] == [d.SOPInstanceUID for d in datasets]
     assert {o.verdict for o in outcomes} == {"delivered"}
     assert len({association_id for association_id, _, _ in recorder.stores}) == 2
+
+
+def test_listeners_with_reuse_port_share_one_port_and_both_serve(start_scp) -> None:
+    """SO_REUSEPORT (a node's receiver processes): a second listener binds the same port only when
+    both ask for it, and the kernel hands connections to both."""
+    first, first_recorder = start_scp(reuse_port=True)
+    with pytest.raises(OSError):
+        start_scp(port=first.port)  # without SO_REUSEPORT the port is taken
+    second, second_recorder = start_scp(port=first.port, reuse_port=True)
+    assert second.port == first.port
+    for _ in range(24):  # connections are spread by a hash of the peer's port: 24 all on one side is 2^-23
+        assert StoreSCU("MODALITY").echo(Destination(NODE, LOCALHOST, first.port))
+        if first_recorder.entries("accepted") and second_recorder.entries("accepted"):
+            break
+    assert first_recorder.entries("accepted") and second_recorder.entries("accepted")
