@@ -21,7 +21,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydicom.uid import UID
 
+from dicom_io.compression import LOSSLESS_SYNTAXES, lossless_syntax
 from dicom_io.net.scu import Destination
 from dicom_io.writers import OUTPUT_KINDS
 
@@ -125,9 +127,26 @@ class DestinationConfig(_Section):
     outputs: tuple[str, ...] | None = Field(
         None, description=f"Output kinds sent here ({', '.join(OUTPUT_KINDS)}); omit for all."
     )
+    transfer_syntaxes: tuple[str, ...] = Field(
+        ("jpeg-ls-lossless", "deflated"),
+        description=f"Lossless compressed transfer syntaxes proposed to this destination, preferred first "
+        f"({', '.join(LOSSLESS_SYNTAXES)}); uncompressed is always proposed last. Outputs are stored "
+        "compressed in the first pixel codec the destinations list; [] sends everything uncompressed.",
+    )
+
+    @field_validator("transfer_syntaxes")
+    @classmethod
+    def _known_syntaxes(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            lossless_syntax(name)
+        return names
+
+    def syntaxes(self) -> tuple[UID, ...]:
+        """The transfer syntaxes of :attr:`transfer_syntaxes`."""
+        return tuple(lossless_syntax(name) for name in self.transfer_syntaxes)
 
     def to_destination(self) -> Destination:
-        return Destination(ae_title=self.ae_title, host=self.host, port=self.port)
+        return Destination(ae_title=self.ae_title, host=self.host, port=self.port, transfer_syntaxes=self.syntaxes())
 
 
 class AssemblyConfig(_Section):

@@ -1,7 +1,9 @@
 """Series-level processing for the node: spool -> pipeline -> outbox, every step journaled.
 
 For each instance of a ready batch: read it from the spool, run the
-:class:`~service.node.pipeline.ExplainPipeline`, write each output object to the outbox folder,
+:class:`~service.node.pipeline.ExplainPipeline`, write each output object to the outbox folder
+(its pixel data compressed losslessly in the first codec the destinations that take it list, see
+:mod:`dicom_io.compression`; the sender decodes it again for a destination that refuses it),
 then journal one outbox row per (output, destination that wants its kind) and mark the instance
 done in one transaction (:meth:`Journal.complete <service.node.store.Journal.complete>`). A crash
 before that commit reprocesses the instance (its derived UIDs are deterministic, so its files are
@@ -18,6 +20,7 @@ from io import BytesIO
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicom_io.compression import compress_pixels, syntaxes_in_order
 from dicom_io.errors import DicomInputError
 from dicom_io.pixels import read_dataset
 from service.explain import ExplainerError
@@ -93,10 +96,11 @@ class SeriesProcessor:
         queued = []
         for output in result.outputs:
             derived_uid = str(output.dataset.SOPInstanceUID)
+            takers = [d for d in self._destinations if d.outputs is None or output.kind in d.outputs]
+            compress_pixels(output.dataset, syntaxes_in_order([d.syntaxes() for d in takers]))
             path = self._spool.write_output(encode(output.dataset), sop_uid=derived_uid)
-            for destination in self._destinations:
-                if destination.outputs is None or output.kind in destination.outputs:
-                    queued.append(NewOutput(derived_uid, uid, destination.name, path, output.kind, output.method))
+            for destination in takers:
+                queued.append(NewOutput(derived_uid, uid, destination.name, path, output.kind, output.method))
         self._journal.complete(uid, queued)
 
     def _observe(self, result: DatasetResult) -> None:
