@@ -25,7 +25,7 @@ from pydicom.uid import UID
 
 from dicom_io.compression import LOSSLESS_SYNTAXES, lossless_syntax
 from dicom_io.net.scu import Destination
-from dicom_io.writers import OUTPUT_KINDS
+from dicom_io.output_kinds import OUTPUT_KINDS
 
 #: AE titles: 1-16 characters of the default repertoire, no backslash or control characters.
 _AE_TITLE = r"^[^\\\x00-\x1f]{1,16}$"

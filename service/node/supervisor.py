@@ -25,7 +25,8 @@ in hand finishes), then the sender (a last pass); what is left waits in the jour
 Metrics: every child writes to ``<data_dir>/run/metrics`` (prometheus-client multiprocess mode,
 ``PROMETHEUS_MULTIPROC_DIR``); the supervisor's ``/metrics`` combines them
 (:func:`~service.node.metrics.multiprocess_registry`), so the names and labels are those of one
-process. ``/readyz`` is ready when every child runs.
+process. ``/readyz`` is ready when every child runs and every worker has loaded and warmed up its
+model (it creates ``run/warm-<name>:<pid>``).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class Supervisor:
         ended = self.journal.series.end_all_associations()
         if released or ended:
             log.info("released %d claim(s) and %d association(s) left by the previous run", released, ended)
-        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
         self.metrics_dir.mkdir(parents=True)
         listener = self.config.listener
         self._port_holder = socket.socket(socket.AF_INET6 if ":" in listener.bind_address else socket.AF_INET)
@@ -161,6 +162,11 @@ class Supervisor:
         down = [child.name for child in self.children if not child.running()]
         if down:
             return False, f"not running: {', '.join(down)}"
+        cold = [
+            c.name for c in self.children if c.module == "worker" and not (self.run_dir / f"warm-{c.identity}").exists()
+        ]
+        if cold:
+            return False, f"loading the model: {', '.join(cold)}"
         return True, f"ready: {len(self.children)} processes running"
 
     def watch(self) -> None:
@@ -234,6 +240,7 @@ class Supervisor:
         identity = f"{child.name}:{pid}"
         with contextlib.suppress(Exception):
             multiprocess.mark_process_dead(pid, str(self.metrics_dir))
+        (self.run_dir / f"warm-{identity}").unlink(missing_ok=True)
         if child.module == "intake":
             ended = self.journal.series.end_associations_of(identity)
             if ended:

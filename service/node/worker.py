@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.02
 
 
+def warm_marker(data_dir: Path, identity: str) -> Path:
+    """The file a worker creates once its model is loaded and warmed up (``run/warm-<name>:<pid>``)."""
+    return data_dir / "run" / f"warm-{identity}"
+
+
 def torch_threads(config: NodeConfig) -> int:
     """Intra-op threads per worker: the cores shared among the worker processes."""
     _, workers = resolve_processes(config)
@@ -60,6 +65,7 @@ def serve_worker(config: NodeConfig, identity: str, stop: threading.Event) -> in
         if config.model.warm_up:
             seconds = pipeline.warm_up()
             log.info("%s warmed up in %.2f s", identity, seconds)
+        warm_marker(data_dir, identity).touch()  # the supervisor's readiness: this worker takes work now
         processor = SeriesProcessor(
             pipeline, Spool(data_dir / "spool", durability=durability), journal, config.destinations, metrics
         )
