@@ -9,6 +9,7 @@ from pathlib import Path
 
 from service.explain.registry import get_explainer
 from service.node.config import load_config, resolve_processes
+from service.tools.bench import compression as compression_bench
 from service.tools.bench import explain as explain_bench
 from service.tools.bench import pipeline as pipeline_bench
 from service.tools.bench import receive as receive_bench
@@ -98,6 +99,20 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         help="with --processes: alternating rounds of --images and --burst per node (default 3)",
     )
     pipeline.set_defaults(handler=_pipeline)
+    compression = sub.add_parser(
+        "compression",
+        formatter_class=formatter,
+        help="bytes and time of the lossless syntaxes on the node's result; JPEG 2000 decoders",
+        description="The Secondary Capture the node writes for a 2k² CR, uncompressed and in every lossless "
+        "transfer syntax the node sends (bytes, encode/decode ms), and JPEG 2000 decode time with every "
+        "decoding plugin pydicom loads here (GDCM, pylibjpeg-openjpeg, Pillow).",
+        epilog="example:\n  pacs-xai bench compression --repeats 5 --out bench-out",
+    )
+    compression.add_argument("--repeats", type=int, default=5, metavar="N", help="repeats per figure (default 5)")
+    compression.add_argument(
+        "--out", type=Path, default=Path("bench-out"), metavar="DIR", help="folder for compression.json"
+    )
+    compression.set_defaults(handler=_compression)
     explain = sub.add_parser(
         "explain",
         formatter_class=formatter,
@@ -236,6 +251,13 @@ def _pipeline(args: argparse.Namespace) -> int:
     )
     pipeline_bench.print_figures(figures)
     print(f"\nfigures: {args.out / f'pipeline-{args.method}.json'}")
+    return 0
+
+
+def _compression(args: argparse.Namespace) -> int:
+    syntaxes, decoders = compression_bench.run_compression_bench(args.repeats, args.out, print_progress)
+    compression_bench.print_figures(syntaxes, decoders)
+    print(f"\nfigures: {args.out / 'compression.json'}")
     return 0
 
 
