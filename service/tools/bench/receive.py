@@ -161,10 +161,18 @@ class ProcessesFigure:
     processes_per_second: float
     #: Resident memory of each receiver process after the run (VmRSS), MB.
     receiver_rss_mb: tuple[float, ...]
+    #: The same two with process-crash durability (no fsync): what the CPU allows.
+    one_process_no_fsync_per_second: float
+    processes_no_fsync_per_second: float
 
     @property
     def ratio(self) -> float:
         return self.processes_per_second / self.one_process_per_second if self.one_process_per_second else 0.0
+
+    @property
+    def ratio_no_fsync(self) -> float:
+        one = self.one_process_no_fsync_per_second
+        return self.processes_no_fsync_per_second / one if one else 0.0
 
 
 def measure_receiver_processes(
@@ -249,14 +257,31 @@ def run_receivers_bench(
                 one = measure_pacs_xai(files, associations, workdir, "power-loss")
                 progress(f"{label}: {count} images over {associations} associations -> {k} receiver processes")
                 several, rss = measure_receiver_processes(files, associations, k, workdir)
-                figure = ProcessesFigure(label, associations, count, k, round(one, 1), round(several, 1), rss)
+                progress(f"{label}: the same without fsync (process-crash durability)")
+                one_no_fsync = measure_pacs_xai(files, associations, workdir, "process-crash")
+                several_no_fsync, _ = measure_receiver_processes(files, associations, k, workdir, "process-crash")
+                figure = ProcessesFigure(
+                    label,
+                    associations,
+                    count,
+                    k,
+                    round(one, 1),
+                    round(several, 1),
+                    rss,
+                    round(one_no_fsync, 1),
+                    round(several_no_fsync, 1),
+                )
                 progress(
-                    f"{label}: 1 process {one:.0f}/s, {k} processes {several:.0f}/s ({figure.ratio:.2f}x); "
+                    f"{label}: 1 process {one:.0f}/s, {k} processes {several:.0f}/s ({figure.ratio:.2f}x); no fsync "
+                    f"{one_no_fsync:.0f}/s vs {several_no_fsync:.0f}/s ({figure.ratio_no_fsync:.2f}x); "
                     f"receiver RSS {', '.join(f'{mb:.0f}' for mb in rss)} MB"
                 )
                 figures.append(figure)
     (out_dir / "receive-processes.json").write_text(
-        json.dumps([{**asdict(f), "ratio": round(f.ratio, 3)} for f in figures], indent=2)
+        json.dumps(
+            [{**asdict(f), "ratio": round(f.ratio, 3), "ratio_no_fsync": round(f.ratio_no_fsync, 3)} for f in figures],
+            indent=2,
+        )
     )
     return figures
 
@@ -264,12 +289,14 @@ def run_receivers_bench(
 def print_processes(figures: Sequence[ProcessesFigure]) -> None:
     print(
         f"{'images':14} {'assoc':>5} {'count':>6} {'receivers':>9} {'1 process/s':>12} "
-        f"{'K processes/s':>14} {'ratio':>6}  RSS MB"
+        f"{'K processes/s':>14} {'ratio':>6} {'no fsync: 1/s':>14} {'K/s':>7} {'ratio':>6}  RSS MB"
     )
     for f in figures:
         print(
             f"{f.images:14} {f.associations:>5} {f.count:>6} {f.receivers:>9} {f.one_process_per_second:>12.1f} "
-            f"{f.processes_per_second:>14.1f} {f.ratio:>6.2f}  {', '.join(f'{mb:.0f}' for mb in f.receiver_rss_mb)}"
+            f"{f.processes_per_second:>14.1f} {f.ratio:>6.2f} {f.one_process_no_fsync_per_second:>14.1f} "
+            f"{f.processes_no_fsync_per_second:>7.1f} {f.ratio_no_fsync:>6.2f}  "
+            f"{', '.join(f'{mb:.0f}' for mb in f.receiver_rss_mb)}"
         )
 
 
