@@ -154,7 +154,13 @@ class SeriesClaims:
         return min(series.ready_in(now, idle_seconds, max_wait_seconds) for series in waiting)
 
     def claim_ready(self, worker: str, *, idle_seconds: float, max_wait_seconds: float) -> ReadySeries | None:
-        """Claim the oldest ready series for ``worker`` (all its unclaimed received instances), or ``None``."""
+        """Claim the oldest ready series for ``worker`` (all its unclaimed received instances), or ``None``.
+
+        A read first (it never waits for a writer); the write transaction only when a series is ready.
+        """
+        wait = self.next_ready_in(idle_seconds=idle_seconds, max_wait_seconds=max_wait_seconds)
+        if wait is None or wait > 0:
+            return None
         now = self._clock()
         with self._connection.transaction() as db:
             ready = [s for s in _waiting(db) if s.ready_in(now, idle_seconds, max_wait_seconds) <= 0]
