@@ -52,6 +52,9 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         "--associations (default 4); repeat for several K",
     )
     receive.add_argument(
+        "--rounds", type=int, default=3, metavar="N", help="with --receivers: alternating rounds, medians (default 3)"
+    )
+    receive.add_argument(
         "--out",
         type=Path,
         default=Path("bench-out"),

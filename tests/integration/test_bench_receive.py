@@ -34,7 +34,7 @@ def test_receive_figures_and_files(tmp_path: Path) -> None:
 
 def test_receiver_processes_figures_and_their_memory(tmp_path: Path) -> None:
     require_dcmtk("storescu")
-    figures = run_receivers_bench(8, 2, [2], tmp_path, lambda _: None, sources={"CT small": "CT_small.dcm"})
+    figures = run_receivers_bench(8, 2, [2], tmp_path, lambda _: None, sources={"CT small": "CT_small.dcm"}, rounds=1)
     (figure,) = figures
     assert (figure.images, figure.associations, figure.count, figure.receivers) == ("CT small", 2, 8, 2)
     rates = (

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -244,8 +245,10 @@ def run_receivers_bench(
     out_dir: Path,
     progress: Progress,
     sources: dict[str, str] = SOURCES,
+    rounds: int = 3,
 ) -> list[ProcessesFigure]:
-    """One receiver process against K, same files, same sender, same run; ``receive-processes.json``."""
+    """One receiver process against K, same files, same sender, same run, in ``rounds`` alternating
+    rounds (medians); ``receive-processes.json``."""
     figures = []
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pacs-xai-bench-") as temp:
@@ -253,13 +256,20 @@ def run_receivers_bench(
         for label, source in sources.items():
             files = fresh_copies(source, count, workdir / "input" / source)
             for k in receivers:
-                progress(f"{label}: {count} images over {associations} associations -> 1 process")
-                one = measure_pacs_xai(files, associations, workdir, "power-loss")
-                progress(f"{label}: {count} images over {associations} associations -> {k} receiver processes")
-                several, rss = measure_receiver_processes(files, associations, k, workdir)
-                progress(f"{label}: the same without fsync (process-crash durability)")
-                one_no_fsync = measure_pacs_xai(files, associations, workdir, "process-crash")
-                several_no_fsync, _ = measure_receiver_processes(files, associations, k, workdir, "process-crash")
+                rates: dict[str, list[float]] = {"one": [], "several": [], "one_no_fsync": [], "several_no_fsync": []}
+                rss: tuple[float, ...] = ()
+                for round_index in range(rounds):  # alternating, so a change of machine load weighs on both
+                    progress(f"{label}, round {round_index + 1}/{rounds}: 1 process, then {k} receiver processes")
+                    rates["one"].append(measure_pacs_xai(files, associations, workdir, "power-loss"))
+                    several, rss = measure_receiver_processes(files, associations, k, workdir)
+                    rates["several"].append(several)
+                    rates["one_no_fsync"].append(measure_pacs_xai(files, associations, workdir, "process-crash"))
+                    rates["several_no_fsync"].append(
+                        measure_receiver_processes(files, associations, k, workdir, "process-crash")[0]
+                    )
+                one, several, one_no_fsync, several_no_fsync = (
+                    statistics.median(rates[key]) for key in ("one", "several", "one_no_fsync", "several_no_fsync")
+                )
                 figure = ProcessesFigure(
                     label,
                     associations,
