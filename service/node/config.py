@@ -13,6 +13,7 @@ start-up that lists every problem with its place in the file and the value found
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -41,12 +42,20 @@ def _check_processes(value: int | str) -> int | str:
     return value
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity, which containers narrow), at least 1."""
+def available_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPU cores this process may use, at least 1: its CPU affinity, capped by a cgroup v2 CPU quota
+    (a container's CPU limit: ``cpu.max`` = "200000 100000" is 2 cores) when there is one."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):  # no cgroup v2 quota here
+        pass
+    return max(1, cores)
 
 
 def resolve_processes(config: NodeConfig, cores: int | None = None) -> tuple[int, int]:
