@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS claims (
     claimed_at       REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS claims_by_worker ON claims (worker);
-CREATE INDEX IF NOT EXISTS instances_by_series ON instances (state, study_instance_uid, series_instance_uid);
+CREATE INDEX IF NOT EXISTS instances_waiting_by_series ON instances (state, study_instance_uid, series_instance_uid);
 """
 
 # The unclaimed received instances of each series: first and last arrival, and whether any of
