@@ -248,8 +248,18 @@ class RuleVerdict:
         return f"{self.rule.name}: {self.mismatch.describe(reveal_free_text=reveal_free_text)}"
 
 
+#: What every rule says about an object without pixels: no model reads it, whatever the rule's match.
+NOT_AN_IMAGE = Mismatch("Rows", None, "not an image: no rule takes an object without pixels", relation="-")
+
+
 def evaluate(rules: Sequence[RouteRule], facts: InstanceFacts) -> list[RuleVerdict]:
-    """Every rule's verdict on ``facts``, in order: first match wins unless it says ``continue``."""
+    """Every rule's verdict on ``facts``, in order: first match wins unless it says ``continue``.
+
+    An object without an image matrix (no Rows: SR, KOS, presentation state, waveform, PDF, RT
+    plan) is taken by no rule, not even one that matches everything: no model reads it.
+    """
+    if not facts.is_image:
+        return [RuleVerdict(rule, taken=False, mismatch=NOT_AN_IMAGE) for rule in rules]
     verdicts: list[RuleVerdict] = []
     stopped = False
     for rule in rules:
