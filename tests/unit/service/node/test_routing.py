@@ -9,6 +9,7 @@ what is tested; elsewhere from InstanceFacts built by hand, one attribute change
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ from service.node.routing import (
     why_not_routed,
 )
 from service.synthetic.phantoms import make_phantom
-from tests.helpers import data_file
+from tests.helpers import REPO_ROOT, data_file
 from tests.unit.service.node.helpers import non_image_dataset
 
 CR_CLASS = "1.2.840.10008.5.1.4.1.1.1"
@@ -310,3 +311,19 @@ def test_check_rules_reports_every_problem_and_warns_about_unreachable_rules(tmp
     assert any("routes[0] (everything): matches everything, so the later rules never run" in w for w in check.warnings)
     assert any("routes[0] (everything): takes every modality" in w for w in check.warnings)
     assert [checked.rule.name for checked in check.rules] == ["everything", "odd"]
+
+
+def test_the_documented_two_model_example_loads_and_routes_as_the_guide_says(tmp_path: Path) -> None:
+    guide = (REPO_ROOT / "docs" / "routing.md").read_text(encoding="utf-8")
+    (example,) = re.findall(r"```yaml\n(.*?)```", guide, flags=re.DOTALL)
+    path = tmp_path / "node.yaml"
+    path.write_text(example)
+    rules = compile_rules(load_config(path))  # explicit routes: no card is read here
+    from_pacs = dataclasses.replace(CHEST_CR, calling_ae_title="PACS", body_part_examined="")
+    assert [rule.name for rule in select(rules, from_pacs)] == ["chest-xray", "chest-research"]
+    head = dataclasses.replace(CHEST_CR, modality="CT", series_description="Head routine", rows=512, instances=40)
+    assert [rule.name for rule in select(rules, head)] == ["head-ct"]
+    chest_ct = dataclasses.replace(head, series_description="CHEST ROUTINE")
+    assert select(rules, chest_ct) == []
+    assert [d.name for d in rules[1].destinations] == ["research"]
+    assert rules[0].card_path == rules[1].card_path, "one card file, loaded once"
