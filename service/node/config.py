@@ -185,7 +185,7 @@ class RouteMatchConfig(_Section):
     rows: RangeConfig | None = Field(None, description="Rows (0028,0010) of the image, {min, max}.")
     columns: RangeConfig | None = Field(None, description="Columns (0028,0011) of the image, {min, max}.")
     instances: RangeConfig | None = Field(
-        None, description="Instances of the series in the batch being processed, {min, max}."
+        None, description="Instances of the series received so far (re-sent ones once), {min, max}."
     )
 
     @field_validator(

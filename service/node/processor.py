@@ -8,12 +8,13 @@ reprocesses the instance on restart; its derived UIDs are deterministic, so the 
 the same rows (``Outbox.add`` is idempotent) and the destination receives replacements, never
 duplicates.
 
-Routing (:mod:`service.node.routing`) decides per instance which rules take it, from its header and
-the batch: each rule that takes it runs its own pipeline and journals outputs for its own
-destinations. An instance no rule takes is journaled ``skipped`` ("not routed: ..." with each
-rule's first mismatch), then its spool file is deleted (the journal row says why it is gone, and
-it was never promised to anyone) and it is counted in ``pacsxai_instances_discarded_total``; a
-batch of which no instance was taken counts once in ``pacsxai_series_unrouted_total``.
+Routing (:mod:`service.node.routing`) decides per instance which rules take it, from its header,
+its sender and the number of instances its series has in the journal so far: each rule that
+takes it runs its own pipeline and journals outputs for its own destinations. An instance no rule
+takes is journaled ``skipped`` ("not routed: ..." with each rule's first mismatch), then its spool
+file is deleted (the journal row says why it is gone, and it was never promised to anyone) and it
+is counted in ``pacsxai_instances_discarded_total``; a batch of which no instance was taken counts
+once in ``pacsxai_series_unrouted_total``.
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ class SeriesProcessor:
             waited = self._clock() - min(instance.received_at for instance in instances)
             self._metrics.stage_seconds.labels("assemble_wait").observe(max(0.0, waited))
         routes_taken: dict[str, int] = {}
+        in_series = len(instances)
+        if instances and self._router.reads_instance_count:  # the series so far, earlier batches included
+            in_series = max(in_series, self._journal.series_instance_count(key.series_instance_uid))
         for instance in instances:
-            outcome = self._process_instance(instance, len(instances), routes_taken)
+            outcome = self._process_instance(instance, in_series, routes_taken)
             tally[outcome] += 1
             self._metrics.instances_processed.labels(outcome).inc()
         self._metrics.series_processed.labels(_series_outcome(tally)).inc()
@@ -85,12 +89,12 @@ class SeriesProcessor:
         log.info("series %s batch of %d processed: %s", key.series_instance_uid, len(instances), tally)
         return tally
 
-    def _process_instance(self, instance: ReceivedInstance, in_batch: int, routes_taken: dict[str, int]) -> str:
+    def _process_instance(self, instance: ReceivedInstance, in_series: int, routes_taken: dict[str, int]) -> str:
         uid = instance.sop_instance_uid
         try:
             started = time.perf_counter()
             facts = InstanceFacts.from_dataset(
-                read_header(instance.path), instances=in_batch, calling_ae_title=instance.calling_ae
+                read_header(instance.path), instances=in_series, calling_ae_title=instance.calling_ae
             )
             targets, verdicts = self._router.route(facts)
             if not targets:

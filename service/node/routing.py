@@ -77,7 +77,8 @@ class InstanceFacts:
     """What routing looks at for one instance: its header attributes and where it came from.
 
     Absent text attributes are ``""``; absent Rows/Columns are ``None``. ``instances`` is the number
-    of instances of its series in the batch being routed (the series as it arrived).
+    of instances of its series: in the node, those journaled so far (earlier batches of the series
+    included); in ``pacs-xai route``, the files given.
     """
 
     sop_instance_uid: str
@@ -402,6 +403,8 @@ class Router:
             raise RouteError("a router needs at least one route")
         self.targets = tuple(targets)
         self.rules = tuple(target.rule for target in self.targets)
+        #: Whether any rule matches on ``instances`` (then the caller counts the series' instances).
+        self.reads_instance_count = any(rule.matcher.match.instances is not None for rule in self.rules)
         self._by_name = {target.name: target for target in self.targets}
 
     @classmethod

@@ -307,3 +307,18 @@ def test_continue_runs_every_route_that_takes_an_instance_each_to_its_own_destin
     assert sample(metrics, "pacsxai_series_routed_total", route="never") == 0
     assert sample(metrics, "pacsxai_series_unrouted_total") == 0, "the series was routed; only the SR was not"
     assert sample(metrics, "pacsxai_instances_discarded_total", reason="not_an_image") == 1
+
+
+def test_a_rule_on_the_instance_count_reads_the_whole_series_so_far_not_only_the_batch(
+    pipeline: ExplainPipeline, spool: Spool, journal: Journal, metrics: NodeMetrics, clock: FakeClock
+) -> None:
+    """A follow-up batch of one instance belongs to a series of three: a rule asking for at least
+    three takes it; with two instances journaled, nothing is taken."""
+    routes = [{"name": "series-of-3", "match": {"instances": {"min": 3}}, "outputs": ["sc"], "destinations": ["pacs"]}]
+    processor = _routed_processor(pipeline, routes, spool, journal, metrics, clock)
+    first, second = (_receive(spool, journal, _phantom(index), received_at=clock.now) for index in range(2))
+    assert processor.process_batch(SeriesKey(STUDY, SERIES), [second]) == {"done": 0, "skipped": 1, "failed": 0}
+    assert "instances in the series 2 is not >= 3" in journal.instance_state(second.sop_instance_uid)[1]
+    third = _receive(spool, journal, _phantom(2), received_at=clock.now)
+    assert processor.process_batch(SeriesKey(STUDY, SERIES), [third]) == {"done": 1, "skipped": 0, "failed": 0}
+    assert _outputs_by_source(journal) == {third.sop_instance_uid: [("pacs", "sc")]}
