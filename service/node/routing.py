@@ -223,11 +223,13 @@ class RouteRule:
     method_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     destinations: tuple[DestinationConfig, ...] = ()
     continue_: bool = False
+    #: The rule of a config without ``routes``, made from ``model`` and ``explain``.
+    implicit: bool = False
 
     @property
     def label(self) -> str:
-        """How errors name the rule: ``routes[1] (ct-head)``."""
-        return f"routes[{self.index}] ({self.name})"
+        """How errors name the rule: ``routes[1] (ct-head)``, or the sections the implicit rule comes from."""
+        return "model/explain (no routes configured)" if self.implicit else f"routes[{self.index}] ({self.name})"
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,7 @@ def compile_rules(config: NodeConfig, load_card: Callable[[Path], ModelCard] = M
                 outputs=config.explain.outputs,
                 method_params=config.explain.method_params,
                 destinations=tuple(config.destinations),
+                implicit=True,
             ),
         )
     rules = []
