@@ -176,7 +176,7 @@ class RouteMatchConfig(_Section):
     modality: TextMatcher | None = Field(None, description="Modality (0008,0060), e.g. 'CR|DX'.")
     body_part_examined: TextMatcher | None = Field(None, description="Body Part Examined (0018,0015), e.g. CHEST.")
     sop_class_uid: TextMatcher | None = Field(
-        None, description="SOP Class UID (0008,0016); dots match themselves here (no escaping needed)."
+        None, description="SOP Class UID (0008,0016); a bare UID (digits and dots) matches only itself."
     )
     series_description: TextMatcher | None = Field(None, description="Series Description (0008,103E).")
     protocol_name: TextMatcher | None = Field(None, description="Protocol Name (0018,1030).")
