@@ -175,11 +175,13 @@ def _register_config(commands: argparse._SubParsersAction, formatter: Callable) 
     sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     check = sub.add_parser(
         "check",
-        help="validate a config file (and its model card)",
+        help="validate a config file (its routing rules and model cards)",
         formatter_class=formatter,
-        description="Validate the config, its model card and every configured explainer's settings; then run "
-        "the randomisation sanity check of each configured method on the model (once per model version and "
-        "settings, remembered in ~/.cache/pacs-xai/randomisation) and warn when a method fails it.",
+        description="Validate the config, each routing rule (or, without routes, the model and explain sections), "
+        "each model card a rule names (files and sha256) and every explainer's settings; each error names the rule "
+        "(index and name) and the value. Then run the randomisation sanity check of each configured method on "
+        "its model (once per model version and settings, remembered in ~/.cache/pacs-xai/randomisation) and warn "
+        "when a method fails it.",
         epilog="examples:\n  pacs-xai config check node.yaml\n  pacs-xai config check node.yaml --skip-sanity-check",
     )
     check.add_argument("file", type=Path, metavar="FILE")
