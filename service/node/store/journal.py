@@ -57,6 +57,7 @@ CREATE TABLE instances (
     updated_at          REAL NOT NULL
 );
 CREATE INDEX instances_by_state ON instances (state, received_at);
+CREATE INDEX instances_by_series ON instances (series_instance_uid);
 CREATE TABLE quarantine (
     id             INTEGER PRIMARY KEY AUTOINCREMENT,
     path           TEXT NOT NULL,
@@ -164,6 +165,8 @@ class Journal:
             raise StoreError(
                 f"journal {self.path} has schema version {version!r}; this pacs-xai reads version {SCHEMA_VERSION}"
             )
+        with self._connection.transaction() as db:  # journals written before the index existed get it
+            db.execute("CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_instance_uid)")
 
     def close(self) -> None:
         """Close the connection (checkpointing the WAL); later calls raise StoreError."""
@@ -268,6 +271,14 @@ class Journal:
                 "WHERE sop_instance_uid = ? AND (? IS NULL OR received_at <= ?)",
                 [(outcome, reason, now, uid, received_before, received_before) for uid in sop_instance_uids],
             )
+
+    def series_instance_count(self, series_instance_uid: str) -> int:
+        """Instances of the series journaled so far, in any state (a re-sent instance counts once)."""
+        with self._connection.transaction(write=False) as db:
+            row = db.execute(
+                "SELECT COUNT(*) FROM instances WHERE series_instance_uid = ?", (series_instance_uid,)
+            ).fetchone()
+        return int(row[0])
 
     def instance_state(self, sop_instance_uid: str) -> tuple[str, str] | None:
         """``(state, reason)`` of a journaled instance, ``None`` when it is not journaled."""
