@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import yaml
 from torch import nn
+
+from service.inference.card import sha256_of
 
 
 class TinyMultiLabel(nn.Module):
@@ -46,3 +51,25 @@ def seeded(network: nn.Module, seed: int = 0) -> nn.Module:
         for parameter in network.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
     return network.eval()
+
+
+def write_card(folder: Path, network: nn.Module, architecture: str, **changes: object) -> Path:
+    """A model card for ``network``'s state dict in ``folder`` (sigmoid over 4 classes a..d at 32²,
+    target layer ``features``); ``changes`` replace top-level keys or update the sections. Returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "model.pth"
+    torch.save(network.state_dict(), weights)
+    raw: dict[str, object] = {
+        "name": "test-multi-label",
+        "version": "1",
+        "weights": {"torch": {"file": "model.pth", "sha256": sha256_of(weights), "architecture": architecture}},
+        "input": {"channels": 1, "rows": 32, "columns": 32, "mean": [0.5], "std": [0.25]},
+        "output": {"activation": "sigmoid", "classes": ["a", "b", "c", "d"]},
+        "target_layer": "features",
+    }
+    for key, value in changes.items():
+        current = raw.get(key)
+        raw[key] = {**current, **value} if isinstance(value, dict) and isinstance(current, dict) else value
+    path = folder / "model.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path

@@ -90,7 +90,8 @@ class OutputObject:
     method: str
     frame_index: int
     dataset: Dataset
-    #: The finding (class) the object explains; None for an object of the whole frame (SEG, SR).
+    #: The finding (class) the object explains where a frame has several (a multi-label card); None
+    #: for a single-label card's objects and for the objects of a whole frame (SEG, SR).
     finding: str | None = None
 
 
@@ -124,6 +125,8 @@ class DatasetResult:
     outputs: list[OutputObject] = field(default_factory=list)
     #: Milliseconds per stage: "prepare", "infer", "trust", "explain:<method>", "encode:<method>".
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: The model card's classes, the order of each prediction's probabilities.
+    classes: tuple[str, ...] = ()
 
 
 class ExplainPipeline:
@@ -192,6 +195,7 @@ class ExplainPipeline:
         return time.perf_counter() - started
 
     def _explain_dataset(self, ds: Dataset, result: DatasetResult, *, log_flags: bool = True) -> DatasetResult:
+        result.classes = self.model.card.output.classes
         with _timed(result.timings_ms, "prepare"):
             frames = prepare_frames(ds, self.model.card.input.spec())
             shutter = shutter_mask(ds)
@@ -284,7 +288,13 @@ class ExplainPipeline:
         """The output objects of one frame and method: per finding its SC and PM; one SEG per kind
         with a segment per finding; the SR (every finding of a multi-label card, with its probability)."""
         written = [
-            OutputObject(kind, method, frame_index, PER_FINDING_WRITERS[kind](ds, explained), explained.class_name)
+            OutputObject(
+                kind,
+                method,
+                frame_index,
+                PER_FINDING_WRITERS[kind](ds, explained),
+                explained.class_name if self.per_finding else None,
+            )
             for explained in results
             for kind in self.outputs
             if kind in PER_FINDING_WRITERS

@@ -13,29 +13,11 @@ import yaml
 
 from service.inference.backends import load_runner
 from service.inference.card import ModelCard, ModelCardError, sha256_of
-from tests.nets import FixedSizeNet, TinyMultiLabel, seeded
+from tests.nets import FixedSizeNet, TinyMultiLabel, seeded, write_card
 
 
 def _card(folder: Path, network: torch.nn.Module, architecture: str, **changes: object) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / "model.pth"
-    torch.save(network.state_dict(), weights)
-    raw = {
-        "name": "test-model",
-        "version": "1",
-        "weights": {"torch": {"file": "model.pth", "sha256": sha256_of(weights), "architecture": architecture}},
-        "input": {"channels": 1, "rows": 32, "columns": 32},
-        "output": {"activation": "sigmoid", "classes": ["a", "b", "c", "d"]},
-        "target_layer": "features",
-    }
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(raw.get(key), dict):
-            raw[key] = {**raw[key], **value}
-        else:
-            raw[key] = value
-    path = folder / "model.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_card(folder, network, architecture, **changes)
 
 
 def _load(path: Path) -> None:
