@@ -25,6 +25,30 @@ defaults below apply when a key or the section is absent):
   last ``nn.Linear``); ``ood.distance``: a Mahalanobis distance that overrides the threshold
   calibrated with ``auxiliary.ood_statistics``.
 
+``output.activation: sigmoid`` makes a multi-label model: ``output.thresholds`` gives the
+probability at which each class counts as present (0.5 where a class is not listed), and
+``explain.findings`` which findings of an image are explained, each into its own Secondary Capture
+and Parametric Map, a segment of the frame's Segmentation, and a group of the SR that lists every
+class: ``top_k`` (with ``top_k: 1``, the default, the predicted class, as a single-label model),
+``all_positive`` (every class at or above its threshold) or a list of class names. A network whose
+constructor does not take ``num_classes``/``in_channels`` names its keyword ``arguments`` beside its
+``architecture`` (what ``pacs-xai model init`` writes for a MONAI bundle). A card is written for a
+hospital's own model by ``pacs-xai model init`` and tried on a sample by ``pacs-xai model check``.
+
+Example of a multi-label card (as ``pacs-xai model init --torchxrayvision DenseNet`` writes it)::
+
+    name: torchxrayvision-densenet
+    version: 1.0.0
+    weights:
+      torch: {file: model.pth, sha256: 0b4c..., architecture: "torchxrayvision.models:DenseNet"}
+    input: {channels: 1, rows: 224, columns: 224, mean: [0.5], std: [0.00048828125]}  # [-1024, 1024]
+    output:
+      activation: sigmoid
+      classes: [Atelectasis, Consolidation, ...]
+      thresholds: {Atelectasis: 0.5, Consolidation: 0.5, ...}
+    target_layer: features
+    explain: {findings: all_positive}
+
 Example (``service/models/demo/model.yaml``)::
 
     name: pacs-xai-demo-chest

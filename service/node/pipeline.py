@@ -5,6 +5,13 @@ It is built once (explainers configured, writers chosen) and then processes data
 state between datasets. Frames of a multi-frame image go through the model and the explainers in
 batches of ``max_batch``.
 
+Each frame explains the findings its model card's ``explain.findings`` picks (the predicted class
+for a single-label card). The explainers get one sample per (frame, finding), the frame repeated
+with the finding's class as target, in batches of ``max_batch``: one batched pass for every finding.
+Each finding gets its own Secondary Capture and Parametric Map; a Segmentation has one segment per
+finding of its frame; the SR of a multi-label card lists every class with its probability and
+presence (:func:`dicom_io.writers.build_findings_report`).
+
 Every result carries whether it can be believed (:mod:`service.trust`), timed as the "trust"
 stage: the out-of-distribution signal once per frame batch (Mahalanobis distance of the pooled
 features, when the model card has ``auxiliary.ood_statistics``; loaded and checked against the
