@@ -107,13 +107,10 @@ def build_module(
     return network
 
 
-def spatial_layers(module: nn.Module, example: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
-    """(dotted name, output shape) of every submodule whose output is a 4-D ``[B, C, H, W]`` tensor
-    with H or W > 1, in the order the outputs were produced by one forward pass of ``example``.
-
-    A module called twice appears once, at its last call. The root module is left out.
-    """
-    produced: dict[str, tuple[int, ...]] = {}
+def _spatial_outputs(module: nn.Module, example: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Dotted name -> output of every submodule whose output is a 4-D tensor with H or W > 1, in the
+    order the outputs were produced by one forward pass (a module called twice: at its last call)."""
+    produced: dict[str, torch.Tensor] = {}
     names = {id(sub): name for name, sub in module.named_modules() if name}
     handles = []
 
@@ -121,7 +118,7 @@ def spatial_layers(module: nn.Module, example: torch.Tensor) -> list[tuple[str, 
         if isinstance(output, torch.Tensor) and output.ndim == 4 and max(output.shape[2:]) > 1:
             name = names[id(sub)]
             produced.pop(name, None)
-            produced[name] = tuple(output.shape)
+            produced[name] = output
 
     for name, sub in module.named_modules():
         if name:
@@ -132,11 +129,33 @@ def spatial_layers(module: nn.Module, example: torch.Tensor) -> list[tuple[str, 
     finally:
         for handle in handles:
             handle.remove()
-    return list(produced.items())
+    return produced
+
+
+def spatial_layers(module: nn.Module, example: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """(dotted name, output shape) of every submodule whose output is a 4-D ``[B, C, H, W]`` tensor
+    with H or W > 1, in the order the outputs were produced by one forward pass of ``example``.
+
+    A module called twice appears once, at its last call. The root module is left out.
+    """
+    return [(name, tuple(output.shape)) for name, output in _spatial_outputs(module, example).items()]
 
 
 def cam_target_layer(module: nn.Module, example: torch.Tensor) -> str | None:
-    """The CAM target layer: the last submodule, in execution order, whose output is a spatial
-    feature map (4-D, H or W > 1) — the last spatial feature block. ``None`` where there is none."""
-    layers = spatial_layers(module, example)
-    return layers[-1][0] if layers else None
+    """The CAM target layer: the last spatial feature block. That is the last submodule, in execution
+    order, whose output is a spatial feature map (4-D, H or W > 1); where that is a container whose
+    output is its last block's own output (a ``features`` Sequential ending with ``block4``), the
+    innermost such block that still has submodules. ``None`` where there is no spatial output."""
+    produced = _spatial_outputs(module, example)
+    if not produced:
+        return None
+    order = list(produced)
+    modules = dict(module.named_modules())
+    chosen = order[-1]
+    for name in reversed(order[:-1]):
+        inside = name.startswith(f"{chosen}.")
+        if not inside:
+            break
+        if produced[name] is produced[chosen] and any(True for _ in modules[name].children()):
+            chosen = name
+    return chosen

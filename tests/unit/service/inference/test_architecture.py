@@ -27,16 +27,16 @@ def _output_of(module: torch.nn.Module, name: str, example: torch.Tensor) -> tor
     return seen[-1]
 
 
-def test_found_layer_gives_the_feature_map_of_the_demo_cards_own_target_layer() -> None:
+def test_found_layer_is_the_demo_cards_own_target_layer() -> None:
     card = ModelCard.load(demo_card_path())
     module = build_module(
         str(card.weights["torch"].architecture), num_classes=len(card.output.classes), in_channels=1
     ).eval()
     example = torch.randn(1, 1, card.input.rows, card.input.columns, generator=torch.Generator().manual_seed(0))
     found = cam_target_layer(module, example)
-    assert found is not None
-    # the found layer (a container may end with the card's layer) carries the same feature map
-    torch.testing.assert_close(_output_of(module, found, example), _output_of(module, card.target_layer, example))
+    # the hand-chosen layer of the shipped card: the block, not the "features" Sequential that ends with it
+    assert found == card.target_layer == "features.block4"
+    torch.testing.assert_close(_output_of(module, "features", example), _output_of(module, found, example))
 
 
 def test_found_layer_is_the_last_spatial_output_and_pooled_outputs_do_not_count() -> None:
