@@ -649,7 +649,7 @@ def _from_monai_preprocessing(settings: CardSettings, parser: Any) -> tuple[Card
             high = 1.0 if high is None else float(high)
             if high > low:
                 std = 1.0 / (high - low)
-                found["mean"], found["std"] = (-low * std,), (std,)
+                found["mean"], found["std"] = (-low * std + 0.0,), (std,)  # + 0.0: no "-0.0" in the card
             if target == "ScaleIntensityRange" and value("a_min") is not None:
                 notes.append(
                     f"the bundle windows intensities to [{value('a_min')}, {value('a_max')}]; the node windows by the "
