@@ -27,7 +27,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[test,demo,export]'
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[test,demo,export,models]'
+	# TorchXRayVision (model init --torchxrayvision) without its dependency list, which would pull a
+	# torchvision build for another torch; what it imports is in the models and test extras.
+	$(BIN)/python -m pip install --quiet --no-deps torchxrayvision==1.3.5
 	# Quantus (the reference for the evaluation metrics) without its dependency list: it asks for
 	# opencv-python beside the headless build scikit-image brings; what it imports is in the test extra.
 	$(BIN)/python -m pip install --quiet --no-deps quantus==0.6.0

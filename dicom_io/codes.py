@@ -87,6 +87,10 @@ INPUT_OUT_OF_DISTRIBUTION = Code("TRUST-OOD", PRIVATE_SCHEME, "Input out of dist
 #: Numeric measurement: Mahalanobis distance of the pooled features to the nearest class mean (no units).
 FEATURE_DISTANCE = Code("TRUST-OOD-DIST", PRIVATE_SCHEME, "Feature Mahalanobis distance")
 #: Values of the yes/no evaluations (CID 230).
+#: A multi-label model's finding at or above its threshold is Present, below it Absent (the SR).
+PRESENCE_OF_PROPERTY = Code("121052", "DCM", "Presence of property")
+PRESENT = Code("52101004", "SCT", "Present")
+ABSENT = Code("272519000", "SCT", "Absent")
 YES = Code("373066001", "SCT", "Yes")
 NO = Code("373067005", "SCT", "No")
 #: Unit of a share in percent (CID 7181, UCUM).

@@ -74,10 +74,13 @@ def derived_instance_uid(
     method: str,
     output_kind: str,
     frame_index: int = 0,
+    finding: str | None = None,
 ) -> str:
     """SOP Instance UID (0008,0018) of the object derived from one frame of a source instance.
 
     ``frame_index`` is the 0-based source frame; it only matters for multi-frame sources.
+    ``finding`` is the explained class where one frame has several explained findings, each with
+    its own objects (left out of the hash when ``None``, so single-finding UIDs stay as they were).
     """
     for name, value in (
         ("source_sop_instance_uid", source_sop_instance_uid),
@@ -98,8 +101,17 @@ def derived_instance_uid(
             method=method,
             output_kind=output_kind,
             frame_index=int(frame_index),
+            **_finding_part(finding),
         )
     )
+
+
+def _finding_part(finding: str | None) -> dict[str, str]:
+    """The finding as a hash part, or nothing (the UIDs made before multi-label findings)."""
+    if finding is None:
+        return {}
+    _require_text("finding", finding)
+    return {"finding": finding}
 
 
 def derived_series_uid(
@@ -109,8 +121,10 @@ def derived_series_uid(
     model_version: str,
     method: str,
     output_kind: str,
+    finding: str | None = None,
 ) -> str:
-    """Series Instance UID (0020,000E) of the new series for one (source series, model, method, kind)."""
+    """Series Instance UID (0020,000E) of the new series for one (source series, model, method, kind)
+    and, where a frame has several explained findings each with its own objects, the ``finding``."""
     for name, value in (
         ("source_series_instance_uid", source_series_instance_uid),
         ("model_name", model_name),
@@ -127,6 +141,7 @@ def derived_series_uid(
             model_version=model_version,
             method=method,
             output_kind=output_kind,
+            **_finding_part(finding),
         )
     )
 
@@ -148,16 +163,27 @@ class ExplainedFrame(Protocol):
 
 
 def derived_output_uids(
-    source: Dataset, explained: ExplainedFrame, output_kind: str, *, instance_kind: str | None = None
+    source: Dataset,
+    explained: ExplainedFrame,
+    output_kind: str,
+    *,
+    instance_kind: str | None = None,
+    finding: str | None = None,
 ) -> tuple[str, str]:
     """(Series Instance UID, SOP Instance UID) of the ``output_kind`` object made from one explained source frame.
 
     The series is one per (source series, model name and version, method, ``output_kind``); the
     instance one per (source instance, frame, model, method, ``instance_kind``), where
     ``instance_kind`` defaults to ``output_kind`` and tells apart objects of one series that differ
-    in more than the frame (e.g. binary Segmentations of different mass shares).
+    in more than the frame (e.g. binary Segmentations of different mass shares). ``finding`` (the
+    class) joins both where each of several findings of a frame gets its own object.
     """
-    model = {"model_name": explained.model_name, "model_version": explained.model_version, "method": explained.method}
+    model = {
+        "model_name": explained.model_name,
+        "model_version": explained.model_version,
+        "method": explained.method,
+        "finding": finding,
+    }
     series_uid = derived_series_uid(str(source.SeriesInstanceUID), output_kind=output_kind, **model)
     instance_uid = derived_instance_uid(
         str(source.SOPInstanceUID),

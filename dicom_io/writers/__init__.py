@@ -26,16 +26,19 @@ Deterministic UIDs come from :mod:`dicom_io.uids`, value-length limits from :mod
 from dicom_io.output_kinds import OUTPUT_KINDS
 from dicom_io.writers.overlay import render_overlay, save_png
 from dicom_io.writers.pm import build_parametric_map
-from dicom_io.writers.result import ExplanationResult, OutOfDistributionSignal, ShortcutSignal
+from dicom_io.writers.result import ExplanationResult, FindingStatus, OutOfDistributionSignal, ShortcutSignal
 from dicom_io.writers.sc import build_secondary_capture
 from dicom_io.writers.seg import build_segmentation, top_region_mask
-from dicom_io.writers.sr import build_report
+from dicom_io.writers.sr import ReportFrame, build_findings_report, build_report
 
 __all__ = [
     "OUTPUT_KINDS",
     "ExplanationResult",
+    "FindingStatus",
     "OutOfDistributionSignal",
+    "ReportFrame",
     "ShortcutSignal",
+    "build_findings_report",
     "build_parametric_map",
     "build_report",
     "build_secondary_capture",

@@ -115,7 +115,7 @@ def build_parametric_map(
     check_inputs(source, result)
     frame_index = result.frame_index
     values = np.ascontiguousarray(result.attribution, dtype=np.float32)
-    series_uid, instance_uid = derived_output_uids(source, result, OUTPUT_KIND)
+    series_uid, instance_uid = derived_output_uids(source, result, OUTPUT_KIND, finding=result.uid_finding)
     device = device_uid or derived_device_uid(result.model_name, result.model_version)
     equipment = algorithm_equipment(
         result.model_name,

@@ -14,7 +14,7 @@ from pydicom import Dataset
 from dicom_io.vr import LO_MAX
 from dicom_io.writers.references import number_of_frames
 
-__all__ = ["ExplanationResult", "OutOfDistributionSignal", "ShortcutSignal", "check_inputs"]
+__all__ = ["ExplanationResult", "FindingStatus", "OutOfDistributionSignal", "ShortcutSignal", "check_inputs"]
 
 _REQUIRED_SOURCE_KEYWORDS = (
     "SOPClassUID",
@@ -80,6 +80,26 @@ def _check_number(name: str, value: object, low: float, high: float) -> None:
         raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}")
 
 
+@dataclass(frozen=True)
+class FindingStatus:
+    """One class of a multi-label model on one frame: its probability, threshold and whether it is present."""
+
+    class_name: str
+    probability: float  # 0..1
+    threshold: float  # 0..1, from the model card; present when probability >= threshold
+    explained: bool = False  # the frame's outputs include an explanation of this finding
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.class_name, str) or not self.class_name.strip():
+            raise ValueError(f"FindingStatus.class_name must be a non-empty string, got {self.class_name!r}")
+        _check_number("FindingStatus.probability", self.probability, 0.0, 1.0)
+        _check_number("FindingStatus.threshold", self.threshold, 0.0, 1.0)
+
+    @property
+    def present(self) -> bool:
+        return float(self.probability) >= float(self.threshold)
+
+
 @dataclass(frozen=True, eq=False)
 class ExplanationResult:
     """One explained frame, everything an output writer needs besides the source dataset."""
@@ -96,6 +116,14 @@ class ExplanationResult:
     shortcut: ShortcutSignal | None = None
     #: The out-of-distribution signal of the input frame; None where the model card has no OOD statistics.
     ood: OutOfDistributionSignal | None = None
+    #: True where the model explains several findings per frame (multi-label): this finding's
+    #: Secondary Capture and Parametric Map get a series and UIDs of their own (the class in the hash).
+    per_finding: bool = False
+
+    @property
+    def uid_finding(self) -> str | None:
+        """The finding that joins the derived UIDs of this result's own objects, or None."""
+        return self.class_name if self.per_finding else None
 
     def __post_init__(self) -> None:
         for name in ("method", "class_name", "model_name", "model_version"):

@@ -65,7 +65,7 @@ def build_secondary_capture(
     ValueError when the source lacks the UIDs or grid the output needs, or the maps do not match it.
     """
     check_inputs(source, result)
-    series_uid, instance_uid = derived_output_uids(source, result, OUTPUT_KIND)
+    series_uid, instance_uid = derived_output_uids(source, result, OUTPUT_KIND, finding=result.uid_finding)
     device = device_uid or derived_device_uid(result.model_name, result.model_version)
     equipment = algorithm_equipment(
         result.model_name,

@@ -55,6 +55,7 @@ Derivation Description; Contributing Equipment for the model; patient/study attr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import highdicom as hd
@@ -160,12 +161,16 @@ def _set_body_part(seg: pydicom.Dataset, source: pydicom.Dataset) -> None:
         del seg.Laterality
 
 
+def _class_names(findings: Sequence[ExplanationResult]) -> str:
+    return ", ".join(finding.class_name for finding in findings)
+
+
 def _share_text(share: float) -> str:
     return f"{share * 100:.4g}%"
 
 
-def _segment(result: ExplanationResult, kind: str, share: float) -> hd.seg.SegmentDescription:
-    """Segment 1: coded as a visual explanation of the method's quantity, made by the model."""
+def _segment(result: ExplanationResult, kind: str, share: float, number: int = 1) -> hd.seg.SegmentDescription:
+    """Segment ``number``: coded as a visual explanation of the method's quantity, made by the model."""
     parameters = {"explainer": result.method, "class": result.class_name, "kind": kind}
     label = f"{result.method} {result.class_name}"
     if kind == "binary":
@@ -187,7 +192,7 @@ def _segment(result: ExplanationResult, kind: str, share: float) -> hd.seg.Segme
         parameters=parameters,
     )
     segment = hd.seg.SegmentDescription(
-        segment_number=1,
+        segment_number=number,
         segment_label=label[:LO_MAX],
         segmented_property_category=VISUAL_EXPLANATION,
         segmented_property_type=quantity_code(result.method),
@@ -199,9 +204,30 @@ def _segment(result: ExplanationResult, kind: str, share: float) -> hd.seg.Segme
     return segment
 
 
+def _findings_of(result: ExplanationResult | Sequence[ExplanationResult]) -> list[ExplanationResult]:
+    """The results a SEG shows, one segment each: all of one frame, method and model, distinct classes."""
+    results = [result] if isinstance(result, ExplanationResult) else list(result)
+    if not results:
+        raise ValueError("no explained finding to segment: give at least one ExplanationResult")
+    first = results[0]
+    for other in results[1:]:
+        if not isinstance(other, ExplanationResult):
+            raise ValueError(f"result must be ExplanationResults, got {type(other).__name__}")
+        same = (other.method, other.model_name, other.model_version, other.frame_index)
+        if same != (first.method, first.model_name, first.model_version, first.frame_index):
+            raise ValueError(
+                f"the findings of one Segmentation share method, model and frame: {same} differs from "
+                f"{(first.method, first.model_name, first.model_version, first.frame_index)}"
+            )
+    names = [r.class_name for r in results]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a finding is listed twice: {names}")
+    return results
+
+
 def build_segmentation(
     source: pydicom.Dataset,
-    result: ExplanationResult,
+    result: ExplanationResult | Sequence[ExplanationResult],
     *,
     kind: SegmentationKind,
     mass_share: float = 0.5,
@@ -213,6 +239,10 @@ def build_segmentation(
 ) -> pydicom.Dataset:
     """The Segmentation of ``result`` for ``source``: a ``"fractional"`` heatmap or a ``"binary"`` top region.
 
+    ``result`` may be several explained findings of one frame (a multi-label model): one segment
+    per finding, in the order given; the UIDs are then those of the frame (not of one finding) and
+    the Series Description says "findings".
+
     ``mass_share`` (binary only, in (0, 1]) is the share of the positive attribution mass the top
     region holds. ``series_number`` defaults to :data:`DEFAULT_SERIES_NUMBERS` of the kind;
     ``device_uid`` is the model's Device UID in the Contributing Equipment item (default: derived
@@ -223,7 +253,11 @@ def build_segmentation(
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"kind must be 'fractional' or 'binary', got {kind!r}")
     share = _check_mass_share(mass_share)
-    check_inputs(source, result)
+    findings = _findings_of(result)
+    for finding in findings:
+        check_inputs(source, finding)
+    several = len(findings) > 1 or findings[0].per_finding
+    result = findings[0]
     frame_index = result.frame_index
     series_kind = OUTPUT_KINDS[kind]
     # A binary SEG's instance also depends on the mass share.
@@ -236,14 +270,16 @@ def build_segmentation(
         manufacturer=manufacturer,
         software_version=software_version,
         device_uid=device,
-        contribution=f"XAI {result.method} {kind} segmentation of class {result.class_name}",
+        contribution=f"XAI {result.method} {kind} segmentation of class {_class_names(findings)}",
     )
     if kind == "fractional":
-        pixels = fractional_map(result.attribution)
+        planes = [fractional_map(finding.attribution) for finding in findings]
         segmentation_type = hd.seg.SegmentationTypeValues.FRACTIONAL
     else:
-        pixels = top_region_mask(result.attribution, share).astype(np.uint8)
+        planes = [top_region_mask(finding.attribution, share).astype(np.uint8) for finding in findings]
         segmentation_type = hd.seg.SegmentationTypeValues.BINARY
+    # highdicom: [rows, cols] for one segment, [frames, rows, cols, segments] for several.
+    pixels = planes[0] if len(planes) == 1 else np.stack(planes, axis=-1)[np.newaxis]
     geometry = source_frame_geometry(source, frame_index) or synthetic_frame_geometry(
         source, frame_index, slice_thickness=NOMINAL_SLICE_THICKNESS_MM
     )
@@ -253,7 +289,7 @@ def build_segmentation(
         source_images=[highdicom_source_view(source, geometry)],
         pixel_array=pixels,
         segmentation_type=segmentation_type,
-        segment_descriptions=[_segment(result, kind, share)],
+        segment_descriptions=[_segment(finding, kind, share, number) for number, finding in enumerate(findings, 1)],
         series_instance_uid=series_uid,
         series_number=series_number if series_number is not None else DEFAULT_SERIES_NUMBERS[kind],
         sop_instance_uid=instance_uid,
@@ -265,7 +301,7 @@ def build_segmentation(
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         max_fractional_value=MAX_FRACTIONAL_VALUE,
         content_label="XAI_HEATMAP" if kind == "fractional" else "XAI_TOP_REGION",
-        content_description=f"{result.method} {result.class_name} {tag}"[:LO_MAX],
+        content_description=f"{result.method} {_class_names(findings)} {tag}"[:LO_MAX],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=False,
         contributing_equipment=[equipment],
@@ -275,9 +311,11 @@ def build_segmentation(
     drop_assumed_slice_spacing(seg)
     set_patient_orientation(seg, source, frame_index)
     _set_body_part(seg, source)
-    seg.SeriesDescription = series_description(result, tag=tag)
+    seg.SeriesDescription = series_description(result, tag=tag, findings=several)
     output = "Fractional segmentation (heatmap)" if kind == "fractional" else f"Top-{_share_text(share)} region"
-    seg.DerivationDescription = derivation_description(result, output=output, software_version=software_version)
+    seg.DerivationDescription = derivation_description(
+        result, output=output, software_version=software_version, findings=findings if several else None
+    )
     if geometry.synthetic:
         seg.ImageComments = synthetic_geometry_note(
             geometry, "this segmentation's Frame of Reference, position, orientation and slice thickness"

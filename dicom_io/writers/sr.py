@@ -42,6 +42,7 @@ study attributes copied from the source.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 import pydicom
@@ -50,6 +51,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.codes import (
+    ABSENT,
     ARTIFICIAL_INTELLIGENCE,
     ATTRIBUTION_OUTSIDE_ANATOMY,
     ATTRIBUTION_OUTSIDE_CONCENTRATION,
@@ -60,6 +62,8 @@ from dicom_io.codes import (
     NO,
     NO_UNITS,
     PERCENT_UNIT,
+    PRESENCE_OF_PROPERTY,
+    PRESENT,
     PRIVATE_SCHEME,
     PRIVATE_SCHEME_NAME,
     PROBABILITY,
@@ -77,10 +81,10 @@ from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
 from dicom_io.writers.geometry import source_frame_geometry
 from dicom_io.writers.orientation import patient_orientation
 from dicom_io.writers.references import copy_patient_study_attributes, instance_number, number_of_frames
-from dicom_io.writers.result import ExplanationResult, check_inputs
+from dicom_io.writers.result import ExplanationResult, FindingStatus, check_inputs
 from dicom_io.writers.source_view import highdicom_source_view
 
-__all__ = ["OUTPUT_KIND", "build_report"]
+__all__ = ["OUTPUT_KIND", "build_findings_report", "build_report"]
 
 #: ``output_kind`` of the derived UIDs of SR outputs.
 OUTPUT_KIND = "sr"
@@ -237,12 +241,19 @@ def _finding_group(
     references: Sequence[pydicom.Dataset],
     tracking_uid: str,
     software_version: str,
+    status: FindingStatus | None = None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501: finding, probability, algorithm, explanation kind, trust signals, source and illustrations."""
+    """TID 1501: finding, probability, algorithm, explanation kind, trust signals, source and
+    illustrations; with a ``status`` (multi-label), its threshold and Presence = Present / Absent."""
+    parameters = [f"explainer={result.method}"]
+    presence = []
+    if status is not None:
+        parameters.append(f"threshold={float(status.threshold):.4g}")
+        presence = [hd.sr.QualitativeEvaluation(PRESENCE_OF_PROPERTY, PRESENT if status.present else ABSENT)]
     algorithm = hd.sr.AlgorithmIdentification(
         name=result.model_name,
         version=result.model_version,
-        parameters=[f"explainer={result.method}"],
+        parameters=parameters,
         family=ARTIFICIAL_INTELLIGENCE,
     )
     frames = [result.frame_index + 1] if number_of_frames(source) > 1 else None
@@ -263,6 +274,7 @@ def _finding_group(
             *trust_measurements,
         ],
         qualitative_evaluations=[
+            *presence,
             hd.sr.QualitativeEvaluation(VISUAL_EXPLANATION, quantity_code(result.method)),
             *trust_evaluations,
         ],
@@ -278,7 +290,43 @@ def _finding_group(
     return group
 
 
-def _observer(result: ExplanationResult, manufacturer: str, device_uid: str) -> hd.sr.ObservationContext:
+def _unexplained_group(
+    source: pydicom.Dataset, frame: ReportFrame, status: FindingStatus, tracking_uid: str
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 for a finding the frame's outputs do not explain: finding, probability, threshold,
+    Presence = Present / Absent, source; no explanation, no illustrations."""
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=frame.model_name,
+        version=frame.model_version,
+        parameters=[f"threshold={float(status.threshold):.4g}"],
+        family=ARTIFICIAL_INTELLIGENCE,
+    )
+    frames = [frame.frame_index + 1] if number_of_frames(source) > 1 else None
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid, identifier=f"{frame.model_name} {status.class_name}"[:LO_MAX]
+        ),
+        finding_type=finding_code(status.class_name),
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(
+                name=PROBABILITY, value=float(status.probability), unit=PROBABILITY_UNIT, algorithm_id=algorithm
+            )
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(PRESENCE_OF_PROPERTY, PRESENT if status.present else ABSENT)
+        ],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=str(source.SOPClassUID),
+                referenced_sop_instance_uid=str(source.SOPInstanceUID),
+                referenced_frame_numbers=frames,
+            )
+        ],
+    )
+
+
+def _observer(result: ExplanationResult | ReportFrame, manufacturer: str, device_uid: str) -> hd.sr.ObservationContext:
     """The model as the device observer (TID 1004)."""
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
@@ -293,10 +341,11 @@ def _observer(result: ExplanationResult, manufacturer: str, device_uid: str) -> 
     )
 
 
-def _declare_private_scheme(sr: pydicom.Dataset, result: ExplanationResult) -> None:
-    """Coding Scheme Identification Sequence item for 99PACSXAI when the finding or a trust signal uses it."""
-    uses_trust_codes = result.shortcut is not None or result.ood is not None
-    if finding_code(result.class_name).scheme_designator != PRIVATE_SCHEME and not uses_trust_codes:
+def _declare_private_scheme(sr: pydicom.Dataset, *results: ExplanationResult, classes: Sequence[str] = ()) -> None:
+    """Coding Scheme Identification Sequence item for 99PACSXAI when a finding or a trust signal uses it."""
+    uses_trust_codes = any(result.shortcut is not None or result.ood is not None for result in results)
+    names = [*classes, *(result.class_name for result in results)]
+    if all(finding_code(name).scheme_designator != PRIVATE_SCHEME for name in names) and not uses_trust_codes:
         return
     item = pydicom.Dataset()
     item.CodingSchemeDesignator = PRIVATE_SCHEME
@@ -360,6 +409,113 @@ def build_report(
     )
     copy_patient_study_attributes(source, sr)
     _declare_private_scheme(sr, result)
+    sr.ManufacturerModelName = "pacs-xai"
+    sr.SoftwareVersions = software_version
+    return sr
+
+
+@dataclass(frozen=True)
+class ReportFrame:
+    """What keys a findings report besides its source: the method, the model and the frame (0-based)."""
+
+    method: str
+    model_name: str
+    model_version: str
+    frame_index: int
+
+
+def build_findings_report(
+    source: pydicom.Dataset,
+    frame: ReportFrame,
+    findings: Sequence[FindingStatus],
+    explained: Sequence[tuple[ExplanationResult, Sequence[pydicom.Dataset]]],
+    *,
+    shared_references: Sequence[pydicom.Dataset] = (),
+    series_number: int = 9005,
+    manufacturer: str = "pacs-xai",
+    software_version: str = pacs_xai_version(),
+    device_uid: str | None = None,
+) -> pydicom.Dataset:
+    """The TID 1500 report of a multi-label model on one source frame: one group per class of the
+    model, in the order of ``findings``, each with its probability, threshold and Presence (Present
+    at or above the threshold, else Absent). A finding in ``explained`` (its result and the objects
+    made for it: Secondary Capture, Parametric Map) also carries its explanation, trust signals and
+    illustrations, with the ``shared_references`` (the frame's Segmentations, one segment per
+    finding). One report per (source frame, model, method): the same UIDs whichever findings are
+    present. Raises ValueError for a finding explained but not listed, results of another frame
+    or method, and for the reasons :func:`build_report` gives.
+    """
+    statuses = {status.class_name: status for status in findings}
+    if len(statuses) != len(findings) or not findings:
+        raise ValueError(f"findings must list each class once, got {[s.class_name for s in findings]}")
+    by_class: dict[str, tuple[ExplanationResult, list[pydicom.Dataset]]] = {}
+    for result, references in explained:
+        check_inputs(source, result)
+        if result.class_name not in statuses:
+            raise ValueError(f"explained finding {result.class_name!r} is not among the findings {list(statuses)}")
+        if (result.method, result.model_name, result.model_version, result.frame_index) != (
+            frame.method,
+            frame.model_name,
+            frame.model_version,
+            frame.frame_index,
+        ):
+            raise ValueError(
+                f"explained finding {result.class_name!r} is of another method, model or frame than {frame}"
+            )
+        by_class[result.class_name] = (result, list(references))
+    every_reference = _check_references(
+        source, [*[ref for _, refs in by_class.values() for ref in refs], *shared_references]
+    )
+    series_uid, instance_uid = derived_output_uids(source, frame, OUTPUT_KIND)
+    groups = []
+    for status in findings:
+        _, tracking_uid = derived_output_uids(
+            source, frame, OUTPUT_KIND, instance_kind=_TRACKING_KIND, finding=status.class_name
+        )
+        if status.class_name in by_class:
+            result, references = by_class[status.class_name]
+            groups.append(
+                _finding_group(
+                    source, result, [*references, *shared_references], tracking_uid, software_version, status
+                )
+            )
+        else:
+            groups.append(_unexplained_group(source, frame, status, tracking_uid))
+    device = device_uid or derived_device_uid(frame.model_name, frame.model_version)
+    present = [status.class_name for status in findings if status.present]
+    equipment = algorithm_equipment(
+        frame.model_name,
+        frame.model_version,
+        manufacturer=manufacturer,
+        software_version=software_version,
+        device_uid=device,
+        contribution=f"XAI findings ({', '.join(present) or 'none present'}) and their {frame.method} explanations"[
+            :LO_MAX
+        ],
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=_observer(frame, manufacturer, device),
+        procedure_reported=procedure_code(source.get("Modality")),
+        imaging_measurements=groups,
+        referenced_images=[_library_view(source, frame.frame_index)],
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[_evidence_view(source), *every_reference],
+        content=report[0],
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=instance_uid,
+        instance_number=instance_number(source, frame.frame_index),
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[equipment],
+        series_description=f"XAI {frame.method} findings report"[:LO_MAX],
+    )
+    copy_patient_study_attributes(source, sr)
+    _declare_private_scheme(sr, *(result for result, _ in by_class.values()), classes=list(statuses))
     sr.ManufacturerModelName = "pacs-xai"
     sr.SoftwareVersions = software_version
     return sr

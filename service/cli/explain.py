@@ -123,6 +123,13 @@ def result_rows(path: Path, result: DatasetResult) -> list[Row]:
         ms = (
             shared_ms + result.timings_ms.get(f"explain:{method}", 0.0) + result.timings_ms.get(f"encode:{method}", 0.0)
         )
+        # a multi-label card: the findings explained in the first frame, with their probabilities
+        findings = [v.finding for v in result.verdicts if v.method == method and v.frame_index == 0 and v.finding]
+        shown, probability = predicted, f"{first.probability:.3f}"
+        if any(output.finding for output in result.outputs):
+            suffix = f" (+{frames - 1} frames)" if frames > 1 else ""
+            shown = (", ".join(findings) or "no finding present") + suffix
+            probability = ", ".join(f"{first.probabilities[result.classes.index(name)]:.3f}" for name in findings)
         verdicts = [verdict for verdict in result.verdicts if verdict.method == method]
         flags = [
             name
@@ -132,11 +139,7 @@ def result_rows(path: Path, result: DatasetResult) -> list[Row]:
             )
             if flagged
         ]
-        rows.append(
-            Row(
-                path.name, result.modality, predicted, f"{first.probability:.3f}", method, f"{ms:.0f}", ", ".join(flags)
-            )
-        )
+        rows.append(Row(path.name, result.modality, shown, probability, method, f"{ms:.0f}", ", ".join(flags)))
     return sorted(rows, key=lambda row: row.method)
 
 

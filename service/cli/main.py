@@ -17,6 +17,7 @@ from service.cli import evaluate as evaluate_command
 from service.cli import explain as explain_command
 from service.cli import model as model_commands
 from service.cli import node as node_commands
+from service.cli import route as route_command
 from service.cli import viewer as viewer_command
 from service.cli import visualize as visualize_command
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     node_commands.register(commands, _formatter)
+    route_command.register(commands, _formatter)
     explain_command.register(commands, _formatter)
     evaluate_command.register(commands, _formatter)
     demo_commands.register(commands, _formatter)

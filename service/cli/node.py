@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from dicom_io.net.scu import Destination, StoreSCU
-from service.explain import ExplainerError, get_explainer
+from service.explain import ExplainerError
 from service.inference.card import ModelCard, ModelCardError
-from service.models import demo_card_path
 from service.node.app import Node
 from service.node.config import ConfigError, example_config, load_config, resolve_processes
 from service.node.logs import configure_logging
 from service.node.offline import iter_files
 from service.node.pipeline import card_settings
+from service.node.routing import check_rules, compile_rules
 from service.node.store import Journal
 from service.node.supervisor import WATCH_SECONDS, Supervisor
 from service.tools.evaluate.sanity import randomisation_verdict
@@ -118,6 +118,11 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     receivers, workers = resolve_processes(config)
     if (receivers, workers) != (1, 1):
+        try:  # the workers load the models; a wrong card or rule is one error here, not a restart loop
+            compile_rules(config)
+        except (ConfigError, ModelCardError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         supervisor = Supervisor(config, receivers, workers)
         supervisor.start()
         print(
@@ -131,7 +136,11 @@ def _serve(args: argparse.Namespace) -> int:
         finally:
             supervisor.stop()
         return 0
-    node = Node(config)
+    try:
+        node = Node(config)
+    except (ConfigError, ModelCardError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     node.start()
     print(f"pacs-xai listening as {config.listener.ae_title} on port {node.port}; Ctrl-C to stop", file=sys.stderr)
     stop.wait()
@@ -187,11 +196,13 @@ def _register_config(commands: argparse._SubParsersAction, formatter: Callable) 
     sub = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     check = sub.add_parser(
         "check",
-        help="validate a config file (and its model card)",
+        help="validate a config file (its routing rules and model cards)",
         formatter_class=formatter,
-        description="Validate the config, its model card and every configured explainer's settings; then run "
-        "the randomisation sanity check of each configured method on the model (once per model version and "
-        "settings, remembered in ~/.cache/pacs-xai/randomisation) and warn when a method fails it.",
+        description="Validate the config, each routing rule (or, without routes, the model and explain sections), "
+        "each model card a rule names (files and sha256) and every explainer's settings; each error names the rule "
+        "(index and name) and the value. Then run the randomisation sanity check of each configured method on "
+        "its model (once per model version and settings, remembered in ~/.cache/pacs-xai/randomisation) and warn "
+        "when a method fails it.",
         epilog="examples:\n  pacs-xai config check node.yaml\n  pacs-xai config check node.yaml --skip-sanity-check",
     )
     check.add_argument("file", type=Path, metavar="FILE")
@@ -220,22 +231,40 @@ def _config_check(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.file)
-        card = ModelCard.load(config.model.card or demo_card_path())
-        methods = config.explain.methods or card.defaults.methods
-        for method in methods:
-            get_explainer(method, **{**card_settings(card, method), **config.explain.method_params.get(method, {})})
-    except (ConfigError, ModelCardError, ExplainerError) as exc:
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    check = check_rules(config)
+    for warning in check.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if check.errors:
+        for error in check.errors:
+            print(f"error: {error}", file=sys.stderr)
+        return 1
     destinations = ", ".join(f"{d.name}={d.ae_title}@{d.host}:{d.port}" for d in config.destinations) or "none"
+    first = check.rules[0]
     print(
         f"OK: {args.file}: AE {config.listener.ae_title} on {config.listener.bind_address}:{config.listener.port}; "
-        f"model {card.name} {card.version}; methods {', '.join(methods)}; destinations {destinations}"
+        f"model {first.card.name} {first.card.version}; methods {', '.join(first.methods)}; "
+        f"destinations {destinations}"
     )
+    for checked in check.rules:
+        rule = checked.rule
+        sent_to = ", ".join(d.name for d in rule.destinations) or "none (outbox only)"
+        print(
+            f"  route {rule.index} {rule.name}{' (continue)' if rule.continue_ else ''}: "
+            f"model {checked.card.name} {checked.card.version}; methods {', '.join(checked.methods)}; "
+            f"outputs {', '.join(checked.outputs)}; destinations {sent_to}"
+        )
     if not args.skip_sanity_check:
-        card_path = Path(config.model.card or demo_card_path())
-        for method in methods:
-            _warn_when_insane(card_path, card, method, config.explain.method_params.get(method, {}))
+        done: set[tuple[Path, str, str]] = set()
+        for checked in check.rules:
+            for method in checked.methods:
+                params = checked.rule.method_params.get(method, {})
+                key = (checked.rule.card_path, method, repr(sorted(params.items())))
+                if key not in done:
+                    done.add(key)
+                    _warn_when_insane(checked.rule.card_path, checked.card, method, dict(params))
     return 0
 
 

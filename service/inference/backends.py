@@ -8,13 +8,14 @@ zeros, so a wrong card is an error at start-up.
 
 from __future__ import annotations
 
-import importlib
 import logging
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
 import torch
 
+from service.inference.architecture import build_module
 from service.inference.card import ModelCard, ModelCardError, Runtime
 
 log = logging.getLogger(__name__)
@@ -97,16 +98,22 @@ class TorchRunner(_TorchModuleRunner):
     """An eager ``nn.Module`` rebuilt from its architecture and a state dict (``weights_only`` load).
 
     Eager modules take forward hooks, so every explainer, CAM methods included, can use them.
+    The architecture is built by :func:`service.inference.architecture.build_module` (with the
+    card's ``arguments`` where it gives them).
     """
 
     def __init__(
-        self, path: str, architecture: str, *, num_classes: int, in_channels: int, device: DevicePreference = "auto"
+        self,
+        path: str,
+        architecture: str,
+        *,
+        num_classes: int,
+        in_channels: int,
+        arguments: Mapping[str, object] | None = None,
+        device: DevicePreference = "auto",
     ) -> None:
         target = _torch_device(device)
-        module_name, _, class_name = architecture.partition(":")
-        module = getattr(importlib.import_module(module_name), class_name)(
-            num_classes=num_classes, in_channels=in_channels
-        )
+        module = build_module(architecture, arguments=arguments, num_classes=num_classes, in_channels=in_channels)
         module.load_state_dict(torch.load(path, map_location=target, weights_only=True))
         super().__init__(module, target)
 
@@ -144,18 +151,41 @@ def load_runner(card: ModelCard, runtime: Runtime, *, device: DevicePreference =
                 str(card.weights[runtime].architecture),
                 num_classes=len(card.output.classes),
                 in_channels=card.input.channels,
+                arguments=card.weights[runtime].arguments,
                 device=device,
             )
     except ModelCardError:
         raise
     except Exception as exc:  # the backends raise their own types; say which file failed, keep the cause
         raise ModelCardError(f"model card {card.name}: cannot load {runtime} weights {path}: {exc}") from exc
-    probe = np.zeros((1, card.input.channels, card.input.rows, card.input.columns), dtype=np.float32)
-    outputs = runner.forward(probe)
+    shape = [1, card.input.channels, card.input.rows, card.input.columns]
+    try:
+        outputs = runner.forward(np.zeros(shape, dtype=np.float32))
+    except Exception as exc:  # the network refuses the card's input: name the size, keep the cause
+        raise ModelCardError(
+            f"model card {card.name}: the {runtime} model refuses an input of shape {shape} "
+            f"(input.channels {card.input.channels}, input.rows {card.input.rows}, input.columns "
+            f"{card.input.columns}): {str(exc).strip().splitlines()[0][:300]}; give the size and channels the network "
+            "was trained on"
+        ) from exc
     if outputs.ndim != 2 or outputs.shape[1] != len(card.output.classes):
         raise ModelCardError(
             f"model card {card.name}: {runtime} model returns shape {list(outputs.shape)} for one image, "
             f"but the card lists {len(card.output.classes)} classes {list(card.output.classes)}"
         )
+    if card.target_layer and runner.torch_module is not None and runtime == "torch":
+        check_target_layer(card, runner.torch_module)
     log.info("model %s %s loaded with %s on %s", card.name, card.version, runtime, runner.device)
     return runner
+
+
+def check_target_layer(card: ModelCard, module: torch.nn.Module) -> None:
+    """The card's ``target_layer`` names a submodule of the eager network; a clear error otherwise,
+    listing the layers nearest the output."""
+    names = [name for name, _ in module.named_modules() if name]
+    if card.target_layer not in names:
+        raise ModelCardError(
+            f"model card {card.name}: target_layer {card.target_layer!r} is not a layer of "
+            f"{type(module).__name__}; the last layers are: {', '.join(repr(n) for n in names[-8:])} "
+            "(pacs-xai model init finds the last spatial feature block)"
+        )

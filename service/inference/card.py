@@ -25,6 +25,30 @@ defaults below apply when a key or the section is absent):
   last ``nn.Linear``); ``ood.distance``: a Mahalanobis distance that overrides the threshold
   calibrated with ``auxiliary.ood_statistics``.
 
+``output.activation: sigmoid`` makes a multi-label model: ``output.thresholds`` gives the
+probability at which each class counts as present (0.5 where a class is not listed), and
+``explain.findings`` which findings of an image are explained, each into its own Secondary Capture
+and Parametric Map, a segment of the frame's Segmentation, and a group of the SR that lists every
+class: ``top_k`` (with ``top_k: 1``, the default, the predicted class, as a single-label model),
+``all_positive`` (every class at or above its threshold) or a list of class names. A network whose
+constructor does not take ``num_classes``/``in_channels`` names its keyword ``arguments`` beside its
+``architecture`` (what ``pacs-xai model init`` writes for a MONAI bundle). A card is written for a
+hospital's own model by ``pacs-xai model init`` and tried on a sample by ``pacs-xai model check``.
+
+Example of a multi-label card (as ``pacs-xai model init --torchxrayvision DenseNet`` writes it)::
+
+    name: torchxrayvision-densenet
+    version: 1.0.0
+    weights:
+      torch: {file: model.pth, sha256: 0b4c..., architecture: "torchxrayvision.models:DenseNet"}
+    input: {channels: 1, rows: 224, columns: 224, mean: [0.5], std: [0.00048828125]}  # [-1024, 1024]
+    output:
+      activation: sigmoid
+      classes: [Atelectasis, Consolidation, ...]
+      thresholds: {Atelectasis: 0.5, Consolidation: 0.5, ...}
+    target_layer: features
+    explain: {findings: all_positive}
+
 Example (``service/models/demo/model.yaml``)::
 
     name: pacs-xai-demo-chest
@@ -50,12 +74,13 @@ Example (``service/models/demo/model.yaml``)::
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator, model_validator
 
 from dicom_io.pixels import InputSpec
 
@@ -88,7 +113,14 @@ class WeightsFile(_Strict):
     architecture: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
-        description="For runtime torch: 'package.module:ClassName', built as Class(num_classes=K, in_channels=C).",
+        description="For runtime torch: 'package.module:callable', built as callable(num_classes=K, in_channels=C) "
+        "or, where 'arguments' is given, as callable(**arguments).",
+    )
+    arguments: dict[str, JsonValue] | None = Field(
+        default=None,
+        description="For runtime torch: the keyword arguments of the architecture callable (JSON values), for a "
+        "network whose constructor does not take num_classes and in_channels (a MONAI bundle's network_def, "
+        "a TorchXRayVision class).",
     )
 
 
@@ -145,17 +177,62 @@ class InputSection(_Strict):
 
 
 class OutputSection(_Strict):
-    """What the model returns: logits for ``classes``, turned into probabilities by ``activation``."""
+    """What the model returns: logits for ``classes``, turned into probabilities by ``activation``.
+
+    ``thresholds`` (probability 0..1 per class name; :data:`DEFAULT_THRESHOLD` for a class not
+    listed) says when a finding is present: for a sigmoid (multi-label) model each class on its own,
+    e.g. a TorchXRayVision model's operating points.
+    """
 
     activation: Activation = "softmax"
     classes: tuple[str, ...] = Field(min_length=1)
+    thresholds: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("classes")
     @classmethod
     def _unique(cls, classes: tuple[str, ...]) -> tuple[str, ...]:
         if len(set(classes)) != len(classes):
             raise ValueError(f"output.classes has duplicates: {list(classes)}")
+        if any(not name.strip() for name in classes):
+            raise ValueError(f"output.classes has an empty name: {list(classes)}")
         return classes
+
+    @model_validator(mode="after")
+    def _thresholds_name_classes(self) -> OutputSection:
+        unknown = sorted(set(self.thresholds) - set(self.classes))
+        if unknown:
+            raise ValueError(f"output.thresholds names {unknown}, which are not in output.classes {list(self.classes)}")
+        bad = {name: value for name, value in self.thresholds.items() if not 0.0 < value < 1.0}
+        if bad:
+            raise ValueError(f"output.thresholds must be probabilities in (0, 1), got {bad}")
+        return self
+
+    def threshold(self, class_name: str) -> float:
+        """The probability at or above which ``class_name`` counts as present."""
+        return self.thresholds.get(class_name, DEFAULT_THRESHOLD)
+
+
+#: The threshold of a class the card's ``output.thresholds`` does not list.
+DEFAULT_THRESHOLD = 0.5
+
+
+class ExplainSection(_Strict):
+    """Which findings of an image are explained (each gets its own outputs).
+
+    ``findings``: ``top_k`` (the ``top_k`` most probable classes; the default, 1, explains the
+    predicted class as a single-label model does), ``all_positive`` (every class at or above its
+    threshold, highest first, at most ``max_findings``), or a list of class names (always
+    explained, whatever their probability).
+    """
+
+    findings: Literal["all_positive", "top_k"] | tuple[str, ...] = "top_k"
+    top_k: int = Field(default=1, ge=1)
+    max_findings: int = Field(default=32, ge=1, description="Cap on the findings explained per image.")
+
+    def per_finding(self) -> bool:
+        """True when an image may have several explained findings: every output then names its finding
+        (and its derived UIDs include it)."""
+        return not (self.findings == "top_k" and self.top_k == 1)
 
 
 class AppliesTo(_Strict):
@@ -233,6 +310,7 @@ class ModelCard(_Strict):
     target_layer: str | None = Field(default=None, description="Layer for CAM-family explainers (dotted module name).")
     applies_to: AppliesTo = AppliesTo()
     defaults: Defaults = Defaults()
+    explain: ExplainSection = ExplainSection()
     trust: TrustSection = TrustSection()
     folder: Path = Field(default=Path("."), exclude=True)
 
@@ -241,6 +319,17 @@ class ModelCard(_Strict):
         torch_weights = self.weights.get("torch")
         if torch_weights is not None and torch_weights.architecture is None:
             raise ValueError("weights.torch needs 'architecture: package.module:ClassName' to rebuild the module")
+        return self
+
+    @model_validator(mode="after")
+    def _findings_name_classes(self) -> ModelCard:
+        findings = self.explain.findings
+        if isinstance(findings, tuple):
+            unknown = [name for name in findings if name not in self.output.classes]
+            if unknown:
+                raise ValueError(
+                    f"explain.findings names {unknown}, which are not in output.classes {list(self.output.classes)}"
+                )
         return self
 
     @model_validator(mode="after")
@@ -331,6 +420,28 @@ class ModelCard(_Strict):
         if name not in classes:
             raise ModelCardError(f"unknown class {name!r} for model {self.name}; valid names: {', '.join(classes)}")
         return classes.index(name)
+
+    def findings_to_explain(self, probabilities: Sequence[float]) -> list[int]:
+        """Class indices to explain for one image, from its probabilities (card order), by
+        ``explain.findings``: most probable first for ``top_k`` and ``all_positive``."""
+        values = np.asarray(probabilities, dtype=np.float64)
+        if values.shape != (len(self.output.classes),):
+            raise ModelCardError(
+                f"model card {self.name}: {values.shape} probabilities for {len(self.output.classes)} classes"
+            )
+        policy = self.explain
+        order = [int(i) for i in np.argsort(-values, kind="stable")]
+        if isinstance(policy.findings, tuple):
+            return [self.class_index(name) for name in policy.findings]
+        if policy.findings == "top_k":
+            return order[: policy.top_k]
+        classes = self.output.classes
+        positive = [i for i in order if values[i] >= self.output.threshold(classes[i])]
+        return positive[: policy.max_findings]
+
+    def is_present(self, class_index: int, probability: float) -> bool:
+        """Whether the class counts as present at ``probability`` (0..1): at or above its threshold."""
+        return float(probability) >= self.output.threshold(self.output.classes[class_index])
 
     def applies_to_dataset(self, modality: str, sop_class_uid: str, body_part: str) -> str | None:
         """``None`` when the model applies to a series with these attributes, else the reason it does not."""

@@ -20,15 +20,14 @@ from pathlib import Path
 from dicom_io.net.scp import StorageSCP
 from dicom_io.net.scu import StoreSCU
 from service.inference.deployed import DeployedModel, PoolSettings
-from service.models import demo_card_path
 from service.node.assembler import Assembler, SeriesKey
 from service.node.config import NodeConfig
 from service.node.http import HealthServer
 from service.node.intake import listener_settings
-from service.node.metrics import JournalCollector, NodeMetrics, create_metrics
-from service.node.pipeline import ExplainPipeline
+from service.node.metrics import JournalCollector, create_metrics
 from service.node.processor import SeriesProcessor
 from service.node.receiver import Receiver
+from service.node.routing import ModelRegistry, Router, default_card_path
 from service.node.sender import OutboxSender
 from service.node.store import Journal, Spool
 
@@ -52,15 +51,30 @@ class Node:
         self.spool = Spool(data_dir / "spool", durability=durability)
         self.journal = Journal(data_dir / "journal.sqlite", durability=durability)
         self.metrics = create_metrics()
-        self.model = model or build_model(config, self.metrics)
-        card = self.model.card
-        self.pipeline = build_pipeline(config, self.model)
+        #: Each model card once, shared by the routes that name it (``model``: for the default card).
+        self.models = ModelRegistry(
+            device=config.model.device,
+            pool=PoolSettings(config.pool.max_batch, config.pool.max_wait_ms, config.pool.max_queue),
+            metrics=self.metrics.pool,
+        )
+        if model is not None:
+            self.models.add(default_card_path(config), model)
+        try:
+            self.router = Router.build(config, self.models)
+        except BaseException:
+            self.models.close()
+            raise
+        #: The first route's pipeline and model (the only ones without ``routes``).
+        self.pipeline = self.router.pipelines()[0]
+        self.model = self.pipeline.model
         self.assembler = Assembler(
             idle_seconds=config.assembly.idle_seconds, max_wait_seconds=config.assembly.max_wait_seconds
         )
         self.metrics.registry.register(JournalCollector(self.journal.counts))
-        self.metrics.model_info.labels(card.name, card.version, self.model.forward_runner.device).set(1)
-        self.processor = SeriesProcessor(self.pipeline, self.spool, self.journal, config.destinations, self.metrics)
+        for deployed in self.router.models():
+            card = deployed.card
+            self.metrics.model_info.labels(card.name, card.version, deployed.forward_runner.device).set(1)
+        self.processor = SeriesProcessor(self.router, self.spool, self.journal, config.destinations, self.metrics)
         self.sender = OutboxSender(
             self.journal,
             StoreSCU(config.send.calling_ae_title or config.listener.ae_title),
@@ -99,10 +113,8 @@ class Node:
             probe.unlink()
         except OSError as exc:
             return False, f"spool not writable: {exc}"
-        return (
-            True,
-            f"ready: model {self.model.card.name} {self.model.card.version} on {self.model.forward_runner.device}",
-        )
+        models = ", ".join(f"{m.card.name} {m.card.version} on {m.forward_runner.device}" for m in self.router.models())
+        return True, f"ready: model {models}"
 
     @property
     def metrics_port(self) -> int | None:
@@ -130,13 +142,14 @@ class Node:
         else:
             self.warmed_up.set()
         log.info(
-            "node %s listening on %s:%d, model %s %s on %s",
+            "node %s listening on %s:%d, model %s %s on %s; routes: %s",
             self.config.listener.ae_title,
             self.config.listener.bind_address,
             self.port,
             self.model.card.name,
             self.model.card.version,
             self.model.forward_runner.device,
+            ", ".join(f"{t.name} -> {t.pipeline.model.card.name}" for t in self.router.targets),
         )
 
     def stop(self) -> None:
@@ -150,7 +163,7 @@ class Node:
         self._threads.clear()
         if self.http:
             self.http.stop()
-        self.model.close()
+        self.models.close()
         self.journal.close()
         log.info("node stopped")
 
@@ -162,7 +175,7 @@ class Node:
     def _warm_up(self) -> None:
         """The pipeline's dry run (see ExplainPipeline.warm_up); studies arriving meanwhile are served."""
         try:
-            seconds = self.pipeline.warm_up()
+            seconds = sum(pipeline.warm_up() for pipeline in self.router.pipelines())
         except Exception:  # a failed dry run must not stop the node; the first real study will tell more
             log.exception("warm-up failed; the first study will pay for the initialisation instead")
             return
@@ -185,24 +198,3 @@ class Node:
                 return
             if not any(tally.values()):
                 self._outputs_ready.wait(SEND_POLL_SECONDS)
-
-
-def build_model(config: NodeConfig, metrics: NodeMetrics) -> DeployedModel:
-    """The deployed model of the configuration (the demo model without a card), its pool reporting to ``metrics``."""
-    return DeployedModel.from_card_path(
-        config.model.card or demo_card_path(),
-        device=config.model.device,
-        pool=PoolSettings(config.pool.max_batch, config.pool.max_wait_ms, config.pool.max_queue),
-        metrics=metrics.pool,
-    )
-
-
-def build_pipeline(config: NodeConfig, model: DeployedModel) -> ExplainPipeline:
-    """The pipeline of the configuration: its methods and outputs, or the model card's defaults."""
-    card = model.card
-    return ExplainPipeline(
-        model,
-        methods=config.explain.methods or card.defaults.methods,
-        outputs=config.explain.outputs or card.defaults.outputs,
-        method_params=config.explain.method_params,
-    )

@@ -203,10 +203,114 @@ class ExplainConfig(_Section):
     @field_validator("outputs")
     @classmethod
     def _known_outputs(cls, outputs: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        unknown = [kind for kind in outputs or () if kind not in OUTPUT_KINDS]
-        if unknown:
-            raise ValueError(f"unknown output kind(s) {unknown}; choose from {list(OUTPUT_KINDS)}")
-        return outputs
+        return _known_output_kinds(outputs)
+
+
+def _known_output_kinds(outputs: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    unknown = [kind for kind in outputs or () if kind not in OUTPUT_KINDS]
+    if unknown:
+        raise ValueError(f"unknown output kind(s) {unknown}; choose from {list(OUTPUT_KINDS)}")
+    return outputs
+
+
+class RangeConfig(_Section):
+    """An inclusive range of a count (pixels, instances); omit an end for no bound."""
+
+    min: int | None = Field(None, ge=0, description="Smallest value taken; omit for no lower bound.")
+    max: int | None = Field(None, ge=0, description="Largest value taken; omit for no upper bound.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RangeConfig:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+    def contains(self, value: int | None) -> bool:
+        """Whether ``value`` lies in the range (an absent value lies in no bounded range)."""
+        if value is None:
+            return self.min is None and self.max is None
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+
+#: A text matcher: one regular expression, or a list of them (any may match).
+TextMatcher = str | tuple[str, ...]
+
+
+class RouteMatchConfig(_Section):
+    """Which instances a route takes: every key given must match (AND); an omitted key matches anything.
+
+    Text keys are Python regular expressions that must match the whole value, ignoring case
+    (``CR|DX``, ``.*chest.*``); a list means any of them. An absent attribute is the empty text.
+    """
+
+    modality: TextMatcher | None = Field(None, description="Modality (0008,0060), e.g. 'CR|DX'.")
+    body_part_examined: TextMatcher | None = Field(None, description="Body Part Examined (0018,0015), e.g. CHEST.")
+    sop_class_uid: TextMatcher | None = Field(
+        None, description="SOP Class UID (0008,0016); a bare UID (digits and dots) matches only itself."
+    )
+    series_description: TextMatcher | None = Field(None, description="Series Description (0008,103E).")
+    protocol_name: TextMatcher | None = Field(None, description="Protocol Name (0018,1030).")
+    manufacturer: TextMatcher | None = Field(None, description="Manufacturer (0008,0070).")
+    calling_ae_title: TextMatcher | None = Field(None, description="AE title of the sender that stored the instance.")
+    rows: RangeConfig | None = Field(None, description="Rows (0028,0010) of the image, {min, max}.")
+    columns: RangeConfig | None = Field(None, description="Columns (0028,0011) of the image, {min, max}.")
+    instances: RangeConfig | None = Field(
+        None, description="Instances of the series received so far (re-sent ones once), {min, max}."
+    )
+
+    @field_validator(
+        "modality",
+        "body_part_examined",
+        "sop_class_uid",
+        "series_description",
+        "protocol_name",
+        "manufacturer",
+        "calling_ae_title",
+    )
+    @classmethod
+    def _valid_expressions(cls, value: TextMatcher | None) -> TextMatcher | None:
+        for expression in (value,) if isinstance(value, str) else value or ():
+            try:
+                re.compile(expression)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {expression!r} ({exc})") from None
+        return value
+
+
+class RouteConfig(_Section):
+    """One routing rule: which instances (``match``) go to which model, methods, outputs, destinations."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Name used in logs and metrics (the 'route' label)."
+    )
+    match: RouteMatchConfig = Field(
+        default_factory=RouteMatchConfig, description="Attributes the instance must have; omit to take everything."
+    )
+    model: Path | None = Field(
+        None, description="Model card YAML (or its folder) for this route; omit for model.card (or the demo model)."
+    )
+    methods: tuple[str, ...] | None = Field(None, description="Explainers; omit for explain.methods, else the card's.")
+    outputs: tuple[str, ...] | None = Field(
+        None, description=f"Output kinds ({', '.join(OUTPUT_KINDS)}); omit for explain.outputs, else the card's."
+    )
+    method_params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-method settings, over explain.method_params."
+    )
+    destinations: tuple[str, ...] | None = Field(
+        None, description="Names of destinations that get this route's results; omit for all."
+    )
+    continue_: bool = Field(
+        False,
+        alias="continue",
+        description="After taking an instance, go on to the later rules too (else the first match wins).",
+    )
+
+    @field_validator("outputs")
+    @classmethod
+    def _known_outputs(cls, outputs: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return _known_output_kinds(outputs)
 
 
 class StorageConfig(_Section):
@@ -297,6 +401,11 @@ class NodeConfig(BaseSettings):
     assembly: AssemblyConfig = Field(default_factory=AssemblyConfig, description="Series completion timers.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The deployed model.")
     explain: ExplainConfig = Field(default_factory=ExplainConfig, description="Explainers and outputs.")
+    routes: tuple[RouteConfig, ...] = Field(
+        (),
+        description="Ordered routing rules: the first that matches an instance takes it (continue: true goes on). "
+        "Empty: one route named 'default' takes what model.card applies to, with model and explain.",
+    )
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Data folder.")
     send: SendConfig = Field(default_factory=SendConfig, description="Retry policy.")
     workers: WorkersConfig = Field(default_factory=WorkersConfig, description="Worker threads.")
@@ -322,6 +431,22 @@ class NodeConfig(BaseSettings):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"destination names must be unique, repeated: {duplicates}")
+        return self
+
+    @model_validator(mode="after")
+    def _routes_name_known_destinations(self) -> NodeConfig:
+        names = [route.name for route in self.routes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"route names must be unique, repeated: {duplicates}")
+        known = {d.name for d in self.destinations}
+        for index, route in enumerate(self.routes):
+            unknown = [name for name in route.destinations or () if name not in known]
+            if unknown:
+                raise ValueError(
+                    f"routes[{index}] ({route.name}): destinations {unknown} are not configured; "
+                    f"configured: {sorted(known) or 'none'}"
+                )
         return self
 
 
@@ -365,7 +490,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if overrides:
             config = _WithoutEnvironment(**_merge(config.model_dump(by_alias=True), overrides))
     except ValidationError as exc:
-        raise ConfigError(f"configuration ({where}) is invalid:\n{_describe(exc)}") from None
+        raise ConfigError(f"configuration ({where}) is invalid:\n{_describe(exc, raw)}") from None
     return config
 
 
@@ -395,14 +520,27 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, raw: dict[str, Any] | None = None) -> str:
     lines = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        where = _name_the_route(where, error["loc"], raw or {})
         found = error.get("input")
         shown = "{...}" if isinstance(found, dict) else repr(found)
         lines.append(f"  - {where}: {error['msg']} (found {shown[:80]})")
     return "\n".join(lines)
+
+
+def _name_the_route(where: str, loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
+    """``routes.1.match.modality`` -> ``routes[1] (ct-head).match.modality``: the rule's index and name."""
+    if len(loc) < 2 or loc[0] != "routes" or not isinstance(loc[1], int):
+        return where
+    routes = raw.get("routes")
+    name = None
+    if isinstance(routes, list) and loc[1] < len(routes) and isinstance(routes[loc[1]], dict):
+        name = routes[loc[1]].get("name")
+    rest = "".join(f".{part}" for part in loc[2:])
+    return f"routes[{loc[1]}]" + (f" ({name})" if name else "") + rest
 
 
 def example_config() -> str:
@@ -429,6 +567,8 @@ def example_config() -> str:
                     prefix = "  - " if first else "    "
                     lines.append(f"{prefix}{key}: {_yaml_value(value)}  # {sub.description}")
                     first = False
+        elif name == "routes":
+            lines.extend(_routes_example())
         elif name == "tls":
             lines.append("# tls:")
             for key, sub in TlsConfig.model_fields.items():
@@ -441,6 +581,36 @@ def example_config() -> str:
                 lines.append(f"  {shown_key}: {_yaml_value(default)}  # {sub.description}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _routes_example() -> list[str]:
+    """The ``routes`` section of the example, commented out: two rules, every key described once."""
+    route, match = RouteConfig.model_fields, RouteMatchConfig.model_fields
+    sample_match = {
+        "modality": "CR|DX",
+        "body_part_examined": ["CHEST", "THORAX", ""],
+        "rows": {"min": 512},
+        "calling_ae_title": "ORTHANC",
+    }
+    lines = ["# routes:"]
+    lines.append(f"#   - name: chest-xray  # {route['name'].description}")
+    lines.append(f"#     match:  # {route['match'].description}")
+    for key, value in sample_match.items():
+        lines.append(f"#       {key}: {_yaml_value(value)}  # {match[key].description}")
+    for key, sub in match.items():
+        if key not in sample_match:
+            lines.append(f"#       # {key}: ...  # {sub.description}")
+    lines.append(f"#     model: /models/chest/model.yaml  # {route['model'].description}")
+    lines.append(f"#     methods: [gradcam]  # {route['methods'].description}")
+    lines.append(f"#     outputs: [sc, sr]  # {route['outputs'].description}")
+    lines.append(f"#     method_params: {{}}  # {route['method_params'].description}")
+    lines.append(f"#     destinations: [pacs]  # {route['destinations'].description}")
+    lines.append(f"#     continue: false  # {route['continue_'].description}")
+    lines.append("#   - name: ct-head")
+    lines.append("#     match: {modality: CT, series_description: '.*head.*', instances: {min: 20}}")
+    lines.append("#     model: /models/head-ct/model.yaml")
+    lines.append("routes: []")
+    return lines
 
 
 def _yaml_value(value: Any) -> str:

@@ -1,6 +1,6 @@
 """Prometheus metrics of the node, in one explicit registry made once at start-up.
 
-Labels carry outcomes, stages, methods, class names, model names, destinations and AE titles,
+Labels carry outcomes, stages, methods, class names, model names, route names, destinations and AE titles,
 never patient data. The outbox depth and dead letters are read from the journal when Prometheus scrapes
 (a collector), so they are right after a restart too.
 
@@ -10,6 +10,12 @@ Metric names (the dashboard and the alert rules query exactly these; a test chec
 - ``pacsxai_associations_total{outcome}``: accepted | rejected
 - ``pacsxai_instances_processed_total{outcome}``: done | skipped | failed
 - ``pacsxai_series_processed_total{outcome}``: done | partial | skipped | failed (per ready batch)
+- ``pacsxai_series_routed_total{route}``: ready batches that a routing rule took (an instance each at least)
+- ``pacsxai_series_unrouted_total``: ready batches no rule took (logged with UIDs, not kept)
+- ``pacsxai_instances_discarded_total{reason}``: instances no rule took, their spool file deleted:
+  not_an_image (SR, PR, KOS, RT plan/structures, waveform, PDF) | no_route (an image)
+- ``pacsxai_route_instances_total{route,outcome}``: instances through a rule's pipeline: done | skipped | failed
+- ``pacsxai_route_seconds{route}``: a rule's pipeline time per instance (prepare to encode)
 - ``pacsxai_stage_seconds{stage}``: receive, spool, assemble_wait, read, prepare, infer, trust, explain, encode,
   store, send (read: the instance from the spool; trust: the out-of-distribution and shortcut signals; store:
   outputs encoded into the spool and journaled)
@@ -88,6 +94,11 @@ class NodeMetrics:
     pool: PoolMetrics
     model_info: Gauge
     last_received: Gauge
+    series_routed: Counter
+    series_unrouted: Counter
+    instances_discarded: Counter
+    route_instances: Counter
+    route_seconds: Histogram
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> NodeMetrics:
@@ -169,6 +180,34 @@ def create_metrics(registry: CollectorRegistry | None = None) -> NodeMetrics:
             "Unix time of the last stored instance.",
             registry=registry,
             multiprocess_mode="max",
+        ),
+        series_routed=Counter(
+            "pacsxai_series_routed",
+            "Ready series batches a routing rule took, by rule.",
+            ["route"],
+            registry=registry,
+        ),
+        series_unrouted=Counter(
+            "pacsxai_series_unrouted", "Ready series batches no routing rule took (not kept).", registry=registry
+        ),
+        instances_discarded=Counter(
+            "pacsxai_instances_discarded",
+            "Instances no routing rule took, deleted from the spool, by reason (not_an_image | no_route).",
+            ["reason"],
+            registry=registry,
+        ),
+        route_instances=Counter(
+            "pacsxai_route_instances",
+            "Instances through a routing rule's pipeline, by rule and outcome.",
+            ["route", "outcome"],
+            registry=registry,
+        ),
+        route_seconds=Histogram(
+            "pacsxai_route_seconds",
+            "A routing rule's pipeline time per instance, seconds.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         ),
     )
 

@@ -6,6 +6,7 @@ read or explained is reported with its reason and the others go on.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,11 +52,15 @@ def iter_files(paths: Iterable[Path]) -> Iterable[Path]:
 
 
 def write_outputs(result: DatasetResult, source: Path, out_dir: Path, *, png: bool) -> list[Path]:
-    """Write each output object as ``<source stem>_<method>_<kind>[_f<frame>].dcm`` (+ ``.png``)."""
+    """Write each output object as ``<source stem>_<method>_<kind>[_<finding>][_f<frame>].dcm`` (+ ``.png``);
+    the finding where a multi-label model explains several per frame."""
     written = []
     multi_frame = len(result.predictions) > 1
     for output in result.outputs:
-        stem = f"{source.stem}_{output.method}_{output.kind}" + (f"_f{output.frame_index + 1}" if multi_frame else "")
+        finding = f"_{re.sub(r'[^A-Za-z0-9]+', '-', output.finding).strip('-')}" if output.finding else ""
+        stem = f"{source.stem}_{output.method}_{output.kind}{finding}" + (
+            f"_f{output.frame_index + 1}" if multi_frame else ""
+        )
         path = out_dir / f"{stem}.dcm"
         output.dataset.save_as(path, enforce_file_format=True)
         written.append(path)

@@ -5,6 +5,13 @@ It is built once (explainers configured, writers chosen) and then processes data
 state between datasets. Frames of a multi-frame image go through the model and the explainers in
 batches of ``max_batch``.
 
+Each frame explains the findings its model card's ``explain.findings`` picks (the predicted class
+for a single-label card). The explainers get one sample per (frame, finding), the frame repeated
+with the finding's class as target, in batches of ``max_batch``: one batched pass for every finding.
+Each finding gets its own Secondary Capture and Parametric Map; a Segmentation has one segment per
+finding of its frame; the SR of a multi-label card lists every class with its probability and
+presence (:func:`dicom_io.writers.build_findings_report`).
+
 Every result carries whether it can be believed (:mod:`service.trust`), timed as the "trust"
 stage: the out-of-distribution signal once per frame batch (Mahalanobis distance of the pooled
 features, when the model card has ``auxiliary.ood_statistics``; loaded and checked against the
@@ -34,8 +41,11 @@ from dicom_io.pixels import PreparedFrame, prepare_frames, shutter_mask
 from dicom_io.writers import (
     OUTPUT_KINDS,
     ExplanationResult,
+    FindingStatus,
     OutOfDistributionSignal,
+    ReportFrame,
     ShortcutSignal,
+    build_findings_report,
     build_parametric_map,
     build_report,
     build_secondary_capture,
@@ -59,10 +69,13 @@ log = logging.getLogger(__name__)
 #: Image-like output kinds -> writer(source, result) -> derived dataset. The SR ("sr") is written
 #: after them, because it references the other objects of the same result.
 Writer = Callable[[Dataset, ExplanationResult], Dataset]
-WRITERS: Mapping[str, Writer] = MappingProxyType(
+#: Writers of one object per explained finding.
+PER_FINDING_WRITERS: Mapping[str, Writer] = MappingProxyType(
+    {"sc": build_secondary_capture, "pm": build_parametric_map}
+)
+#: Writers of one object per frame, with a segment per explained finding.
+SEGMENTATION_WRITERS: Mapping[str, Callable[[Dataset, Sequence[ExplanationResult]], Dataset]] = MappingProxyType(
     {
-        "sc": build_secondary_capture,
-        "pm": build_parametric_map,
         "seg_fractional": partial(build_segmentation, kind="fractional"),
         "seg_binary": partial(build_segmentation, kind="binary"),
     }
@@ -84,6 +97,9 @@ class OutputObject:
     method: str
     frame_index: int
     dataset: Dataset
+    #: The finding (class) the object explains where a frame has several (a multi-label card); None
+    #: for a single-label card's objects and for the objects of a whole frame (SEG, SR).
+    finding: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +110,7 @@ class TrustVerdict:
     frame_index: int
     shortcut: ShortcutSignal
     ood: OutOfDistributionSignal | None  # None where the model card has no OOD statistics
+    finding: str = ""  # the explained class
 
     @property
     def flagged(self) -> bool:
@@ -115,6 +132,8 @@ class DatasetResult:
     outputs: list[OutputObject] = field(default_factory=list)
     #: Milliseconds per stage: "prepare", "infer", "trust", "explain:<method>", "encode:<method>".
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: The model card's classes, the order of each prediction's probabilities.
+    classes: tuple[str, ...] = ()
 
 
 class ExplainPipeline:
@@ -150,6 +169,8 @@ class ExplainPipeline:
         self.shortcut_thresholds = ShortcutThresholds(share=shortcut.share, concentration=shortcut.concentration)
         self.edge_band = shortcut.edge_band
         self.ood_detector = ood_detector(model)
+        #: Several findings per frame (a multi-label card): each gets its own SC and PM.
+        self.per_finding = model.card.explain.per_finding()
 
     def process(self, ds: Dataset) -> DatasetResult:
         """Explain every frame of ``ds``; raises :class:`dicom_io.errors.DicomInputError` on bad input."""
@@ -181,6 +202,7 @@ class ExplainPipeline:
         return time.perf_counter() - started
 
     def _explain_dataset(self, ds: Dataset, result: DatasetResult, *, log_flags: bool = True) -> DatasetResult:
+        result.classes = self.model.card.output.classes
         with _timed(result.timings_ms, "prepare"):
             frames = prepare_frames(ds, self.model.card.input.spec())
             shutter = shutter_mask(ds)
@@ -204,26 +226,34 @@ class ExplainPipeline:
             ood = self._ood_signals(batch)
             regions = [outside_anatomy(frame.display, shutter, edge_band=self.edge_band) for frame in frames]
         result.ood.extend(ood)
-        targets = [prediction.class_index for prediction in predictions]
         card = self.model.card
+        # The findings each frame explains (the predicted class for a single-label card); every
+        # (frame, finding) is one sample of the explainers' batch: the image repeated, its own target.
+        findings = [card.findings_to_explain(prediction.probabilities) for prediction in predictions]
+        samples = [(position, target) for position, targets in enumerate(findings) for target in targets]
         for method, explainer in self.explainers.items():
             with _timed(result.timings_ms, f"explain:{method}"):
-                model = self.model.model_for(needs_gradients=explainer.needs_gradients)
-                maps = explainer.explain(model, torch.from_numpy(batch), targets)
-            for frame, prediction, attribution, region, frame_ood in zip(
-                frames, predictions, maps.cpu().numpy(), regions, ood
-            ):
+                maps = self._explain_samples(explainer, batch, samples)
+            explained: list[list[ExplanationResult]] = [[] for _ in frames]
+            verdicts: list[list[TrustVerdict]] = [[] for _ in frames]
+            for (position, target), attribution in zip(samples, maps):
+                frame, prediction = frames[position], predictions[position]
                 with _timed(result.timings_ms, "trust"):
                     on_source = frame.mapping.to_source_grid(attribution)
                     verdict = TrustVerdict(
-                        method, frame.frame_index, self._shortcut_signal(on_source, region), frame_ood
+                        method,
+                        frame.frame_index,
+                        self._shortcut_signal(on_source, regions[position]),
+                        ood[position],
+                        card.output.classes[target],
                     )
                 result.verdicts.append(verdict)
-                with _timed(result.timings_ms, f"encode:{method}"):
-                    explained = ExplanationResult(
+                verdicts[position].append(verdict)
+                explained[position].append(
+                    ExplanationResult(
                         method=method,
-                        class_name=prediction.class_name,
-                        probability=prediction.probability,
+                        class_name=card.output.classes[target],
+                        probability=prediction.probabilities[target],
                         model_name=card.name,
                         model_version=card.version,
                         frame_index=frame.frame_index,
@@ -231,18 +261,90 @@ class ExplainPipeline:
                         display=frame.display,
                         shortcut=verdict.shortcut,
                         ood=verdict.ood,
+                        per_finding=self.per_finding,
                     )
-                    written = [
-                        OutputObject(kind, method, frame.frame_index, WRITERS[kind](ds, explained))
-                        for kind in self.outputs
-                        if kind in WRITERS
-                    ]
-                    if REPORT_KIND in self.outputs:
-                        report = build_report(ds, explained, references=[o.dataset for o in written])
-                        written.append(OutputObject(REPORT_KIND, method, frame.frame_index, report))
-                    result.outputs.extend(written)
-                if verdict.flagged and log_flags:
-                    _log_flagged(result.sop_instance_uid, verdict, written)
+                )
+            for frame, prediction, frame_results, frame_verdicts in zip(frames, predictions, explained, verdicts):
+                with _timed(result.timings_ms, f"encode:{method}"):
+                    written = self._write_frame(ds, method, frame.frame_index, prediction, frame_results)
+                result.outputs.extend(written)
+                for verdict in frame_verdicts:
+                    if verdict.flagged and log_flags:
+                        _log_flagged(result.sop_instance_uid, verdict, written)
+
+    def _explain_samples(self, explainer: Explainer, batch: np.ndarray, samples: list[tuple[int, int]]) -> np.ndarray:
+        """Maps ``[S, H, W]`` for the (frame position, class index) samples, in batches of ``max_batch``."""
+        model = self.model.model_for(needs_gradients=explainer.needs_gradients)
+        maps = []
+        for start in range(0, len(samples), self.max_batch):
+            chunk = samples[start : start + self.max_batch]
+            inputs = torch.from_numpy(batch[[position for position, _ in chunk]])
+            maps.append(explainer.explain(model, inputs, [target for _, target in chunk]).cpu().numpy())
+        if not maps:
+            return np.zeros((0, *batch.shape[2:]), dtype=np.float32)
+        return np.concatenate(maps)
+
+    def _write_frame(
+        self,
+        ds: Dataset,
+        method: str,
+        frame_index: int,
+        prediction: Prediction,
+        results: list[ExplanationResult],
+    ) -> list[OutputObject]:
+        """The output objects of one frame and method: per finding its SC and PM; one SEG per kind
+        with a segment per finding; the SR (every finding of a multi-label card, with its probability)."""
+        written = [
+            OutputObject(
+                kind,
+                method,
+                frame_index,
+                PER_FINDING_WRITERS[kind](ds, explained),
+                explained.class_name if self.per_finding else None,
+            )
+            for explained in results
+            for kind in self.outputs
+            if kind in PER_FINDING_WRITERS
+        ]
+        shared = [
+            OutputObject(kind, method, frame_index, SEGMENTATION_WRITERS[kind](ds, results))
+            for kind in self.outputs
+            if kind in SEGMENTATION_WRITERS and results
+        ]
+        if REPORT_KIND not in self.outputs:
+            return [*written, *shared]
+        if self.per_finding:
+            report = self._findings_report(ds, method, frame_index, prediction, results, written, shared)
+        else:
+            (explained,) = results
+            report = build_report(ds, explained, references=[o.dataset for o in (*written, *shared)])
+        return [*written, *shared, OutputObject(REPORT_KIND, method, frame_index, report)]
+
+    def _findings_report(
+        self,
+        ds: Dataset,
+        method: str,
+        frame_index: int,
+        prediction: Prediction,
+        results: list[ExplanationResult],
+        written: list[OutputObject],
+        shared: list[OutputObject],
+    ) -> Dataset:
+        """The SR of a multi-label frame: every class with its probability and presence, the explained
+        ones with their own SC / PM and the frame's SEGs."""
+        card = self.model.card
+        explained = {result.class_name for result in results}
+        statuses = [
+            FindingStatus(name, probability, card.output.threshold(name), name in explained)
+            for name, probability in zip(card.output.classes, prediction.probabilities)
+        ]
+        return build_findings_report(
+            ds,
+            ReportFrame(method, card.name, card.version, frame_index),
+            statuses,
+            [(result, [o.dataset for o in written if o.finding == result.class_name]) for result in results],
+            shared_references=[o.dataset for o in shared],
+        )
 
     def _ood_signals(self, batch: np.ndarray) -> list[OutOfDistributionSignal | None]:
         """The OOD signal of each image of a normalised batch; Nones without statistics."""

@@ -4,10 +4,19 @@ For each instance of a ready batch: read it from the spool, run the
 :class:`~service.node.pipeline.ExplainPipeline`, write each output object to the outbox folder
 (its pixel data compressed losslessly in the first codec the destinations that take it list, see
 :mod:`dicom_io.compression`; the sender decodes it again for a destination that refuses it),
-then journal one outbox row per (output, destination that wants its kind) and mark the instance
-done in one transaction (:meth:`Journal.complete <service.node.store.Journal.complete>`). A crash
-before that commit reprocesses the instance (its derived UIDs are deterministic, so its files are
-the same files); after it, nothing is done twice, so a delivered result is never queued again.
+then journal one outbox row per (output, destination that wants its kind) and the instance's
+outcome in one transaction (:meth:`Journal.complete <service.node.store.Journal.complete>`). A
+crash before that commit reprocesses the instance (its derived UIDs are deterministic, so its
+files are the same files); after it, nothing is done twice, so a delivered result is never queued
+again.
+
+Routing (:mod:`service.node.routing`) decides per instance which rules take it, from its header,
+its sender and the number of instances its series has in the journal so far: each rule that
+takes it runs its own pipeline and journals outputs for its own destinations. An instance no rule
+takes is journaled ``skipped`` ("not routed: ..." with each rule's first mismatch), then its spool
+file is deleted (the journal row says why it is gone, and it was never promised to anyone) and it
+is counted in ``pacsxai_instances_discarded_total``; a batch of which no instance was taken counts
+once in ``pacsxai_series_unrouted_total``.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from service.node.assembler import SeriesKey
 from service.node.config import DestinationConfig
 from service.node.metrics import NodeMetrics
 from service.node.pipeline import DatasetResult, ExplainPipeline
+from service.node.routing import InstanceFacts, Router, RouteTarget, read_header, why_not_routed
 from service.node.store import Journal, NewOutput, ReceivedInstance, Spool
 
 log = logging.getLogger(__name__)
@@ -38,7 +48,7 @@ class SeriesProcessor:
 
     def __init__(
         self,
-        pipeline: ExplainPipeline,
+        router: Router | ExplainPipeline,
         spool: Spool,
         journal: Journal,
         destinations: Sequence[DestinationConfig],
@@ -46,10 +56,11 @@ class SeriesProcessor:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._pipeline = pipeline
+        """``router`` decides what takes each instance; a bare pipeline is one rule that takes
+        everything and sends to ``destinations`` (with routing, each rule names its own)."""
+        self._router = router if isinstance(router, Router) else Router.single(router, destinations)
         self._spool = spool
         self._journal = journal
-        self._destinations = tuple(destinations)
         self._metrics = metrics
         self._clock = clock
 
@@ -59,21 +70,41 @@ class SeriesProcessor:
         if instances:
             waited = self._clock() - min(instance.received_at for instance in instances)
             self._metrics.stage_seconds.labels("assemble_wait").observe(max(0.0, waited))
+        routes_taken: dict[str, int] = {}
+        in_series = len(instances)
+        if instances and self._router.reads_instance_count:  # the series so far, earlier batches included
+            in_series = max(in_series, self._journal.series_instance_count(key.series_instance_uid))
         for instance in instances:
-            outcome = self._process_instance(instance)
+            outcome = self._process_instance(instance, in_series, routes_taken)
             tally[outcome] += 1
             self._metrics.instances_processed.labels(outcome).inc()
         self._metrics.series_processed.labels(_series_outcome(tally)).inc()
+        for route in routes_taken:
+            self._metrics.series_routed.labels(route).inc()
+        if instances and not routes_taken:
+            self._metrics.series_unrouted.inc()
+            log.info(
+                "series %s of study %s: no route takes its %d instance(s); not kept",
+                key.series_instance_uid,
+                key.study_instance_uid,
+                len(instances),
+            )
         log.info("series %s batch of %d processed: %s", key.series_instance_uid, len(instances), tally)
         return tally
 
-    def _process_instance(self, instance: ReceivedInstance) -> str:
+    def _process_instance(self, instance: ReceivedInstance, in_series: int, routes_taken: dict[str, int]) -> str:
         uid = instance.sop_instance_uid
         try:
-            with self._metrics.stage_seconds.labels("read").time():
-                dataset = read_dataset(instance.path)
-            result = self._pipeline.process(dataset)
-        except (DicomInputError, ExplainerError) as exc:
+            started = time.perf_counter()
+            facts = InstanceFacts.from_dataset(
+                read_header(instance.path), instances=in_series, calling_ae_title=instance.calling_ae
+            )
+            targets, verdicts = self._router.route(facts)
+            if not targets:
+                return self._discard(instance, facts, why_not_routed(verdicts))
+            dataset = read_dataset(instance.path)
+            self._metrics.stage_seconds.labels("read").observe(time.perf_counter() - started)
+        except DicomInputError as exc:
             self._journal.mark_processed([uid], "failed", str(exc))
             log.warning("instance %s cannot be processed: %s", uid, exc)
             return "failed"
@@ -81,29 +112,85 @@ class SeriesProcessor:
             self._journal.mark_processed([uid], "failed", f"internal error: {type(exc).__name__}: {exc}")
             log.exception("instance %s failed with an internal error", uid)
             return "failed"
-        self._observe(result)
-        if result.skipped_reason:
-            self._journal.mark_processed([uid], "skipped", result.skipped_reason)
-            log.info("instance %s skipped: %s", uid, result.skipped_reason)
+        outcomes = [self._run_route(target, instance, dataset) for target in targets]
+        for target in targets:
+            routes_taken[target.name] = routes_taken.get(target.name, 0) + 1
+        queued = [output for _, _, outputs in outcomes for output in outputs]
+        failed = [reason for outcome, reason, _ in outcomes if outcome == "failed"]
+        if failed:  # the routes that did succeed still send their results
+            self._journal.complete(uid, queued, "failed", "; ".join(failed))
+            return "failed"
+        if all(outcome == "skipped" for outcome, _, _ in outcomes):
+            reason = "; ".join(reason for _, reason, _ in outcomes)
+            self._journal.mark_processed([uid], "skipped", reason)
+            log.info("instance %s skipped: %s", uid, reason)
             return "skipped"
-        with self._metrics.stage_seconds.labels("store").time():
-            self._store_outputs(uid, result)
+        self._journal.complete(uid, queued)
         return "done"
 
-    def _store_outputs(self, uid: str, result: DatasetResult) -> None:
-        """Encode each output into the spool, then in one journal transaction queue one outbox row
-        per destination that takes its kind and mark the source instance done."""
+    def _run_route(
+        self, target: RouteTarget, instance: ReceivedInstance, dataset: Dataset
+    ) -> tuple[str, str, list[NewOutput]]:
+        """One rule's pipeline on one instance, its outputs in the spool: (done | skipped | failed,
+        reason, the outbox rows to journal)."""
+        uid = instance.sop_instance_uid
+        named = "" if len(self._router.targets) == 1 else f"route {target.name}: "
+        try:
+            with self._metrics.route_seconds.labels(target.name).time():
+                result = target.pipeline.process(dataset)
+        except (DicomInputError, ExplainerError) as exc:
+            log.warning("instance %s cannot be processed by route %s: %s", uid, target.name, exc)
+            self._metrics.route_instances.labels(target.name, "failed").inc()
+            return "failed", f"{named}{exc}", []
+        except Exception as exc:  # a bug must not stop the node; it is journaled with its reason and logged
+            log.exception("instance %s failed with an internal error in route %s", uid, target.name)
+            self._metrics.route_instances.labels(target.name, "failed").inc()
+            return "failed", f"{named}internal error: {type(exc).__name__}: {exc}", []
+        self._observe(target, result)
+        if result.skipped_reason:
+            self._metrics.route_instances.labels(target.name, "skipped").inc()
+            return "skipped", f"{named}{result.skipped_reason}", []
+        with self._metrics.stage_seconds.labels("store").time():
+            queued = self._store_outputs(uid, target, result)
+        self._metrics.route_instances.labels(target.name, "done").inc()
+        return "done", "", queued
+
+    def _discard(self, instance: ReceivedInstance, facts: InstanceFacts, why: str) -> str:
+        """No rule takes the instance: journal it skipped with the reason, then delete its spool file.
+
+        The journal row is written first, so a crash in between leaves a file no row needs (harmless)
+        rather than a row whose instance is gone. A copy re-sent meanwhile keeps its row ``received``
+        (``received_before``) and its file.
+        """
+        uid = instance.sop_instance_uid
+        self._journal.mark_processed([uid], "skipped", f"not routed: {why}", received_before=instance.received_at)
+        reason = "no_route" if facts.is_image else "not_an_image"
+        self._metrics.instances_discarded.labels(reason).inc()
+        state = self._journal.instance_state(uid)
+        if state is not None and state[0] == "skipped":
+            try:
+                instance.path.unlink(missing_ok=True)
+            except OSError as exc:  # the row already says it is not kept; the file is only wasted space
+                log.warning(
+                    "instance %s not routed; its spool file %s could not be deleted: %s", uid, instance.path, exc
+                )
+        log.debug("instance %s (SOP class %s) not routed: %s", uid, facts.sop_class_uid, why)
+        return "skipped"
+
+    def _store_outputs(self, uid: str, target: RouteTarget, result: DatasetResult) -> list[NewOutput]:
+        """Encode each output into the spool (pixel data compressed losslessly in the first codec
+        the route's destinations that take it list) and return one outbox row per such destination."""
         queued = []
         for output in result.outputs:
             derived_uid = str(output.dataset.SOPInstanceUID)
-            takers = [d for d in self._destinations if d.outputs is None or output.kind in d.outputs]
+            takers = [d for d in target.destinations if d.outputs is None or output.kind in d.outputs]
             compress_pixels(output.dataset, syntaxes_in_order([d.syntaxes() for d in takers]))
             path = self._spool.write_output(encode(output.dataset), sop_uid=derived_uid)
             for destination in takers:
                 queued.append(NewOutput(derived_uid, uid, destination.name, path, output.kind, output.method))
-        self._journal.complete(uid, queued)
+        return queued
 
-    def _observe(self, result: DatasetResult) -> None:
+    def _observe(self, target: RouteTarget, result: DatasetResult) -> None:
         """Stage timings, predictions and trust signals of one processed instance into the metrics."""
         for key, milliseconds in result.timings_ms.items():
             stage, _, method = key.partition(":")
@@ -112,7 +199,7 @@ class SeriesProcessor:
                 self._metrics.explain_seconds.labels(method).observe(milliseconds / 1000)
         for prediction in result.predictions:
             self._metrics.predictions.labels(prediction.class_name).inc()
-        model = self._pipeline.model.card.name
+        model = target.pipeline.model.card.name
         for verdict in result.verdicts:
             self._metrics.explanation_outside_share.labels(model, verdict.method).observe(verdict.shortcut.share)
             if verdict.shortcut.suspected:

@@ -1,7 +1,8 @@
 """A worker process of a multi-process node: takes ready series from the journal and runs them
 through the pipeline (read, prepare, infer, explain, encode, store in the outbox).
 
-Each worker loads the model and its own pipeline, warms up, then claims one ready series at a time
+Each worker loads the models and pipelines of the routes (:mod:`service.node.routing`), warms
+up, then claims one ready series at a time
 (:meth:`service.node.store.SeriesClaims.claim_ready`, atomic across processes) with
 ``workers.pipeline`` threads. Nothing signals arrivals across processes, so an idle worker looks
 at the journal every ``POLL_SECONDS`` (sooner when a series will be ready sooner). SIGTERM: the
@@ -25,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-from service.node.app import build_model, build_pipeline
+from service.inference.deployed import PoolSettings
 from service.node.assembler import SeriesKey
 from service.node.child import run_child
 from service.node.config import NodeConfig, available_cores, resolve_processes
 from service.node.metrics import create_metrics
 from service.node.processor import SeriesProcessor
+from service.node.routing import ModelRegistry, Router
 from service.node.store import Journal, Spool, StoreError
 
 log = logging.getLogger(__name__)
@@ -57,17 +59,22 @@ def serve_worker(config: NodeConfig, identity: str, stop: threading.Event) -> in
     durability = config.storage.durability
     journal = Journal(data_dir / "journal.sqlite", durability=durability)
     metrics = create_metrics()
-    model = build_model(config, metrics)
+    models = ModelRegistry(
+        device=config.model.device,
+        pool=PoolSettings(config.pool.max_batch, config.pool.max_wait_ms, config.pool.max_queue),
+        metrics=metrics.pool,
+    )
     try:
-        pipeline = build_pipeline(config, model)
-        card = model.card
-        metrics.model_info.labels(card.name, card.version, model.forward_runner.device).set(1)
+        router = Router.build(config, models)
+        for deployed in router.models():
+            card = deployed.card
+            metrics.model_info.labels(card.name, card.version, deployed.forward_runner.device).set(1)
         if config.model.warm_up:
-            seconds = pipeline.warm_up()
+            seconds = sum(pipeline.warm_up() for pipeline in router.pipelines())
             log.info("%s warmed up in %.2f s", identity, seconds)
         warm_marker(data_dir, identity).touch()  # the supervisor's readiness: this worker takes work now
         processor = SeriesProcessor(
-            pipeline, Spool(data_dir / "spool", durability=durability), journal, config.destinations, metrics
+            router, Spool(data_dir / "spool", durability=durability), journal, config.destinations, metrics
         )
         threads = [
             threading.Thread(
@@ -80,7 +87,7 @@ def serve_worker(config: NodeConfig, identity: str, stop: threading.Event) -> in
         for thread in threads:
             thread.join()
     finally:
-        model.close()
+        models.close()
         journal.close()
     return 0
 

@@ -255,6 +255,11 @@ def test_every_metric_the_dashboard_queries_is_exported(exported) -> None:
         "pacsxai_pool_batch_size_count",
         "pacsxai_pool_queue_depth",
         "pacsxai_model_info",
+        "pacsxai_series_routed_total",
+        "pacsxai_series_unrouted_total",
+        "pacsxai_route_instances_total",
+        "pacsxai_route_seconds_bucket",
+        "pacsxai_instances_discarded_total",
     ):
         assert name in used, f"the dashboard has no panel on {name}"
 
@@ -297,6 +302,24 @@ def test_dashboard_structure() -> None:
         for target in panel["targets"]:
             assert target["expr"].strip()
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def test_routing_panels_select_the_route_variable_and_group_by_route() -> None:
+    """Every query on a metric with a ``route`` label honours the dashboard's Route variable (whose
+    values come from that label) and shows one line per route."""
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["route"]["query"]["query"] == "label_values(pacsxai_route_instances_total, route)"
+    expressions = [
+        e
+        for e in _dashboard_expressions()
+        if re.search(r"pacsxai_(series_routed|route_)", e) and not e.startswith("label_values(")
+    ]
+    assert len(expressions) == 4
+    for expression in expressions:
+        assert 'route=~"$route"' in expression and re.search(r"by \((route|route, \w+)(, le)?\)", expression), (
+            expression
+        )
 
 
 def test_the_stage_latency_panel_names_every_stage_the_node_records() -> None:
@@ -365,7 +388,7 @@ def test_alert_rules_pass_their_promtool_unit_tests(tmp_path: Path) -> None:
 
 def test_dashboard_expressions_are_valid_promql(tmp_path: Path) -> None:
     promtool = _promtool()
-    grafana_variables = {"$__rate_interval": "1m", "$__range": "1h", "$instance": ".*"}
+    grafana_variables = {"$__rate_interval": "1m", "$__range": "1h", "$instance": ".*", "$route": ".*"}
     rules = []
     for index, expression in enumerate(_dashboard_expressions()):
         if expression.startswith("label_values("):

@@ -58,6 +58,7 @@ CREATE TABLE instances (
     updated_at          REAL NOT NULL
 );
 CREATE INDEX instances_by_state ON instances (state, received_at);
+CREATE INDEX instances_by_series ON instances (series_instance_uid);
 CREATE TABLE quarantine (
     id             INTEGER PRIMARY KEY AUTOINCREMENT,
     path           TEXT NOT NULL,
@@ -167,6 +168,8 @@ class Journal:
                 raise StoreError(
                     f"journal {self.path} has schema version {version!r}; this pacs-xai reads version {SCHEMA_VERSION}"
                 )
+            # Journals written before the index existed get it (routing counts a series' instances).
+            db.execute("CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_instance_uid)")
             # The multi-process tables (service.node.store.series) are additive: created when missing.
             for statement in filter(str.strip, SERIES_SCHEMA.split(";")):
                 db.execute(statement)
@@ -276,23 +279,40 @@ class Journal:
             )
             drop_claims(db, sop_instance_uids)
 
-    def complete(self, sop_instance_uid: str, outputs: Sequence[NewOutput]) -> None:
-        """In one transaction: queue the outputs of an instance and mark it ``done``.
+    def complete(
+        self,
+        sop_instance_uid: str,
+        outputs: Sequence[NewOutput],
+        outcome: Literal["done", "failed"] = "done",
+        reason: str = "",
+    ) -> None:
+        """In one transaction: queue the outputs of an instance and record its outcome (``failed``
+        when one route failed and others produced these outputs).
 
         One commit, so a process killed at any moment leaves either nothing (the instance is
         processed again) or everything; the outputs of a delivered result are never queued twice.
         """
+        if outcome not in ("done", "failed"):
+            raise ValueError(f"outcome must be 'done' or 'failed', got {outcome!r}")
         now = self._clock()
         with self._connection.transaction() as db:
             cursor = db.execute(
-                "UPDATE instances SET state = 'done', reason = '', updated_at = ? WHERE sop_instance_uid = ?",
-                (now, sop_instance_uid),
+                "UPDATE instances SET state = ?, reason = ?, updated_at = ? WHERE sop_instance_uid = ?",
+                (outcome, reason, now, sop_instance_uid),
             )
             if cursor.rowcount == 0:
                 raise LookupError(f"SOP Instance UID not in the journal: {sop_instance_uid!r}")
             for output in outputs:
                 insert_output(db, output, now)
             drop_claims(db, [sop_instance_uid])
+
+    def series_instance_count(self, series_instance_uid: str) -> int:
+        """Instances of the series journaled so far, in any state (a re-sent instance counts once)."""
+        with self._connection.transaction(write=False) as db:
+            row = db.execute(
+                "SELECT COUNT(*) FROM instances WHERE series_instance_uid = ?", (series_instance_uid,)
+            ).fetchone()
+        return int(row[0])
 
     def instance_state(self, sop_instance_uid: str) -> tuple[str, str] | None:
         """``(state, reason)`` of a journaled instance, ``None`` when it is not journaled."""

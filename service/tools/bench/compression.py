@@ -27,10 +27,11 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.compression import LOSSLESS_SYNTAXES, compress_pixels
-from service.node.app import build_model, build_pipeline
+from service.inference.deployed import PoolSettings
 from service.node.config import load_config
 from service.node.metrics import create_metrics
 from service.node.processor import encode
+from service.node.routing import ModelRegistry, Router
 from service.tools.progress import Progress
 
 SOURCE = "RG1_UNCR.dcm"
@@ -59,12 +60,13 @@ def run_compression_bench(
     repeats: int, out_dir: Path, progress: Progress
 ) -> tuple[list[SyntaxFigure], list[DecoderFigure]]:
     config = load_config(None, {"explain": {"methods": ["gradcam"], "outputs": ["sc"]}})
-    model = build_model(config, create_metrics())
+    models = ModelRegistry(device=config.model.device, pool=PoolSettings(), metrics=create_metrics().pool)
     try:
         progress(f"explaining {SOURCE} for its Secondary Capture")
-        (output,) = build_pipeline(config, model).process(pydicom.dcmread(_data(SOURCE))).outputs
+        pipeline = Router.build(config, models).pipelines()[0]
+        (output,) = pipeline.process(pydicom.dcmread(_data(SOURCE))).outputs
     finally:
-        model.close()
+        models.close()
     stored = encode(output.dataset)
     original = pydicom.dcmread(io.BytesIO(stored)).pixel_array
     syntaxes = [SyntaxFigure("uncompressed", len(stored), 1.0, 0.0, 0.0, True)]

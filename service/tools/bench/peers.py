@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -21,6 +20,7 @@ from torch import nn
 from service.explain.base import Explainer, chunk_size_for
 from service.explain.hooks import resolve_module
 from service.explain.methods.occlusion import window_masks
+from service.inference.architecture import torchvision_shim
 from service.tools.bench.models import BenchModel
 
 #: Captum occlusion is tried at these ``perturbations_per_eval`` values; the fastest is reported.
@@ -59,30 +59,15 @@ def _no_close() -> None:
 
 @cache
 def pytorch_grad_cam() -> tuple[ModuleType, tuple[torch.library.Library, ...]]:
-    """``pytorch_grad_cam``, with a torchvision shim (the tests use it too, through tests/helpers.py).
-
-    It imports torchvision, whose PyPI wheel is built for a CUDA torch: its C++ ops do not load
-    beside a CPU torch, and ``torchvision/_meta_registrations.py`` then fails on
-    ``register_fake("torchvision::nms")``. Only in that case the two op schemas it registers fake
-    kernels for (``nms`` and ``qnms``, as in torchvision's C++ sources) are declared and the import
-    retried, so the pure-Python parts load; nothing here calls those ops. The libraries are returned
-    (and cached) because a definition lives only as long as its library object.
-    """
-    libraries: list[torch.library.Library] = []
+    """``pytorch_grad_cam``, imported through the torchvision shim the model cards use
+    (:func:`service.inference.architecture.torchvision_shim`; the tests use it too, through
+    tests/helpers.py). The shim's libraries are returned (and cached) because a definition lives
+    only as long as its library object."""
     try:
-        import torchvision  # noqa: F401
+        libraries = torchvision_shim()
     except ImportError as exc:
         raise PeerMissing(f"pytorch-grad-cam is not installed (torchvision: {exc})") from exc
-    except RuntimeError as exc:
-        if "torchvision::" not in str(exc):
-            raise
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[name]  # the failed import left half-initialised modules behind
-        for op in ("nms", "qnms"):
-            library = torch.library.Library("torchvision", "FRAGMENT")
-            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            libraries.append(library)
-    return import_peer("pytorch_grad_cam", "pytorch-grad-cam"), tuple(libraries)
+    return import_peer("pytorch_grad_cam", "pytorch-grad-cam"), libraries
 
 
 def _layer_of(explainer: Explainer, bench: BenchModel) -> nn.Module:

@@ -171,3 +171,17 @@ def test_frame_of_reference_uid_is_one_per_source_frame(monkeypatch: pytest.Monk
     assert first.startswith(PYDICOM_ROOT_UID)
     monkeypatch.setattr(uids, "PACS_XAI_UID_PREFIX", "1.2.826.0.1.3680043.10.999.")
     assert uids.derived_frame_of_reference_uid(SOURCE_INSTANCE, 0).startswith("1.2.826.0.1.3680043.10.999.")
+
+
+def test_a_finding_gives_each_explained_class_its_own_uids_and_none_keeps_the_old_ones() -> None:
+    parts = {"model_name": "m", "model_version": "1", "method": "gradcam", "output_kind": "sc"}
+    before = uids.derived_instance_uid("1.2.3", **parts)
+    assert uids.derived_instance_uid("1.2.3", finding=None, **parts) == before
+    nodule = uids.derived_instance_uid("1.2.3", finding="nodule", **parts)
+    effusion = uids.derived_instance_uid("1.2.3", finding="effusion", **parts)
+    assert len({before, nodule, effusion}) == 3
+    assert uids.derived_instance_uid("1.2.3", finding="nodule", **parts) == nodule  # deterministic
+    series = {uids.derived_series_uid("1.2.9", finding=f, **parts) for f in (None, "nodule", "effusion")}
+    assert len(series) == 3
+    with pytest.raises(ValueError, match="finding"):
+        uids.derived_instance_uid("1.2.3", finding="", **parts)

@@ -284,3 +284,52 @@ def test_bad_arguments_are_refused() -> None:
     small = np.zeros((8, 8), np.float32)
     with pytest.raises(ValueError, match=r"\(8, 8\)"):
         build_segmentation(source, replace(result, attribution=small, display=small), kind="fractional")
+
+
+# --- several findings of one frame (a multi-label model): one segment each ------------------------------
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", None])
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_segment_per_finding_valid_and_each_its_own_map(name: str | None, kind: str, tmp_path: Path) -> None:
+    source = _source(name)
+    rows, cols = int(source.Rows), int(source.Columns)
+    first = _result(source, 0, per_finding=True)
+    # the second finding's map: the first one mirrored, so the two segments differ
+    second = _result(source, 0, class_name="effusion", probability=0.61, per_finding=True)
+    second = replace(second, attribution=np.ascontiguousarray(first.attribution[:, ::-1]))
+    seg = build_segmentation(source, [first, second], kind=kind)
+    path = tmp_path / "seg.dcm"
+    pydicom.dcmwrite(path, seg, enforce_file_format=True)
+    report, errors = _dciodvfy(path)
+    assert "Segmentation" in report and not errors, "\n".join(errors)
+    read = hd.seg.segread(path)
+    labels = [read.get_segment_description(n).SegmentLabel for n in (1, 2)]
+    assert [label.startswith(f"{METHOD} {name}") for label, name in zip(labels, (CLASS, "effusion"))] == [True, True]
+    for number, finding in ((1, first), (2, second)):
+        plane = read.get_pixels_by_source_instance(
+            [source.SOPInstanceUID], segment_numbers=[number], combine_segments=False
+        )[0, ..., 0].astype(np.float64)
+        if kind == "fractional":
+            expected = np.clip(finding.attribution, 0, None) / finding.attribution.max()
+            assert plane.shape == (rows, cols)
+            np.testing.assert_allclose(plane, expected, atol=1 / 255 + 1e-6)
+        else:
+            _assert_covers_share(plane.astype(bool), finding.attribution, SHARE)
+    assert seg.SeriesDescription.startswith(f"XAI {METHOD} findings")
+    assert "'nodule' (probability 0.870), 'effusion' (probability 0.610)" in seg.DerivationDescription
+    # the frame's SEG, not one finding's: its UIDs are those of (source, frame, method, kind)
+    kind_name = "seg-fractional" if kind == "fractional" else f"seg-binary-mass-{SHARE:.6g}"
+    model = {"model_name": MODEL, "model_version": VERSION, "method": METHOD}
+    assert seg.SOPInstanceUID == derived_instance_uid(source.SOPInstanceUID, output_kind=kind_name, **model)
+
+
+def test_findings_of_different_frames_or_listed_twice_are_refused() -> None:
+    source = _source(None)
+    first = _result(source, 0, per_finding=True)
+    with pytest.raises(ValueError, match="a finding is listed twice"):
+        build_segmentation(source, [first, first], kind="fractional")
+    with pytest.raises(ValueError, match="share method, model and frame"):
+        build_segmentation(source, [first, replace(first, class_name="effusion", method="occlusion")], kind="binary")
+    with pytest.raises(ValueError, match="at least one"):
+        build_segmentation(source, [], kind="binary")

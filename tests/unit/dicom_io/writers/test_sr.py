@@ -18,8 +18,11 @@ from pydicom.uid import generate_uid
 from dicom_io.uids import derived_device_uid, derived_instance_uid, derived_series_uid
 from dicom_io.writers import (
     ExplanationResult,
+    FindingStatus,
     OutOfDistributionSignal,
+    ReportFrame,
     ShortcutSignal,
+    build_findings_report,
     build_parametric_map,
     build_report,
     build_secondary_capture,
@@ -308,3 +311,76 @@ def test_without_signals_the_report_is_as_before(tmp_path: Path) -> None:
     names = [e.name.value for e in only_ood.get_qualitative_evaluations()]
     assert "TRUST-OOD" in names and "TRUST-SHORTCUT" not in names
     assert [m.name.value for m in only_ood.get_measurements()] == ["122157", "TRUST-OOD-DIST"]
+
+
+# --- a multi-label model: every finding with its probability, present or absent -----------------------
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "RG1_J2KR.dcm", None])
+def test_findings_report_lists_every_finding_with_presence_and_each_explained_ones_objects(
+    name: str | None, tmp_path: Path
+) -> None:
+    source = _source(name)
+    statuses = [
+        FindingStatus("nodule", 0.81, 0.5, explained=True),
+        FindingStatus("Pleural_Thickening", 0.64, 0.6, explained=True),
+        FindingStatus("effusion", 0.2, 0.3),
+        FindingStatus("normal", 0.05, 0.5),
+    ]
+    results = [
+        make_result(source, 0, class_name=status.class_name, probability=status.probability, per_finding=True)
+        for status in statuses[:2]
+    ]
+    own = {r.class_name: [build_secondary_capture(source, r), build_parametric_map(source, r)] for r in results}
+    segmentation = build_segmentation(source, results, kind="fractional")
+    sr = build_findings_report(
+        source,
+        ReportFrame(METHOD, MODEL, VERSION, 0),
+        statuses,
+        [(r, own[r.class_name]) for r in results],
+        shared_references=[segmentation],
+    )
+    path = tmp_path / "sr.dcm"
+    pydicom.dcmwrite(path, sr, enforce_file_format=True)
+    report, errors = _dciodvfy(path)
+    assert "Comprehensive3DSR" in report and not errors, "\n".join(errors)
+    read = hd.sr.srread(path)
+    groups = hd.sr.MeasurementReport.from_sequence([read]).get_image_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == [f"{MODEL} {s.class_name}" for s in statuses]
+    for group, status in zip(groups, statuses):
+        (probability,) = [m for m in group.get_measurements() if m.name.value == "122157"]
+        assert probability.value == pytest.approx(status.probability)
+        evaluations = {e.name.value: e.value for e in group.get_qualitative_evaluations()}
+        presence = evaluations["121052"]  # Presence of property
+        assert (presence.value, presence.meaning) == (
+            ("52101004", "Present") if status.probability >= status.threshold else ("272519000", "Absent")
+        )
+        parameters = {
+            item.TextValue for item in find_content_items(group[0], name=codes.DCM.AlgorithmParameters, recursive=True)
+        }
+        assert f"threshold={status.threshold:.4g}" in parameters
+        illustrated = {
+            item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for item in find_content_items(group[0], name=codes.DCM.IllustrationOfFinding)
+        }
+        if status.explained:
+            expected = {d.SOPInstanceUID for d in own[status.class_name]} | {segmentation.SOPInstanceUID}
+            assert illustrated == expected and "130401" in evaluations  # its own SC/PM and the shared SEG
+        else:
+            assert not illustrated and "130401" not in evaluations
+    # each finding's SC and PM are objects of their own: distinct UIDs and series naming the finding
+    uids = {d.SOPInstanceUID for objects in own.values() for d in objects}
+    assert len(uids) == 4
+    assert {d.SeriesDescription for d in own["nodule"]} == {f"XAI {METHOD} nodule", f"XAI {METHOD} nodule map"}
+    assert own["nodule"][0].SeriesInstanceUID != own["Pleural_Thickening"][0].SeriesInstanceUID
+    assert read.SeriesDescription == f"XAI {METHOD} findings report"
+    assert read.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99PACSXAI"  # Pleural_Thickening
+
+
+def test_findings_report_refuses_a_finding_it_does_not_list() -> None:
+    source = _source(None)
+    result = _result(source, 0, class_name="mass", per_finding=True)
+    with pytest.raises(ValueError, match="'mass' is not among the findings"):
+        build_findings_report(
+            source, ReportFrame(METHOD, MODEL, VERSION, 0), [FindingStatus("nodule", 0.5, 0.5)], [(result, [])]
+        )

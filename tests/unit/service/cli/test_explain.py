@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+import yaml
+from highdicom.sr.utils import find_content_items
 from pydicom.data import get_testdata_file
+from pydicom.sr.codedict import codes
 
 from service.cli.main import build_parser, main
 from service.synthetic.phantoms import write_phantom_studies
+from tests.nets import TinyMultiLabel, seeded, write_card
+from tests.unit.dicom_io.writers.writer_cases import dciodvfy
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +165,81 @@ def test_the_table_names_the_trust_flags(tmp_path: Path, capsys) -> None:
     ct = next(line for line in lines if line.startswith("ct.dcm"))
     phantom = next(line for line in lines if line.startswith("phantom-"))
     assert ct.endswith("out of distribution") and "distribution" not in phantom and "shortcut" not in phantom
+
+
+# --- a multi-label model end to end: every explained finding its own objects, all valid DICOM --------------
+
+
+def _check_multi_label_outputs(out: Path, source: pydicom.Dataset, findings: list[str], classes: list[str]) -> None:
+    """Per finding an SC and a PM whose series names it; one SEG with a segment per finding; one SR
+    with every class; every object valid per dciodvfy and in the source's study."""
+    stem = Path(source.filename).stem
+    for finding in findings:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", finding).strip("-")
+        for kind, description in (("sc", f"XAI gradcam {finding}"), ("pm", f"XAI gradcam {finding} map")):
+            written = pydicom.dcmread(out / f"{stem}_gradcam_{kind}_{slug}.dcm")
+            assert written.SeriesDescription == description[:64]
+    seg = pydicom.dcmread(out / f"{stem}_gradcam_seg_fractional.dcm")
+    assert [item.SegmentLabel for item in seg.SegmentSequence] == [f"gradcam {f}"[:64] for f in findings]
+    report = hd.sr.srread(out / f"{stem}_gradcam_sr.dcm")
+    groups = hd.sr.MeasurementReport.from_sequence([report]).get_image_measurement_groups()
+    assert [g.tracking_identifier.split(" ", 1)[1] for g in groups] == classes
+    paths = sorted(out.glob("*.dcm"))
+    assert len(paths) == 2 * len(findings) + 2
+    for path in paths:
+        assert pydicom.dcmread(path).StudyInstanceUID == source.StudyInstanceUID
+        _, errors = dciodvfy(path)
+        assert not errors, f"{path.name}: " + "\n".join(errors)
+
+
+def test_a_multi_label_card_explains_each_finding_into_its_own_valid_objects(
+    phantom_dir: Path, tmp_path: Path, capsys
+) -> None:
+    card = write_card(
+        tmp_path / "card",
+        seeded(TinyMultiLabel(4), seed=3),
+        "tests.nets:TinyMultiLabel",
+        explain={"findings": "top_k", "top_k": 2},
+    )
+    source_path = sorted(phantom_dir.glob("*.dcm"))[0]
+    out = tmp_path / "out"
+    code = main(
+        ["explain", str(source_path), "--model", str(card), "--method", "gradcam", "--force", "--out", str(out),
+         "--outputs", "sc,pm,seg_fractional,sr"]
+    )  # fmt: skip
+    assert code == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(source_path.name))
+    findings = re.split(r"\s{2,}", line)[2].split(", ")  # the table's explained findings, most probable first
+    assert len(findings) == 2 and set(findings) <= set("abcd"), line
+    _check_multi_label_outputs(out, pydicom.dcmread(source_path), findings, list("abcd"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("torchxrayvision") is None, reason="torchxrayvision not installed")
+def test_a_torchxrayvision_card_from_model_init_through_explain(phantom_dir: Path, tmp_path: Path, capsys) -> None:
+    """model init --torchxrayvision DenseNet (random weights), then explain: 18 pathologies in the SR,
+    the two most probable explained."""
+    card = tmp_path / "xrv"
+    init = ["model", "init", str(card), "--torchxrayvision", "DenseNet", "--findings", "top_k", "--top-k", "2"]
+    assert main(init) == 0
+    capsys.readouterr()
+    source_path = sorted(phantom_dir.glob("*.dcm"))[0]
+    out = tmp_path / "out"
+    code = main(
+        ["explain", str(source_path), "--model", str(card), "--force", "--out", str(out),
+         "--outputs", "sc,pm,seg_fractional,sr"]
+    )  # fmt: skip
+    assert code == 0
+    classes = list(yaml.safe_load((card / "model.yaml").read_text())["output"]["classes"])
+    assert len(classes) == 18
+    report = hd.sr.srread(out / f"{source_path.stem}_gradcam_sr.dcm")
+    groups = hd.sr.MeasurementReport.from_sequence([report]).get_image_measurement_groups()
+    illustrated = [
+        g.tracking_identifier.split(" ", 1)[1]
+        for g in groups
+        if find_content_items(g[0], name=codes.DCM.IllustrationOfFinding)
+    ]
+    seg = pydicom.dcmread(out / f"{source_path.stem}_gradcam_seg_fractional.dcm")
+    findings = [item.SegmentLabel.split(" ", 1)[1] for item in seg.SegmentSequence]
+    assert len(findings) == 2 and set(findings) == set(illustrated) and set(findings) <= set(classes)
+    _check_multi_label_outputs(out, pydicom.dcmread(source_path), findings, classes)

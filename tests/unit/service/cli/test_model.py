@@ -1,5 +1,6 @@
 """``pacs-xai model calibrate``: fits the OOD statistics of a card copy, writes them beside it, updates
-the card's auxiliary entry (the rest of the card unchanged) and prints what it measured."""
+the card's auxiliary entry (the rest of the card unchanged) and prints what it measured.
+``model init`` writes a card that loads and prints the export check; ``model check`` runs it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from service.cli.main import build_parser, main
@@ -15,6 +17,7 @@ from service.inference.card import ModelCard, sha256_of
 from service.models import demo_card_path
 from service.synthetic.phantoms import write_phantom_studies
 from service.trust.ood import OodStatistics
+from tests.nets import TinyMultiLabel, seeded
 
 
 @pytest.fixture()
@@ -83,3 +86,46 @@ def test_calibrate_errors_are_one_line_naming_the_value(card_copy: Path, tmp_pat
     assert main(["model", "calibrate", str(card_copy), "--phantoms", "60"]) == 1
     assert "the card needs 'torch' weights" in capsys.readouterr().err
     assert not (card_copy.parent / "ood-statistics.npz").exists()
+
+
+# --- model init and model check --------------------------------------------------------------------------
+
+
+def test_init_and_check_help_have_examples(capsys) -> None:
+    for command in ("init", "check"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["model", command, "--help"])
+        assert f"pacs-xai model {command} " in capsys.readouterr().out
+
+
+def test_init_a_torch_network_with_onnx_export_then_check_it(tmp_path: Path, capsys) -> None:
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save(seeded(TinyMultiLabel(3)).state_dict(), checkpoint)
+    card = tmp_path / "card"
+    arguments = ["model", "init", str(card), "--torch", "tests.nets:TinyMultiLabel", "--checkpoint", str(checkpoint)]
+    arguments += ["--classes", "x,y,z", "--activation", "sigmoid", "--threshold", "0.4", "--size", "32"]
+    assert main([*arguments, "--export-onnx"]) == 0
+    printed = capsys.readouterr().out
+    assert "target layer: features" in printed
+    assert "ONNX export vs torch, random input: max abs difference" in printed
+    assert "ONNX export vs torch, phantom input: max abs difference" in printed
+    loaded = ModelCard.load(card)
+    assert loaded.output.thresholds == {"x": 0.4, "y": 0.4, "z": 0.4} and set(loaded.weights) == {"torch", "onnx"}
+    assert main(arguments) == 2  # the card exists: not overwritten without --force
+    assert "exists; give --force" in capsys.readouterr().err
+
+    assert main(["model", "check", str(card), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "device: forward onnx on CPUExecutionProvider; gradients on cpu" in printed
+    assert "method gradcam:" in printed and "threshold" in printed
+    for name in ("x", "y", "z"):
+        assert any(line.strip().startswith(name) for line in printed.splitlines())
+
+
+def test_init_and_check_errors_are_one_line_naming_the_value(tmp_path: Path, capsys) -> None:
+    code = main(["model", "init", str(tmp_path / "c"), "--onnx", str(tmp_path / "absent.onnx")])
+    assert code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"error: ONNX file not found: {tmp_path / 'absent.onnx'}"]
+    assert main(["model", "check", str(tmp_path / "nothing.yaml")]) == 2
+    assert "model card not found" in capsys.readouterr().err

@@ -224,3 +224,57 @@ def test_ood_statistics_need_torch_weights(card_copy: Path) -> None:
     del raw["auxiliary"]["ood_statistics"]
     card_copy.write_text(yaml.safe_dump(raw))
     assert "ood_statistics" not in ModelCard.load(card_copy).auxiliary  # without statistics: no OOD signal, loads
+
+
+# --- multi-label: thresholds and which findings are explained ---------------------------------------------
+
+
+def _multi_label(card_copy: Path, **explain: object) -> ModelCard:
+    raw = yaml.safe_load(card_copy.read_text())
+    raw["output"] = {**raw["output"], "activation": "sigmoid", "thresholds": {"nodule": 0.3, "effusion": 0.7}}
+    raw["explain"] = explain
+    card_copy.write_text(yaml.safe_dump(raw))
+    return ModelCard.load(card_copy)
+
+
+def test_default_explains_the_top_class_as_before(card_copy: Path) -> None:
+    card = ModelCard.load(card_copy)
+    assert not card.explain.per_finding()
+    assert card.findings_to_explain([0.2, 0.5, 0.3]) == [1]
+    assert card.output.threshold("normal") == 0.5  # no thresholds listed: the default
+
+
+def test_all_positive_takes_each_class_at_its_own_threshold_highest_first(card_copy: Path) -> None:
+    card = _multi_label(card_copy, findings="all_positive")
+    assert card.explain.per_finding()
+    # normal 0.45 < 0.5 (default); nodule 0.35 >= 0.3; effusion 0.69 < 0.7
+    assert card.findings_to_explain([0.45, 0.35, 0.69]) == [1]
+    assert card.findings_to_explain([0.9, 0.35, 0.7]) == [0, 2, 1]
+    assert card.findings_to_explain([0.1, 0.1, 0.1]) == []
+    assert card.is_present(2, 0.7) and not card.is_present(2, 0.699)
+
+
+def test_top_k_and_named_findings(card_copy: Path) -> None:
+    assert _multi_label(card_copy, findings="top_k", top_k=2).findings_to_explain([0.1, 0.3, 0.2]) == [1, 2]
+    named = _multi_label(card_copy, findings=["effusion", "normal"])
+    assert named.findings_to_explain([0.0, 0.9, 0.0]) == [2, 0]  # named ones whatever their probability
+
+
+@pytest.mark.parametrize(
+    ("output", "explain", "needle"),
+    [
+        ({"thresholds": {"mass": 0.4}}, {}, "output.thresholds names ['mass']"),
+        ({"thresholds": {"nodule": 1.5}}, {}, "probabilities in (0, 1)"),
+        ({}, {"findings": ["nodule", "mass"]}, "explain.findings names ['mass']"),
+        ({}, {"findings": "every"}, "explain.findings"),
+        ({}, {"top_k": 0}, "explain.top_k"),
+    ],
+)
+def test_wrong_multi_label_settings_name_the_value(card_copy: Path, output: dict, explain: dict, needle: str) -> None:
+    raw = yaml.safe_load(card_copy.read_text())
+    raw["output"] = {**raw["output"], **output}
+    raw["explain"] = explain
+    card_copy.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ModelCardError) as error:
+        ModelCard.load(card_copy)
+    assert needle in str(error.value)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
 from service.node.metrics import NodeMetrics
 from service.node.store import Journal, ReceivedInstance
 
@@ -62,3 +65,21 @@ def sample(metrics: NodeMetrics, name: str, **labels: str) -> float:
     """The value of one sample in the node's registry; 0.0 when that label set was never used."""
     value = metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
+
+
+def non_image_dataset(
+    sop_class_uid: str, modality: str, *, study_uid: str | None = None, series_uid: str | None = None
+) -> Dataset:
+    """A minimal object without pixels as a PACS sends it with a study (an SR, a presentation state,
+    a PDF...): the UIDs and Modality, File Meta included, no Rows, no Pixel Data."""
+    ds = Dataset()
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.Modality = modality
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds

@@ -90,6 +90,24 @@ def test_command_line_flags_become_overrides() -> None:
         ({"listnr": {}}, "listnr"),
         ({"storage": {"durability": "sometimes"}}, "storage.durability"),
         ({"tls": {"certificate": "/nonexistent.pem", "private_key": "/nonexistent.key"}}, "not found"),
+        (
+            {"routes": [{"name": "chest"}, {"name": "ct-head", "match": {"modality": "CT("}}]},
+            r"routes\[1\] \(ct-head\)\.match\.modality: .*not a valid regular expression: 'CT\('",
+        ),
+        (
+            {"routes": [{"name": "ct", "match": {"series_description": ["ok", "*head"]}}]},
+            r"routes\[0\] \(ct\)\.match\.series_description: .*'\*head'",
+        ),
+        (
+            {"routes": [{"name": "big", "match": {"rows": {"min": 10, "max": 5}}}]},
+            r"routes\[0\] \(big\)\.match\.rows: .*min \(10\) must be <= max \(5\)",
+        ),
+        ({"routes": [{"name": "x", "match": {"modalty": "CR"}}]}, r"routes\[0\] \(x\)\.match\.modalty: Extra"),
+        ({"routes": [{"name": "x", "outputs": ["hologram"]}]}, r"routes\[0\] \(x\)\.outputs: .*hologram"),
+        ({"routes": [{"name": "x", "destinations": ["nowhere"]}]}, r"routes\[0\] \(x\): destinations \['nowhere'\]"),
+        ({"routes": [{"name": "a"}, {"name": "a"}]}, r"route names must be unique, repeated: \['a'\]"),
+        ({"routes": [{"name": "bad name!"}]}, r"routes\[0\] \(bad name!\)\.name"),
+        ({"routes": [{"name": "x", "continue": "sometimes"}]}, r"routes\[0\] \(x\)\.continue"),
     ],
 )
 def test_wrong_configs_name_the_place_and_the_value(tmp_path: Path, content: dict, needle: str) -> None:
@@ -109,6 +127,40 @@ def test_config_check_and_example_commands(tmp_path: Path, capsys, monkeypatch: 
     path.write_text(yaml.safe_dump({"explain": {"methods": ["nonsense"]}}))
     assert main(["config", "check", str(path)]) == 1
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_config_check_names_each_wrong_rule_and_lists_the_routes_of_a_good_config(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "routes": [
+                    {"name": "chest", "match": {"modality": "CR|DX"}, "methods": ["gradcam"]},
+                    {"name": "ct-head", "match": {"modality": "CT"}, "model": str(tmp_path / "head-ct")},
+                    {"name": "cr-occlusion", "match": {"modality": "CR"}, "methods": ["ocklusion"]},
+                ]
+            }
+        )
+    )
+    assert main(["config", "check", str(path), "--skip-sanity-check"]) == 1
+    err = capsys.readouterr().err
+    assert "error: routes[1] (ct-head): model card not found: " in err and "head-ct" in err
+    assert "error: routes[2] (cr-occlusion): method 'ocklusion'" in err
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
+                "routes": [
+                    {"name": "chest", "match": {"modality": "CR|DX"}, "outputs": ["sc", "sr"], "continue": True},
+                    {"name": "cr-occlusion", "match": {"modality": "CR"}, "methods": ["occlusion"]},
+                ],
+            }
+        )
+    )
+    assert main(["config", "check", str(path), "--skip-sanity-check"]) == 0
+    out = capsys.readouterr().out
+    assert "route 0 chest (continue): model pacs-xai-demo-chest 1.0.0; methods gradcam; outputs sc, sr" in out
+    assert "route 1 cr-occlusion: model pacs-xai-demo-chest 1.0.0; methods occlusion" in out
 
 
 @pytest.mark.slow

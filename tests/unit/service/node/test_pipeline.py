@@ -22,6 +22,7 @@ from service.node.pipeline import DatasetResult, ExplainPipeline
 from service.synthetic.phantoms import make_phantom
 from service.trust.ood import OodError
 from tests.helpers import HELD_OUT_SEED, data_file
+from tests.nets import TinyMultiLabel, seeded, write_card
 
 YES, NO = "373066001", "373067005"
 
@@ -193,3 +194,104 @@ def test_the_warm_up_computes_the_signals_but_logs_no_flag(honest: DeployedModel
     with caplog.at_level(logging.WARNING, logger="service.node.pipeline"):
         pipeline.warm_up()
     assert not [r for r in caplog.records if "flagged" in r.getMessage()]
+
+
+# --- a multi-label card: every explained finding its own objects, one batched explainer pass ---------------
+
+MULTI_OUTPUTS = ("sc", "pm", "seg_fractional", "seg_binary", "sr")
+
+
+def _multi_label_model(folder: Path, **explain: object) -> DeployedModel:
+    card = write_card(folder, seeded(TinyMultiLabel(4), seed=3), "tests.nets:TinyMultiLabel", explain=explain)
+    return DeployedModel.from_card_path(card, device="cpu")
+
+
+def test_each_named_finding_gets_its_own_sc_and_pm_and_a_segment(tmp_path: Path) -> None:
+    model = _multi_label_model(tmp_path / "card", findings=["c", "a"])
+    try:
+        phantom = make_phantom(1, "nodule", modality="DX")
+        result = ExplainPipeline(model, ["gradcam"], MULTI_OUTPUTS, enforce_applies_to=False).process(phantom.dataset)
+    finally:
+        model.close()
+    kinds = [(o.kind, o.finding) for o in result.outputs]
+    assert kinds == [
+        ("sc", "c"), ("pm", "c"), ("sc", "a"), ("pm", "a"),
+        ("seg_fractional", None), ("seg_binary", None), ("sr", None),
+    ]  # fmt: skip
+    uids = [o.dataset.SOPInstanceUID for o in result.outputs]
+    assert len(set(uids)) == len(uids)
+    series = {o.dataset.SeriesDescription for o in result.outputs}
+    assert {"XAI gradcam c", "XAI gradcam a", "XAI gradcam c map", "XAI gradcam a map"} <= series
+    assert [v.finding for v in result.verdicts] == ["c", "a"]
+    for output in result.outputs:
+        if output.kind.startswith("seg"):
+            assert len(output.dataset.SegmentSequence) == 2
+    (report,) = [o.dataset for o in result.outputs if o.kind == "sr"]
+    groups = hd.sr.MeasurementReport.from_sequence([report]).get_image_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == [f"test-multi-label {name}" for name in "abcd"]
+
+
+def test_batched_findings_equal_one_pass_per_finding(tmp_path: Path) -> None:
+    """The image repeated once per finding, each with its own target, in one explainer call: each
+    finding's map is the map a pass of its own gives (the batch-first contract), not another's."""
+    model = _multi_label_model(tmp_path / "card", findings=["c", "a", "d"])
+    try:
+        phantom = make_phantom(1, "nodule", modality="DX")
+        batched = ExplainPipeline(model, ["gradcam"], ["pm"], enforce_applies_to=False).process(phantom.dataset)
+        maps = {o.finding: o.dataset.pixel_array for o in batched.outputs}
+        for name in ("a", "d"):
+            single = _multi_label_model(tmp_path / name, findings=[name])
+            try:
+                (output,) = (
+                    ExplainPipeline(single, ["gradcam"], ["pm"], enforce_applies_to=False)
+                    .process(phantom.dataset)
+                    .outputs
+                )
+            finally:
+                single.close()
+            np.testing.assert_allclose(maps[name], output.dataset.pixel_array, rtol=1e-4, atol=1e-6)
+        assert not np.allclose(maps["a"], maps["d"])  # each finding its own map
+    finally:
+        model.close()
+
+
+def test_all_positive_explains_exactly_the_classes_at_their_thresholds(tmp_path: Path) -> None:
+    probe = _multi_label_model(tmp_path / "probe")
+    phantom = make_phantom(1, "nodule", modality="DX")
+    try:
+        probabilities = (
+            ExplainPipeline(probe, ["gradcam"], ["sc"], enforce_applies_to=False)
+            .process(phantom.dataset)
+            .predictions[0]
+            .probabilities
+        )
+    finally:
+        probe.close()
+    # thresholds just below two classes and just above the other two
+    order = np.argsort(probabilities)
+    names = "abcd"
+    thresholds = {names[i]: float(np.clip(probabilities[i] + (0.01 if rank < 2 else -0.01), 0.001, 0.999))
+                  for rank, i in enumerate(order)}  # fmt: skip
+    card = write_card(
+        tmp_path / "card",
+        seeded(TinyMultiLabel(4), seed=3),
+        "tests.nets:TinyMultiLabel",
+        output={"thresholds": thresholds},
+        explain={"findings": "all_positive"},
+    )
+    model = DeployedModel.from_card_path(card, device="cpu")
+    try:
+        result = ExplainPipeline(model, ["gradcam"], ["sc", "sr"], enforce_applies_to=False).process(phantom.dataset)
+    finally:
+        model.close()
+    present = {names[i] for i in order[2:]}
+    assert {o.finding for o in result.outputs if o.kind == "sc"} == present
+    (report,) = [o.dataset for o in result.outputs if o.kind == "sr"]
+    groups = hd.sr.MeasurementReport.from_sequence([report]).get_image_measurement_groups()
+    presence = {
+        g.tracking_identifier.split()[-1]: {e.name.value: e.value.value for e in g.get_qualitative_evaluations()}[
+            "121052"
+        ]
+        for g in groups
+    }
+    assert presence == {name: ("52101004" if name in present else "272519000") for name in names}

@@ -17,14 +17,15 @@ from pydicom.dataset import Dataset
 from service.inference.deployed import DeployedModel
 from service.models import demo_card_path, shortcut_card_path
 from service.node.assembler import SeriesKey
-from service.node.config import DestinationConfig
+from service.node.config import DestinationConfig, load_config
 from service.node.metrics import STAGES, NodeMetrics
 from service.node.pipeline import ExplainPipeline
 from service.node.processor import SeriesProcessor
+from service.node.routing import ModelRegistry, Router
 from service.node.store import Journal, ReceivedInstance, Spool
 from service.synthetic.phantoms import make_phantom
 from tests.helpers import data_file
-from tests.unit.service.node.helpers import ROOT_UID, FakeClock, sample
+from tests.unit.service.node.helpers import ROOT_UID, FakeClock, non_image_dataset, sample
 
 STUDY = f"{ROOT_UID}.50"
 SERIES = f"{ROOT_UID}.50.1"
@@ -200,3 +201,124 @@ def test_flagged_results_are_counted_by_model_and_method(
             assert set(metric_sample.labels) - {"le"} == {"model", "method"}
     for metric_sample in families["pacsxai_input_out_of_distribution"].samples:
         assert set(metric_sample.labels) == {"model"}
+
+
+# --- routing --------------------------------------------------------------------------------------
+
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
+
+
+def _routed_processor(
+    pipeline: ExplainPipeline, routes: list[dict], spool: Spool, journal: Journal, metrics: NodeMetrics, clock
+) -> SeriesProcessor:
+    """A processor with ``routes`` over the three destinations, sharing the module's demo model."""
+    config = load_config(None, {"routes": routes, "destinations": [d.model_dump() for d in DESTINATIONS]})
+    registry = ModelRegistry()
+    registry.add(demo_card_path(), pipeline.model)
+    return SeriesProcessor(Router.build(config, registry), spool, journal, (), metrics, clock=clock)
+
+
+@pytest.mark.parametrize(
+    ("make", "reason", "journaled"),
+    [
+        (lambda: pydicom.dcmread(data_file("CT_small.dcm")), "no_route", "chest: Modality 'CT' does not match 'CR|DX'"),
+        (lambda: non_image_dataset(BASIC_TEXT_SR, "SR"), "not_an_image", "chest: Rows absent - not an image"),
+        (lambda: non_image_dataset(ENCAPSULATED_PDF, "DOC"), "not_an_image", "chest: Rows absent - not an image"),
+    ],
+    ids=["ct-image", "sr", "pdf"],
+)
+def test_a_series_no_route_takes_is_journaled_with_the_reason_deleted_and_counted(
+    pipeline: ExplainPipeline,
+    spool: Spool,
+    journal: Journal,
+    metrics: NodeMetrics,
+    clock: FakeClock,
+    make,
+    reason: str,
+    journaled: str,
+) -> None:
+    processor = _routed_processor(
+        pipeline, [{"name": "chest", "match": {"modality": "CR|DX"}}], spool, journal, metrics, clock
+    )
+    instance = _receive(spool, journal, _encode(make()), received_at=clock.now)
+    key = SeriesKey(instance.study_instance_uid, instance.series_instance_uid)
+
+    assert processor.process_batch(key, [instance]) == {"done": 0, "skipped": 1, "failed": 0}
+
+    state, why = journal.instance_state(instance.sop_instance_uid)
+    assert state == "skipped" and why.startswith(f"not routed: {journaled}"), why
+    assert not instance.path.exists(), "what no route takes is not kept"
+    assert journal.outbox.entries(("pending", "sent", "dead")) == []
+    assert sample(metrics, "pacsxai_series_unrouted_total") == 1
+    assert sample(metrics, "pacsxai_instances_discarded_total", reason=reason) == 1
+    assert sample(metrics, "pacsxai_instances_processed_total", outcome="skipped") == 1
+    assert sample(metrics, "pacsxai_route_instances_total", route="chest", outcome="done") == 0
+
+
+def test_a_copy_resent_while_its_first_copy_was_found_unrouted_keeps_its_file(
+    pipeline: ExplainPipeline, spool: Spool, journal: Journal, metrics: NodeMetrics, clock: FakeClock
+) -> None:
+    """The journal row is the authority: a newer copy (received after the batch was read) stays
+    ``received`` for its follow-up, and its file stays in the spool."""
+    processor = _routed_processor(
+        pipeline, [{"name": "chest", "match": {"modality": "CR"}}], spool, journal, metrics, clock
+    )
+    encoded = _encode(non_image_dataset(BASIC_TEXT_SR, "SR"))
+    first = _receive(spool, journal, encoded, received_at=clock.now)
+    _receive(spool, journal, encoded, received_at=clock.now + 1)  # the re-sent copy, same path
+
+    processor.process_batch(SeriesKey(first.study_instance_uid, first.series_instance_uid), [first])
+
+    assert journal.instance_state(first.sop_instance_uid) == ("received", "")
+    assert first.path.exists()
+
+
+def test_continue_runs_every_route_that_takes_an_instance_each_to_its_own_destinations(
+    pipeline: ExplainPipeline, spool: Spool, journal: Journal, metrics: NodeMetrics, clock: FakeClock
+) -> None:
+    routes = [
+        {
+            "name": "research",
+            "match": {"modality": "CR"},
+            "outputs": ["pm"],
+            "destinations": ["research"],
+            "continue": True,
+        },
+        {"name": "chest", "match": {"modality": "CR|DX"}, "outputs": ["sc"], "destinations": ["pacs"]},
+        {"name": "never", "outputs": ["sr"], "destinations": ["archive"]},
+    ]
+    processor = _routed_processor(pipeline, routes, spool, journal, metrics, clock)
+    cr = _receive(spool, journal, _phantom(0), received_at=clock.now)
+    sr = _receive(
+        spool, journal, _encode(non_image_dataset(BASIC_TEXT_SR, "SR", study_uid=STUDY, series_uid=SERIES)), clock.now
+    )
+
+    assert processor.process_batch(SeriesKey(STUDY, SERIES), [cr, sr]) == {"done": 1, "skipped": 1, "failed": 0}
+
+    assert _outputs_by_source(journal) == {cr.sop_instance_uid: [("pacs", "sc"), ("research", "pm")]}
+    assert journal.instance_state(cr.sop_instance_uid) == ("done", "") and cr.path.exists()
+    assert journal.instance_state(sr.sop_instance_uid)[0] == "skipped" and not sr.path.exists()
+    assert "never" in journal.instance_state(sr.sop_instance_uid)[1], "the SR went past every rule"
+    for route in ("research", "chest"):
+        assert sample(metrics, "pacsxai_series_routed_total", route=route) == 1
+        assert sample(metrics, "pacsxai_route_instances_total", route=route, outcome="done") == 1
+        assert sample(metrics, "pacsxai_route_seconds_count", route=route) == 1
+    assert sample(metrics, "pacsxai_series_routed_total", route="never") == 0
+    assert sample(metrics, "pacsxai_series_unrouted_total") == 0, "the series was routed; only the SR was not"
+    assert sample(metrics, "pacsxai_instances_discarded_total", reason="not_an_image") == 1
+
+
+def test_a_rule_on_the_instance_count_reads_the_whole_series_so_far_not_only_the_batch(
+    pipeline: ExplainPipeline, spool: Spool, journal: Journal, metrics: NodeMetrics, clock: FakeClock
+) -> None:
+    """A follow-up batch of one instance belongs to a series of three: a rule asking for at least
+    three takes it; with two instances journaled, nothing is taken."""
+    routes = [{"name": "series-of-3", "match": {"instances": {"min": 3}}, "outputs": ["sc"], "destinations": ["pacs"]}]
+    processor = _routed_processor(pipeline, routes, spool, journal, metrics, clock)
+    first, second = (_receive(spool, journal, _phantom(index), received_at=clock.now) for index in range(2))
+    assert processor.process_batch(SeriesKey(STUDY, SERIES), [second]) == {"done": 0, "skipped": 1, "failed": 0}
+    assert "instances in the series 2 is not >= 3" in journal.instance_state(second.sop_instance_uid)[1]
+    third = _receive(spool, journal, _phantom(2), received_at=clock.now)
+    assert processor.process_batch(SeriesKey(STUDY, SERIES), [third]) == {"done": 1, "skipped": 0, "failed": 0}
+    assert _outputs_by_source(journal) == {third.sop_instance_uid: [("pacs", "sc")]}

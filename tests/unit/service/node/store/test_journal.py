@@ -4,6 +4,7 @@ restart, re-sent instances, concurrent writers, and no patient data. Real SQLite
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 from pathlib import Path
@@ -127,3 +128,30 @@ def test_journal_holds_no_patient_data(tmp_path: Path) -> None:
         }
     db.close()
     assert not {c for c in columns if "patient" in c or "name" in c or "birth" in c}
+
+
+def test_series_instance_count_counts_each_journaled_instance_once_in_any_state(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    with Journal(path) as journal:
+        for n in (1, 2, 3):
+            journal.record_received(received_instance(n))
+        journal.record_received(received_instance(2, at=10.0))  # re-sent: the same row
+        journal.mark_processed([f"{ROOT_UID}.3.1"], "skipped", "not routed")
+        other = dataclasses.replace(received_instance(4), series_instance_uid=f"{ROOT_UID}.77")
+        journal.record_received(other)
+        assert journal.series_instance_count(received_instance(1).series_instance_uid) == 3
+        assert journal.series_instance_count(f"{ROOT_UID}.77") == 1
+        assert journal.series_instance_count(f"{ROOT_UID}.78") == 0
+    # A journal written before the series index existed gets it when opened.
+    with sqlite3.connect(path) as db:
+        db.execute("DROP INDEX instances_by_series")
+    with Journal(path) as journal:
+        assert journal.series_instance_count(received_instance(1).series_instance_uid) == 3
+    with sqlite3.connect(path) as db:
+        plan = " ".join(
+            str(row)
+            for row in db.execute(
+                "EXPLAIN QUERY PLAN SELECT COUNT(*) FROM instances WHERE series_instance_uid = ?", ("x",)
+            )
+        )
+    assert "instances_by_series" in plan
