@@ -285,13 +285,15 @@ def run_processes_bench(
     meanwhile), so a machine whose load changes during the run weighs on both alike. Per round
     and node: ``latency_images`` sent one by one, then a burst of ``burst_images`` (over
     ``min(4, receivers)`` associations for the multi-process node, so every receiver can take part,
-    and one for the single process)."""
+    and one for the single process). Every image is a study of its own: a worker takes a whole
+    series, so the images of one series never run on two workers at once."""
     idle = 0.05
     per_variant = rounds * (latency_images + burst_images)
     with tempfile.TemporaryDirectory(prefix="pacs-xai-bench-") as temp:
         work = Path(temp)
         progress(f"writing {2 * per_variant} copies of {source} with fresh UIDs")
-        files = fresh_copies(source, 2 * per_variant, work / "input")
+        # One study per image (a radiograph is a study of its own): one series is one worker's work.
+        files = fresh_copies(source, 2 * per_variant, work / "input", study_each=True)
         destination = FolderDestination(work / "received")
         receiver = StorageSCP(ListenerSettings(ae_title="BENCHDEST", port=0), destination)
         receiver.start()

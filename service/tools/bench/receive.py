@@ -76,9 +76,10 @@ class ReceiveFigure:
         return self.pynetdicom_ceiling_per_second / self.storescp_per_second if self.storescp_per_second else 0.0
 
 
-def fresh_copies(source: str, count: int, folder: Path) -> list[Path]:
+def fresh_copies(source: str, count: int, folder: Path, *, study_each: bool = False) -> list[Path]:
     """``count`` copies of ``source`` (a DICOM file's path, or the name of a pydicom test file),
-    each with a new SOP Instance UID (one new study, one new series)."""
+    each with a new SOP Instance UID: one new study and series for all, or with ``study_each`` one
+    of its own for each copy (as radiographs arrive: one image, one study)."""
     from pydicom.data import get_testdata_file
 
     path = source if Path(source).is_file() else get_testdata_file(source)
@@ -93,6 +94,9 @@ def fresh_copies(source: str, count: int, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for index in range(count):
+        if study_each:
+            template.StudyInstanceUID = generate_uid()
+            template.SeriesInstanceUID = generate_uid()
         template.SOPInstanceUID = generate_uid()
         template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
         target = folder / f"{index:05d}.dcm"
