@@ -45,5 +45,6 @@ def test_receiver_processes_figures_and_their_memory(tmp_path: Path) -> None:
     )
     assert all(rate > 0 for rate in rates)  # storescu exits non-zero (an error here) if any store failed
     assert len(figure.receiver_rss_mb) == 2 and all(mb > 0 for mb in figure.receiver_rss_mb)
+    assert all(peak >= 0.9 * rest for peak, rest in zip(figure.receiver_peak_mb, figure.receiver_rss_mb, strict=True))
     written = json.loads((tmp_path / "receive-processes.json").read_text())
     assert written[0]["ratio"] == round(figure.ratio, 3)

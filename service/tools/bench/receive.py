@@ -164,11 +164,13 @@ class ProcessesFigure:
     one_process_per_second: float
     #: ``receivers`` receiver processes (python -m service.node.intake), power-loss durability.
     processes_per_second: float
-    #: Resident memory of each receiver process after the run (VmRSS), MB.
+    #: Resident memory of each receiver process 3 s after the run (VmRSS), MB.
     receiver_rss_mb: tuple[float, ...]
     #: The same two with process-crash durability (no fsync): what the CPU allows.
     one_process_no_fsync_per_second: float
     processes_no_fsync_per_second: float
+    #: Peak resident memory of each receiver process during the run (VmHWM), MB.
+    receiver_peak_mb: tuple[float, ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -182,9 +184,9 @@ class ProcessesFigure:
 
 def measure_receiver_processes(
     files: Sequence[Path], associations: int, receivers: int, workdir: Path, durability: Durability = "power-loss"
-) -> tuple[float, tuple[float, ...]]:
+) -> tuple[float, tuple[float, ...], tuple[float, ...]]:
     """Images per second into ``receivers`` receiver processes sharing one port, and each one's
-    resident memory (MB) after the run."""
+    resident memory (MB): 3 s after the run (at rest), and its peak during the run."""
     data_dir = workdir / "pacs-xai-processes"
     shutil.rmtree(data_dir, ignore_errors=True)
     config = load_config(
@@ -208,13 +210,15 @@ def measure_receiver_processes(
                 raise RuntimeError("the receiver processes did not all listen within 60 s")
             time.sleep(0.1)
         elapsed = send_parallel(destination, files, associations)
-        rss = tuple(_rss_mb(p.pid) for p in processes)
+        peak = tuple(_status_mb(p.pid, "VmHWM") for p in processes)
+        time.sleep(3.0)  # at rest
+        rss = tuple(_status_mb(p.pid, "VmRSS") for p in processes)
     finally:
         for process in processes:
             process.terminate()
         for process in processes:
             process.wait(timeout=30)
-    return len(files) / elapsed, rss
+    return len(files) / elapsed, rss, peak
 
 
 def _listening(pid: int, port: int) -> bool:
@@ -235,9 +239,10 @@ def _listening(pid: int, port: int) -> bool:
     return False
 
 
-def _rss_mb(pid: int) -> float:
+def _status_mb(pid: int, field: str) -> float:
+    """A memory figure of /proc/<pid>/status (VmRSS, VmHWM), MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return round(int(line.split()[1]) / 1024, 1)
     return 0.0
 
@@ -262,10 +267,11 @@ def run_receivers_bench(
             for k in receivers:
                 rates: dict[str, list[float]] = {"one": [], "several": [], "one_no_fsync": [], "several_no_fsync": []}
                 rss: tuple[float, ...] = ()
+                peak: tuple[float, ...] = ()
                 for round_index in range(rounds):  # alternating, so a change of machine load weighs on both
                     progress(f"{label}, round {round_index + 1}/{rounds}: 1 process, then {k} receiver processes")
                     rates["one"].append(measure_pacs_xai(files, associations, workdir, "power-loss"))
-                    several, rss = measure_receiver_processes(files, associations, k, workdir)
+                    several, rss, peak = measure_receiver_processes(files, associations, k, workdir)
                     rates["several"].append(several)
                     rates["one_no_fsync"].append(measure_pacs_xai(files, associations, workdir, "process-crash"))
                     rates["several_no_fsync"].append(
@@ -284,11 +290,13 @@ def run_receivers_bench(
                     rss,
                     round(one_no_fsync, 1),
                     round(several_no_fsync, 1),
+                    peak,
                 )
                 progress(
                     f"{label}: 1 process {one:.0f}/s, {k} processes {several:.0f}/s ({figure.ratio:.2f}x); no fsync "
                     f"{one_no_fsync:.0f}/s vs {several_no_fsync:.0f}/s ({figure.ratio_no_fsync:.2f}x); "
-                    f"receiver RSS {', '.join(f'{mb:.0f}' for mb in rss)} MB"
+                    f"receiver RSS at rest {', '.join(f'{mb:.0f}' for mb in rss)} MB, "
+                    f"peak {', '.join(f'{mb:.0f}' for mb in peak)} MB"
                 )
                 figures.append(figure)
     (out_dir / "receive-processes.json").write_text(
@@ -303,14 +311,15 @@ def run_receivers_bench(
 def print_processes(figures: Sequence[ProcessesFigure]) -> None:
     print(
         f"{'images':14} {'assoc':>5} {'count':>6} {'receivers':>9} {'1 process/s':>12} "
-        f"{'K processes/s':>14} {'ratio':>6} {'no fsync: 1/s':>14} {'K/s':>7} {'ratio':>6}  RSS MB"
+        f"{'K processes/s':>14} {'ratio':>6} {'no fsync: 1/s':>14} {'K/s':>7} {'ratio':>6}  RSS at rest / peak MB"
     )
     for f in figures:
         print(
             f"{f.images:14} {f.associations:>5} {f.count:>6} {f.receivers:>9} {f.one_process_per_second:>12.1f} "
             f"{f.processes_per_second:>14.1f} {f.ratio:>6.2f} {f.one_process_no_fsync_per_second:>14.1f} "
             f"{f.processes_no_fsync_per_second:>7.1f} {f.ratio_no_fsync:>6.2f}  "
-            f"{', '.join(f'{mb:.0f}' for mb in f.receiver_rss_mb)}"
+            f"{', '.join(f'{mb:.0f}' for mb in f.receiver_rss_mb)} / "
+            f"{', '.join(f'{mb:.0f}' for mb in f.receiver_peak_mb)}"
         )
 
 
