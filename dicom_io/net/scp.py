@@ -16,7 +16,9 @@ Association control (PS3.8 7.1.1.9, A-ASSOCIATE-RJ):
   the AE-level ``require_called_aet``/``require_calling_aet`` stay set as a second line.
 - every rejection is reported through :meth:`StorageEvents.on_association_rejected`.
 
-The server is pynetdicom's threaded association server with two changes (:class:`_NodeServer`):
+The server is pynetdicom's threaded association server with two changes (:class:`_NodeServer`),
+and SO_REUSEPORT on its socket when ``ListenerSettings.reuse_port`` says so (several receiver
+processes on one port):
 every accepted socket gets TCP_NODELAY before its first byte (without it each image stalls about
 40 ms on the peer's delayed ACK), and the TLS handshake runs in the connection's own thread,
 bounded by the ACSE timeout; pynetdicom runs it in the accept loop, where one silent client holds
@@ -177,6 +179,9 @@ class ListenerSettings:
     network_timeout: float = 60
     allowed_callers: tuple[AllowedCaller, ...] = ()
     tls: TlsFiles | None = None
+    #: SO_REUSEPORT on the listening socket: several processes, each with its own listener, share
+    #: one port and the kernel spreads the connections among them (Linux, BSD).
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ae_title", validate_ae_title(self.ae_title, "listener AE title"))
@@ -275,12 +280,24 @@ class _NodeServer(ThreadedAssociationServer):
     block_on_close = False
 
     def __init__(
-        self, *args: Any, handshake_timeout: float, on_tls_failure: Callable[[str, str], None], **kwargs: Any
+        self,
+        *args: Any,
+        handshake_timeout: float,
+        on_tls_failure: Callable[[str, str], None],
+        reuse_port: bool = False,
+        **kwargs: Any,
     ) -> None:
         self._handshake_timeout = handshake_timeout
         self._on_tls_failure = on_tls_failure
         self._stopping = threading.Event()
+        self._reuse_port = reuse_port
         super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        """SO_REUSEPORT before the bind when asked (pynetdicom's own bind sets SO_REUSEADDR only)."""
+        if self._reuse_port:
+            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection (TLS comes later, in :meth:`process_request_thread`)."""
@@ -359,6 +376,7 @@ class StorageSCP:
             server_class=_NodeServer,
             handshake_timeout=settings.acse_timeout,
             on_tls_failure=functools.partial(_report_rejection, self._listener, _UNKNOWN_CALLER),
+            reuse_port=settings.reuse_port,
         )
         serve = functools.partial(server.serve_forever, poll_interval=_POLL_INTERVAL)
         threading.Thread(target=serve, name=f"StorageSCP-{settings.ae_title}", daemon=True).start()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
@@ -38,6 +38,7 @@ from pynetdicom.events import Event, EventType
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
+from dicom_io.compression import uncompressed
 from dicom_io.net.network import (
     Status,
     StoreVerdict,
@@ -78,9 +79,16 @@ class Destination:
     tls_ca: Path | None = None
     tls_certificate: Path | None = None
     tls_key: Path | None = None
+    #: Lossless compressed syntaxes this destination may be sent, preferred first (see
+    #: :mod:`dicom_io.compression`). Empty: objects go as they are stored. Non-empty: an object is
+    #: proposed in its own syntax when listed, deflated when listed, and uncompressed as the last
+    #: resort, each in a context of its own; a compressed object the destination does not take
+    #: is decompressed here before it is sent.
+    transfer_syntaxes: tuple[UID, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ae_title", validate_ae_title(self.ae_title, "destination AE title"))
+        object.__setattr__(self, "transfer_syntaxes", tuple(UID(str(uid)) for uid in self.transfer_syntaxes))
         if not isinstance(self.host, str) or not self.host.strip():
             raise ValueError(f"destination host must be a host name or address, got {self.host!r}")
         if not isinstance(self.port, int) or isinstance(self.port, bool) or not 1 <= self.port <= 65535:
@@ -200,7 +208,7 @@ class StoreSCU:
                 outcomes[index] = planned
             else:
                 items.append(planned)
-        for batch in _batches(items):
+        for batch in _batches(items, destination.transfer_syntaxes):
             for item, outcome in self._send_batch(destination, batch):
                 outcomes[item.index] = outcome
         missing = [index for index, outcome in enumerate(outcomes) if outcome is None]
@@ -320,7 +328,7 @@ def _unsendable(sop_instance_uid: str, reason: str) -> SendOutcome:
     return SendOutcome(sop_instance_uid, None, "reject", reason)
 
 
-def _batches(items: list[_Item]) -> list[_Batch]:
+def _batches(items: list[_Item], allowed: tuple[UID, ...] = ()) -> list[_Batch]:
     """Group items so each association proposes at most 128 presentation contexts; items keep
     their order within a batch, and items with the same (SOP class, syntax) share a batch."""
     batch_of_key: dict[tuple[UID, UID], int] = {}
@@ -328,7 +336,7 @@ def _batches(items: list[_Item]) -> list[_Batch]:
     for item in items:
         key = item.context_key
         if key not in batch_of_key:
-            wanted = _contexts_for(*key)
+            wanted = _contexts_for(*key, allowed)
             needed = [c for c in wanted if not batches or c not in batches[-1].contexts]
             if not batches or len(batches[-1].contexts) + len(needed) > MAX_CONTEXTS_PER_ASSOCIATION:
                 batches.append(_Batch())
@@ -339,13 +347,26 @@ def _batches(items: list[_Item]) -> list[_Batch]:
     return batches
 
 
-def _contexts_for(sop_class: UID, syntax: UID) -> list[ContextKey]:
+def _contexts_for(sop_class: UID, syntax: UID, allowed: tuple[UID, ...] = ()) -> list[ContextKey]:
     """The contexts that can carry an object: its own transfer syntax, and for little-endian
     uncompressed data also explicit/implicit VR little endian (which pynetdicom converts to;
     every SCP supports implicit VR little endian). The native syntax gets a context of its own
-    because the acceptor, not the requestor, picks among a context's syntaxes. Compressed data
-    is sent as it is, never transcoded."""
+    because the acceptor, not the requestor, picks among a context's syntaxes. Without
+    ``allowed`` compressed data is sent as it is, never transcoded; with it (a destination's
+    lossless syntaxes), see :attr:`Destination.transfer_syntaxes`."""
     fallback: ContextKey = (sop_class, (ExplicitVRLittleEndian, ImplicitVRLittleEndian))
+    if allowed:
+        contexts: list[ContextKey] = []
+        if syntax in allowed and syntax not in _LITTLE_ENDIAN_UNCOMPRESSED:
+            contexts.append((sop_class, (syntax,)))
+        if DeflatedExplicitVRLittleEndian in allowed:
+            contexts.append((sop_class, (DeflatedExplicitVRLittleEndian,)))
+        if syntax in _LITTLE_ENDIAN_UNCOMPRESSED and syntax not in (
+            ExplicitVRLittleEndian,
+            DeflatedExplicitVRLittleEndian,
+        ):
+            contexts.append((sop_class, (syntax,)))
+        return [*contexts, fallback]
     if syntax == ExplicitVRLittleEndian:
         return [fallback]
     if syntax in _LITTLE_ENDIAN_UNCOMPRESSED:
@@ -361,11 +382,13 @@ def _refused(assoc: Association, item: _Item) -> SendOutcome:
 
 
 def _send_one(assoc: Association, item: _Item, destination: Destination) -> SendOutcome:
-    if _context_refusal(assoc, item) is not None:
+    allowed = destination.transfer_syntaxes
+    accepted = {UID(c.transfer_syntax[0]) for c in assoc.accepted_contexts if c.abstract_syntax == item.sop_class_uid}
+    if _context_refusal(assoc, item) is not None and not (allowed and accepted & set(_LITTLE_ENDIAN_UNCOMPRESSED)):
         return _refused(assoc, item)
     try:
-        response = assoc.send_c_store(item.source)
-    except (ValueError, AttributeError, OSError, InvalidDicomError) as exc:
+        response = assoc.send_c_store(_as_accepted(item, accepted, allowed))
+    except (ValueError, AttributeError, OSError, InvalidDicomError, RuntimeError, NotImplementedError) as exc:
         LOGGER.exception("C-STORE of %s to %s could not be sent", item.sop_instance_uid, destination)
         return SendOutcome(item.sop_instance_uid, None, "reject", f"could not encode or read the object: {exc}")
     status = response.get("Status") if response else None
@@ -377,6 +400,20 @@ def _send_one(assoc: Association, item: _Item, destination: Destination) -> Send
     detail = f"{destination} answered {describe_status(int(status))}"
     (LOGGER.debug if verdict == "delivered" else LOGGER.warning)("C-STORE %s: %s", item.sop_instance_uid, detail)
     return SendOutcome(item.sop_instance_uid, int(status), verdict, detail)
+
+
+def _as_accepted(item: _Item, accepted: set[UID], allowed: tuple[UID, ...]) -> Dataset | Path:
+    """What to hand pynetdicom for ``item``: the object as stored when its syntax was accepted (or
+    pynetdicom converts it); for a destination with lossless syntaxes, deflated when that was
+    accepted, else decoded to explicit VR little endian (pynetdicom picks the exact context)."""
+    if not allowed or item.transfer_syntax in accepted:
+        return item.source
+    if item.transfer_syntax in _LITTLE_ENDIAN_UNCOMPRESSED and DeflatedExplicitVRLittleEndian not in accepted:
+        return item.source
+    dataset = item.source if isinstance(item.source, Dataset) else dcmread(item.source)
+    if DeflatedExplicitVRLittleEndian in accepted:
+        return uncompressed(dataset, DeflatedExplicitVRLittleEndian)
+    return uncompressed(dataset)
 
 
 def _context_refusal(assoc: Association, item: _Item) -> str | None:

@@ -23,15 +23,13 @@ What they share, one topic a module:
 Deterministic UIDs come from :mod:`dicom_io.uids`, value-length limits from :mod:`dicom_io.vr`.
 """
 
+from dicom_io.output_kinds import OUTPUT_KINDS
 from dicom_io.writers.overlay import render_overlay, save_png
 from dicom_io.writers.pm import build_parametric_map
 from dicom_io.writers.result import ExplanationResult, FindingStatus, OutOfDistributionSignal, ShortcutSignal
 from dicom_io.writers.sc import build_secondary_capture
 from dicom_io.writers.seg import build_segmentation, top_region_mask
 from dicom_io.writers.sr import ReportFrame, build_findings_report, build_report
-
-#: The output kinds a site can choose (config ``outputs:``, ``pacs-xai explain --outputs``).
-OUTPUT_KINDS: tuple[str, ...] = ("sc", "pm", "seg_fractional", "seg_binary", "sr")
 
 __all__ = [
     "OUTPUT_KINDS",

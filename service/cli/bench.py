@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from service.explain.registry import get_explainer
+from service.node.config import load_config, resolve_processes
+from service.tools.bench import compression as compression_bench
 from service.tools.bench import explain as explain_bench
 from service.tools.bench import pipeline as pipeline_bench
 from service.tools.bench import receive as receive_bench
@@ -30,7 +32,8 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         help="images/s into the durable spool vs DCMTK storescp",
         description="Send N instances (CT 512² and CR ~2k²) over 1 and K parallel associations to the node's "
         "receive path and to DCMTK storescp, with the same sender; print images/s and the ratio.",
-        epilog="example:\n  pacs-xai bench receive --count 200 --associations 1 --associations 4",
+        epilog="examples:\n  pacs-xai bench receive --count 200 --associations 1 --associations 4\n"
+        "  pacs-xai bench receive --count 400 --associations 4 --receivers 2 --receivers 4",
     )
     receive.add_argument("--count", type=int, default=200, metavar="N", help="instances per image kind (default 200)")
     receive.add_argument(
@@ -39,6 +42,17 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         action="append",
         metavar="K",
         help="parallel associations; repeat (default: 1 and 4)",
+    )
+    receive.add_argument(
+        "--receivers",
+        type=int,
+        action="append",
+        metavar="K",
+        help="instead: one receiver process against K receiver processes on one port, over the largest "
+        "--associations (default 4); repeat for several K",
+    )
+    receive.add_argument(
+        "--rounds", type=int, default=3, metavar="N", help="with --receivers: alternating rounds, medians (default 3)"
     )
     receive.add_argument(
         "--out",
@@ -55,7 +69,8 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         description="Sender -> node -> destination on 127.0.0.1 with CR 2k² images: p50/p95 latency from C-STORE "
         "to the Secondary Capture acknowledged at the destination, throughput at saturation, and the pure compute "
         "time on the same images, so the pipeline overhead is a ratio.",
-        epilog="example:\n  pacs-xai bench pipeline --method gradcam --images 20 --burst 20",
+        epilog="examples:\n  pacs-xai bench pipeline --method gradcam --images 20 --burst 20\n"
+        "  pacs-xai bench pipeline --method gradcam --images 10 --burst 40 --processes auto --receivers auto",
     )
     pipeline.add_argument("--method", default="gradcam", metavar="NAME", help="explainer (default gradcam)")
     pipeline.add_argument("--images", type=int, default=20, metavar="N", help="images sent one by one (default 20)")
@@ -70,7 +85,37 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         "a 1955x1841 CR from pydicom-data)",
     )
     pipeline.add_argument("--out", type=Path, default=Path("bench-out"), metavar="DIR", help="folder for the JSON")
+    pipeline.add_argument(
+        "--processes",
+        metavar="auto|N",
+        help="compare the single-process node with N worker processes (auto: from the cores) and "
+        "--receivers receiver processes, same images, same run",
+    )
+    pipeline.add_argument(
+        "--receivers", metavar="auto|N", default="auto", help="receiver processes with --processes (default auto)"
+    )
+    pipeline.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        metavar="N",
+        help="with --processes: alternating rounds of --images and --burst per node (default 3)",
+    )
     pipeline.set_defaults(handler=_pipeline)
+    compression = sub.add_parser(
+        "compression",
+        formatter_class=formatter,
+        help="bytes and time of the lossless syntaxes on the node's result; JPEG 2000 decoders",
+        description="The Secondary Capture the node writes for a 2k² CR, uncompressed and in every lossless "
+        "transfer syntax the node sends (bytes, encode/decode ms), and JPEG 2000 decode time with every "
+        "decoding plugin pydicom loads here (GDCM, pylibjpeg-openjpeg, Pillow).",
+        epilog="example:\n  pacs-xai bench compression --repeats 5 --out bench-out",
+    )
+    compression.add_argument("--repeats", type=int, default=5, metavar="N", help="repeats per figure (default 5)")
+    compression.add_argument(
+        "--out", type=Path, default=Path("bench-out"), metavar="DIR", help="folder for compression.json"
+    )
+    compression.set_defaults(handler=_compression)
     explain = sub.add_parser(
         "explain",
         formatter_class=formatter,
@@ -170,7 +215,20 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
     throughput.set_defaults(handler=_throughput)
 
 
+def _count(text: str) -> int | str:
+    """``auto`` or a positive integer, as the configuration takes it."""
+    return text if text == "auto" else int(text)
+
+
 def _receive(args: argparse.Namespace) -> int:
+    if args.receivers:
+        associations = max(args.associations or [4])
+        processes = receive_bench.run_receivers_bench(
+            args.count, associations, args.receivers, args.out, print_progress
+        )
+        receive_bench.print_processes(processes)
+        print(f"\nfigures: {args.out / 'receive-processes.json'}")
+        return 0
     figures = receive_bench.run_receive_bench(args.count, args.associations or [1, 4], args.out, print_progress)
     receive_bench.print_figures(figures)
     print(f"\nfigures: {args.out / 'receive.json'}, plot: {args.out / 'receive.png'}")
@@ -178,11 +236,31 @@ def _receive(args: argparse.Namespace) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
+    if args.processes:
+        resolved = resolve_processes(
+            load_config(
+                None,
+                {"listener": {"processes": _count(args.receivers)}, "workers": {"processes": _count(args.processes)}},
+            )
+        )
+        figures = pipeline_bench.run_processes_bench(
+            args.method, args.images, args.burst, *resolved, args.out, print_progress, args.source, args.rounds
+        )
+        pipeline_bench.print_processes(figures)
+        print(f"\nfigures: {args.out / f'pipeline-processes-{args.method}.json'}")
+        return 0
     figures = pipeline_bench.run_pipeline_bench(
         args.method, args.images, args.burst, args.out, print_progress, args.source
     )
     pipeline_bench.print_figures(figures)
     print(f"\nfigures: {args.out / f'pipeline-{args.method}.json'}")
+    return 0
+
+
+def _compression(args: argparse.Namespace) -> int:
+    syntaxes, decoders = compression_bench.run_compression_bench(args.repeats, args.out, print_progress)
+    compression_bench.print_figures(syntaxes, decoders)
+    print(f"\nfigures: {args.out / 'compression.json'}")
     return 0
 
 

@@ -15,12 +15,13 @@ from dicom_io.net.scu import Destination, StoreSCU
 from service.explain import ExplainerError
 from service.inference.card import ModelCard, ModelCardError
 from service.node.app import Node
-from service.node.config import ConfigError, example_config, load_config
+from service.node.config import ConfigError, example_config, load_config, resolve_processes
 from service.node.logs import configure_logging
 from service.node.offline import iter_files
 from service.node.pipeline import card_settings
-from service.node.routing import check_rules
+from service.node.routing import check_rules, compile_rules
 from service.node.store import Journal
+from service.node.supervisor import WATCH_SECONDS, Supervisor
 from service.tools.evaluate.sanity import randomisation_verdict
 from service.tools.progress import print_progress
 
@@ -112,14 +113,34 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.logging.level, json_format=config.logging.json_format)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    receivers, workers = resolve_processes(config)
+    if (receivers, workers) != (1, 1):
+        try:  # the workers load the models; a wrong card or rule is one error here, not a restart loop
+            compile_rules(config)
+        except (ConfigError, ModelCardError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        supervisor = Supervisor(config, receivers, workers)
+        supervisor.start()
+        print(
+            f"pacs-xai listening as {config.listener.ae_title} on port {supervisor.port} "
+            f"({receivers} receiver and {workers} worker processes); Ctrl-C to stop",
+            file=sys.stderr,
+        )
+        try:
+            while not stop.wait(WATCH_SECONDS):
+                supervisor.watch()
+        finally:
+            supervisor.stop()
+        return 0
     try:
         node = Node(config)
     except (ConfigError, ModelCardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     node.start()
     print(f"pacs-xai listening as {config.listener.ae_title} on port {node.port}; Ctrl-C to stop", file=sys.stderr)
     stop.wait()

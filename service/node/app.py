@@ -17,12 +17,13 @@ import logging
 import threading
 from pathlib import Path
 
-from dicom_io.net.scp import AllowedCaller, ListenerSettings, StorageSCP, TlsFiles
+from dicom_io.net.scp import StorageSCP
 from dicom_io.net.scu import StoreSCU
 from service.inference.deployed import DeployedModel, PoolSettings
 from service.node.assembler import Assembler, SeriesKey
 from service.node.config import NodeConfig
 from service.node.http import HealthServer
+from service.node.intake import listener_settings
 from service.node.metrics import JournalCollector, create_metrics
 from service.node.processor import SeriesProcessor
 from service.node.receiver import Receiver
@@ -82,7 +83,7 @@ class Node:
             self.metrics,
         )
         self.scp = StorageSCP(
-            _listener_settings(config), Receiver(self.spool, self.journal, self.assembler, self.metrics)
+            listener_settings(config), Receiver(self.spool, self.journal, self.assembler, self.metrics)
         )
         self.http = (
             HealthServer(
@@ -197,22 +198,3 @@ class Node:
                 return
             if not any(tally.values()):
                 self._outputs_ready.wait(SEND_POLL_SECONDS)
-
-
-def _listener_settings(config: NodeConfig) -> ListenerSettings:
-    listener = config.listener
-    tls = None
-    if config.tls is not None:
-        tls = TlsFiles(config.tls.certificate, config.tls.private_key, config.tls.client_ca)
-    return ListenerSettings(
-        ae_title=listener.ae_title,
-        bind_address=listener.bind_address,
-        port=listener.port,
-        max_associations=listener.max_associations,
-        max_pdu=listener.max_pdu,
-        acse_timeout=listener.acse_timeout,
-        dimse_timeout=listener.dimse_timeout,
-        network_timeout=listener.network_timeout,
-        allowed_callers=tuple(AllowedCaller(c.ae_title, c.host) for c in config.allowed_callers),
-        tls=tls,
-    )

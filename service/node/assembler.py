@@ -16,6 +16,10 @@ instances are put back with :meth:`Assembler.restore`.
 
 An association that sends again after :meth:`Assembler.association_ended` was called for it (not
 expected from a DICOM SCP) counts as open again; ``max_wait_seconds`` still bounds that batch.
+
+A node of several processes assembles in the journal instead (the same rule, see
+:mod:`service.node.store.series`): its receivers use :class:`JournalAssembly`, which records
+associations opening and ending where every worker process looks.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["Assembler", "SeriesKey"]
+from service.node.store import Journal
+
+__all__ = ["Assembler", "JournalAssembly", "SeriesKey"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,9 @@ class Assembler:
             batch.add(sop_instance_uid, now)
             batch.open_associations.add(association_id)
             self._changed.notify_all()
+
+    def association_opened(self, association_id: str) -> None:
+        """Nothing to do: in memory, an association holds a series back from its first instance on."""
 
     def association_ended(self, association_id: str) -> None:
         """Association ``association_id`` was released or aborted: it no longer holds any series back."""
@@ -167,3 +176,23 @@ class Assembler:
         if now - batch.first_arrival >= self.max_wait_seconds:
             return True
         return not batch.open_associations and now - batch.last_arrival >= self.idle_seconds
+
+
+class JournalAssembly:
+    """The receiver's side of assembly in the journal (several processes): each association is
+    recorded when accepted, before any of its instances is acknowledged, and when it ends; the
+    instance rows the receiver journals are the arrivals. Workers claim ready series with
+    :meth:`service.node.store.SeriesClaims.claim_ready`."""
+
+    def __init__(self, journal: Journal, owner: str) -> None:
+        self._journal = journal
+        self.owner = owner
+
+    def association_opened(self, association_id: str) -> None:
+        self._journal.series.association_opened(association_id, self.owner)
+
+    def instance_arrived(self, key: SeriesKey, sop_instance_uid: str, association_id: str) -> None:
+        """Nothing to do: the instance's journal row is its arrival."""
+
+    def association_ended(self, association_id: str) -> None:
+        self._journal.series.association_ended(association_id)

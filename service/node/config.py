@@ -12,6 +12,9 @@ start-up that lists every problem with its place in the file and the value found
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -19,12 +22,52 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydicom.uid import UID
 
+from dicom_io.compression import LOSSLESS_SYNTAXES, lossless_syntax
 from dicom_io.net.scu import Destination
-from dicom_io.writers import OUTPUT_KINDS
+from dicom_io.output_kinds import OUTPUT_KINDS
 
 #: AE titles: 1-16 characters of the default repertoire, no backslash or control characters.
 _AE_TITLE = r"^[^\\\x00-\x1f]{1,16}$"
+
+
+#: Most processes of one kind (receivers or workers) a node runs.
+MAX_PROCESSES = 64
+
+
+def _check_processes(value: int | str) -> int | str:
+    if value != "auto" and not (isinstance(value, int) and 1 <= value <= MAX_PROCESSES):
+        raise ValueError(f"processes must be 'auto' or an integer 1-{MAX_PROCESSES}, got {value!r}")
+    return value
+
+
+def available_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPU cores this process may use, at least 1: its CPU affinity, capped by a cgroup v2 CPU quota
+    (a container's CPU limit: ``cpu.max`` = "200000 100000" is 2 cores) when there is one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):  # no cgroup v2 quota here
+        pass
+    return max(1, cores)
+
+
+def resolve_processes(config: NodeConfig, cores: int | None = None) -> tuple[int, int]:
+    """(receiver processes, worker processes) with ``auto`` resolved from ``cores`` (default: the
+    cores available): receivers min(4, cores), workers min(8, cores)."""
+    cores = available_cores() if cores is None else cores
+    receivers = config.listener.processes
+    workers = config.workers.processes
+    return (
+        min(4, cores) if receivers == "auto" else int(receivers),
+        min(8, cores) if workers == "auto" else int(workers),
+    )
 
 
 class ConfigError(ValueError):
@@ -48,6 +91,16 @@ class ListenerConfig(_Section):
     acse_timeout: float = Field(30, gt=0, description="Seconds to wait for association messages.")
     dimse_timeout: float = Field(60, gt=0, description="Seconds to wait for DIMSE messages.")
     network_timeout: float = Field(60, gt=0, description="Seconds of network silence before an association is aborted.")
+    processes: int | Literal["auto"] = Field(
+        "auto",
+        description="Receiver processes sharing the DICOM port (SO_REUSEPORT), each its own AE; auto = "
+        "min(4, cores). With listener.processes and workers.processes both 1 the node is one process.",
+    )
+
+    @field_validator("processes")
+    @classmethod
+    def _processes_in_range(cls, value: int | str) -> int | str:
+        return _check_processes(value)
 
 
 class AllowedCallerConfig(_Section):
@@ -83,9 +136,26 @@ class DestinationConfig(_Section):
     outputs: tuple[str, ...] | None = Field(
         None, description=f"Output kinds sent here ({', '.join(OUTPUT_KINDS)}); omit for all."
     )
+    transfer_syntaxes: tuple[str, ...] = Field(
+        ("jpeg-ls-lossless", "deflated"),
+        description=f"Lossless compressed transfer syntaxes proposed to this destination, preferred first "
+        f"({', '.join(LOSSLESS_SYNTAXES)}); uncompressed is always proposed last. Outputs are stored "
+        "compressed in the first pixel codec the destinations list; [] sends everything uncompressed.",
+    )
+
+    @field_validator("transfer_syntaxes")
+    @classmethod
+    def _known_syntaxes(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            lossless_syntax(name)
+        return names
+
+    def syntaxes(self) -> tuple[UID, ...]:
+        """The transfer syntaxes of :attr:`transfer_syntaxes`."""
+        return tuple(lossless_syntax(name) for name in self.transfer_syntaxes)
 
     def to_destination(self) -> Destination:
-        return Destination(ae_title=self.ae_title, host=self.host, port=self.port)
+        return Destination(ae_title=self.ae_title, host=self.host, port=self.port, transfer_syntaxes=self.syntaxes())
 
 
 class AssemblyConfig(_Section):
@@ -270,7 +340,18 @@ class SendConfig(_Section):
 class WorkersConfig(_Section):
     """Threads of the running node."""
 
-    pipeline: int = Field(1, ge=1, le=64, description="Series processed at the same time.")
+    pipeline: int = Field(1, ge=1, le=64, description="Series processed at the same time (threads per worker process).")
+    processes: int | Literal["auto"] = Field(
+        "auto",
+        description="Worker processes (decode, infer, explain, encode, store), taking ready series from the "
+        "journal; auto = min(8, cores). With listener.processes and workers.processes both 1 the node is one "
+        "process, as before.",
+    )
+
+    @field_validator("processes")
+    @classmethod
+    def _processes_in_range(cls, value: int | str) -> int | str:
+        return _check_processes(value)
 
 
 class PoolConfig(_Section):
@@ -411,6 +492,22 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     except ValidationError as exc:
         raise ConfigError(f"configuration ({where}) is invalid:\n{_describe(exc, raw)}") from None
     return config
+
+
+def load_resolved_config(path: str | Path) -> NodeConfig:
+    """A configuration written by ``write_resolved_config``: taken as it is, the environment not
+    applied again (the supervisor applied it and resolved the port and process counts)."""
+    try:
+        return _WithoutEnvironment(**json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the resolved configuration {path}: {exc}") from exc
+
+
+def write_resolved_config(config: NodeConfig, path: Path, **sections: dict[str, Any]) -> Path:
+    """Write ``config`` as JSON with ``sections`` laid over it (e.g. ``listener={"port": 11112}``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_merge(config.model_dump(mode="json", by_alias=True), sections), indent=1))
+    return path
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

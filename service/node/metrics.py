@@ -31,15 +31,25 @@ Metric names (the dashboard and the alert rules query exactly these; a test chec
 - ``pacsxai_pool_batch_size``, ``pacsxai_pool_queue_depth``: the inference pool
 - ``pacsxai_model_info{name,version,device}``: 1
 - ``pacsxai_last_instance_received_timestamp_seconds``
+
+A node of several processes (:mod:`service.node.supervisor`) uses prometheus-client's
+multiprocess mode: each process writes its metrics to files in ``PROMETHEUS_MULTIPROC_DIR`` (set
+in its environment before it starts), and the supervisor serves :func:`multiprocess_registry`,
+which sums counters and histograms over the processes, so names and labels are those of one
+process and the dashboard is unchanged. The gauges say how they combine (``multiprocess_mode``:
+the model info and the last arrival take the maximum, the pool queue depth the sum over live
+processes); that setting is ignored by a single process.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from service.inference.pool import PoolMetrics
@@ -151,13 +161,25 @@ def create_metrics(registry: CollectorRegistry | None = None) -> NodeMetrics:
                 buckets=BATCH_BUCKETS,
                 registry=registry,
             ),
-            queue_depth=Gauge("pacsxai_pool_queue_depth", "Requests waiting in the inference pool.", registry=registry),
+            queue_depth=Gauge(
+                "pacsxai_pool_queue_depth",
+                "Requests waiting in the inference pool.",
+                registry=registry,
+                multiprocess_mode="livesum",
+            ),
         ),
-        model_info=Gauge("pacsxai_model_info", "The deployed model.", ["name", "version", "device"], registry=registry),
+        model_info=Gauge(
+            "pacsxai_model_info",
+            "The deployed model.",
+            ["name", "version", "device"],
+            registry=registry,
+            multiprocess_mode="max",
+        ),
         last_received=Gauge(
             "pacsxai_last_instance_received_timestamp_seconds",
             "Unix time of the last stored instance.",
             registry=registry,
+            multiprocess_mode="max",
         ),
         series_routed=Counter(
             "pacsxai_series_routed",
@@ -188,6 +210,15 @@ def create_metrics(registry: CollectorRegistry | None = None) -> NodeMetrics:
             registry=registry,
         ),
     )
+
+
+def multiprocess_registry(directory: Path, journal_counts: Callable[[], dict[str, int]]) -> CollectorRegistry:
+    """What the supervisor of a multi-process node serves on /metrics: every process's metrics from
+    ``directory`` (their ``PROMETHEUS_MULTIPROC_DIR``), combined, and the journal's gauges."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))
+    registry.register(JournalCollector(journal_counts))
+    return registry
 
 
 class JournalCollector(Collector):

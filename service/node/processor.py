@@ -1,12 +1,14 @@
 """Series-level processing for the node: spool -> pipeline -> outbox, every step journaled.
 
 For each instance of a ready batch: read it from the spool, run the
-:class:`~service.node.pipeline.ExplainPipeline`, write each output object to the outbox folder and
-journal one outbox row per (output, destination that wants its kind), then mark the instance
-processed. Outputs are journaled before the instance is marked done, so a crash in between
-reprocesses the instance on restart; its derived UIDs are deterministic, so the outbox rows are
-the same rows (``Outbox.add`` is idempotent) and the destination receives replacements, never
-duplicates.
+:class:`~service.node.pipeline.ExplainPipeline`, write each output object to the outbox folder
+(its pixel data compressed losslessly in the first codec the destinations that take it list, see
+:mod:`dicom_io.compression`; the sender decodes it again for a destination that refuses it),
+then journal one outbox row per (output, destination that wants its kind) and the instance's
+outcome in one transaction (:meth:`Journal.complete <service.node.store.Journal.complete>`). A
+crash before that commit reprocesses the instance (its derived UIDs are deterministic, so its
+files are the same files); after it, nothing is done twice, so a delivered result is never queued
+again.
 
 Routing (:mod:`service.node.routing`) decides per instance which rules take it, from its header,
 its sender and the number of instances its series has in the journal so far: each rule that
@@ -27,6 +29,7 @@ from io import BytesIO
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicom_io.compression import compress_pixels, syntaxes_in_order
 from dicom_io.errors import DicomInputError
 from dicom_io.pixels import read_dataset
 from service.explain import ExplainerError
@@ -35,7 +38,7 @@ from service.node.config import DestinationConfig
 from service.node.metrics import NodeMetrics
 from service.node.pipeline import DatasetResult, ExplainPipeline
 from service.node.routing import InstanceFacts, Router, RouteTarget, read_header, why_not_routed
-from service.node.store import Journal, ReceivedInstance, Spool
+from service.node.store import Journal, NewOutput, ReceivedInstance, Spool
 
 log = logging.getLogger(__name__)
 
@@ -112,20 +115,24 @@ class SeriesProcessor:
         outcomes = [self._run_route(target, instance, dataset) for target in targets]
         for target in targets:
             routes_taken[target.name] = routes_taken.get(target.name, 0) + 1
-        failed = [reason for outcome, reason in outcomes if outcome == "failed"]
-        if failed:
-            self._journal.mark_processed([uid], "failed", "; ".join(failed))
+        queued = [output for _, _, outputs in outcomes for output in outputs]
+        failed = [reason for outcome, reason, _ in outcomes if outcome == "failed"]
+        if failed:  # the routes that did succeed still send their results
+            self._journal.complete(uid, queued, "failed", "; ".join(failed))
             return "failed"
-        if all(outcome == "skipped" for outcome, _ in outcomes):
-            reason = "; ".join(reason for _, reason in outcomes)
+        if all(outcome == "skipped" for outcome, _, _ in outcomes):
+            reason = "; ".join(reason for _, reason, _ in outcomes)
             self._journal.mark_processed([uid], "skipped", reason)
             log.info("instance %s skipped: %s", uid, reason)
             return "skipped"
-        self._journal.mark_processed([uid], "done")
+        self._journal.complete(uid, queued)
         return "done"
 
-    def _run_route(self, target: RouteTarget, instance: ReceivedInstance, dataset: Dataset) -> tuple[str, str]:
-        """One rule's pipeline on one instance, its outputs journaled: (done | skipped | failed, reason)."""
+    def _run_route(
+        self, target: RouteTarget, instance: ReceivedInstance, dataset: Dataset
+    ) -> tuple[str, str, list[NewOutput]]:
+        """One rule's pipeline on one instance, its outputs in the spool: (done | skipped | failed,
+        reason, the outbox rows to journal)."""
         uid = instance.sop_instance_uid
         named = "" if len(self._router.targets) == 1 else f"route {target.name}: "
         try:
@@ -134,19 +141,19 @@ class SeriesProcessor:
         except (DicomInputError, ExplainerError) as exc:
             log.warning("instance %s cannot be processed by route %s: %s", uid, target.name, exc)
             self._metrics.route_instances.labels(target.name, "failed").inc()
-            return "failed", f"{named}{exc}"
+            return "failed", f"{named}{exc}", []
         except Exception as exc:  # a bug must not stop the node; it is journaled with its reason and logged
             log.exception("instance %s failed with an internal error in route %s", uid, target.name)
             self._metrics.route_instances.labels(target.name, "failed").inc()
-            return "failed", f"{named}internal error: {type(exc).__name__}: {exc}"
+            return "failed", f"{named}internal error: {type(exc).__name__}: {exc}", []
         self._observe(target, result)
         if result.skipped_reason:
             self._metrics.route_instances.labels(target.name, "skipped").inc()
-            return "skipped", f"{named}{result.skipped_reason}"
+            return "skipped", f"{named}{result.skipped_reason}", []
         with self._metrics.stage_seconds.labels("store").time():
-            self._store_outputs(uid, target, result)
+            queued = self._store_outputs(uid, target, result)
         self._metrics.route_instances.labels(target.name, "done").inc()
-        return "done", ""
+        return "done", "", queued
 
     def _discard(self, instance: ReceivedInstance, facts: InstanceFacts, why: str) -> str:
         """No rule takes the instance: journal it skipped with the reason, then delete its spool file.
@@ -170,22 +177,18 @@ class SeriesProcessor:
         log.debug("instance %s (SOP class %s) not routed: %s", uid, facts.sop_class_uid, why)
         return "skipped"
 
-    def _store_outputs(self, uid: str, target: RouteTarget, result: DatasetResult) -> None:
-        """Encode each output into the spool and journal one outbox row per destination of the route
-        that takes its kind."""
+    def _store_outputs(self, uid: str, target: RouteTarget, result: DatasetResult) -> list[NewOutput]:
+        """Encode each output into the spool (pixel data compressed losslessly in the first codec
+        the route's destinations that take it list) and return one outbox row per such destination."""
+        queued = []
         for output in result.outputs:
             derived_uid = str(output.dataset.SOPInstanceUID)
+            takers = [d for d in target.destinations if d.outputs is None or output.kind in d.outputs]
+            compress_pixels(output.dataset, syntaxes_in_order([d.syntaxes() for d in takers]))
             path = self._spool.write_output(encode(output.dataset), sop_uid=derived_uid)
-            for destination in target.destinations:
-                if destination.outputs is None or output.kind in destination.outputs:
-                    self._journal.outbox.add(
-                        sop_instance_uid=derived_uid,
-                        source_sop_instance_uid=uid,
-                        destination=destination.name,
-                        path=path,
-                        kind=output.kind,
-                        method=output.method,
-                    )
+            for destination in takers:
+                queued.append(NewOutput(derived_uid, uid, destination.name, path, output.kind, output.method))
+        return queued
 
     def _observe(self, target: RouteTarget, result: DatasetResult) -> None:
         """Stage timings, predictions and trust signals of one processed instance into the metrics."""

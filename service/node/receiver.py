@@ -21,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from dicom_io.net.network import Status
-from service.node.assembler import Assembler, SeriesKey
+from service.node.assembler import Assembler, JournalAssembly, SeriesKey
 from service.node.metrics import NodeMetrics
 from service.node.store import Journal, ReceivedInstance, Spool, StoreError
 
@@ -41,7 +41,7 @@ class Receiver:
         self,
         spool: Spool,
         journal: Journal,
-        assembler: Assembler,
+        assembler: Assembler | JournalAssembly,
         metrics: NodeMetrics,
         *,
         clock: Callable[[], float] = time.time,
@@ -91,10 +91,17 @@ class Receiver:
 
     def on_association_accepted(self, calling_ae: str, host: str, association_id: str) -> None:
         self._metrics.associations.labels("accepted").inc()
+        try:
+            self._assembler.association_opened(association_id)
+        except StoreError as exc:  # its series may then be taken before it ends: split, never lost
+            log.error("could not journal association %s: %s", association_id, exc)
         log.info("association %s accepted from %s at %s", association_id, calling_ae, host)
 
     def on_association_released(self, association_id: str) -> None:
-        self._assembler.association_ended(association_id)
+        try:
+            self._assembler.association_ended(association_id)
+        except StoreError as exc:  # max_wait_seconds still bounds its series
+            log.error("could not journal the end of association %s: %s", association_id, exc)
         log.info("association %s ended", association_id)
 
     def on_association_rejected(self, calling_ae: str, host: str, reason: str) -> None:

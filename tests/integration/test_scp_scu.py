@@ -17,16 +17,28 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import MRImageStorage
 
+from dicom_io.compression import compress_pixels
 from dicom_io.net.network import Status, classify_store_status, describe_status
 from dicom_io.net.scp import AllowedCaller, ListenerSettings, StorageSCP, TlsFiles
 from dicom_io.net.scu import Destination, StoreSCU
@@ -137,7 +149,7 @@ def start_scp() -> Iterator[Callable[..., tuple[StorageSCP, Recorder]]]:
 
     def start(recorder: Recorder | None = None, extra_handlers=(), **settings) -> tuple[StorageSCP, Recorder]:
         recorder = recorder or Recorder()
-        scp = StorageSCP(ListenerSettings(port=0, **settings), recorder, extra_handlers=extra_handlers)
+        scp = StorageSCP(ListenerSettings(**{"port": 0, **settings}), recorder, extra_handlers=extra_handlers)
         scp.start()
         started.append(scp)
         return scp, recorder
@@ -582,3 +594,110 @@ def test_more_than_128_contexts_use_several_associations(start_scp) -> None:
     assert [o.sop_instance_uid for o in outcomes] == [d.SOPInstanceUID for d in datasets]
     assert {o.verdict for o in outcomes} == {"delivered"}
     assert len({association_id for association_id, _, _ in recorder.stores}) == 2
+
+
+def test_listeners_with_reuse_port_share_one_port_and_both_serve(start_scp) -> None:
+    """SO_REUSEPORT (a node's receiver processes): a second listener binds the same port only when
+    both ask for it, and the kernel hands connections to both."""
+    first, first_recorder = start_scp(reuse_port=True)
+    with pytest.raises(OSError):
+        start_scp(port=first.port)  # without SO_REUSEPORT the port is taken
+    second, second_recorder = start_scp(port=first.port, reuse_port=True)
+    assert second.port == first.port
+    for _ in range(24):  # connections are spread by a hash of the peer's port: 24 all on one side is 2^-23
+        assert StoreSCU("MODALITY").echo(Destination(NODE, LOCALHOST, first.port))
+        if first_recorder.entries("accepted") and second_recorder.entries("accepted"):
+            break
+    assert first_recorder.entries("accepted") and second_recorder.entries("accepted")
+
+
+# --------------------------------------------------------------------------- lossless compression
+
+
+def _jpeg_ls_copy(folder: Path) -> tuple[Path, pydicom.Dataset]:
+    """An RGB Secondary Capture stored JPEG-LS lossless, and the uncompressed original."""
+    original = pydicom.dcmread(data_file("SC_rgb.dcm"))
+    compressed = pydicom.dcmread(data_file("SC_rgb.dcm"))
+    assert compress_pixels(compressed, [JPEGLSLossless]) == JPEGLSLossless
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sc-jls.dcm"
+    compressed.save_as(path, enforce_file_format=True)
+    return path, original
+
+
+def _received_syntax(encoded: bytes) -> UID:
+    return pydicom.dcmread(io.BytesIO(encoded)).file_meta.TransferSyntaxUID
+
+
+def test_a_destination_that_takes_jpeg_ls_gets_the_stored_bytes(start_scp, tmp_path: Path) -> None:
+    path, original = _jpeg_ls_copy(tmp_path)
+    scp, recorder = start_scp()
+    destination = Destination(
+        NODE, LOCALHOST, scp.port, transfer_syntaxes=(JPEGLSLossless, DeflatedExplicitVRLittleEndian)
+    )
+    (outcome,) = StoreSCU().send(destination, [path])
+    assert outcome.verdict == "delivered", outcome
+    ((_, _, encoded),) = recorder.stores
+    assert _received_syntax(encoded) == JPEGLSLossless
+    received = pydicom.dcmread(io.BytesIO(encoded))
+    assert received.SOPInstanceUID == original.SOPInstanceUID
+    assert np.array_equal(received.pixel_array, original.pixel_array)
+
+
+def test_deflated_then_uncompressed_when_the_destination_refuses_jpeg_ls(tmp_path: Path) -> None:
+    """A pynetdicom SCP that takes Secondary Capture deflated or uncompressed, then DCMTK storescp
+    with its defaults (uncompressed only): the JPEG-LS object is decoded here and arrives whole."""
+    path, original = _jpeg_ls_copy(tmp_path)
+    syntaxes = (JPEGLSLossless, DeflatedExplicitVRLittleEndian)
+    seen: list[tuple[UID, bytes]] = []
+
+    def keep(event: Event) -> int:
+        seen.append((UID(event.context.transfer_syntax), event.encoded_dataset()))
+        return 0x0000
+
+    ae = AE(ae_title="DEFLATE")
+    ae.add_supported_context(SecondaryCaptureImageStorage, [DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian])
+    server = ae.start_server((LOCALHOST, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, keep)])
+    try:
+        destination = Destination("DEFLATE", LOCALHOST, server.server_address[1], transfer_syntaxes=syntaxes)
+        (outcome,) = StoreSCU().send(destination, [path])
+    finally:
+        server.shutdown()
+    assert outcome.verdict == "delivered", outcome
+    ((context_syntax, encoded),) = seen
+    assert context_syntax == DeflatedExplicitVRLittleEndian
+    received = pydicom.dcmread(io.BytesIO(encoded))
+    assert received.SOPInstanceUID == original.SOPInstanceUID, "decoding must not make a new instance"
+    assert np.array_equal(received.pixel_array, original.pixel_array)
+
+    folder = tmp_path / "storescp"
+    folder.mkdir()
+    port = free_port()
+    process = subprocess.Popen(
+        [require_dcmtk("storescp"), "-aet", "DEST", "-od", str(folder), str(port)], env=DCMTK_ENV
+    )
+    try:
+        assert wait_until(
+            lambda: run_tool("echoscu", "-to", "1", "-aec", "DEST", LOCALHOST, str(port)).returncode == 0, 10
+        )
+        (outcome,) = StoreSCU().send(Destination("DEST", LOCALHOST, port, transfer_syntaxes=syntaxes), [path])
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert outcome.verdict == "delivered", outcome
+    (stored,) = [pydicom.dcmread(p) for p in folder.iterdir()]
+    assert not stored.file_meta.TransferSyntaxUID.is_compressed
+    assert stored.SOPInstanceUID == original.SOPInstanceUID
+    assert np.array_equal(stored.pixel_array, original.pixel_array)
+
+
+def test_without_lossless_syntaxes_a_compressed_object_is_never_transcoded(start_scp, tmp_path: Path) -> None:
+    path, _ = _jpeg_ls_copy(tmp_path)
+    ae = AE(ae_title="PLAIN")
+    ae.add_supported_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    server = ae.start_server((LOCALHOST, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+    try:
+        (outcome,) = StoreSCU().send(Destination("PLAIN", LOCALHOST, server.server_address[1]), [path])
+    finally:
+        server.shutdown()
+    assert outcome.verdict == "reject" and "refused transfer syntax JPEG-LS" in outcome.detail

@@ -15,14 +15,16 @@ the invariant kept across SIGKILL), :mod:`~service.node.store.connection` (the s
 connection and its transactions), :mod:`~service.node.store.journal` (schema, instance rows,
 re-sent instances), :mod:`~service.node.store.outbox` (outputs per destination, purge),
 :mod:`~service.node.store.quarantine` (bytes that could not be understood),
+:mod:`~service.node.store.series` (series assembly and worker claims when the node runs in several processes),
 :mod:`~service.node.store.retry` (backoff) and :mod:`~service.node.store.errors`.
 """
 
 from service.node.store.errors import InvalidUIDError, StoreError, validate_uid
 from service.node.store.journal import INSTANCE_STATES, SCHEMA_VERSION, Journal, ReceivedInstance
-from service.node.store.outbox import OUTBOX_STATES, Outbox, OutboxEntry
+from service.node.store.outbox import OUTBOX_STATES, NewOutput, Outbox, OutboxEntry
 from service.node.store.quarantine import Quarantine, QuarantineEntry
 from service.node.store.retry import backoff_delay
+from service.node.store.series import ReadySeries, SeriesClaims
 from service.node.store.spool import DURABILITY_MODES, Durability, Spool
 
 __all__ = [
@@ -33,11 +35,14 @@ __all__ = [
     "Durability",
     "InvalidUIDError",
     "Journal",
+    "NewOutput",
     "Outbox",
     "OutboxEntry",
     "Quarantine",
     "QuarantineEntry",
+    "ReadySeries",
     "ReceivedInstance",
+    "SeriesClaims",
     "Spool",
     "StoreError",
     "backoff_delay",

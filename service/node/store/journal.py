@@ -29,8 +29,9 @@ from typing import Literal
 
 from service.node.store.connection import JournalConnection
 from service.node.store.errors import StoreError, validate_uid
-from service.node.store.outbox import OUTBOX_STATES, Outbox
+from service.node.store.outbox import OUTBOX_STATES, NewOutput, Outbox, insert_output
 from service.node.store.quarantine import Quarantine
+from service.node.store.series import SERIES_SCHEMA, SeriesClaims, drop_claims
 from service.node.store.spool import Durability, check_durability
 
 __all__ = ["INSTANCE_STATES", "SCHEMA_VERSION", "Journal", "ReceivedInstance"]
@@ -146,6 +147,7 @@ class Journal:
             raise
         self.outbox = Outbox(self._connection, clock)
         self.quarantine = Quarantine(self._connection, clock)
+        self.series = SeriesClaims(self._connection, clock)
 
     def _check_schema(self) -> None:
         """Create the schema when the file is new; otherwise refuse any version but :data:`SCHEMA_VERSION`."""
@@ -158,15 +160,19 @@ class Journal:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     db.execute(statement)
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-                return
-            row = db.execute("SELECT version FROM schema_version").fetchone()
-        version = None if row is None else row[0]
-        if version != SCHEMA_VERSION:
-            raise StoreError(
-                f"journal {self.path} has schema version {version!r}; this pacs-xai reads version {SCHEMA_VERSION}"
-            )
-        with self._connection.transaction() as db:  # journals written before the index existed get it
+                row = (SCHEMA_VERSION,)
+            else:
+                row = db.execute("SELECT version FROM schema_version").fetchone()
+            version = None if row is None else row[0]
+            if version != SCHEMA_VERSION:
+                raise StoreError(
+                    f"journal {self.path} has schema version {version!r}; this pacs-xai reads version {SCHEMA_VERSION}"
+                )
+            # Journals written before the index existed get it (routing counts a series' instances).
             db.execute("CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_instance_uid)")
+            # The multi-process tables (service.node.store.series) are additive: created when missing.
+            for statement in filter(str.strip, SERIES_SCHEMA.split(";")):
+                db.execute(statement)
 
     def close(self) -> None:
         """Close the connection (checkpointing the WAL); later calls raise StoreError."""
@@ -271,6 +277,34 @@ class Journal:
                 "WHERE sop_instance_uid = ? AND (? IS NULL OR received_at <= ?)",
                 [(outcome, reason, now, uid, received_before, received_before) for uid in sop_instance_uids],
             )
+            drop_claims(db, sop_instance_uids)
+
+    def complete(
+        self,
+        sop_instance_uid: str,
+        outputs: Sequence[NewOutput],
+        outcome: Literal["done", "failed"] = "done",
+        reason: str = "",
+    ) -> None:
+        """In one transaction: queue the outputs of an instance and record its outcome (``failed``
+        when one route failed and others produced these outputs).
+
+        One commit, so a process killed at any moment leaves either nothing (the instance is
+        processed again) or everything; the outputs of a delivered result are never queued twice.
+        """
+        if outcome not in ("done", "failed"):
+            raise ValueError(f"outcome must be 'done' or 'failed', got {outcome!r}")
+        now = self._clock()
+        with self._connection.transaction() as db:
+            cursor = db.execute(
+                "UPDATE instances SET state = ?, reason = ?, updated_at = ? WHERE sop_instance_uid = ?",
+                (outcome, reason, now, sop_instance_uid),
+            )
+            if cursor.rowcount == 0:
+                raise LookupError(f"SOP Instance UID not in the journal: {sop_instance_uid!r}")
+            for output in outputs:
+                insert_output(db, output, now)
+            drop_claims(db, [sop_instance_uid])
 
     def series_instance_count(self, series_instance_uid: str) -> int:
         """Instances of the series journaled so far, in any state (a re-sent instance counts once)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from service.node.store.connection import JournalConnection
 from service.node.store.errors import StoreError, validate_uid
 
-__all__ = ["OUTBOX_STATES", "Outbox", "OutboxEntry"]
+__all__ = ["OUTBOX_STATES", "NewOutput", "Outbox", "OutboxEntry", "insert_output"]
 
 #: ``pending`` = waiting for (another) send attempt; ``dead`` = gave up (the dead letter).
 OUTBOX_STATES = ("pending", "sent", "dead")
@@ -79,6 +79,47 @@ def _placeholders(count: int) -> str:
     return ", ".join("?" * count)
 
 
+@dataclass(frozen=True)
+class NewOutput:
+    """An output object to queue for one destination (see :meth:`Outbox.add`)."""
+
+    sop_instance_uid: str
+    source_sop_instance_uid: str
+    destination: str
+    path: Path
+    kind: str
+    method: str
+
+    def __post_init__(self) -> None:
+        validate_uid(self.sop_instance_uid, "SOP Instance UID")
+        validate_uid(self.source_sop_instance_uid, "source SOP Instance UID")
+        if not self.destination:
+            raise ValueError(f"destination must be a non-empty name, got {self.destination!r}")
+
+
+def insert_output(db: sqlite3.Connection, output: NewOutput, now: float) -> None:
+    """Inside a journal transaction: queue ``output`` (idempotent, see :meth:`Outbox.add`)."""
+    db.execute(
+        "INSERT INTO outbox (sop_instance_uid, destination, source_sop_instance_uid, path, kind, method, "
+        "state, attempts, next_attempt_at, last_error, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, 0, '', ?, ?) "
+        "ON CONFLICT (sop_instance_uid, destination) DO UPDATE SET "
+        "source_sop_instance_uid = excluded.source_sop_instance_uid, path = excluded.path, "
+        "kind = excluded.kind, method = excluded.method, state = 'pending', attempts = 0, "
+        "next_attempt_at = 0, last_error = '', updated_at = excluded.updated_at",
+        (
+            output.sop_instance_uid,
+            output.destination,
+            output.source_sop_instance_uid,
+            str(output.path),
+            output.kind,
+            output.method,
+            now,
+            now,
+        ),
+    )
+
+
 class Outbox:
     """The outbox table of a journal (reach it as ``journal.outbox``); every method is one transaction.
 
@@ -105,22 +146,10 @@ class Outbox:
         replaces the row's path and details and resets it to ``pending`` with no attempts, whatever
         its state was; there is never a second row.
         """
-        validate_uid(sop_instance_uid, "SOP Instance UID")
-        validate_uid(source_sop_instance_uid, "source SOP Instance UID")
-        if not destination:
-            raise ValueError(f"destination must be a non-empty name, got {destination!r}")
+        output = NewOutput(sop_instance_uid, source_sop_instance_uid, destination, Path(path), kind, method)
         now = self._clock()
         with self._connection.transaction() as db:
-            db.execute(
-                "INSERT INTO outbox (sop_instance_uid, destination, source_sop_instance_uid, path, kind, method, "
-                "state, attempts, next_attempt_at, last_error, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, 0, '', ?, ?) "
-                "ON CONFLICT (sop_instance_uid, destination) DO UPDATE SET "
-                "source_sop_instance_uid = excluded.source_sop_instance_uid, path = excluded.path, "
-                "kind = excluded.kind, method = excluded.method, state = 'pending', attempts = 0, "
-                "next_attempt_at = 0, last_error = '', updated_at = excluded.updated_at",
-                (sop_instance_uid, destination, source_sop_instance_uid, str(path), kind, method, now, now),
-            )
+            insert_output(db, output, now)
 
     def due(self, now: float, limit: int = 100) -> list[OutboxEntry]:
         """Pending outputs whose ``next_attempt_at <= now`` (Unix time), earliest due first, at most ``limit``."""

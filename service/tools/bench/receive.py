@@ -7,6 +7,10 @@ DCMTK ``storescp`` writing the same files to a folder (storescp never fsyncs). B
 parallel associations. Files: CT 512² (``693_UNCR.dcm``) and CR ~2k² (``RG1_UNCR.dcm``) from
 pydicom-data, copied with fresh UIDs so every instance is distinct.
 
+With ``--receivers K`` (:func:`run_receivers_bench`): the node's receive path in one process against K
+receiver processes on one port (``python -m service.node.intake``, SO_REUSEPORT), same files, same
+sender, and each receiver's resident memory.
+
 A third receiver shows what the DICOM library allows: the node's own listener (pynetdicom, same
 settings, TCP_NODELAY) with an ``on_store`` that answers Success at once, nothing parsed or
 stored. No receive path built on pynetdicom can be faster than this ceiling.
@@ -17,7 +21,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -31,6 +37,7 @@ from dicom_io.net.network import free_port
 from dicom_io.net.scp import ListenerSettings, StorageSCP
 from dicom_io.net.scu import Destination, StoreSCU
 from service.node.assembler import Assembler
+from service.node.config import load_config, write_resolved_config
 from service.node.metrics import create_metrics
 from service.node.receiver import Receiver
 from service.node.store import Durability, Journal, Spool
@@ -69,9 +76,10 @@ class ReceiveFigure:
         return self.pynetdicom_ceiling_per_second / self.storescp_per_second if self.storescp_per_second else 0.0
 
 
-def fresh_copies(source: str, count: int, folder: Path) -> list[Path]:
+def fresh_copies(source: str, count: int, folder: Path, *, study_each: bool = False) -> list[Path]:
     """``count`` copies of ``source`` (a DICOM file's path, or the name of a pydicom test file),
-    each with a new SOP Instance UID (one new study, one new series)."""
+    each with a new SOP Instance UID: one new study and series for all, or with ``study_each`` one
+    of its own for each copy (as radiographs arrive: one image, one study)."""
     from pydicom.data import get_testdata_file
 
     path = source if Path(source).is_file() else get_testdata_file(source)
@@ -86,6 +94,9 @@ def fresh_copies(source: str, count: int, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for index in range(count):
+        if study_each:
+            template.StudyInstanceUID = generate_uid()
+            template.SeriesInstanceUID = generate_uid()
         template.SOPInstanceUID = generate_uid()
         template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
         target = folder / f"{index:05d}.dcm"
@@ -139,6 +150,177 @@ def measure_pacs_xai(
         scp.stop()
         journal.close()
     return len(files) / elapsed
+
+
+@dataclass(frozen=True)
+class ProcessesFigure:
+    """The receive path in K receiver processes on one port (SO_REUSEPORT) against one process."""
+
+    images: str
+    associations: int
+    count: int
+    receivers: int
+    #: One receiver (the single-process node's listener), power-loss durability.
+    one_process_per_second: float
+    #: ``receivers`` receiver processes (python -m service.node.intake), power-loss durability.
+    processes_per_second: float
+    #: Resident memory of each receiver process 3 s after the run (VmRSS), MB.
+    receiver_rss_mb: tuple[float, ...]
+    #: The same two with process-crash durability (no fsync): what the CPU allows.
+    one_process_no_fsync_per_second: float
+    processes_no_fsync_per_second: float
+    #: Peak resident memory of each receiver process during the run (VmHWM), MB.
+    receiver_peak_mb: tuple[float, ...] = ()
+
+    @property
+    def ratio(self) -> float:
+        return self.processes_per_second / self.one_process_per_second if self.one_process_per_second else 0.0
+
+    @property
+    def ratio_no_fsync(self) -> float:
+        one = self.one_process_no_fsync_per_second
+        return self.processes_no_fsync_per_second / one if one else 0.0
+
+
+def measure_receiver_processes(
+    files: Sequence[Path], associations: int, receivers: int, workdir: Path, durability: Durability = "power-loss"
+) -> tuple[float, tuple[float, ...], tuple[float, ...]]:
+    """Images per second into ``receivers`` receiver processes sharing one port, and each one's
+    resident memory (MB): 3 s after the run (at rest), and its peak during the run."""
+    data_dir = workdir / "pacs-xai-processes"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    config = load_config(
+        None,
+        {
+            "listener": {"port": free_port(), "max_associations": max(10, associations)},
+            "storage": {"data_dir": str(data_dir), "durability": durability},
+            "logging": {"level": "WARNING"},
+        },
+    )
+    path = write_resolved_config(config, data_dir / "config.json")
+    (data_dir / "metrics").mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(data_dir / "metrics")}
+    command = [sys.executable, "-m", "service.node.intake", "--config", str(path), "--name"]
+    processes = [subprocess.Popen([*command, f"receiver-{n}"], env=env) for n in range(receivers)]
+    try:
+        destination = Destination("PACSXAI", "127.0.0.1", config.listener.port)
+        deadline = time.monotonic() + 60
+        while not all(_listening(p.pid, config.listener.port) for p in processes):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                raise RuntimeError("the receiver processes did not all listen within 60 s")
+            time.sleep(0.1)
+        elapsed = send_parallel(destination, files, associations)
+        peak = tuple(_status_mb(p.pid, "VmHWM") for p in processes)
+        time.sleep(3.0)  # at rest
+        rss = tuple(_status_mb(p.pid, "VmRSS") for p in processes)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+    return len(files) / elapsed, rss, peak
+
+
+def _listening(pid: int, port: int) -> bool:
+    """Whether process ``pid`` has a TCP socket listening on ``port`` (from /proc, Linux)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                return True
+    return False
+
+
+def _status_mb(pid: int, field: str) -> float:
+    """A memory figure of /proc/<pid>/status (VmRSS, VmHWM), MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def run_receivers_bench(
+    count: int,
+    associations: int,
+    receivers: Sequence[int],
+    out_dir: Path,
+    progress: Progress,
+    sources: dict[str, str] = SOURCES,
+    rounds: int = 3,
+) -> list[ProcessesFigure]:
+    """One receiver process against K, same files, same sender, same run, in ``rounds`` alternating
+    rounds (medians); ``receive-processes.json``."""
+    figures = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pacs-xai-bench-") as temp:
+        workdir = Path(temp)
+        for label, source in sources.items():
+            files = fresh_copies(source, count, workdir / "input" / source)
+            for k in receivers:
+                rates: dict[str, list[float]] = {"one": [], "several": [], "one_no_fsync": [], "several_no_fsync": []}
+                rss: tuple[float, ...] = ()
+                peak: tuple[float, ...] = ()
+                for round_index in range(rounds):  # alternating, so a change of machine load weighs on both
+                    progress(f"{label}, round {round_index + 1}/{rounds}: 1 process, then {k} receiver processes")
+                    rates["one"].append(measure_pacs_xai(files, associations, workdir, "power-loss"))
+                    several, rss, peak = measure_receiver_processes(files, associations, k, workdir)
+                    rates["several"].append(several)
+                    rates["one_no_fsync"].append(measure_pacs_xai(files, associations, workdir, "process-crash"))
+                    rates["several_no_fsync"].append(
+                        measure_receiver_processes(files, associations, k, workdir, "process-crash")[0]
+                    )
+                one, several, one_no_fsync, several_no_fsync = (
+                    statistics.median(rates[key]) for key in ("one", "several", "one_no_fsync", "several_no_fsync")
+                )
+                figure = ProcessesFigure(
+                    label,
+                    associations,
+                    count,
+                    k,
+                    round(one, 1),
+                    round(several, 1),
+                    rss,
+                    round(one_no_fsync, 1),
+                    round(several_no_fsync, 1),
+                    peak,
+                )
+                progress(
+                    f"{label}: 1 process {one:.0f}/s, {k} processes {several:.0f}/s ({figure.ratio:.2f}x); no fsync "
+                    f"{one_no_fsync:.0f}/s vs {several_no_fsync:.0f}/s ({figure.ratio_no_fsync:.2f}x); "
+                    f"receiver RSS at rest {', '.join(f'{mb:.0f}' for mb in rss)} MB, "
+                    f"peak {', '.join(f'{mb:.0f}' for mb in peak)} MB"
+                )
+                figures.append(figure)
+    (out_dir / "receive-processes.json").write_text(
+        json.dumps(
+            [{**asdict(f), "ratio": round(f.ratio, 3), "ratio_no_fsync": round(f.ratio_no_fsync, 3)} for f in figures],
+            indent=2,
+        )
+    )
+    return figures
+
+
+def print_processes(figures: Sequence[ProcessesFigure]) -> None:
+    print(
+        f"{'images':14} {'assoc':>5} {'count':>6} {'receivers':>9} {'1 process/s':>12} "
+        f"{'K processes/s':>14} {'ratio':>6} {'no fsync: 1/s':>14} {'K/s':>7} {'ratio':>6}  RSS at rest / peak MB"
+    )
+    for f in figures:
+        print(
+            f"{f.images:14} {f.associations:>5} {f.count:>6} {f.receivers:>9} {f.one_process_per_second:>12.1f} "
+            f"{f.processes_per_second:>14.1f} {f.ratio:>6.2f} {f.one_process_no_fsync_per_second:>14.1f} "
+            f"{f.processes_no_fsync_per_second:>7.1f} {f.ratio_no_fsync:>6.2f}  "
+            f"{', '.join(f'{mb:.0f}' for mb in f.receiver_rss_mb)} / "
+            f"{', '.join(f'{mb:.0f}' for mb in f.receiver_peak_mb)}"
+        )
 
 
 class AnswerAtOnce:

@@ -9,10 +9,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGLSLossless
 
 from service.cli.main import build_parser, main
 from service.cli.node import overrides_from_flags
-from service.node.config import OUTPUT_KINDS, ConfigError, NodeConfig, example_config, load_config
+from service.node.config import (
+    OUTPUT_KINDS,
+    ConfigError,
+    NodeConfig,
+    available_cores,
+    example_config,
+    load_config,
+    resolve_processes,
+)
 
 
 def test_defaults_without_a_file() -> None:
@@ -228,3 +237,30 @@ def test_explain_help_lists_every_registry_name(capsys) -> None:
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert all(name in out for name in available_explainers())
+
+
+def test_processes_auto_follows_the_cores_and_one_and_one_is_the_single_process_node(tmp_path: Path) -> None:
+    assert resolve_processes(load_config(None), cores=2) == (2, 2)
+    assert resolve_processes(load_config(None), cores=16) == (4, 8)
+    single = load_config(None, {"listener": {"processes": 1}, "workers": {"processes": 1}})
+    assert resolve_processes(single, cores=16) == (1, 1)
+    with pytest.raises(ConfigError, match="workers.processes.*'auto' or an integer 1-64.*found 0"):
+        load_config(None, {"workers": {"processes": 0}})
+
+
+def test_a_container_cpu_quota_caps_the_cores(tmp_path: Path) -> None:
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # 1.5 cores: 2 processes' worth
+    assert available_cores(quota) == min(2, available_cores(tmp_path / "absent"))
+    quota.write_text("max 100000\n")
+    assert available_cores(quota) == available_cores(tmp_path / "absent") >= 1
+
+
+def test_destination_transfer_syntaxes_are_checked_and_reach_the_scu() -> None:
+    destination = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
+    config = load_config(None, {"destinations": [destination]})
+    assert config.destinations[0].to_destination().transfer_syntaxes == (JPEGLSLossless, DeflatedExplicitVRLittleEndian)
+    plain = load_config(None, {"destinations": [{**destination, "transfer_syntaxes": []}]})
+    assert plain.destinations[0].to_destination().transfer_syntaxes == ()
+    with pytest.raises(ConfigError, match="unknown lossless transfer syntax 'jpeg-lossy'"):
+        load_config(None, {"destinations": [{**destination, "transfer_syntaxes": ["jpeg-lossy"]}]})

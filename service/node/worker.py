@@ -1,0 +1,119 @@
+"""A worker process of a multi-process node: takes ready series from the journal and runs them
+through the pipeline (read, prepare, infer, explain, encode, store in the outbox).
+
+Each worker loads the models and pipelines of the routes (:mod:`service.node.routing`), warms
+up, then claims one ready series at a time
+(:meth:`service.node.store.SeriesClaims.claim_ready`, atomic across processes) with
+``workers.pipeline`` threads. Nothing signals arrivals across processes, so an idle worker looks
+at the journal every ``POLL_SECONDS`` (sooner when a series will be ready sooner). SIGTERM: the
+batch in hand is finished, then the process exits; SIGKILL: the supervisor releases its claims
+and another worker takes them.
+
+Torch's intra-op threads are ``cores // workers`` per worker (at least 1), unless
+``OMP_NUM_THREADS`` says otherwise: processes, not threads, share the cores.
+
+Run by the supervisor: ``python -m service.node.worker --config FILE --name worker-0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from service.inference.deployed import PoolSettings
+from service.node.assembler import SeriesKey
+from service.node.child import run_child
+from service.node.config import NodeConfig, available_cores, resolve_processes
+from service.node.metrics import create_metrics
+from service.node.processor import SeriesProcessor
+from service.node.routing import ModelRegistry, Router
+from service.node.store import Journal, Spool, StoreError
+
+log = logging.getLogger(__name__)
+
+#: Longest look-again interval of an idle worker, seconds.
+POLL_SECONDS = 0.02
+
+
+def warm_marker(data_dir: Path, identity: str) -> Path:
+    """The file a worker creates once its model is loaded and warmed up (``run/warm-<name>:<pid>``)."""
+    return data_dir / "run" / f"warm-{identity}"
+
+
+def torch_threads(config: NodeConfig) -> int:
+    """Intra-op threads per worker: the cores shared among the worker processes."""
+    _, workers = resolve_processes(config)
+    return max(1, available_cores() // workers)
+
+
+def serve_worker(config: NodeConfig, identity: str, stop: threading.Event) -> int:
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(torch_threads(config))
+    data_dir = Path(config.storage.data_dir)
+    durability = config.storage.durability
+    journal = Journal(data_dir / "journal.sqlite", durability=durability)
+    metrics = create_metrics()
+    models = ModelRegistry(
+        device=config.model.device,
+        pool=PoolSettings(config.pool.max_batch, config.pool.max_wait_ms, config.pool.max_queue),
+        metrics=metrics.pool,
+    )
+    try:
+        router = Router.build(config, models)
+        for deployed in router.models():
+            card = deployed.card
+            metrics.model_info.labels(card.name, card.version, deployed.forward_runner.device).set(1)
+        if config.model.warm_up:
+            seconds = sum(pipeline.warm_up() for pipeline in router.pipelines())
+            log.info("%s warmed up in %.2f s", identity, seconds)
+        warm_marker(data_dir, identity).touch()  # the supervisor's readiness: this worker takes work now
+        processor = SeriesProcessor(
+            router, Spool(data_dir / "spool", durability=durability), journal, config.destinations, metrics
+        )
+        threads = [
+            threading.Thread(
+                target=_claim_loop, args=(config, identity, journal, processor, stop), name=f"{identity}-{n}"
+            )
+            for n in range(config.workers.pipeline)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        models.close()
+        journal.close()
+    return 0
+
+
+def _claim_loop(
+    config: NodeConfig, identity: str, journal: Journal, processor: SeriesProcessor, stop: threading.Event
+) -> None:
+    idle, max_wait = config.assembly.idle_seconds, config.assembly.max_wait_seconds
+    while not stop.is_set():
+        try:
+            ready = journal.series.claim_ready(identity, idle_seconds=idle, max_wait_seconds=max_wait)
+            ready_in = None if ready else journal.series.next_ready_in(idle_seconds=idle, max_wait_seconds=max_wait)
+        except StoreError as exc:  # e.g. the journal locked longer than its busy timeout: look again later
+            log.error("%s cannot claim a series: %s", identity, exc)
+            stop.wait(1.0)
+            continue
+        if ready is None:
+            stop.wait(POLL_SECONDS if ready_in is None else min(POLL_SECONDS, max(ready_in, 0.002)))
+            continue
+        key = SeriesKey(ready.study_instance_uid, ready.series_instance_uid)
+        processor.process_batch(key, journal.get_instances(ready.sop_instance_uids))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_child("worker", serve_worker, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
