@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from dicom_io.net.scp import DEFAULT_MAX_INSTANCE_BYTES
 from dicom_io.net.scu import Destination
 from dicom_io.writers import OUTPUT_KINDS
 
@@ -48,6 +49,25 @@ class ListenerConfig(_Section):
     acse_timeout: float = Field(30, gt=0, description="Seconds to wait for association messages.")
     dimse_timeout: float = Field(60, gt=0, description="Seconds to wait for DIMSE messages.")
     network_timeout: float = Field(60, gt=0, description="Seconds of network silence before an association is aborted.")
+    max_associations_per_host: int | None = Field(
+        None,
+        ge=1,
+        description="Connections one calling address may hold at once; omit for max_associations - 2 (at least 1).",
+    )
+    max_instance_bytes: int = Field(
+        DEFAULT_MAX_INSTANCE_BYTES,
+        ge=1,
+        description="Largest data set accepted by C-STORE, bytes; a larger one is answered 0xA700 and never kept.",
+    )
+
+    @model_validator(mode="after")
+    def _per_host_within_total(self) -> ListenerConfig:
+        if self.max_associations_per_host is not None and self.max_associations_per_host > self.max_associations:
+            raise ValueError(
+                f"max_associations_per_host ({self.max_associations_per_host}) is larger than max_associations "
+                f"({self.max_associations}): lower it or raise max_associations"
+            )
+        return self
 
 
 class AllowedCallerConfig(_Section):
