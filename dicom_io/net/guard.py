@@ -422,16 +422,22 @@ class GuardedAssociation(Association):
 
     def kill(self) -> None:
         """Stop the association without waiting on the peer: once the Upper Layer has sent its last
-        PDU (A-ABORT or A-RELEASE-RP, state Sta13) or after ``_KILL_GRACE`` s, the socket is shut."""
+        PDU (A-ABORT or A-RELEASE-RP, state Sta13) or after ``_KILL_GRACE`` s, the socket is shut
+        and the Upper Layer told so."""
         self._reactor_checkpoint.set()
         self._kill = True
         self.is_established = False
         self._is_paused = True
         deadline = time.monotonic() + _KILL_GRACE
+        closed = False
         while self.dul.is_alive() and not self.dul.stop_dul():
             now = time.monotonic()
-            if self.dul.state_machine.current_state == "Sta13" or now > deadline:
+            if not closed and (self.dul.state_machine.current_state == "Sta13" or now > deadline):
+                # The Upper Layer does not see a socket closed under it: tell it (Evt17, transport
+                # closed), or it waits in Sta13 for its ARTIM timer (the ACSE timeout) to expire.
                 self._shutdown_transport()
+                self.dul.event_queue.put("Evt17")
+                closed = True
             if now > deadline + _KILL_GRACE:
                 self.dul.kill_dul()
                 break

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
@@ -53,6 +54,53 @@ def has_pixel_data(ds: Dataset) -> bool:
     return any(keyword in ds for keyword in _PIXEL_KEYWORDS)
 
 
+#: The UIDs every output copies or refers to (highdicom refuses them when they are not UIDs).
+_IDENTIFYING_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
+
+
+def _read_every_element(ds: pydicom.Dataset, name: str) -> None:
+    """Convert every element now: pydicom reads values lazily, so a lying VR or length (a UL of
+    2 bytes, a PN in an unknown character set) would otherwise fail far from here, later in
+    preparing or writing, as an error that names neither the file nor the element. The UIDs and
+    the character set the outputs copy are checked too."""
+    where: list[Any] = [None]  # the tag being converted, for the message
+
+    def convert(dataset: Dataset) -> None:
+        for key in list(dataset.keys()):
+            where[0] = key
+            element = dataset[key]  # converts the raw element: this is where a lie fails
+            if element.VR == "SQ":
+                for item in element.value:
+                    convert(item)
+
+    try:
+        convert(ds)
+    except Exception as exc:  # pydicom raises many kinds on damaged values
+        # The exception's text is left out: it may quote the value, and the value may be patient data.
+        element_name = f"element {where[0]}" if where[0] is not None else "an element"
+        raise DicomInputError(
+            f"{name}: {element_name} cannot be read ({type(exc).__name__}: its VR or length does not fit its bytes); "
+            "resend the original file"
+        ) from exc
+    for keyword in _IDENTIFYING_UIDS:
+        if keyword not in ds:
+            continue
+        element = ds[keyword]
+        if element.VR != "UI" or not isinstance(element.value, str) or not UID(element.value).is_valid:
+            raise DicomInputError(
+                f"{name}: {keyword} {element.tag} is not a valid UID (VR {element.VR}); the outputs could not "
+                "refer to it: resend the original file"
+            )
+    charsets = ds.get("SpecificCharacterSet")
+    if charsets:
+        for term in [charsets] if isinstance(charsets, str) else list(charsets):
+            if term and term not in python_encoding:
+                raise DicomInputError(
+                    f"{name}: Specific Character Set (0008,0005) {term!r} is not a defined term of PS3.3 "
+                    "C.12.1.1.2; the outputs could not be encoded in it: resend the original file"
+                )
+
+
 def read_dataset(path: str | os.PathLike) -> pydicom.Dataset:
     """Read a DICOM Part 10 file that must hold an image.
 
@@ -76,6 +124,7 @@ def read_dataset(path: str | os.PathLike) -> pydicom.Dataset:
             "resend the original file"
         ) from exc
 
+    _read_every_element(ds, name)
     if not has_pixel_data(ds):
         raise DicomInputError(
             f"{name}: no Pixel Data (7FE0,0010) in this {sop_class_name(ds)} object "

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from io import BytesIO
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from dicom_io.net.network import Status
@@ -116,13 +115,13 @@ def parse_instance_uids(encoded: bytes) -> tuple[str, str, str, str]:
     """(SOP Class, SOP Instance, Study Instance, Series Instance) UIDs of a Part 10 byte stream."""
     try:
         ds = pydicom.dcmread(BytesIO(encoded), stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+    except Exception as exc:  # untrusted bytes: BytesLengthException, struct.error, ...: "cannot understand"
         raise UnusableInstanceError(f"cannot parse the dataset: {type(exc).__name__}: {exc}") from exc
     values = []
     for keyword in _REQUIRED_UIDS:
         try:
             value = str(ds.get(keyword, "") or "")
-        except (ValueError, TypeError) as exc:  # a malformed element only fails when it is read
+        except Exception as exc:  # a malformed element only fails when it is read (any pydicom error)
             raise UnusableInstanceError(f"{keyword} cannot be read: {exc}") from exc
         if not value:
             raise UnusableInstanceError(f"{keyword} is missing")

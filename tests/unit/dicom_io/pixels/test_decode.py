@@ -121,3 +121,33 @@ def test_bad_number_of_frames():
     ds.NumberOfFrames = 3  # the pixel data holds one frame
     with pytest.raises(DicomInputError):
         prepare_frames(ds, SPEC)
+
+
+def _explicit_element_offset(data: bytes, tag: tuple[int, int]) -> int:
+    return data.index(bytes([tag[0] & 0xFF, tag[0] >> 8, tag[1] & 0xFF, tag[1] >> 8]), 132)
+
+
+def test_a_lying_vr_is_reported_at_read_time_naming_the_element(tmp_path: Path):
+    """pydicom converts values lazily: a VR that does not fit its bytes must fail here, named,
+    not later in a writer (the torture suite found it as an internal error)."""
+    data = bytearray(Path(data_file("CT_small.dcm")).read_bytes())
+    offset = _explicit_element_offset(bytes(data), (0x0008, 0x0060))  # Modality, CS of 2 bytes
+    data[offset + 4 : offset + 6] = b"UL"
+    path = tmp_path / "lying.dcm"
+    path.write_bytes(bytes(data))
+    with pytest.raises(DicomInputError, match=r"element \(0008,0060\) cannot be read") as info:
+        read_dataset(path)
+    assert_no_patient_data(str(info.value))
+
+
+def test_a_uid_that_is_not_a_uid_and_an_unknown_character_set_are_refused(tmp_path: Path):
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    ds.SpecificCharacterSet = "DAO_IR 100"
+    ds.save_as(tmp_path / "charset.dcm")
+    with pytest.raises(DicomInputError, match="'DAO_IR 100' is not a defined term"):
+        read_dataset(tmp_path / "charset.dcm")
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    ds.SeriesInstanceUID = "1.2.3.abc"
+    ds.save_as(tmp_path / "uid.dcm")
+    with pytest.raises(DicomInputError, match=r"SeriesInstanceUID \(0020,000E\) is not a valid UID"):
+        read_dataset(tmp_path / "uid.dcm")
