@@ -38,6 +38,7 @@ from pynetdicom.events import Event, EventType
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
+from dicom_io.faults import fault_point
 from dicom_io.net.network import (
     Status,
     StoreVerdict,
@@ -263,6 +264,7 @@ class StoreSCU:
                     results.append((item, SendOutcome(item.sop_instance_uid, None, "retry", reason)))
                     continue
                 results.append((item, _send_one(assoc, item, destination)))
+                fault_point("mid-send")
         finally:
             _release(assoc)
         return results

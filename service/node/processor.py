@@ -20,6 +20,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_io.errors import DicomInputError
+from dicom_io.faults import fault_point
 from dicom_io.pixels import read_dataset
 from service.explain import ExplainerError
 from service.node.assembler import SeriesKey
@@ -70,6 +71,7 @@ class SeriesProcessor:
         try:
             with self._metrics.stage_seconds.labels("read").time():
                 dataset = read_dataset(instance.path)
+            fault_point("during-processing")
             result = self._pipeline.process(dataset)
         except (DicomInputError, ExplainerError) as exc:
             self._journal.mark_processed([uid], "failed", str(exc))
@@ -104,6 +106,7 @@ class SeriesProcessor:
                         kind=output.kind,
                         method=output.method,
                     )
+        fault_point("after-outputs-stored")
         self._journal.mark_processed([uid], "done")
 
     def _observe(self, result: DatasetResult) -> None:

@@ -19,6 +19,7 @@ from io import BytesIO
 import pydicom
 from pydicom.uid import UID
 
+from dicom_io.faults import fault_point
 from dicom_io.net.network import Status
 from service.node.assembler import Assembler, SeriesKey
 from service.node.metrics import NodeMetrics
@@ -69,6 +70,7 @@ class Receiver:
         try:
             with self._metrics.stage_seconds.labels("spool").time():
                 path = self._spool.write_instance(encoded, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid)
+                fault_point("after-spool-write")
                 self._journal.record_received(
                     ReceivedInstance(
                         sop_instance_uid=sop_uid,
@@ -84,6 +86,7 @@ class Receiver:
         except StoreError as exc:
             log.error("could not store instance %s from %s: %s", sop_uid, calling_ae, exc)
             return Status.OUT_OF_RESOURCES
+        fault_point("after-journal")
         self._assembler.instance_arrived(SeriesKey(study_uid, series_uid), sop_uid, association_id)
         log.debug("stored instance %s of series %s", sop_uid, series_uid)
         return Status.SUCCESS

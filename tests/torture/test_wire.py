@@ -44,8 +44,9 @@ CASES = int(os.environ.get("PACSXAI_WIRE_CASES", 200_000 if long_run() else 10_4
 SEED = int(os.environ.get("PACSXAI_WIRE_SEED", 20261205))
 #: Clients in parallel, each from its own loopback address (slots are counted per address).
 CLIENTS = 8
-#: The node's timeouts in this file: short, so a case that leaves the node waiting costs ~1 s.
-TIMEOUT = 1.0
+#: The node's timeouts in this file: short, so a case that leaves the node waiting costs ~2 s.
+#: A slot must be free well before them: a slot held until a timeout is the bug this file hunts.
+TIMEOUT = 2.0
 
 
 @dataclass
@@ -237,7 +238,7 @@ def test_ten_thousand_broken_conversations(node: RunningNode) -> None:
     assert not stuck, "\n".join(f"{v.case.reproduce(SEED)}: {v.answer}, still open" for v in stuck[:10])
     slow = [v for v in verdicts if v.seconds > TIMEOUT * 2 + 1]
     assert not slow, "\n".join(f"{v.case.reproduce(SEED)}: {v.answer} after {v.seconds:.2f} s" for v in slow[:10])
-    held = [v for v in verdicts if v.freed > 1.0]
+    held = [v for v in verdicts if v.freed >= TIMEOUT / 2]
     assert not held, "\n".join(
         f"{v.case.reproduce(SEED)}: slot held {v.freed:.2f} s after the close" for v in held[:10]
     )
