@@ -44,9 +44,14 @@ CASES = int(os.environ.get("PACSXAI_WIRE_CASES", 200_000 if long_run() else 10_4
 SEED = int(os.environ.get("PACSXAI_WIRE_SEED", 20261205))
 #: Clients in parallel, each from its own loopback address (slots are counted per address).
 CLIENTS = 8
-#: The node's timeouts in this file: short, so a case that leaves the node waiting costs ~2 s.
-#: A slot must be free well before them: a slot held until a timeout is the bug this file hunts.
+#: The node's network and DIMSE timeouts in this file: short, so a case that leaves an association
+#: waiting for data costs ~2 s.
 TIMEOUT = 2.0
+#: The ACSE timeout (the A-ASSOCIATE-RQ deadline and the Upper Layer's ARTIM timer) stays at its
+#: default: a slot held until it expires (the bug this file hunts) shows as 30 s, far above any
+#: scheduling delay of a loaded CI machine, so "freed at once" is a bound of HELD_LIMIT.
+ACSE_TIMEOUT = 30.0
+HELD_LIMIT = 10.0
 
 
 @dataclass
@@ -64,7 +69,7 @@ def start_node(data_dir: Path, **settings: object) -> RunningNode:
     spool = Spool(data_dir / "spool", durability="process-crash")
     journal = Journal(data_dir / "journal.sqlite", durability="process-crash")
     receiver = Receiver(spool, journal, Assembler(idle_seconds=60, max_wait_seconds=600), create_metrics())
-    values: dict = {"port": 0, "acse_timeout": TIMEOUT, "network_timeout": TIMEOUT, "dimse_timeout": TIMEOUT}
+    values: dict = {"port": 0, "acse_timeout": ACSE_TIMEOUT, "network_timeout": TIMEOUT, "dimse_timeout": TIMEOUT}
     values.update(settings)
     scp = StorageSCP(ListenerSettings(**values), receiver)
     scp.start()
@@ -207,11 +212,8 @@ class Verdict:
 
 
 def run_case(node: RunningNode, case: Case, source: str) -> Verdict:
-    started = time.monotonic()
     outcome = play(case, LOCALHOST, node.port, source=source, limit=TIMEOUT * 3 + 2)
-    freed = wait_freed(node.scp, source, fail=False) if outcome.prompt else float("nan")
-    if freed == float("inf"):
-        freed = time.monotonic() - started + wait_freed(node.scp, source, timeout=30, fail=False)
+    freed = wait_freed(node.scp, source, timeout=ACSE_TIMEOUT + 5, fail=False) if outcome.prompt else float("nan")
     after = echo(LOCALHOST, node.port, source=source) if outcome.prompt else "not tried"
     return Verdict(case, outcome.kind, outcome.answer, outcome.seconds, freed, after)
 
@@ -238,7 +240,7 @@ def test_ten_thousand_broken_conversations(node: RunningNode) -> None:
     assert not stuck, "\n".join(f"{v.case.reproduce(SEED)}: {v.answer}, still open" for v in stuck[:10])
     slow = [v for v in verdicts if v.seconds > TIMEOUT * 2 + 1]
     assert not slow, "\n".join(f"{v.case.reproduce(SEED)}: {v.answer} after {v.seconds:.2f} s" for v in slow[:10])
-    held = [v for v in verdicts if v.freed >= TIMEOUT / 2]
+    held = [v for v in verdicts if v.freed >= HELD_LIMIT]
     assert not held, "\n".join(
         f"{v.case.reproduce(SEED)}: slot held {v.freed:.2f} s after the close" for v in held[:10]
     )
@@ -266,14 +268,16 @@ def test_ten_thousand_broken_conversations(node: RunningNode) -> None:
                 "closed by abort, reject, status or the node's own timeout; slot freed; a valid echo follows",
                 sum(outcomes.values()),
                 report.tally(outcomes),
-                f"slot free at most {max(freed) * 1000:.0f} ms after the client saw the close",
+                f"slot free after the client saw the close: median {_ms(freed, 0.5)}, 99th percentile "
+                f"{_ms(freed, 0.99)}, at most {_ms(freed, 1.0)}",
             )
         )
     worst = max(v.freed for v in verdicts)
     report.record(
         report.Finding(
             "wire",
-            f"all {len(verdicts)} generated cases ({CLIENTS} clients in parallel, node timeouts {TIMEOUT:.0f} s)",
+            f"all {len(verdicts)} generated cases ({CLIENTS} clients in parallel, ACSE timeout {ACSE_TIMEOUT:.0f} s, "
+            f"network timeout {TIMEOUT:.0f} s)",
             "the node keeps running, threads back to their count, memory bounded",
             len(verdicts),
             {"valid echo after the case": len(verdicts) - len(no_echo)},
@@ -284,3 +288,8 @@ def test_ten_thousand_broken_conversations(node: RunningNode) -> None:
             "it; a DIMSE message that was not a valid request was ignored and its association left waiting.",
         )
     )
+
+
+def _ms(values: list[float], quantile: float) -> str:
+    """The ``quantile`` of sorted ``values`` (seconds) in ms."""
+    return f"{values[min(len(values) - 1, int(quantile * len(values)))] * 1000:.0f} ms"
