@@ -74,6 +74,9 @@ def _read_every_element(ds: pydicom.Dataset, name: str) -> None:
                     convert(item)
 
     try:
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None:
+            convert(meta)
         convert(ds)
     except Exception as exc:  # pydicom raises many kinds on damaged values
         # The exception's text is left out: it may quote the value, and the value may be patient data.
@@ -82,6 +85,12 @@ def _read_every_element(ds: pydicom.Dataset, name: str) -> None:
             f"{name}: {element_name} cannot be read ({type(exc).__name__}: its VR or length does not fit its bytes); "
             "resend the original file"
         ) from exc
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and (not isinstance(syntax, str) or not UID(syntax).is_transfer_syntax):
+        raise DicomInputError(
+            f"{name}: Transfer Syntax UID (0002,0010) {str(syntax)[:70]!r} is not a known transfer syntax "
+            "(PS3.5 Annex A): resend the original file"
+        )
     for keyword in _IDENTIFYING_UIDS:
         if keyword not in ds:
             continue

@@ -151,15 +151,20 @@ def _scenario(point: str, sources: list[Path], tmp_path: Path) -> None:
         wait_for(lambda: len(destination.sources_of()) >= INSTANCES, 240, f"results for {INSTANCES} sources", 0.5)
         journal_path = data_dir / "journal.sqlite"
 
+        last: dict[str, int] = {}
+
         def settled() -> bool:
             journal = Journal(journal_path)
             try:
-                counts = journal.counts()
+                last.update(journal.counts())
             finally:
                 journal.close()
-            return counts["instances_done"] == INSTANCES and counts.get("outbox_pending", 0) == 0
+            return last["instances_done"] == INSTANCES and last.get("outbox_pending", 0) == 0
 
-        wait_for(settled, 60, "every instance done and every output sent")
+        try:
+            wait_for(settled, 180, "every instance done and every output sent")
+        except BaseException as exc:
+            raise AssertionError(f"{exc}; journal counts: {last}; log tail: {log.read_text()[-2000:]}") from exc
         node.send_signal(signal.SIGTERM)
         assert node.wait(timeout=60) == 0
     finally:

@@ -151,3 +151,12 @@ def test_a_uid_that_is_not_a_uid_and_an_unknown_character_set_are_refused(tmp_pa
     ds.save_as(tmp_path / "uid.dcm")
     with pytest.raises(DicomInputError, match=r"SeriesInstanceUID \(0020,000E\) is not a valid UID"):
         read_dataset(tmp_path / "uid.dcm")
+
+
+def test_a_transfer_syntax_uid_with_a_lying_vr_is_refused_at_read_time(tmp_path: Path):
+    data = bytearray(Path(data_file("CT_small.dcm")).read_bytes())
+    offset = _explicit_element_offset(bytes(data), (0x0002, 0x0010))
+    data[offset + 4 : offset + 6] = b"UL"
+    (tmp_path / "ts.dcm").write_bytes(bytes(data))
+    with pytest.raises(DicomInputError, match=r"Transfer Syntax UID \(0002,0010\) .* is not a known transfer syntax"):
+        read_dataset(tmp_path / "ts.dcm")
