@@ -18,11 +18,13 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.charset import python_encoding
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID
+from pydicom.valuerep import DA, DT, TM
 
 from dicom_io.errors import DicomInputError, UnsupportedImageError
 
@@ -58,6 +60,55 @@ def has_pixel_data(ds: Dataset) -> bool:
 _IDENTIFYING_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
 
 
+#: Groups whose attributes the outputs copy from the source (identification, patient, study and series).
+_COPIED_GROUPS = (0x0008, 0x0010, 0x0020)
+
+
+def _check_copied_attributes(ds: Dataset, name: str) -> None:
+    """The attributes the outputs copy must be what PS3.6 says they are: the VR of the data
+    dictionary (a lying VR would be copied as a value the output's VR cannot hold), a date a
+    calendar has, a Patient's Sex of M, F or O. Messages name the element, never its value."""
+    for element in ds:
+        tag = element.tag
+        if tag.is_private or tag.group not in _COPIED_GROUPS:
+            continue
+        try:
+            expected = dictionary_VR(tag)
+        except KeyError:
+            continue
+        if element.VR not in (expected, "UN") and " or " not in expected:
+            raise DicomInputError(
+                f"{name}: element {tag} has VR {element.VR} where PS3.6 says {expected}; the outputs copy it: "
+                "resend the original file"
+            )
+        values = element.value if element.VM > 1 else [element.value]
+        kind = _TEMPORAL.get(element.VR)
+        if kind is not None and any(value and not _is_temporal(kind, str(value)) for value in values):
+            raise DicomInputError(
+                f"{name}: element {tag} ({element.VR}) holds a date or time no calendar or clock has: "
+                "resend the original file"
+            )
+    if str(ds.get("PatientSex", "") or "") not in ("", "M", "F", "O"):
+        raise DicomInputError(
+            f"{name}: Patient's Sex (0010,0040) is not M, F or O (PS3.3 C.7.1.1): resend the original file"
+        )
+
+
+_TEMPORAL = {"DA": DA, "TM": TM, "DT": DT}
+
+
+def _is_temporal(kind: type, value: str) -> bool:
+    """Whether pydicom (and so the writers) can read ``value`` as a DA, TM or DT (the ACR-NEMA
+    forms "14:04:38" and "1994.11.05", which PS3.5 still lets a reader accept, count as read)."""
+    if kind is not DT:
+        value = value.replace(":", "") if kind is TM else value.replace(".", "")
+    try:
+        kind(value)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def _read_every_element(ds: pydicom.Dataset, name: str) -> None:
     """Convert every element now: pydicom reads values lazily, so a lying VR or length (a UL of
     2 bytes, a PN in an unknown character set) would otherwise fail far from here, later in
@@ -85,6 +136,7 @@ def _read_every_element(ds: pydicom.Dataset, name: str) -> None:
             f"{name}: {element_name} cannot be read ({type(exc).__name__}: its VR or length does not fit its bytes); "
             "resend the original file"
         ) from exc
+    _check_copied_attributes(ds, name)
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if syntax is not None and (not isinstance(syntax, str) or not UID(syntax).is_transfer_syntax):
         raise DicomInputError(

@@ -12,9 +12,12 @@ duplicates.
 from __future__ import annotations
 
 import logging
+import re
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from io import BytesIO
+from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -27,9 +30,12 @@ from service.node.assembler import SeriesKey
 from service.node.config import DestinationConfig
 from service.node.metrics import NodeMetrics
 from service.node.pipeline import DatasetResult, ExplainPipeline
-from service.node.store import Journal, ReceivedInstance, Spool
+from service.node.store import Journal, ReceivedInstance, Spool, StoreError
 
 log = logging.getLogger(__name__)
+
+#: How pydicom names the element an encoding error happened at: "With tag (0008,0070) ...".
+_TAG_IN_MESSAGE = re.compile(r"\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)")
 
 
 class SeriesProcessor:
@@ -78,16 +84,36 @@ class SeriesProcessor:
             log.warning("instance %s cannot be processed: %s", uid, exc)
             return "failed"
         except Exception as exc:  # a bug must not stop the node; it is journaled with its reason and logged
-            self._journal.mark_processed([uid], "failed", f"internal error: {type(exc).__name__}: {exc}")
-            log.exception("instance %s failed with an internal error", uid)
+            # Where, not what: a library's message may quote a value of the source, and values may be
+            # patient data (the torture suite found a birth date in one); the frames say where it broke.
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            reason = (
+                f"internal error: {type(exc).__name__} in {Path(where.filename).name}:{where.lineno} ({where.name})"
+            )
+            self._journal.mark_processed([uid], "failed", reason)
+            log.error("instance %s failed: %s\n%s", uid, reason, "".join(traceback.format_tb(exc.__traceback__)))
             return "failed"
         self._observe(result)
         if result.skipped_reason:
             self._journal.mark_processed([uid], "skipped", result.skipped_reason)
             log.info("instance %s skipped: %s", uid, result.skipped_reason)
             return "skipped"
-        with self._metrics.stage_seconds.labels("store").time():
-            self._store_outputs(uid, result)
+        try:
+            with self._metrics.stage_seconds.labels("store").time():
+                self._store_outputs(uid, result)
+        except StoreError:
+            raise
+        except Exception as exc:  # an attribute copied from a damaged source that cannot be encoded
+            # The exception's text is left out (it may quote a value); pydicom names the element's tag.
+            where = _TAG_IN_MESSAGE.search(str(exc))
+            element = f" at element {where.group(0)}" if where else ""
+            reason = (
+                f"the outputs could not be encoded from this source ({type(exc).__name__}{element}): "
+                "an attribute of the source has a value its VR does not allow; resend the original file"
+            )
+            self._journal.mark_processed([uid], "failed", reason)
+            log.exception("instance %s: %s", uid, reason)
+            return "failed"
         return "done"
 
     def _store_outputs(self, uid: str, result: DatasetResult) -> None:
