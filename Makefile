@@ -10,13 +10,15 @@ TORCH  := torch==2.13.0
 SYSTEM_TOOLS := dciodvfy dcmdump dcmj2pnm storescu storescp echoscu Orthanc promtool
 SYSTEM_PACKAGES := dcmtk dicom3tools orthanc prometheus
 
-.PHONY: demo test test-fast test-integration lint train-demo train-saliency system-deps clean help viewer test-viewer viewer-deps
+.PHONY: demo test test-fast test-integration test-torture reliability lint train-demo train-saliency system-deps clean help viewer test-viewer viewer-deps
 
 help:
 	@echo "make demo        explain phantom and real sample studies into demo-out/"
 	@echo "make test        run the test suite (installs DCMTK and dicom3tools when missing)"
 	@echo "make test-fast   the unit tier without slow tests, two workers (about 70 s)"
 	@echo "make test-integration the integration tier: DCMTK and Orthanc peers, the node, benches, the wheel"
+	@echo "make test-torture the torture tier: garbage on the wire and in files, exhaustion, crashes, security"
+	@echo "make reliability the torture tier, writing docs/reliability.md from what it found"
 	@echo "make lint        ruff check and ruff format --check"
 	@echo "make train-demo  retrain the shipped demo model, its saliency masker and OOD statistics (~5 minutes)"
 	@echo "make train-saliency retrain the real-time saliency masker beside it (under a minute)"
@@ -49,6 +51,14 @@ test-fast: $(STAMP) system-deps
 
 test-integration: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests/integration
+
+# The torture tier (also part of make test): about 8 minutes on 2 cores. PACSXAI_TORTURE_LONG=1
+# runs it with the long budgets (200,000 wire cases, 20,000 files, a 5,000-instance soak).
+test-torture: $(STAMP) system-deps
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/torture
+
+reliability: $(STAMP) system-deps
+	OMP_NUM_THREADS=1 PACSXAI_RELIABILITY_REPORT=docs/reliability.md $(BIN)/python -m pytest -q tests/torture
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,17 @@ from dicom_io.net.network import free_port
 from service.tools.bench import peers as bench_peers
 from service.tools.dcmtk import DcmtkMissingError, dcmtk_tool
 
-__all__ = ["REPO_ROOT", "data_file", "free_port", "grad_cam_module", "require_dcmtk", "require_tool", "wait_for"]
+__all__ = [
+    "REPO_ROOT",
+    "Pki",
+    "data_file",
+    "free_port",
+    "grad_cam_module",
+    "make_pki",
+    "require_dcmtk",
+    "require_tool",
+    "wait_for",
+]
 
 #: The source checkout the tests run in.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +54,44 @@ def require_tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed: run `make system-deps` (Debian packages dcmtk, dicom3tools)")
     return path
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A test CA and the server and client certificates it signed (PEM files)."""
+
+    ca: Path
+    server_certificate: Path
+    server_key: Path
+    client_certificate: Path
+    client_key: Path
+
+
+def _openssl(*args: str) -> None:
+    done = subprocess.run([require_tool("openssl"), *args], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.fail(f"openssl {' '.join(args)} failed: {done.stderr}")
+
+
+def make_pki(folder: Path, name: str = "pacs-xai test CA") -> Pki:
+    """A CA called ``name`` in ``folder`` and two certificates it signs (server for
+    127.0.0.1/localhost, client), EC P-256, made by openssl."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", "-x509", *ec, "-keyout", str(folder / "ca.key"), "-out", str(folder / "ca.pem"), "-days", "2",
+             "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    for role, usage in (("server", "serverAuth"), ("client", "clientAuth")):
+        _openssl("req", *ec, "-keyout", str(folder / f"{role}.key"), "-out", str(folder / f"{role}.csr"),
+                 "-subj", f"/CN=pacs-xai test {role}")  # fmt: skip
+        extensions = folder / f"{role}.ext"
+        extensions.write_text(f"subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={usage}\n")
+        _openssl("x509", "-req", "-in", str(folder / f"{role}.csr"), "-CA", str(folder / "ca.pem"),
+                 "-CAkey", str(folder / "ca.key"), "-CAcreateserial", "-days", "2",
+                 "-out", str(folder / f"{role}.pem"), "-extfile", str(extensions))  # fmt: skip
+    return Pki(
+        folder / "ca.pem", folder / "server.pem", folder / "server.key", folder / "client.pem", folder / "client.key"
+    )
 
 
 def require_dcmtk(name: str) -> str:

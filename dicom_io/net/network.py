@@ -22,6 +22,7 @@ from typing import Literal
 from dicom_io.vr import AE_MAX
 
 __all__ = [
+    "TLS12_CIPHERS",
     "StoreVerdict",
     "Status",
     "classify_store_status",
@@ -140,15 +141,27 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
+#: TLS 1.2 cipher suites allowed (RFC 9325 / BCP 195 4.2): forward secrecy (ECDHE, DHE) and AEAD
+#: (AES-GCM, ChaCha20-Poly1305) only; CBC, SHA-1 MACs, static RSA key exchange are left out.
+#: TLS 1.3 suites are all AEAD with forward secrecy and stay as OpenSSL has them.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!PSK:!SRP"
+
+
+def _restrict(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    return context
+
+
 def server_ssl_context(certificate: Path, private_key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
-    """TLS context for the listening side (PS3.15 B.9, BCP 195: TLS 1.2 or newer).
+    """TLS context for the listening side (PS3.15 B.9, BCP 195: TLS 1.2 or newer, and for TLS 1.2
+    only the forward-secret AEAD suites of :data:`TLS12_CIPHERS`).
 
     ``certificate``/``private_key``: the node's PEM certificate (chain) and key. With
     ``client_ca`` (PEM), the client must present a certificate signed by that CA (mutual TLS,
     ``CERT_REQUIRED``); without it, clients are not asked for one.
     """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context = _restrict(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     context.load_cert_chain(
         _require_file(certificate, "TLS certificate"), _require_file(private_key, "TLS private key")
     )
@@ -166,8 +179,7 @@ def client_ssl_context(ca: Path, certificate: Path | None = None, key: Path | No
         raise ValueError(
             f"a TLS client certificate needs its key and vice versa, got certificate={certificate!s} key={key!s}"
         )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context = _restrict(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
     context.load_verify_locations(cafile=_require_file(ca, "TLS CA"))
     if certificate is not None and key is not None:
         context.load_cert_chain(_require_file(certificate, "TLS certificate"), _require_file(key, "TLS private key"))

@@ -16,14 +16,19 @@ Association control (PS3.8 7.1.1.9, A-ASSOCIATE-RJ):
   the AE-level ``require_called_aet``/``require_calling_aet`` stay set as a second line.
 - every rejection is reported through :meth:`StorageEvents.on_association_rejected`.
 
-The server is pynetdicom's threaded association server with two changes (:class:`_NodeServer`),
+The server is pynetdicom's threaded association server with these changes (:class:`_NodeServer`),
 and SO_REUSEPORT on its socket when ``ListenerSettings.reuse_port`` says so (several receiver
 processes on one port):
 every accepted socket gets TCP_NODELAY before its first byte (without it each image stalls about
-40 ms on the peer's delayed ACK), and the TLS handshake runs in the connection's own thread,
-bounded by the ACSE timeout; pynetdicom runs it in the accept loop, where one silent client holds
-up every other caller. A failed handshake is reported as a rejection and never becomes an
-association.
+40 ms on the peer's delayed ACK); the TLS handshake runs in the connection's own thread,
+bounded by the ACSE timeout (pynetdicom runs it in the accept loop, where one silent client holds
+up every other caller; a failed handshake is reported as a rejection and never becomes an
+association); each calling address holds at most ``max_associations_per_host`` connections
+(more get A-ASSOCIATE-RJ "local limit exceeded" at once); and every connection runs under
+:mod:`dicom_io.net.guard`: garbage, a closed connection or an A-ABORT before the A-ASSOCIATE-RQ
+frees the slot at once, PDUs have length limits and deadlines, a malformed DIMSE message aborts
+the association, and a data set over ``max_instance_bytes`` is dropped as it arrives and answered
+0xA700 without ever being held in memory.
 """
 
 from __future__ import annotations
@@ -65,9 +70,18 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_io.net.guard import (
+    ConnectionGate,
+    GuardedRequestHandler,
+    PduLimits,
+    Slot,
+    oversized_bytes,
+    reject_pdu,
+)
 from dicom_io.net.network import Status, describe_status, server_ssl_context, set_tcp_nodelay, validate_ae_title
 
 __all__ = [
+    "DEFAULT_MAX_INSTANCE_BYTES",
     "SUPPORTED_TRANSFER_SYNTAXES",
     "AllowedCaller",
     "ListenerSettings",
@@ -164,16 +178,25 @@ class TlsFiles:
     client_ca: Path | None = None
 
 
+#: Default largest instance accepted by C-STORE (bytes): 512 MiB.
+DEFAULT_MAX_INSTANCE_BYTES = 512 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class ListenerSettings:
     """How the node listens. ``port`` 0 picks a free port (see :attr:`StorageSCP.port`);
-    ``max_pdu`` 0 means unlimited; an empty ``allowed_callers`` accepts any calling AE title."""
+    ``max_pdu`` 0 means no maximum is announced (a P-DATA-TF PDU is then bounded by
+    ``max_instance_bytes``); an empty ``allowed_callers`` accepts any calling AE title;
+    ``max_associations_per_host`` ``None`` is ``max_associations - 2`` (at least 1): one host can
+    never take the last two slots."""
 
     ae_title: str = "PACSXAI"
     bind_address: str = "127.0.0.1"
     port: int = 11112
     max_associations: int = 10
     max_pdu: int = 0
+    max_associations_per_host: int | None = None
+    max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES
     acse_timeout: float = 30
     dimse_timeout: float = 60
     network_timeout: float = 60
@@ -189,6 +212,9 @@ class ListenerSettings:
         _check_range("listener port", self.port, 0, 65535)
         _check_range("max_associations", self.max_associations, 1, 10_000)
         _check_range("max_pdu", self.max_pdu, 0, 2**32 - 1)
+        if self.max_associations_per_host is not None:
+            _check_range("max_associations_per_host", self.max_associations_per_host, 1, self.max_associations)
+        _check_range("max_instance_bytes", self.max_instance_bytes, 1, 2**48)
         for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
@@ -196,6 +222,17 @@ class ListenerSettings:
         for entry in self.allowed_callers:
             if not isinstance(entry, AllowedCaller):
                 raise ValueError(f"allowed_callers holds AllowedCaller entries, got {entry!r}")
+
+    @property
+    def per_host(self) -> int:
+        """Connections one calling address may hold at the same time."""
+        if self.max_associations_per_host is not None:
+            return self.max_associations_per_host
+        return max(1, self.max_associations - 2)
+
+    def pdu_limits(self) -> PduLimits:
+        p_data = self.max_pdu if self.max_pdu > 0 else min(self.max_instance_bytes + (1 << 16), 2**32 - 1)
+        return PduLimits(p_data, self.max_instance_bytes, float(self.acse_timeout), float(self.network_timeout))
 
 
 def _check_range(name: str, value: object, low: int, high: int) -> None:
@@ -228,6 +265,10 @@ class StorageEvents(Protocol):
     def on_association_accepted(self, calling_ae: str, host: str, association_id: str) -> None:
         """An association was accepted; objects on it carry ``association_id``."""
         ...
+
+    # Optional (called only where the implementation has it):
+    # def on_store_refused(self, reason: str, *, calling_ae: str, association_id: str) -> None:
+    #     """A C-STORE was answered 0xA700 before ``on_store`` (its data set was over the size limit)."""
 
 
 @dataclass
@@ -272,8 +313,9 @@ class _Listener:
 
 
 class _NodeServer(ThreadedAssociationServer):
-    """pynetdicom's threaded association server, with TCP_NODELAY at accept and the TLS
-    handshake moved from the accept loop into the connection's own thread."""
+    """pynetdicom's threaded association server, with TCP_NODELAY at accept, the TLS handshake
+    moved from the accept loop into the connection's own thread, a limit of connections per
+    calling address, and the guarded associations of :mod:`dicom_io.net.guard`."""
 
     # Handshake threads may still be waiting when the server stops: do not join them.
     daemon_threads = True
@@ -283,15 +325,21 @@ class _NodeServer(ThreadedAssociationServer):
         self,
         *args: Any,
         handshake_timeout: float,
-        on_tls_failure: Callable[[str, str], None],
+        on_refusal: Callable[[str, str, str], None],
+        gate: ConnectionGate,
+        pdu_limits: PduLimits,
         reuse_port: bool = False,
         **kwargs: Any,
     ) -> None:
         self._handshake_timeout = handshake_timeout
-        self._on_tls_failure = on_tls_failure
+        self._on_refusal = on_refusal
         self._stopping = threading.Event()
+        self.gate = gate
+        self.pdu_limits = pdu_limits
+        self._slots: dict[Any, Slot] = {}
+        self._slots_lock = threading.Lock()
         self._reuse_port = reuse_port
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, request_handler=GuardedRequestHandler, **kwargs)
 
     def server_bind(self) -> None:
         """SO_REUSEPORT before the bind when asked (pynetdicom's own bind sets SO_REUSEADDR only)."""
@@ -306,16 +354,51 @@ class _NodeServer(ThreadedAssociationServer):
         return client, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        """In the connection's thread: the TLS handshake if configured, then the association."""
-        if self.ssl_context is not None:
-            request = self._tls_handshake(request, client_address)
-            if request is None:
-                return
-        if self._stopping.is_set():
-            LOGGER.info("closing connection from %s: the node is stopping", client_address[0])
-            self.shutdown_request(request)
+        """In the connection's thread: the host's limit, the TLS handshake if configured, then the association."""
+        host = str(client_address[0])
+        slot = self.gate.admit(host)
+        if slot is None:
+            reason = (
+                f"Local limit exceeded: {self.gate.per_host} connections from {host} already open "
+                "(max_associations_per_host)"
+            )
+            LOGGER.warning("refusing connection from %s:%s: %s", host, client_address[1], reason)
+            calling_ae = _UNKNOWN_CALLER
+            if self.ssl_context is None:
+                calling_ae = reject_pdu(request)
+            else:
+                self.shutdown_request(request)
+            self._on_refusal(calling_ae, host, reason)
             return
-        super().process_request_thread(request, client_address)
+        try:
+            if self.ssl_context is not None:
+                request = self._tls_handshake(request, client_address)
+                if request is None:
+                    slot.release()
+                    return
+            if self._stopping.is_set():
+                LOGGER.info("closing connection from %s: the node is stopping", host)
+                self.shutdown_request(request)
+                slot.release()
+                return
+            with self._slots_lock:
+                self._slots[request] = slot
+            super().process_request_thread(request, client_address)
+        except BaseException:
+            slot.release()
+            raise
+        finally:
+            with self._slots_lock:
+                self._slots.pop(request, None)
+        if not slot.taken:
+            slot.release()
+
+    def connection_slot(self, request: Any) -> Slot:
+        """The slot admitted for ``request`` (the guarded request handler takes it over)."""
+        with self._slots_lock:
+            slot = self._slots.pop(request)
+        slot.taken = True
+        return slot
 
     def _tls_handshake(self, request: socket.socket, client_address: tuple[str, int]) -> ssl.SSLSocket | None:
         previous_timeout = request.gettimeout()
@@ -327,7 +410,7 @@ class _NodeServer(ThreadedAssociationServer):
         except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
             reason = f"TLS handshake failed: {exc}"
             LOGGER.warning("refusing connection from %s:%s: %s", client_address[0], client_address[1], reason)
-            self._on_tls_failure(str(client_address[0]), reason)
+            self._on_refusal(_UNKNOWN_CALLER, str(client_address[0]), reason)
             self.shutdown_request(request)
             return None
 
@@ -375,7 +458,9 @@ class StorageSCP:
             evt_handlers=_handlers(self._listener) + self._extra_handlers,
             server_class=_NodeServer,
             handshake_timeout=settings.acse_timeout,
-            on_tls_failure=functools.partial(_report_rejection, self._listener, _UNKNOWN_CALLER),
+            on_refusal=functools.partial(_report_rejection, self._listener),
+            gate=ConnectionGate(settings.per_host),
+            pdu_limits=settings.pdu_limits(),
             reuse_port=settings.reuse_port,
         )
         serve = functools.partial(server.serve_forever, poll_interval=_POLL_INTERVAL)
@@ -404,6 +489,16 @@ class StorageSCP:
             LOGGER.warning("aborting association %s still open after %.0f s at stop", _peer(assoc), timeout)
             assoc.abort()
         LOGGER.info("stopped listening as %s", self.settings.ae_title)
+
+    def open_associations(self) -> int:
+        """Association slots in use now (pynetdicom's count behind "local limit exceeded")."""
+        server = self._server
+        return len(server.active_associations) if server is not None else 0
+
+    def open_connections(self) -> int:
+        """TCP connections open now, in any phase (TLS handshake, before the request, associated)."""
+        server = self._server
+        return server.gate.live() if server is not None else 0
 
     @property
     def port(self) -> int:
@@ -550,6 +645,9 @@ def _handle_store(event: Event, listener: _Listener) -> int:
     """
     sop_instance_uid = str(event.request.AffectedSOPInstanceUID)
     state = listener.associations.get(event.assoc)
+    oversized = oversized_bytes(event.request)
+    if oversized is not None:
+        return _refuse_oversized(listener, state, sop_instance_uid, oversized, event)
     if state is None:
         LOGGER.error("C-STORE of %s from %s outside a known association", sop_instance_uid, _peer(event.assoc))
         return Status.OUT_OF_RESOURCES
@@ -563,6 +661,26 @@ def _handle_store(event: Event, listener: _Listener) -> int:
     log = LOGGER.debug if status == Status.SUCCESS else LOGGER.warning
     log("C-STORE %s on association %s: %s", sop_instance_uid, state.association_id, describe_status(status))
     return status
+
+
+def _refuse_oversized(
+    listener: _Listener, state: _AssociationState | None, sop_instance_uid: str, size: int, event: Event
+) -> int:
+    """0xA700 for a data set over ``max_instance_bytes``: its bytes were dropped as they arrived."""
+    limit = listener.settings.max_instance_bytes
+    reason = f"data set of {size} bytes is over max_instance_bytes ({limit}); its bytes were not kept"
+    LOGGER.warning("C-STORE of %s from %s refused: %s", sop_instance_uid, _peer(event.assoc), reason)
+    refused = getattr(listener.events, "on_store_refused", None)
+    if refused is not None:
+        try:
+            refused(
+                reason,
+                calling_ae=state.calling_ae if state else "",
+                association_id=state.association_id if state else "",
+            )
+        except Exception:
+            LOGGER.exception("on_store_refused failed for %s", sop_instance_uid)
+    return Status.OUT_OF_RESOURCES
 
 
 def _store(event: Event, listener: _Listener, state: _AssociationState, sop_instance_uid: str) -> int:

@@ -39,6 +39,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
 from dicom_io.compression import uncompressed
+from dicom_io.faults import fault_point
 from dicom_io.net.network import (
     Status,
     StoreVerdict,
@@ -271,6 +272,7 @@ class StoreSCU:
                     results.append((item, SendOutcome(item.sop_instance_uid, None, "retry", reason)))
                     continue
                 results.append((item, _send_one(assoc, item, destination)))
+                fault_point("mid-send")
         finally:
             _release(assoc)
         return results

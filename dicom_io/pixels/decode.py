@@ -17,11 +17,14 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.charset import python_encoding
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import JPEG2000, UID, JPEG2000Lossless
+from pydicom.valuerep import DA, DT, TM
 
 from dicom_io.errors import DicomInputError, UnsupportedImageError
 
@@ -61,6 +64,112 @@ def has_pixel_data(ds: Dataset) -> bool:
     return any(keyword in ds for keyword in _PIXEL_KEYWORDS)
 
 
+#: The UIDs every output copies or refers to (highdicom refuses them when they are not UIDs).
+_IDENTIFYING_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
+
+
+#: Groups whose attributes the outputs copy from the source (identification, patient, study and series).
+_COPIED_GROUPS = (0x0008, 0x0010, 0x0020)
+
+
+def _check_copied_attributes(ds: Dataset, name: str) -> None:
+    """The attributes the outputs copy must be what PS3.6 says they are: the VR of the data
+    dictionary (a lying VR would be copied as a value the output's VR cannot hold), a date a
+    calendar has, a Patient's Sex of M, F or O. Messages name the element, never its value."""
+    for element in ds:
+        tag = element.tag
+        if tag.is_private or tag.group not in _COPIED_GROUPS:
+            continue
+        try:
+            expected = dictionary_VR(tag)
+        except KeyError:
+            continue
+        if element.VR not in (expected, "UN") and " or " not in expected:
+            raise DicomInputError(
+                f"{name}: element {tag} has VR {element.VR} where PS3.6 says {expected}; the outputs copy it: "
+                "resend the original file"
+            )
+        values = element.value if element.VM > 1 else [element.value]
+        kind = _TEMPORAL.get(element.VR)
+        if kind is not None and any(value and not _is_temporal(kind, str(value)) for value in values):
+            raise DicomInputError(
+                f"{name}: element {tag} ({element.VR}) holds a date or time no calendar or clock has: "
+                "resend the original file"
+            )
+    if str(ds.get("PatientSex", "") or "") not in ("", "M", "F", "O"):
+        raise DicomInputError(
+            f"{name}: Patient's Sex (0010,0040) is not M, F or O (PS3.3 C.7.1.1): resend the original file"
+        )
+
+
+_TEMPORAL = {"DA": DA, "TM": TM, "DT": DT}
+
+
+def _is_temporal(kind: type, value: str) -> bool:
+    """Whether pydicom (and so the writers) can read ``value`` as a DA, TM or DT (the ACR-NEMA
+    forms "14:04:38" and "1994.11.05", which PS3.5 still lets a reader accept, count as read)."""
+    if kind is not DT:
+        value = value.replace(":", "") if kind is TM else value.replace(".", "")
+    try:
+        kind(value)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _read_every_element(ds: pydicom.Dataset, name: str) -> None:
+    """Convert every element now: pydicom reads values lazily, so a lying VR or length (a UL of
+    2 bytes, a PN in an unknown character set) would otherwise fail far from here, later in
+    preparing or writing, as an error that names neither the file nor the element. The UIDs and
+    the character set the outputs copy are checked too."""
+    where: list[Any] = [None]  # the tag being converted, for the message
+
+    def convert(dataset: Dataset) -> None:
+        for key in list(dataset.keys()):
+            where[0] = key
+            element = dataset[key]  # converts the raw element: this is where a lie fails
+            if element.VR == "SQ":
+                for item in element.value:
+                    convert(item)
+
+    try:
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None:
+            convert(meta)
+        convert(ds)
+    except Exception as exc:  # pydicom raises many kinds on damaged values
+        # The exception's text is left out: it may quote the value, and the value may be patient data.
+        element_name = f"element {where[0]}" if where[0] is not None else "an element"
+        raise DicomInputError(
+            f"{name}: {element_name} cannot be read ({type(exc).__name__}: its VR or length does not fit its bytes); "
+            "resend the original file"
+        ) from exc
+    _check_copied_attributes(ds, name)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and (not isinstance(syntax, str) or not UID(syntax).is_transfer_syntax):
+        raise DicomInputError(
+            f"{name}: Transfer Syntax UID (0002,0010) {str(syntax)[:70]!r} is not a known transfer syntax "
+            "(PS3.5 Annex A): resend the original file"
+        )
+    for keyword in _IDENTIFYING_UIDS:
+        if keyword not in ds:
+            continue
+        element = ds[keyword]
+        if element.VR != "UI" or not isinstance(element.value, str) or not UID(element.value).is_valid:
+            raise DicomInputError(
+                f"{name}: {keyword} {element.tag} is not a valid UID (VR {element.VR}); the outputs could not "
+                "refer to it: resend the original file"
+            )
+    charsets = ds.get("SpecificCharacterSet")
+    if charsets:
+        for term in [charsets] if isinstance(charsets, str) else list(charsets):
+            if term and term not in python_encoding:
+                raise DicomInputError(
+                    f"{name}: Specific Character Set (0008,0005) {term!r} is not a defined term of PS3.3 "
+                    "C.12.1.1.2; the outputs could not be encoded in it: resend the original file"
+                )
+
+
 def read_dataset(path: str | os.PathLike) -> pydicom.Dataset:
     """Read a DICOM Part 10 file that must hold an image.
 
@@ -84,6 +193,7 @@ def read_dataset(path: str | os.PathLike) -> pydicom.Dataset:
             "resend the original file"
         ) from exc
 
+    _read_every_element(ds, name)
     if not has_pixel_data(ds):
         raise DicomInputError(
             f"{name}: no Pixel Data (7FE0,0010) in this {sop_class_name(ds)} object "

@@ -5,11 +5,18 @@ and the Instance Number.
 The Source Image Sequence (0008,2112) item names the source SOP instance (and its 1-based frame
 for a multi-frame source) with Purpose of Reference (121322, DCM, "Source image for image
 processing operation").
+
+An output is valid even when its source is not: a source that says Patient Identity Removed
+(0012,0062) YES but names no De-identification Method (0012,0063, Type 1C) gets, in the output
+only, a method that says so (:data:`METHOD_NOT_STATED`) and a warning in the log; a Patient
+Identity Removed that is neither YES nor NO is written in upper case when that makes it one of
+them, and left out (it is Type 3) otherwise.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterable
 
 import highdicom as hd
@@ -18,7 +25,14 @@ from pydicom.sr.coding import Code
 
 from dicom_io.codes import PURPOSE_SOURCE_IMAGE_FOR_PROCESSING
 
+LOGGER = logging.getLogger(__name__)
+
+#: De-identification Method (0012,0063, LO) written when the source says its identity was removed
+#: but not how: the output states exactly that, nothing more.
+METHOD_NOT_STATED = "Not stated by the source; its Patient Identity Removed is YES"
+
 __all__ = [
+    "METHOD_NOT_STATED",
     "PATIENT_STUDY_KEYWORDS",
     "code_item",
     "copy_patient_study_attributes",
@@ -137,6 +151,40 @@ def copy_patient_study_attributes(
     for keyword in keywords:
         if keyword in source and _is_empty(target, keyword) and not _is_empty(source, keyword):
             target[keyword] = copy.deepcopy(source[keyword])
+    repair_deidentification(target, str(source.get("SOPInstanceUID", "")))
+
+
+def repair_deidentification(target: Dataset, source_uid: str) -> None:
+    """Make the Patient module's de-identification attributes valid in ``target`` (an output), saying so.
+
+    Patient Identity Removed must be YES or NO; with YES, De-identification Method or its code
+    sequence is required (PS3.3 C.7.1.1, Type 1C). A source that breaks this would pass its error
+    on to every output; see the module docstring for what is written instead. Logs the source's
+    SOP Instance UID only.
+    """
+    if "PatientIdentityRemoved" not in target:
+        return
+    value = str(target.PatientIdentityRemoved or "").strip()
+    if value not in ("YES", "NO"):
+        if value.upper() in ("YES", "NO"):
+            target.PatientIdentityRemoved = value.upper()
+            LOGGER.warning("source %s: Patient Identity Removed written in upper case in the output", source_uid)
+        else:
+            del target.PatientIdentityRemoved
+            LOGGER.warning(
+                "source %s: Patient Identity Removed is neither YES nor NO: left out of the output", source_uid
+            )
+            return
+    if target.PatientIdentityRemoved != "YES":
+        return
+    if _is_empty(target, "DeidentificationMethod") and _is_empty(target, "DeidentificationMethodCodeSequence"):
+        target.DeidentificationMethod = METHOD_NOT_STATED
+        LOGGER.warning(
+            "source %s says Patient Identity Removed YES without a De-identification Method: the output "
+            "says %r (PS3.3 C.7.1.1 requires a method)",
+            source_uid,
+            METHOD_NOT_STATED,
+        )
 
 
 def _retarget_items(dataset: Dataset, source: Dataset, frame_number: int | None) -> None:

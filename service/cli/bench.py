@@ -13,6 +13,7 @@ from service.tools.bench import compression as compression_bench
 from service.tools.bench import explain as explain_bench
 from service.tools.bench import pipeline as pipeline_bench
 from service.tools.bench import receive as receive_bench
+from service.tools.bench import soak as soak_bench
 from service.tools.bench import throughput as throughput_bench
 from service.tools.progress import print_progress
 
@@ -213,6 +214,38 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         help="folder for throughput.json and throughput.png (default bench-out)",
     )
     throughput.set_defaults(handler=_throughput)
+    soak = sub.add_parser(
+        "soak",
+        formatter_class=formatter,
+        help="thousands of instances: the node's memory, file descriptors and threads over time vs storescp",
+        description="Send N instances (CT 128², fresh UIDs) over K parallel associations (DCMTK storescu) into the "
+        "node's receive path (guarded SCP, parse, spool, journal) and, with the same senders, into DCMTK storescp; "
+        "sample resident memory, open file descriptors and threads of each receiver 4 times a second. Prints the "
+        "figures after warm-up (the first 10 %%) and at the end; writes soak.json and soak.png.",
+        epilog="example:\n  pacs-xai bench soak --count 5000 --associations 4 --out bench-out",
+    )
+    soak.add_argument("--count", type=int, default=5000, metavar="N", help="instances (default 5000)")
+    soak.add_argument("--associations", type=int, default=4, metavar="K", help="parallel associations (default 4)")
+    soak.add_argument(
+        "--durability",
+        choices=("power-loss", "process-crash"),
+        default="power-loss",
+        help="the node's storage.durability (default power-loss: fsync before Success)",
+    )
+    soak.add_argument("--no-peer", action="store_true", help="leave out DCMTK storescp")
+    soak.add_argument(
+        "--out", type=Path, default=Path("bench-out"), metavar="DIR", help="folder for soak.json and soak.png"
+    )
+    soak.set_defaults(handler=_soak)
+
+
+def _soak(args: argparse.Namespace) -> int:
+    figures = soak_bench.run_soak_bench(
+        args.count, args.associations, args.out, print_progress, durability=args.durability, peer=not args.no_peer
+    )
+    soak_bench.print_figures(figures)
+    print(f"\nfigures: {args.out / 'soak.json'}, plot: {args.out / 'soak.png'}")
+    return 0
 
 
 def _count(text: str) -> int | str:

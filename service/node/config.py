@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from pydicom.uid import UID
 
 from dicom_io.compression import LOSSLESS_SYNTAXES, lossless_syntax
+from dicom_io.net.scp import DEFAULT_MAX_INSTANCE_BYTES
 from dicom_io.net.scu import Destination
 from dicom_io.output_kinds import OUTPUT_KINDS
 
@@ -91,6 +92,16 @@ class ListenerConfig(_Section):
     acse_timeout: float = Field(30, gt=0, description="Seconds to wait for association messages.")
     dimse_timeout: float = Field(60, gt=0, description="Seconds to wait for DIMSE messages.")
     network_timeout: float = Field(60, gt=0, description="Seconds of network silence before an association is aborted.")
+    max_associations_per_host: int | None = Field(
+        None,
+        ge=1,
+        description="Connections one calling address may hold at once; omit for max_associations - 2 (at least 1).",
+    )
+    max_instance_bytes: int = Field(
+        DEFAULT_MAX_INSTANCE_BYTES,
+        ge=1,
+        description="Largest data set accepted by C-STORE, bytes; a larger one is answered 0xA700 and never kept.",
+    )
     processes: int | Literal["auto"] = Field(
         "auto",
         description="Receiver processes sharing the DICOM port (SO_REUSEPORT), each its own AE; auto = "
@@ -101,6 +112,15 @@ class ListenerConfig(_Section):
     @classmethod
     def _processes_in_range(cls, value: int | str) -> int | str:
         return _check_processes(value)
+
+    @model_validator(mode="after")
+    def _per_host_within_total(self) -> ListenerConfig:
+        if self.max_associations_per_host is not None and self.max_associations_per_host > self.max_associations:
+            raise ValueError(
+                f"max_associations_per_host ({self.max_associations_per_host}) is larger than max_associations "
+                f"({self.max_associations}): lower it or raise max_associations"
+            )
+        return self
 
 
 class AllowedCallerConfig(_Section):

@@ -42,6 +42,8 @@ def listener_settings(config: NodeConfig) -> ListenerSettings:
         acse_timeout=listener.acse_timeout,
         dimse_timeout=listener.dimse_timeout,
         network_timeout=listener.network_timeout,
+        max_associations_per_host=listener.max_associations_per_host,
+        max_instance_bytes=listener.max_instance_bytes,
         allowed_callers=tuple(AllowedCaller(c.ae_title, c.host) for c in config.allowed_callers),
         tls=tls,
     )

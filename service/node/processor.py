@@ -22,15 +22,19 @@ once in ``pacsxai_series_unrouted_total``.
 from __future__ import annotations
 
 import logging
+import re
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from io import BytesIO
+from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_io.compression import compress_pixels, syntaxes_in_order
 from dicom_io.errors import DicomInputError
+from dicom_io.faults import fault_point
 from dicom_io.pixels import read_dataset
 from service.explain import ExplainerError
 from service.node.assembler import SeriesKey
@@ -38,9 +42,20 @@ from service.node.config import DestinationConfig
 from service.node.metrics import NodeMetrics
 from service.node.pipeline import DatasetResult, ExplainPipeline
 from service.node.routing import InstanceFacts, Router, RouteTarget, read_header, why_not_routed
-from service.node.store import Journal, NewOutput, ReceivedInstance, Spool
+from service.node.store import Journal, NewOutput, ReceivedInstance, Spool, StoreError
 
 log = logging.getLogger(__name__)
+
+#: How pydicom names the element an encoding error happened at: "With tag (0008,0070) ...".
+_TAG_IN_MESSAGE = re.compile(r"\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)")
+
+
+def _internal_error(exc: Exception) -> str:
+    """The journal's reason for an unexpected error: where, not what. A library's message may quote
+    a value of the source, and values may be patient data (the torture suite found a birth date in
+    one); the innermost frame says where it broke."""
+    where = traceback.extract_tb(exc.__traceback__)[-1]
+    return f"internal error: {type(exc).__name__} in {Path(where.filename).name}:{where.lineno} ({where.name})"
 
 
 class SeriesProcessor:
@@ -104,13 +119,15 @@ class SeriesProcessor:
                 return self._discard(instance, facts, why_not_routed(verdicts))
             dataset = read_dataset(instance.path)
             self._metrics.stage_seconds.labels("read").observe(time.perf_counter() - started)
+            fault_point("during-processing")
         except DicomInputError as exc:
             self._journal.mark_processed([uid], "failed", str(exc))
             log.warning("instance %s cannot be processed: %s", uid, exc)
             return "failed"
         except Exception as exc:  # a bug must not stop the node; it is journaled with its reason and logged
-            self._journal.mark_processed([uid], "failed", f"internal error: {type(exc).__name__}: {exc}")
-            log.exception("instance %s failed with an internal error", uid)
+            reason = _internal_error(exc)
+            self._journal.mark_processed([uid], "failed", reason)
+            log.error("instance %s failed: %s\n%s", uid, reason, "".join(traceback.format_tb(exc.__traceback__)))
             return "failed"
         outcomes = [self._run_route(target, instance, dataset) for target in targets]
         for target in targets:
@@ -126,6 +143,7 @@ class SeriesProcessor:
             log.info("instance %s skipped: %s", uid, reason)
             return "skipped"
         self._journal.complete(uid, queued)
+        fault_point("after-outputs-stored")
         return "done"
 
     def _run_route(
@@ -143,15 +161,36 @@ class SeriesProcessor:
             self._metrics.route_instances.labels(target.name, "failed").inc()
             return "failed", f"{named}{exc}", []
         except Exception as exc:  # a bug must not stop the node; it is journaled with its reason and logged
-            log.exception("instance %s failed with an internal error in route %s", uid, target.name)
+            reason = _internal_error(exc)
+            log.error(
+                "instance %s failed in route %s: %s\n%s",
+                uid,
+                target.name,
+                reason,
+                "".join(traceback.format_tb(exc.__traceback__)),
+            )
             self._metrics.route_instances.labels(target.name, "failed").inc()
-            return "failed", f"{named}internal error: {type(exc).__name__}: {exc}", []
+            return "failed", f"{named}{reason}", []
         self._observe(target, result)
         if result.skipped_reason:
             self._metrics.route_instances.labels(target.name, "skipped").inc()
             return "skipped", f"{named}{result.skipped_reason}", []
-        with self._metrics.stage_seconds.labels("store").time():
-            queued = self._store_outputs(uid, target, result)
+        try:
+            with self._metrics.stage_seconds.labels("store").time():
+                queued = self._store_outputs(uid, target, result)
+        except StoreError:
+            raise
+        except Exception as exc:  # an attribute copied from a damaged source that cannot be encoded
+            # The exception's text is left out (it may quote a value); pydicom names the element's tag.
+            where = _TAG_IN_MESSAGE.search(str(exc))
+            element = f" at element {where.group(0)}" if where else ""
+            reason = (
+                f"the outputs could not be encoded from this source ({type(exc).__name__}{element}): "
+                "an attribute of the source has a value its VR does not allow; resend the original file"
+            )
+            log.error("instance %s: %s", uid, reason)
+            self._metrics.route_instances.labels(target.name, "failed").inc()
+            return "failed", f"{named}{reason}", []
         self._metrics.route_instances.labels(target.name, "done").inc()
         return "done", "", queued
 

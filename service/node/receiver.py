@@ -17,9 +17,9 @@ from collections.abc import Callable
 from io import BytesIO
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from dicom_io.faults import fault_point
 from dicom_io.net.network import Status
 from service.node.assembler import Assembler, JournalAssembly, SeriesKey
 from service.node.metrics import NodeMetrics
@@ -70,6 +70,7 @@ class Receiver:
         try:
             with self._metrics.stage_seconds.labels("spool").time():
                 path = self._spool.write_instance(encoded, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid)
+                fault_point("after-spool-write")
                 self._journal.record_received(
                     ReceivedInstance(
                         sop_instance_uid=sop_uid,
@@ -85,6 +86,7 @@ class Receiver:
         except StoreError as exc:
             log.error("could not store instance %s from %s: %s", sop_uid, calling_ae, exc)
             return Status.OUT_OF_RESOURCES
+        fault_point("after-journal")
         self._assembler.instance_arrived(SeriesKey(study_uid, series_uid), sop_uid, association_id)
         log.debug("stored instance %s of series %s", sop_uid, series_uid)
         return Status.SUCCESS
@@ -123,13 +125,13 @@ def parse_instance_uids(encoded: bytes) -> tuple[str, str, str, str]:
     """(SOP Class, SOP Instance, Study Instance, Series Instance) UIDs of a Part 10 byte stream."""
     try:
         ds = pydicom.dcmread(BytesIO(encoded), stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+    except Exception as exc:  # untrusted bytes: BytesLengthException, struct.error, ...: "cannot understand"
         raise UnusableInstanceError(f"cannot parse the dataset: {type(exc).__name__}: {exc}") from exc
     values = []
     for keyword in _REQUIRED_UIDS:
         try:
             value = str(ds.get(keyword, "") or "")
-        except (ValueError, TypeError) as exc:  # a malformed element only fails when it is read
+        except Exception as exc:  # a malformed element only fails when it is read (any pydicom error)
             raise UnusableInstanceError(f"{keyword} cannot be read: {exc}") from exc
         if not value:
             raise UnusableInstanceError(f"{keyword} is missing")

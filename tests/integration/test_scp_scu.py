@@ -42,7 +42,7 @@ from dicom_io.compression import compress_pixels
 from dicom_io.net.network import Status, classify_store_status, describe_status
 from dicom_io.net.scp import AllowedCaller, ListenerSettings, StorageSCP, TlsFiles
 from dicom_io.net.scu import Destination, StoreSCU
-from tests.helpers import data_file, free_port, require_dcmtk, require_tool
+from tests.helpers import Pki, data_file, free_port, make_pki, require_dcmtk
 
 pytestmark = pytest.mark.integration
 
@@ -491,40 +491,10 @@ def test_a_file_that_is_not_dicom_is_rejected_without_sending(tmp_path: Path, st
 # --------------------------------------------------------------------------- TLS
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_certificate: Path
-    server_key: Path
-    client_certificate: Path
-    client_key: Path
-
-
-def _openssl(*args: str) -> None:
-    done = subprocess.run([require_tool("openssl"), *args], capture_output=True, text=True, timeout=30)
-    if done.returncode != 0:
-        pytest.fail(f"openssl {' '.join(args)} failed: {done.stderr}")
-
-
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A test CA and two certificates it signs (server for 127.0.0.1/localhost, client), EC P-256."""
-    folder = tmp_path_factory.mktemp("pki")
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl("req", "-x509", *ec, "-keyout", str(folder / "ca.key"), "-out", str(folder / "ca.pem"), "-days", "2",
-             "-subj", "/CN=pacs-xai test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
-    for name, usage in (("server", "serverAuth"), ("client", "clientAuth")):
-        _openssl("req", *ec, "-keyout", str(folder / f"{name}.key"), "-out", str(folder / f"{name}.csr"),
-                 "-subj", f"/CN=pacs-xai test {name}")  # fmt: skip
-        extensions = folder / f"{name}.ext"
-        extensions.write_text(f"subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage={usage}\n")
-        _openssl("x509", "-req", "-in", str(folder / f"{name}.csr"), "-CA", str(folder / "ca.pem"),
-                 "-CAkey", str(folder / "ca.key"), "-CAcreateserial", "-days", "2",
-                 "-out", str(folder / f"{name}.pem"), "-extfile", str(extensions))  # fmt: skip
-    return Pki(
-        folder / "ca.pem", folder / "server.pem", folder / "server.key", folder / "client.pem", folder / "client.key"
-    )
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def test_tls_store_and_nodelay_on_the_tls_socket(start_scp, pki: Pki) -> None:

@@ -121,3 +121,77 @@ def test_bad_number_of_frames():
     ds.NumberOfFrames = 3  # the pixel data holds one frame
     with pytest.raises(DicomInputError):
         prepare_frames(ds, SPEC)
+
+
+def _explicit_element_offset(data: bytes, tag: tuple[int, int]) -> int:
+    return data.index(bytes([tag[0] & 0xFF, tag[0] >> 8, tag[1] & 0xFF, tag[1] >> 8]), 132)
+
+
+def test_a_lying_vr_is_reported_at_read_time_naming_the_element(tmp_path: Path):
+    """pydicom converts values lazily: a VR that does not fit its bytes must fail here, named,
+    not later in a writer (the torture suite found it as an internal error)."""
+    data = bytearray(Path(data_file("CT_small.dcm")).read_bytes())
+    offset = _explicit_element_offset(bytes(data), (0x0008, 0x0060))  # Modality, CS of 2 bytes
+    data[offset + 4 : offset + 6] = b"UL"
+    path = tmp_path / "lying.dcm"
+    path.write_bytes(bytes(data))
+    with pytest.raises(DicomInputError, match=r"element \(0008,0060\) cannot be read") as info:
+        read_dataset(path)
+    assert_no_patient_data(str(info.value))
+
+
+def test_a_uid_that_is_not_a_uid_and_an_unknown_character_set_are_refused(tmp_path: Path):
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    ds.SpecificCharacterSet = "DAO_IR 100"
+    ds.save_as(tmp_path / "charset.dcm")
+    with pytest.raises(DicomInputError, match="'DAO_IR 100' is not a defined term"):
+        read_dataset(tmp_path / "charset.dcm")
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    ds.SeriesInstanceUID = "1.2.3.abc"
+    ds.save_as(tmp_path / "uid.dcm")
+    with pytest.raises(DicomInputError, match=r"SeriesInstanceUID \(0020,000E\) is not a valid UID"):
+        read_dataset(tmp_path / "uid.dcm")
+
+
+def test_a_transfer_syntax_uid_with_a_lying_vr_is_refused_at_read_time(tmp_path: Path):
+    data = bytearray(Path(data_file("CT_small.dcm")).read_bytes())
+    offset = _explicit_element_offset(bytes(data), (0x0002, 0x0010))
+    data[offset + 4 : offset + 6] = b"UL"
+    (tmp_path / "ts.dcm").write_bytes(bytes(data))
+    with pytest.raises(DicomInputError, match=r"Transfer Syntax UID \(0002,0010\) .* is not a known transfer syntax"):
+        read_dataset(tmp_path / "ts.dcm")
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "message"),
+    [
+        ("PatientBirthDate", "19230231", r"\(0010,0030\) \(DA\) holds a date or time no calendar"),
+        ("StudyTime", "996000", r"\(0008,0030\) \(TM\) holds a date or time"),
+        ("PatientSex", "X", r"Patient's Sex \(0010,0040\) is not M, F or O"),
+    ],
+)
+def test_copied_attributes_the_writers_cannot_hold_are_refused_without_their_value(
+    tmp_path: Path, keyword: str, value: str, message: str
+):
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    setattr(ds, keyword, value)
+    ds.save_as(tmp_path / "bad.dcm")
+    with pytest.raises(DicomInputError, match=message) as info:
+        read_dataset(tmp_path / "bad.dcm")
+    assert value not in str(info.value)
+
+
+def test_legacy_acr_nema_times_and_dates_are_still_read(tmp_path: Path):
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    ds.StudyTime, ds.StudyDate = "14:04:38", "1994.11.05"
+    ds.save_as(tmp_path / "legacy.dcm")
+    assert read_dataset(tmp_path / "legacy.dcm").StudyTime == "14:04:38"
+
+
+def test_a_copied_attribute_with_a_lying_vr_is_refused(tmp_path: Path):
+    data = bytearray(Path(data_file("CT_small.dcm")).read_bytes())
+    offset = _explicit_element_offset(bytes(data), (0x0008, 0x0070))  # Manufacturer, LO
+    data[offset + 4 : offset + 6] = b"PN"
+    (tmp_path / "pn.dcm").write_bytes(bytes(data))
+    with pytest.raises(DicomInputError, match=r"\(0008,0070\) has VR PN where PS3.6 says LO"):
+        read_dataset(tmp_path / "pn.dcm")

@@ -1,0 +1,218 @@
+"""Exhaustion: a data folder that fills up, idle connections at the association limit
+(slow-loris), an instance over the size limit. (The 5,000-instance soak is ``pacs-xai bench soak``;
+its short CI run is in tests/torture/test_soak.py.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
+
+from tests.helpers import require_dcmtk
+from tests.torture import pdu as P
+from tests.torture import report
+from tests.torture.test_wire import LOCALHOST, start_node, wait_freed
+from tests.torture.wire import connect, echo
+from tests.torture.wire_cases import small_dataset
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):
+    """A 3 MiB tmpfs made for the test (the container runs as root; a loop device would do too)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {result.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _associate(port: int, calling: str = "MODALITY") -> object:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    assoc = ae.associate(LOCALHOST, port, ae_title="PACSXAI")
+    assert assoc.is_established
+    return assoc
+
+
+def _instance(index: int, size: int = 128) -> object:
+    ds = small_dataset(rows=size, cols=size)
+    ds.PixelData = np.random.default_rng(index).integers(0, 255, size * size, dtype=np.uint8).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def test_full_disk_answers_out_of_resources_acknowledges_only_what_is_stored_and_recovers(small_disk: Path) -> None:
+    """Fill the data folder's filesystem while instances arrive: every Success is a journaled,
+    readable file; every other answer is 0xA700; once space returns the same node stores again."""
+    running = start_node(small_disk, acse_timeout=10, network_timeout=10, dimse_timeout=10)
+    filler = small_disk / "filler"
+    try:
+        # leave about 600 KiB: a few 16 KiB instances fit, then the disk is full
+        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        filler.write_bytes(b"\0" * max(0, free - 600 * 1024))
+        instances = [_instance(i) for i in range(80)]
+        assoc = _associate(running.port)
+        statuses = {}
+        for ds in instances:
+            status = assoc.send_c_store(ds)
+            statuses[str(ds.SOPInstanceUID)] = int(status.Status) if "Status" in status else None
+        assoc.release()
+        acknowledged = [uid for uid, s in statuses.items() if s == 0x0000]
+        refused = [uid for uid, s in statuses.items() if s != 0x0000]
+        assert acknowledged and refused, f"the disk never filled (or nothing fit): {len(acknowledged)} stored"
+        assert {statuses[uid] for uid in refused} == {0xA700}, {hex(statuses[u] or 0) for u in refused}
+        journaled = {i.sop_instance_uid: i for i in running.journal.pending_instances()}
+        assert set(journaled) == set(acknowledged), "acknowledged and journaled differ"
+        for uid in acknowledged:
+            assert journaled[uid].path.stat().st_size > 128 * 128, f"{uid} acknowledged but its file is short"
+        spooled = {path.stem for path in (small_disk / "spool" / "instances").rglob("*.dcm")}
+        assert spooled == set(acknowledged), f"files kept for refused instances: {sorted(spooled - set(acknowledged))}"
+        assert not [p for p in (small_disk / "spool").rglob(".*") if p.is_file()], "temp files left behind"
+
+        # space returns: the same node, no restart, stores what it refused
+        filler.unlink()
+        assoc = _associate(running.port)
+        again = {uid: assoc.send_c_store(ds) for ds in instances if (uid := str(ds.SOPInstanceUID)) in refused}
+        assoc.release()
+        assert all(int(s.Status) == 0x0000 for s in again.values())
+        assert {i.sop_instance_uid for i in running.journal.pending_instances()} == set(statuses)
+    finally:
+        running.scp.stop()
+        running.journal.close()
+    report.record(
+        report.Finding(
+            "exhaustion",
+            "data folder on a 3 MiB tmpfs that fills up while 80 instances arrive",
+            "C-STORE 0xA700 when the instance cannot be kept; Success only for journaled files; "
+            "recovers without a restart when space returns",
+            len(statuses) + len(refused),
+            {
+                "stored (0x0000)": len(acknowledged),
+                "refused (0xA700)": len(refused),
+                "stored after space returned": len(refused),
+            },
+            "",
+            lost=0,
+            duplicated=0,
+        )
+    )
+
+
+def test_idle_connections_at_the_limit_are_freed_by_the_timeout(tmp_path: Path) -> None:
+    """max_associations connections that never speak (or trickle one byte at a time): a caller
+    beyond the limit is rejected cleanly, and served again within the ACSE timeout."""
+    timeout = 2.0
+    running = start_node(tmp_path, max_associations=4, acse_timeout=timeout, network_timeout=timeout)
+    held = []
+    try:
+        started = time.monotonic()
+        for index in range(4):
+            sock = connect(LOCALHOST, running.port, source=f"127.0.0.{20 + index}")
+            if index % 2:  # trickle: the first bytes of a request, then nothing more
+                sock.sendall(P.associate_rq()[:3])
+            held.append(sock)
+        time.sleep(0.2)
+        refused = echo(LOCALHOST, running.port, source="127.0.0.30")
+        assert refused.startswith("no A-ASSOCIATE-AC: A-ASSOCIATE-RJ"), refused
+        while (answer := echo(LOCALHOST, running.port, source="127.0.0.30")) != "ok":
+            assert time.monotonic() - started < timeout + 1.5, f"still refused after the ACSE timeout: {answer}"
+            time.sleep(0.05)
+        served_after = time.monotonic() - started
+        for sock in held:
+            assert P.read_until_closed(sock, timeout=1).closed, "an idle connection was not closed"
+        wait_freed(running.scp, None)
+    finally:
+        for sock in held:
+            sock.close()
+        running.scp.stop()
+        running.journal.close()
+    assert served_after <= timeout + 1.5
+    report.record(
+        report.Finding(
+            "exhaustion",
+            f"slow-loris: max_associations (4) connections idle or trickling, ACSE timeout {timeout:.0f} s",
+            "beyond the limit: A-ASSOCIATE-RJ at once; idle connections closed by the timeout; "
+            "never deaf longer than the timeout",
+            5,
+            {"rejected cleanly while full": 1, "idle connections closed": 4},
+            f"a new caller was served {served_after:.2f} s after the four connections opened",
+        )
+    )
+
+
+def test_an_instance_over_the_size_limit_is_refused_without_being_held(tmp_path: Path) -> None:
+    """A 48 MiB instance against max_instance_bytes 1 MiB, sent by DCMTK storescu from another
+    process: 0xA700, nothing spooled, and the node's Python allocations never near the size."""
+    limit = 1 << 20
+    rows, cols = 4096, 6144  # 16-bit: 48 MiB of pixel data
+    ds = small_dataset(rows=8, cols=8)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.Rows, ds.Columns = rows, cols
+    ds.PixelData = np.zeros(rows * cols, dtype=np.uint16).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    big = tmp_path / "big.dcm"
+    ds.save_as(big, enforce_file_format=True)
+    del ds
+    running = start_node(tmp_path / "node", max_instance_bytes=limit, network_timeout=30, dimse_timeout=30)
+    small = _instance(1, size=64)
+    try:
+        tracemalloc.start()
+        sent = subprocess.run(
+            [
+                require_dcmtk("storescu"),
+                "-v",
+                "-aet",
+                "BIG",
+                "-aec",
+                "PACSXAI",
+                "-xs",
+                LOCALHOST,
+                str(running.port),
+                str(big),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        output = sent.stdout + sent.stderr
+        assert "Refused: OutOfResources" in output, output
+        assert running.journal.pending_instances() == []
+        assert not list((tmp_path / "node" / "spool" / "instances").rglob("*.dcm"))
+        assert peak < 8 * limit, f"the node allocated {peak / 2**20:.0f} MiB for a refused 48 MiB instance"
+        assoc = _associate(running.port)  # the association and the node go on
+        assert int(assoc.send_c_store(small).Status) == 0x0000
+        assoc.release()
+    finally:
+        running.scp.stop()
+        running.journal.close()
+    report.record(
+        report.Finding(
+            "exhaustion",
+            "a 48 MiB instance against max_instance_bytes 1 MiB (DCMTK storescu)",
+            "0xA700, nothing spooled, never held in memory; the next instance is stored",
+            1,
+            {"refused (0xA700)": 1},
+            f"peak Python allocations during the transfer: {peak / 2**20:.1f} MiB",
+        )
+    )
