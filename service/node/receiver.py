@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from io import BytesIO
+from pathlib import Path
 
 import pydicom
 from pydicom.uid import UID
@@ -67,6 +68,7 @@ class Receiver:
         except UnusableInstanceError as exc:
             return self._quarantine(encoded, str(exc), calling_ae, association_id)
         sop_class, sop_uid, study_uid, series_uid = instance_uids
+        path: Path | None = None
         try:
             with self._metrics.stage_seconds.labels("spool").time():
                 path = self._spool.write_instance(encoded, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid)
@@ -85,11 +87,22 @@ class Receiver:
                 )
         except StoreError as exc:
             log.error("could not store instance %s from %s: %s", sop_uid, calling_ae, exc)
+            if path is not None:
+                self._forget_unjournaled(path, sop_uid)
             return Status.OUT_OF_RESOURCES
         fault_point("after-journal")
         self._assembler.instance_arrived(SeriesKey(study_uid, series_uid), sop_uid, association_id)
         log.debug("stored instance %s of series %s", sop_uid, series_uid)
         return Status.SUCCESS
+
+    def _forget_unjournaled(self, path: Path, sop_uid: str) -> None:
+        """The file is written but its journal row is not (a full disk): the caller is told 0xA700,
+        so the file is promised to no one; delete it, unless an earlier copy's row points at it."""
+        try:
+            if self._journal.instance_state(sop_uid) is None:
+                path.unlink(missing_ok=True)
+        except (StoreError, OSError) as exc:  # left for the spool's clean-up; nothing was acknowledged
+            log.warning("instance %s: its unjournaled spool file could not be removed: %s", sop_uid, exc)
 
     def on_association_accepted(self, calling_ae: str, host: str, association_id: str) -> None:
         self._metrics.associations.labels("accepted").inc()

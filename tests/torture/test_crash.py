@@ -99,6 +99,11 @@ def _serve(port: int, data_dir: Path, destination: int, log: Path, fault: str | 
         "PACS_XAI_MODEL__WARM_UP": "false",
         "PACS_XAI_SEND__BASE_DELAY_SECONDS": "0.2",
         "PACS_XAI_SEND__MAX_DELAY_SECONDS": "1",
+        # One process: the fault point kills the whole node, as a power cut would. (In the many-process
+        # node a fault point would kill one child, which the supervisor restarts; that case is
+        # tests/integration/test_node_processes.py's SIGKILLed worker.)
+        "PACS_XAI_LISTENER__PROCESSES": "1",
+        "PACS_XAI_WORKERS__PROCESSES": "1",
     }
     env.pop(ENV, None)
     if fault:
