@@ -84,13 +84,16 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         epilog="examples:\n"
         "  pacs-xai bench explain --models demo --images 4\n"
         "  pacs-xai bench explain --models densenet121 --methods integrated_gradients --methods occlusion "
-        "--images 1 --repeats 1 --param occlusion.stride=16",
+        "--images 1 --repeats 1 --param occlusion.stride=16\n"
+        "  pacs-xai bench explain --models demo --methods occlusion --methods occlusion:healthy "
+        "--param occlusion:healthy.perturbation=healthy",
     )
     explain.add_argument(
         "--methods",
         action="append",
-        metavar="NAME",
-        help="explainer to measure; repeat (default: every registered one)",
+        metavar="NAME[:LABEL]",
+        help="explainer to measure, or a variant of one with its own --param NAME:LABEL.SETTING=VALUE (no peers); "
+        "repeat (default: every registered one)",
     )
     explain.add_argument(
         "--models",
