@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from service.cli.explain import explain_paths, print_table
-from service.cli.healthy import add_healthy_options, healthy_settings, print_healthy_report
+from service.cli.healthy import add_healthy_options, healthy_settings, int_at_least, print_healthy_report
 from service.inference.deployed import DeployedModel
 from service.models import demo_card_path
 from service.node.pipeline import ExplainPipeline
@@ -110,10 +110,10 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         "--out", type=Path, required=True, metavar="DIR", help="folder for saliency-masker.pt (beside the model)"
     )
     saliency.add_argument(
-        "--epochs", type=_int_at_least(1), default=None, metavar="N", help="training epochs (default: as shipped)"
+        "--epochs", type=int_at_least(1), default=None, metavar="N", help="training epochs (default: as shipped)"
     )
     saliency.add_argument(
-        "--seed", type=_int_at_least(0), default=None, metavar="N", help="random seed (default: as shipped)"
+        "--seed", type=int_at_least(0), default=None, metavar="N", help="random seed (default: as shipped)"
     )
     saliency.set_defaults(handler=_train_saliency)
 
@@ -152,21 +152,6 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         help="also write each lesion's ground truth as a DICOM Segmentation (<image>.seg.dcm)",
     )
     phantoms.set_defaults(handler=_phantoms)
-
-
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum`` (a usage error naming the value otherwise)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def _train_healthy(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -65,8 +66,9 @@ def print_healthy_report(report: HealthyReport, figure: Path) -> None:
     print(f"training took {report.seconds:.0f} s")
 
 
-def int_at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum`` (a usage error naming the value otherwise)."""
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (a usage error naming the value otherwise); the
+    demo commands' too."""
 
     def parse(text: str) -> int:
         try:
