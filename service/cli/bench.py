@@ -8,10 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from service.explain.registry import get_explainer
+from service.inference.card import ModelCard
+from service.models import demo_card_path
+from service.node.pipeline import card_settings
 from service.tools.bench import explain as explain_bench
 from service.tools.bench import pipeline as pipeline_bench
 from service.tools.bench import receive as receive_bench
 from service.tools.bench import throughput as throughput_bench
+from service.tools.evaluate.variants import split_variant, variant_settings
 from service.tools.progress import print_progress
 
 
@@ -202,8 +206,10 @@ def _explain(args: argparse.Namespace) -> int:
         for text in args.param:
             method, setting, value = explain_bench.parse_param(text)
             params.setdefault(method, {})[setting] = value
-        for method, settings in params.items():
-            get_explainer(method, **settings)  # a wrong setting stops here, not after the run
+        demo_card = ModelCard.load(demo_card_path())  # its files (masker, healthy model), as the bench passes them
+        for entry in params:  # a wrong setting stops here, not after the run
+            method = split_variant(entry)[0]
+            get_explainer(method, **{**card_settings(demo_card, method), **variant_settings(entry, params)})
     except ValueError as exc:
         print(f"pacs-xai bench explain: {exc}", file=sys.stderr)
         return 2
