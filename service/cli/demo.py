@@ -120,7 +120,7 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
     healthy = sub.add_parser(
         "train-healthy",
         formatter_class=formatter,
-        help="train the healthy-appearance VAE on normal phantoms (about 4 minutes on 2 cores)",
+        help="train the healthy-appearance VAE on normal phantoms (30 epochs: 15 to 30 minutes on 2 cores)",
         description="Train the variational autoencoder of healthy-tissue replacement (Uzunova et al. 2019) on "
         "normal phantom radiographs only, at the demo card's input grid; print held-out figures (the error of "
         "h(x) on normal images, inside lesions and outside them), write DIR/healthy-appearance.pt and its ONNX "
