@@ -20,7 +20,7 @@ help:
 	@echo "make test-torture the torture tier: garbage on the wire and in files, exhaustion, crashes, security"
 	@echo "make reliability the torture tier, writing docs/reliability.md from what it found"
 	@echo "make lint        ruff check and ruff format --check"
-	@echo "make train-demo  retrain the shipped demo model, its saliency masker and OOD statistics (~5 minutes)"
+	@echo "make train-demo  retrain the shipped demo model, its saliency masker, OOD statistics and healthy-appearance VAE"
 	@echo "make train-saliency retrain the real-time saliency masker beside it (under a minute)"
 	@echo "make viewer      see the results in OHIF on Orthanc, on 127.0.0.1 (until Ctrl-C)"
 	@echo "make test-viewer open pacs-xai's results in OHIF in headless Chromium (browser test)"
@@ -70,6 +70,7 @@ train-demo: $(STAMP)
 	$(BIN)/pacs-xai demo train --out service/models/demo
 	$(BIN)/pacs-xai demo train-saliency --out service/models/demo
 	$(BIN)/pacs-xai model calibrate service/models/demo --phantoms 900
+	$(BIN)/pacs-xai demo train-healthy --out service/models/demo --figure docs/healthy-appearance-held-out.png
 
 # The masker is trained against the demo model: retrain it after train-demo.
 train-saliency: $(STAMP)

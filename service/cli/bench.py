@@ -8,13 +8,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from service.explain.registry import get_explainer
+from service.inference.card import ModelCard
+from service.models import demo_card_path
 from service.node.config import load_config, resolve_processes
+from service.node.pipeline import card_settings
 from service.tools.bench import compression as compression_bench
 from service.tools.bench import explain as explain_bench
 from service.tools.bench import pipeline as pipeline_bench
 from service.tools.bench import receive as receive_bench
 from service.tools.bench import soak as soak_bench
 from service.tools.bench import throughput as throughput_bench
+from service.tools.evaluate.variants import split_variant, variant_settings
 from service.tools.progress import print_progress
 
 
@@ -130,13 +134,16 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         epilog="examples:\n"
         "  pacs-xai bench explain --models demo --images 4\n"
         "  pacs-xai bench explain --models densenet121 --methods integrated_gradients --methods occlusion "
-        "--images 1 --repeats 1 --param occlusion.stride=16",
+        "--images 1 --repeats 1 --param occlusion.stride=16\n"
+        "  pacs-xai bench explain --models demo --methods occlusion --methods occlusion:healthy "
+        "--param occlusion:healthy.perturbation=healthy",
     )
     explain.add_argument(
         "--methods",
         action="append",
-        metavar="NAME",
-        help="explainer to measure; repeat (default: every registered one)",
+        metavar="NAME[:LABEL]",
+        help="explainer to measure, or a variant of one with its own --param NAME:LABEL.SETTING=VALUE (no peers); "
+        "repeat (default: every registered one)",
     )
     explain.add_argument(
         "--models",
@@ -310,8 +317,10 @@ def _explain(args: argparse.Namespace) -> int:
         for text in args.param:
             method, setting, value = explain_bench.parse_param(text)
             params.setdefault(method, {})[setting] = value
-        for method, settings in params.items():
-            get_explainer(method, **settings)  # a wrong setting stops here, not after the run
+        demo_card = ModelCard.load(demo_card_path())  # its files (masker, healthy model), as the bench passes them
+        for entry in params:  # a wrong setting stops here, not after the run
+            method = split_variant(entry)[0]
+            get_explainer(method, **{**card_settings(demo_card, method), **variant_settings(entry, params)})
     except ValueError as exc:
         print(f"pacs-xai bench explain: {exc}", file=sys.stderr)
         return 2

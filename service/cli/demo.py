@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from service.cli.explain import explain_paths, print_table
+from service.cli.healthy import add_healthy_options, healthy_settings, int_at_least, print_healthy_report
 from service.inference.deployed import DeployedModel
 from service.models import demo_card_path
 from service.node.pipeline import ExplainPipeline
@@ -15,6 +16,7 @@ from service.synthetic.phantoms import SHORTCUT_TOKEN, write_phantom_studies
 from service.tools.demo.node_demo import gather_inputs, run_node_demo
 from service.tools.demo.train import SHORTCUT_CLASS, TrainingSettings, train
 from service.tools.demo.train_saliency import SaliencySettings, train_saliency_masker
+from service.tools.healthy.run import train_on_phantoms
 from service.tools.progress import print_progress
 
 
@@ -25,6 +27,7 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         description="The built-in demo: synthetic chest radiographs and a classifier trained on them.",
         epilog="examples:\n  pacs-xai demo run\n  pacs-xai demo train --out service/models/demo\n"
         "  pacs-xai demo train-saliency --out service/models/demo\n"
+        "  pacs-xai demo train-healthy --out service/models/demo\n"
         "  pacs-xai demo phantoms --out phantoms/ --count 9",
         formatter_class=formatter,
     )
@@ -107,12 +110,30 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         "--out", type=Path, required=True, metavar="DIR", help="folder for saliency-masker.pt (beside the model)"
     )
     saliency.add_argument(
-        "--epochs", type=_int_at_least(1), default=None, metavar="N", help="training epochs (default: as shipped)"
+        "--epochs", type=int_at_least(1), default=None, metavar="N", help="training epochs (default: as shipped)"
     )
     saliency.add_argument(
-        "--seed", type=_int_at_least(0), default=None, metavar="N", help="random seed (default: as shipped)"
+        "--seed", type=int_at_least(0), default=None, metavar="N", help="random seed (default: as shipped)"
     )
     saliency.set_defaults(handler=_train_saliency)
+
+    healthy = sub.add_parser(
+        "train-healthy",
+        formatter_class=formatter,
+        help="train the healthy-appearance VAE on normal phantoms (30 epochs: 15 to 30 minutes on 2 cores)",
+        description="Train the variational autoencoder of healthy-tissue replacement (Uzunova et al. 2019) on "
+        "normal phantom radiographs only, at the demo card's input grid; print held-out figures (the error of "
+        "h(x) on normal images, inside lesions and outside them), write DIR/healthy-appearance.pt and its ONNX "
+        "export DIR/healthy-appearance.onnx, which the healthy perturbation of occlusion, RISE, HiPe and "
+        "healthy_perturbation read, and the held-out reconstruction figure; when DIR is the demo model's folder, "
+        "its card's auxiliary.healthy_appearance entry (file and sha256) is updated.",
+        epilog="example:\n  pacs-xai demo train-healthy --out service/models/demo --figure docs/healthy-appearance.png",
+    )
+    healthy.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="folder for healthy-appearance.pt (beside the model)"
+    )
+    add_healthy_options(healthy)
+    healthy.set_defaults(handler=_train_healthy)
 
     phantoms = sub.add_parser(
         "phantoms",
@@ -133,19 +154,10 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
     phantoms.set_defaults(handler=_phantoms)
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum`` (a usage error naming the value otherwise)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
+def _train_healthy(args: argparse.Namespace) -> int:
+    report = train_on_phantoms(args.out, args.figure, healthy_settings(args), progress=print_progress)
+    print_healthy_report(report, args.figure)
+    return 0
 
 
 def _phantoms(args: argparse.Namespace) -> int:
@@ -177,9 +189,11 @@ def _train(args: argparse.Namespace) -> int:
         print(f"{kind}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     print(f"training took {report.seconds:.0f} s")
     print(
-        "next: the new weights need their own saliency masker and out-of-distribution statistics:\n"
+        "next: the new weights need their own saliency masker and out-of-distribution statistics, and the new "
+        "card its healthy-appearance model:\n"
         f"  pacs-xai demo train-saliency --out {args.out}\n  pacs-xai model calibrate {args.out} --phantoms 900"
         + (f" --token-class {SHORTCUT_CLASS}" if args.shortcut else "")
+        + f"\n  pacs-xai demo train-healthy --out {args.out}"
     )
     return 0
 

@@ -17,6 +17,7 @@ from service.tools.bench.explain import parse_param
 from service.tools.evaluate.labelled import HELD_OUT_SEED, LabelledSet, folder_set, phantom_set
 from service.tools.evaluate.plots import plot_scorecard
 from service.tools.evaluate.run import EvaluationSettings, evaluate
+from service.tools.evaluate.variants import replacement_comparison, split_variant, variant_settings
 from service.tools.progress import Progress, print_progress
 
 #: The methods a governance board sees first (the issue's set): CAM, perturbation, gradient, and a
@@ -28,9 +29,12 @@ EXAMPLES = """examples:
   pacs-xai evaluate --model service/models/demo_shortcut --token-on nodule --method gradcam --method occlusion
   pacs-xai demo phantoms --out labelled/ --count 60 --annotations
   pacs-xai evaluate --images labelled/ --model CARD --param rise.masks=2000
+  pacs-xai evaluate --compare-replacement --randomisation-images 0   # blur vs constant vs healthy fill
+  pacs-xai evaluate --method occlusion --method occlusion:healthy --param occlusion:healthy.perturbation=healthy
 
-The scorecard (scorecard.json, scorecard.md, scorecard-<model>.png) goes to --out. Each figure is
-tagged with the Co-12 property it measures; scorecard.md ends with every definition.
+The scorecard (scorecard.json, scorecard.md, scorecard-<model>.png, maps-<model>.png) goes to --out.
+Each figure is tagged with the Co-12 property it measures; scorecard.md ends with every definition.
+A method entry NAME:LABEL is a variant of NAME with settings of its own (--param NAME:LABEL.SETTING=VALUE).
 """
 
 
@@ -56,8 +60,16 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         "--method",
         action="append",
         dest="methods",
-        metavar="NAME",
-        help=f"explainer; repeat for several (default: {', '.join(DEFAULT_METHODS)})",
+        metavar="NAME[:LABEL]",
+        help=f"explainer, or a variant of one with its own --param settings; repeat for several "
+        f"(default: {', '.join(DEFAULT_METHODS)})",
+    )
+    parser.add_argument(
+        "--compare-replacement",
+        action="store_true",
+        help="measure what fills a removed region (Uzunova et al. 2019): meaningful perturbation with blur, "
+        "constant and healthy replacement, and occlusion, RISE and HiPe with constant and healthy fill "
+        "(after any --method); needs the card's auxiliary.healthy_appearance",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
@@ -102,6 +114,13 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         metavar="N",
         help="images with a finding in ROAD (default %(default)s)",
     )
+    parser.add_argument(
+        "--repeatability-images",
+        type=int,
+        default=EvaluationSettings.repeatability_images,
+        metavar="N",
+        help="first images of the set in the seed-repeatability and ONNX-vs-torch checks (default %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of every random draw (default 0)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default auto)")
     parser.set_defaults(handler=run)
@@ -109,16 +128,20 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cards = args.models or [demo_card_path()]
-    methods = tuple(args.methods or DEFAULT_METHODS)
+    methods = tuple(args.methods or ([] if args.compare_replacement else DEFAULT_METHODS))
     try:
         params: dict[str, dict[str, object]] = {}
         for text in args.param:
             method, setting, value = parse_param(text)
             params.setdefault(method, {})[setting] = value
+        if args.compare_replacement:
+            compared, params = replacement_comparison(params)
+            methods += tuple(entry for entry in compared if entry not in methods)
         for card_path in cards:  # a wrong card, method or setting stops here, before any work
             card = ModelCard.load(card_path)
-            for method in methods:
-                get_explainer(method, **{**card_settings(card, method), **params.get(method, {})})
+            for entry in methods:
+                method, _ = split_variant(entry)
+                get_explainer(method, **{**card_settings(card, method), **variant_settings(entry, params)})
         labelled = _labelled_set(args, cards)
     except (ValueError, ModelCardError, ExplainerError) as exc:
         print(f"pacs-xai evaluate: {exc}", file=sys.stderr)
@@ -131,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         method_params=params,
         randomisation_images=args.randomisation_images,
         road_images=args.road_images,
+        repeatability_images=args.repeatability_images,
         seed=args.seed,
     )
     try:

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from service.cli.healthy import add_healthy_options, healthy_settings, print_healthy_report
 from service.explain import available_explainers
 from service.inference.card import ModelCardError
 from service.node.pipeline import OUTPUT_KINDS
 from service.synthetic.phantoms import CLASSES, SHORTCUT_TOKEN
 from service.tools.calibrate import HELD_OUT_EVERY, STATISTICS_FILE, calibrate_ood
+from service.tools.healthy import run as healthy_run
 from service.tools.model_check import CheckReport, check_model
 from service.tools.model_init import (
     CARD_FILE,
@@ -33,11 +35,13 @@ from service.trust.ood import DEFAULT_MARGIN, DEFAULT_PERCENTILE, DEFAULT_SHRINK
 def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
     model = commands.add_parser(
         "model",
-        help="work on a model card: write one (init), check one (check), calibrate its OOD statistics",
+        help="work on a model card: write one (init), check one (check), calibrate its OOD statistics, "
+        "train its healthy-appearance model",
         description="Commands that write, check or update a model card.",
         epilog="examples:\n  pacs-xai model init models/chest --torchxrayvision DenseNet --export-onnx\n"
         "  pacs-xai model check models/chest/model.yaml\n"
-        "  pacs-xai model calibrate service/models/demo/model.yaml --phantoms 900",
+        "  pacs-xai model calibrate service/models/demo/model.yaml --phantoms 900\n"
+        "  pacs-xai model train-healthy --normals /data/normal-chests/ --card /models/chest/model.yaml",
         formatter_class=formatter,
     )
     sub = model.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
@@ -94,6 +98,30 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
     calibrate.set_defaults(handler=_calibrate)
     _register_init(sub, formatter)
     _register_check(sub, formatter)
+    _register_train_healthy(sub, formatter)
+
+
+def _register_train_healthy(sub: argparse._SubParsersAction, formatter: Callable) -> None:
+    healthy = sub.add_parser(
+        "train-healthy",
+        formatter_class=formatter,
+        help="train the healthy-appearance VAE of a model card on a site's normal images",
+        description="Train the variational autoencoder of healthy-tissue replacement (Uzunova et al. 2019) on the "
+        "normal images below DIR (every frame of every DICOM image, through the card's pixel path; every "
+        f"{healthy_run.HELD_OUT_EVERY}th frame held out), print progress and the held-out error, write "
+        "healthy-appearance.pt and healthy-appearance.onnx beside the card (or into --out), update the card's "
+        "auxiliary.healthy_appearance entry, and write the held-out reconstruction figure. Every image must be "
+        "normal: a lesion in the training set is one the model learns to reproduce.",
+        epilog="example:\n"
+        "  pacs-xai model train-healthy --normals /data/normal-chests/ --card /models/chest/model.yaml",
+    )
+    healthy.add_argument("--normals", type=Path, required=True, metavar="DIR", help="a folder of normal DICOM images")
+    healthy.add_argument("--card", type=Path, required=True, metavar="CARD", help="the model card (or its folder)")
+    healthy.add_argument(
+        "--out", type=Path, default=None, metavar="DIR", help="write the model here instead (the card is left alone)"
+    )
+    add_healthy_options(healthy)
+    healthy.set_defaults(handler=_train_healthy)
 
 
 def _register_init(sub: argparse._SubParsersAction, formatter: Callable) -> None:
@@ -386,4 +414,16 @@ def _calibrate(args: argparse.Namespace) -> int:
     print(f"statistics: {report.path}")
     print(f"model card: {report.card} (auxiliary.ood_statistics updated)")
     print(f"calibration took {report.seconds:.0f} s")
+    return 0
+
+
+def _train_healthy(args: argparse.Namespace) -> int:
+    try:
+        report = healthy_run.train_on_folder(
+            args.card, args.normals, args.figure, healthy_settings(args), print_progress, out_dir=args.out
+        )
+    except ValueError as exc:  # ModelCardError, wrong settings, too few images: one line naming the value
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print_healthy_report(report, args.figure)
     return 0

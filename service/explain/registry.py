@@ -24,7 +24,7 @@ from service.explain.methods.gradient import (
     SmoothGrad,
 )
 from service.explain.methods.occlusion import Occlusion
-from service.explain.methods.optimisation import ExtremalPerturbation, MeaningfulPerturbation
+from service.explain.methods.optimisation import ExtremalPerturbation, HealthyPerturbation, MeaningfulPerturbation
 from service.explain.methods.perturbation import RISE, HiPe
 from service.explain.methods.propagation import LRP, DeepLift
 from service.explain.methods.realtime import RealtimeSaliency
@@ -53,6 +53,7 @@ _EXPLAINERS: Mapping[str, type[Explainer]] = MappingProxyType(
             DeepLift,
             LRP,
             MeaningfulPerturbation,
+            HealthyPerturbation,
             ExtremalPerturbation,
             RealtimeSaliency,
         )

@@ -8,7 +8,10 @@ weights (:func:`service.inference.backends.load_runner`).
 ``auxiliary`` lists networks trained against the model that explainers use (not inference), by
 kind: ``saliency_masker`` is the masking network of the ``realtime_saliency`` explainer. An
 explainer names the kind it reads (``Explainer.card_files``) and the node's pipeline passes the
-file to it when the configuration does not set one. ``ood_statistics`` holds the feature
+file to it when the configuration does not set one. ``healthy_appearance`` is the VAE of
+healthy-tissue replacement (:mod:`service.explain.healthy`), read by every method that takes
+``perturbation: healthy``; ``healthy_appearance_onnx`` its ONNX export, listed so that the card
+vouches for both files. ``ood_statistics`` holds the feature
 statistics and threshold of the out-of-distribution signal (:mod:`service.trust.ood`, written by
 ``pacs-xai model calibrate``); it needs ``torch`` weights, because the features are read with a
 forward hook on the eager module.
@@ -59,6 +62,8 @@ Example (``service/models/demo/model.yaml``)::
       torch: {file: demo.pth, sha256: 41d0..., architecture: "service.models.demo.network:DemoNet"}
     auxiliary:
       saliency_masker: {file: saliency-masker.pt, sha256: 7c4e...}
+      healthy_appearance: {file: healthy-appearance.pt, sha256: 2b9f...}
+      healthy_appearance_onnx: {file: healthy-appearance.onnx, sha256: 8e01...}
       ood_statistics: {file: ood-statistics.npz, sha256: 5d2a...}
     input: {channels: 1, rows: 224, columns: 224, aspect: letterbox, windowing: dicom,
             mean: [0.5], std: [0.25]}
@@ -91,10 +96,14 @@ Runtime = Literal["onnx", "torchscript", "torch"]
 #: How logits become probabilities: softmax over the classes, or a sigmoid per class (multi-label).
 Activation = Literal["softmax", "sigmoid"]
 #: Kinds of networks trained against the model for an explainer. saliency_masker: the masking
-#: network of realtime_saliency (``pacs-xai demo train-saliency``). Another kind (a
-#: healthy-appearance VAE, say) is one more name here and a ``card_files`` entry on its explainer.
-#: ood_statistics: the out-of-distribution signal's feature statistics (``pacs-xai model calibrate``).
-AuxiliaryKind = Literal["saliency_masker", "ood_statistics"]
+#: network of realtime_saliency (``pacs-xai demo train-saliency``). healthy_appearance: a VAE
+#: trained on normal images at the card's input grid, whose reconstruction fills removed regions in
+#: the ``healthy`` perturbation of occlusion, RISE, HiPe and the optimisation methods, and in
+#: healthy_perturbation (``pacs-xai demo train-healthy``, ``pacs-xai model train-healthy``);
+#: healthy_appearance_onnx: its ONNX export (h(x) on ONNX Runtime), which it names. Another
+#: kind is one more name here and a ``card_files`` entry on its explainer. ood_statistics: the
+#: out-of-distribution signal's feature statistics (``pacs-xai model calibrate``).
+AuxiliaryKind = Literal["saliency_masker", "healthy_appearance", "healthy_appearance_onnx", "ood_statistics"]
 
 
 class ModelCardError(ValueError):

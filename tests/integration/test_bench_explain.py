@@ -101,6 +101,10 @@ def test_requests_checked_before_any_work() -> None:
         check_request(["nope"], ["demo"], 1, 1, 0)
     with pytest.raises(ValueError, match="unknown bench model 'vgg'"):
         check_request(None, ["vgg"], 1, 1, 0)
+    assert check_request(["occlusion", "occlusion:healthy"], ["demo"], 1, 1, 0) == ["occlusion", "occlusion:healthy"]
+    with pytest.raises(ExplainerError, match="unknown explainer 'nope'"):
+        check_request(["nope:healthy"], ["demo"], 1, 1, 0)
+    assert parse_param("occlusion:healthy.perturbation=healthy") == ("occlusion:healthy", "perturbation", "healthy")
     assert parse_param("rise.masks=250") == ("rise", "masks", 250)
     assert parse_param("hipe.perturbation=blur") == ("hipe", "perturbation", "blur")
     with pytest.raises(ValueError, match="METHOD.SETTING=VALUE"):

@@ -76,3 +76,26 @@ def test_a_wrong_setting_stops_before_any_work(tmp_path: Path, capsys) -> None:
     assert main(["evaluate", "--method", "rise", "--param", "rise.no_such=1", "--out", str(tmp_path)]) == 2
     assert "no_such" in capsys.readouterr().err
     assert not (tmp_path / "scorecard.json").exists()
+
+
+@pytest.mark.slow
+def test_fill_variants_side_by_side_with_the_ood_signal_on_filled_images(tmp_path: Path, capsys) -> None:
+    """occlusion and occlusion:healthy as two rows; the OOD table per fill (constant, blur, h(x)); the maps."""
+    args = ["evaluate", "--phantoms", "3", "--method", "occlusion", "--method", "occlusion:healthy"]
+    args += ["--param", "occlusion.window=56", "--param", "occlusion.stride=56"]
+    args += ["--param", "occlusion:healthy.perturbation=healthy", "--out", str(tmp_path)]
+    args += ["--randomisation-images", "0", "--road-images", "0", "--repeatability-images", "0"]
+    assert main(args) == 0
+    card = json.loads((tmp_path / "scorecard.json").read_text())
+    rows = card["rows"]
+    assert [(row["method"], row["variant"]) for row in rows] == [("occlusion", None), ("occlusion", "healthy")]
+    assert "perturbation" not in rows[0]["settings"] and rows[1]["settings"]["perturbation"] == "healthy"
+    assert rows[0]["settings"]["window"] == rows[1]["settings"]["window"] == 56
+    for row in rows:
+        assert 0 <= row["figures"]["perturbed_ood_flag_rate"]["value"] <= 1
+    table = card["perturbed_ood"]["pacs-xai-demo-chest"]
+    assert {entry["fill"] for entry in table} == {"none", "constant 0", "blur 10 px", "healthy h(x)"}
+    assert all(entry["images"] == 3 for entry in table)
+    markdown = (tmp_path / "scorecard.md").read_text()
+    assert "| occlusion:healthy |" in markdown and "| healthy h(x) | 25% | 3 |" in markdown
+    assert (tmp_path / "maps-pacs-xai-demo-chest.png").stat().st_size > 10_000

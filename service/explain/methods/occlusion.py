@@ -1,7 +1,9 @@
-"""Occlusion: slide a baseline-filled square over the image and watch the target score drop."""
+"""Occlusion: slide a filled square over the image and watch the target score drop."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import ClassVar
 
@@ -16,9 +18,11 @@ from service.explain.base import (
     chunk_size_for,
     forward_function,
 )
+from service.explain.healthy.appearance import configured_healthy
 from service.explain.hooks import eval_mode, module_device
+from service.explain.methods.perturbation import HEALTHY_CARD_FILES, PERTURBATIONS, healthy_fill, replacement_images
 from service.explain.scores import LOGIT, forward_scores
-from service.explain.settings import finite_float, optional_positive_int, positive_int
+from service.explain.settings import choice, finite_float, optional_positive_int, positive_float, positive_int
 
 
 def window_masks(size: int, window: int, stride: int, device: torch.device) -> torch.Tensor:
@@ -38,7 +42,10 @@ class Occlusion(Explainer):
     """Occlusion (Zeiler & Fergus, 2014) with the semantics of Captum's ``Occlusion``.
 
     A ``window`` x ``window`` square through all channels is set to ``baseline`` (normalised
-    input units) at every window position (see :func:`window_masks`). A pixel's value is the mean,
+    input units) at every window position (see :func:`window_masks`); with ``perturbation="blur"``
+    it takes the image blurred with ``blur_sigma`` pixels instead, with ``perturbation="healthy"``
+    the image's healthy appearance h(x) (``healthy_model``, from the card's
+    ``auxiliary.healthy_appearance``: :mod:`service.explain.healthy`). A pixel's value is the mean,
     over the windows covering it, of ``f(x)[target] - f(x_occluded)[target]``: target-logit units,
     positive where hiding the region lowers the target score. Forward passes only, so any runner
     works; the occluded inputs of the whole batch go through the model ``chunk_size`` at a time.
@@ -46,8 +53,18 @@ class Occlusion(Explainer):
 
     name: ClassVar[str] = "occlusion"
     needs_gradients: ClassVar[bool] = False
+    card_files: ClassVar[Mapping[str, str]] = HEALTHY_CARD_FILES
 
-    def __init__(self, window: int = 16, stride: int = 8, baseline: float = 0.0, chunk_size: int | None = None) -> None:
+    def __init__(
+        self,
+        window: int = 16,
+        stride: int = 8,
+        baseline: float = 0.0,
+        chunk_size: int | None = None,
+        perturbation: str = "baseline",
+        blur_sigma: float = 10.0,
+        healthy_model: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.window = positive_int("window", window)
         self.stride = positive_int("stride", stride)
         self.chunk_size = optional_positive_int("chunk_size", chunk_size)
@@ -57,6 +74,9 @@ class Occlusion(Explainer):
                 "would get no attribution"
             )
         self.baseline = finite_float("baseline", baseline)
+        self.perturbation = choice("perturbation", perturbation, PERTURBATIONS)
+        self.blur_sigma = positive_float("blur_sigma", blur_sigma)
+        self.healthy = configured_healthy(self.name, self.perturbation, healthy_model)
 
     def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         height, width = batch.shape[-2:]
@@ -69,7 +89,13 @@ class Occlusion(Explainer):
         cols = window_masks(width, self.window, self.stride, inputs.device)
         with eval_mode(model) if isinstance(model, nn.Module) else nullcontext():
             chunk = chunk_size_for(self.chunk_size, model)
-            drops = self._score_drops(forward_function(model), inputs, targets, rows, cols, chunk)
+            forward = forward_function(model)
+            clean = forward_scores(forward, inputs, targets, LOGIT, chunk)
+            replacement = None
+            if self.perturbation != "baseline":
+                fill = healthy_fill(self.healthy, model)
+                replacement = replacement_images(inputs, self.perturbation, self.baseline, self.blur_sigma, fill)
+            drops = self._score_drops(forward, inputs, targets, clean, replacement, rows, cols, chunk)
         total = torch.einsum("bij,ih,jw->bhw", drops, rows.to(drops.dtype), cols.to(drops.dtype))
         # Every pixel is covered when stride <= window; the clamp only keeps the division safe.
         covering = rows.sum(dim=0)[:, None] * cols.sum(dim=0)[None, :]
@@ -80,13 +106,15 @@ class Occlusion(Explainer):
         forward: ForwardFn,
         inputs: torch.Tensor,
         targets: torch.Tensor,
+        clean: torch.Tensor,
+        replacement: torch.Tensor | None,
         rows: torch.Tensor,
         cols: torch.Tensor,
         chunk: int,
     ) -> torch.Tensor:
-        """``[B, n_rows, n_cols]``: target score of each image minus that with each window occluded,
-        the inputs going through ``forward`` ``chunk`` at a time."""
-        clean = forward_scores(forward, inputs, targets, LOGIT, chunk)
+        """``[B, n_rows, n_cols]``: target score ``clean`` of each image minus that with each window
+        occluded (filled with ``baseline``, or from ``replacement``), the inputs going through
+        ``forward`` ``chunk`` at a time."""
         n_rows, n_cols = rows.shape[0], cols.shape[0]
         per_image = n_rows * n_cols
         drops = torch.empty(inputs.shape[0] * per_image, dtype=clean.dtype, device=inputs.device)
@@ -96,6 +124,7 @@ class Occlusion(Explainer):
             index = torch.arange(start, stop, device=inputs.device)
             image, position = index // per_image, index % per_image
             mask = rows[position // n_cols][:, :, None] & cols[position % n_cols][:, None, :]
-            occluded = torch.where(mask[:, None], self.baseline, inputs[image])
+            fill = self.baseline if replacement is None else replacement[image]
+            occluded = torch.where(mask[:, None], fill, inputs[image])
             drops[start:stop] = clean[image] - forward_scores(forward, occluded, targets[image], LOGIT)
         return drops.view(inputs.shape[0], n_rows, n_cols)

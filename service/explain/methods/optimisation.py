@@ -2,8 +2,10 @@
 
 Both learn a mask ``m`` in ``[0, 1]`` per image by gradient descent through the model: ``m = 1``
 keeps a pixel, ``m = 0`` replaces it by a perturbation ``R`` (the image blurred with a Gaussian
-of ``blur_sigma`` pixels, or the constant ``baseline`` in normalised input units), so the model
-sees ``x * m + R * (1 - m)``. They need gradients with respect to the input, hence a torch
+of ``blur_sigma`` pixels, the constant ``baseline`` in normalised input units, or the image's
+healthy appearance h(x), :mod:`service.explain.healthy`), so the model sees
+``x * m + R * (1 - m)``. ``healthy_perturbation`` is meaningful perturbation with ``R = h(x)``
+(Uzunova et al. 2019). They need gradients with respect to the input, hence a torch
 module: gradients are taken with ``torch.autograd.grad`` with respect to the mask parameters
 only, so no parameter of the model receives a ``.grad`` and no weight gradient is computed.
 
@@ -17,7 +19,8 @@ once per call from ``seed`` and is the same for every image of the batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -33,9 +36,10 @@ from service.explain.base import (
     check_logits,
     torch_module_of,
 )
+from service.explain.healthy.appearance import HealthyAppearance, configured_healthy
 from service.explain.hooks import module_device
 from service.explain.methods.gradient import gradient_context
-from service.explain.methods.perturbation import PERTURBATIONS, replacement_images
+from service.explain.methods.perturbation import HEALTHY_CARD_FILES, PERTURBATIONS, healthy_fill, replacement_images
 from service.explain.scores import SCORES, target_scores
 from service.explain.settings import (
     choice,
@@ -154,18 +158,21 @@ class _MaskOptimisation(Explainer):
     """What both methods share: settings of the perturbation and the jitter, and the set-up."""
 
     needs_gradients: ClassVar[bool] = True
+    card_files: ClassVar[Mapping[str, str]] = HEALTHY_CARD_FILES
     perturbation: str
     baseline: float
     blur_sigma: float
+    healthy: HealthyAppearance | None
 
     def _prepare(self, model: ModelLike, batch: torch.Tensor) -> tuple[nn.Module, torch.device]:
         module = torch_module_of(model, self.name)
         device = module_device(module)
         return module, batch.device if device is None else device
 
-    def _replacement(self, inputs: torch.Tensor) -> torch.Tensor:
+    def _replacement(self, inputs: torch.Tensor, module: nn.Module) -> torch.Tensor:
         with torch.no_grad():
-            return replacement_images(inputs, self.perturbation, self.baseline, self.blur_sigma)
+            fill = healthy_fill(self.healthy, module)
+            return replacement_images(inputs, self.perturbation, self.baseline, self.blur_sigma, fill)
 
 
 # --- meaningful perturbation ---------------------------------------------------------------------
@@ -187,7 +194,9 @@ class MeaningfulPerturbation(_MaskOptimisation):
     The map is ``1 - m`` upsampled to ``[H, W]``: 1 where deleting the pixel matters, 0 where
     the pixel was kept. Perturbed pixels blend towards the image blurred with ``blur_sigma``
     pixels (the paper's sigma_0 = 10 at 224 px; a blend with one blurred image rather than a
-    spatially varying blur) or towards the constant ``baseline``. Each iteration shifts the
+    spatially varying blur), towards the constant ``baseline``, or (``perturbation="healthy"``,
+    see :class:`HealthyPerturbation`) towards the image's healthy appearance h(x) from
+    ``healthy_model``. Each iteration shifts the
     perturbed input by up to ``jitter`` pixels (the paper's 4), drawn from ``seed``.
 
     With a saturated probability (a confident model, ``p`` very close to 1) the score's gradient
@@ -212,6 +221,7 @@ class MeaningfulPerturbation(_MaskOptimisation):
         score: str = "probability",
         jitter: int = 4,
         seed: int = 0,
+        healthy_model: str | os.PathLike[str] | None = None,
     ) -> None:
         self.iterations = positive_int("iterations", iterations)
         self.learning_rate = positive_float("learning_rate", learning_rate)
@@ -227,6 +237,7 @@ class MeaningfulPerturbation(_MaskOptimisation):
         self.score = choice("score", score, SCORES)
         self.jitter = non_negative_int("jitter", jitter)
         self.seed = seed_value(seed)
+        self.healthy = configured_healthy(self.name, self.perturbation, healthy_model)
 
     def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         module, device = self._prepare(model, batch)
@@ -235,7 +246,7 @@ class MeaningfulPerturbation(_MaskOptimisation):
         with gradient_context(module):
             inputs = batch.detach().to(device).clone()
             targets = targets.to(device).clone()  # an ordinary tensor even if the caller is in inference mode
-            replacement = self._replacement(inputs)
+            replacement = self._replacement(inputs, module)
             difference = inputs - replacement
             mask = torch.ones(n_images, 1, self.mask_size, self.mask_size, dtype=inputs.dtype, device=device)
             mask.requires_grad_(True)
@@ -262,6 +273,51 @@ class MeaningfulPerturbation(_MaskOptimisation):
         rows = (mask[:, :, 1:, :] - mask[:, :, :-1, :]).abs().pow(self.tv_beta).mean(dim=(1, 2, 3))
         cols = (mask[:, :, :, 1:] - mask[:, :, :, :-1]).abs().pow(self.tv_beta).mean(dim=(1, 2, 3))
         return rows + cols
+
+
+class HealthyPerturbation(MeaningfulPerturbation):
+    """Meaningful perturbation with healthy-tissue replacement (Uzunova, Ehrhardt, Kepp & Handels,
+    SPIE Medical Imaging 2019).
+
+    :class:`MeaningfulPerturbation`'s deletion game, every setting and default the same, with the
+    perturbed input ``x * m + h(x) * (1 - m)``: a deleted region shows the image's healthy
+    appearance h(x), the reconstruction of a variational autoencoder trained on normal images
+    only (:mod:`service.explain.healthy`), instead of a blur or a constant, which are implausible
+    in a radiograph and out of the classifier's distribution. ``healthy_model`` is that model's
+    file; the node takes it from the model card's ``auxiliary.healthy_appearance``. It needs the
+    card's input grid: another image size is refused with the sizes in the message.
+    """
+
+    name: ClassVar[str] = "healthy_perturbation"
+
+    def __init__(
+        self,
+        iterations: int = 300,
+        learning_rate: float = 0.1,
+        area_weight: float = 0.05,
+        area_exponent: float = 1.0,
+        tv_weight: float = 0.2,
+        tv_beta: float = 3.0,
+        mask_size: int = 28,
+        score: str = "probability",
+        jitter: int = 4,
+        seed: int = 0,
+        healthy_model: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(
+            iterations=iterations,
+            learning_rate=learning_rate,
+            area_weight=area_weight,
+            area_exponent=area_exponent,
+            tv_weight=tv_weight,
+            tv_beta=tv_beta,
+            mask_size=mask_size,
+            perturbation="healthy",
+            score=score,
+            jitter=jitter,
+            seed=seed,
+            healthy_model=healthy_model,
+        )
 
 
 # --- extremal perturbation -----------------------------------------------------------------------
@@ -371,8 +427,8 @@ class ExtremalPerturbation(_MaskOptimisation):
       (in place of TorchRay's horizontal flips, which would mirror laterality); ``seed`` also
       orders exact ties in the area ranking (see :func:`ranked_values`).
     - Perturbed pixels blend towards the image blurred with ``blur_sigma`` pixels (TorchRay's
-      strongest blur, 20 px at 224 px; one blurred image rather than its blur pyramid) or the
-      constant ``baseline``.
+      strongest blur, 20 px at 224 px; one blurred image rather than its blur pyramid), the
+      constant ``baseline``, or the image's healthy appearance h(x) (``perturbation="healthy"``).
 
     The map is the mean over ``areas`` of the final masks, ``[H, W]`` in ``[0, 1]`` (the paper
     sums them; the mean keeps the ranking and the unit range). :meth:`masks` returns each area's
@@ -396,6 +452,7 @@ class ExtremalPerturbation(_MaskOptimisation):
         score: str = "logit",
         jitter: int = 4,
         seed: int = 0,
+        healthy_model: str | os.PathLike[str] | None = None,
     ) -> None:
         self.areas = fractions("areas", areas)
         self.iterations = positive_int("iterations", iterations)
@@ -410,6 +467,7 @@ class ExtremalPerturbation(_MaskOptimisation):
         self.score = choice("score", score, SCORES)
         self.jitter = non_negative_int("jitter", jitter)
         self.seed = seed_value(seed)
+        self.healthy = configured_healthy(self.name, self.perturbation, healthy_model)
 
     def masks(self, model: ModelLike, batch: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
         """Each area's final mask, float32 ``[B, len(areas), H, W]`` in ``[0, 1]`` (1 = kept)."""
@@ -428,7 +486,7 @@ class ExtremalPerturbation(_MaskOptimisation):
             inputs = batch.detach().to(device).clone()
             targets = targets.to(device).clone()  # an ordinary tensor even if the caller is in inference mode
             mask_targets = targets.repeat_interleave(n_areas)
-            replacement = self._replacement(inputs)
+            replacement = self._replacement(inputs, module)
             difference = (inputs - replacement)[:, None]
             replacement = replacement[:, None]
             smooth_masks = SmoothMasks(height, width, self.mask_size, self.sigma, inputs)

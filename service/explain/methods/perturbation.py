@@ -8,8 +8,11 @@ included); the perturbed inputs of the whole batch go through :func:`forward_fun
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from functools import partial
+from types import MappingProxyType
 from typing import ClassVar
 
 import torch
@@ -25,6 +28,8 @@ from service.explain.base import (
     chunk_size_for,
     forward_function,
 )
+from service.explain.healthy.appearance import CARD_ENTRY as HEALTHY_CARD_ENTRY
+from service.explain.healthy.appearance import HealthyAppearance, configured_healthy
 from service.explain.hooks import eval_mode, module_device
 from service.explain.scores import SCORES, check_targets_on_first_image, forward_scores
 from service.explain.settings import (
@@ -38,8 +43,13 @@ from service.explain.settings import (
     seed_value,
 )
 
-#: What a perturbed region becomes: a constant (``baseline``) or the Gaussian-blurred image.
-PERTURBATIONS = ("baseline", "blur")
+#: What a perturbed region becomes: a constant (``baseline``), the Gaussian-blurred image, or the
+#: image's healthy appearance h(x) (``healthy``: :mod:`service.explain.healthy`, Uzunova et al. 2019).
+PERTURBATIONS = ("baseline", "blur", "healthy")
+#: The model card's healthy-appearance file, for every method that takes ``perturbation="healthy"``.
+HEALTHY_CARD_FILES: Mapping[str, str] = MappingProxyType({"healthy_model": HEALTHY_CARD_ENTRY})
+#: h(x) of a batch (normalised units, same shape), on the runtime that matches the explained model.
+HealthyFill = Callable[[torch.Tensor], torch.Tensor]
 
 
 # --- forward passes -------------------------------------------------------------------------------
@@ -71,10 +81,22 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return flat.view(batch, channels, height, width)
 
 
-def replacement_images(inputs: torch.Tensor, perturbation: str, baseline: float, blur_sigma: float) -> torch.Tensor:
-    """What perturbed pixels take: ``baseline`` everywhere, or the image blurred with ``blur_sigma``."""
+def healthy_fill(healthy: HealthyAppearance | None, model: ModelLike) -> HealthyFill | None:
+    """h(x) on the runtime that matches ``model`` (see :meth:`HealthyAppearance.for_model`); ``None`` without a file."""
+    return None if healthy is None else partial(healthy.for_model, model=model)
+
+
+def replacement_images(
+    inputs: torch.Tensor, perturbation: str, baseline: float, blur_sigma: float, healthy: HealthyFill | None = None
+) -> torch.Tensor:
+    """What perturbed pixels take: ``baseline`` everywhere, the image blurred with ``blur_sigma``, or
+    (``"healthy"``) the image's healthy appearance ``healthy(inputs)``."""
     if perturbation == "blur":
         return gaussian_blur(inputs, blur_sigma)
+    if perturbation == "healthy":
+        if healthy is None:
+            raise ExplainerError("perturbation 'healthy' needs a healthy-appearance model (the healthy_model setting)")
+        return healthy(inputs)
     return torch.full_like(inputs, baseline)
 
 
@@ -108,8 +130,10 @@ class RISE(Explainer):
     ``probability``) are upsampled bilinearly to ``(cell_size + 1)`` cells of
     ``ceil(H / cell_size)`` x ``ceil(W / cell_size)`` pixels, shifted by a random offset below one
     cell and cropped to H x W (so the soft edges fall anywhere, as in the authors' code). Each
-    masked input is ``M * x + (1 - M) * R``, ``R`` the constant ``baseline`` (normalised units) or,
-    with ``perturbation="blur"``, the image blurred with ``blur_sigma`` pixels; the map is
+    masked input is ``M * x + (1 - M) * R``, ``R`` the constant ``baseline`` (normalised units),
+    with ``perturbation="blur"`` the image blurred with ``blur_sigma`` pixels, or with
+    ``perturbation="healthy"`` the image's healthy appearance h(x) (``healthy_model``, from the
+    card's ``auxiliary.healthy_appearance``: :mod:`service.explain.healthy`); the map is
     ``sum_i score_i * M_i / (masks * probability)``, the expected score given that a pixel is
     kept. ``score="probability"`` (the paper's) uses the softmax probability of the target,
     ``"logit"`` its logit. ``centred=True`` subtracts each image's mean score over the masks
@@ -124,6 +148,7 @@ class RISE(Explainer):
 
     name: ClassVar[str] = "rise"
     needs_gradients: ClassVar[bool] = False
+    card_files: ClassVar[Mapping[str, str]] = HEALTHY_CARD_FILES
 
     def __init__(
         self,
@@ -137,6 +162,7 @@ class RISE(Explainer):
         perturbation: str = "baseline",
         blur_sigma: float = 10.0,
         centred: bool = False,
+        healthy_model: str | os.PathLike[str] | None = None,
     ) -> None:
         self.n_masks = positive_int("masks", masks)
         self.cell_size = positive_int("cell_size", cell_size)
@@ -148,6 +174,7 @@ class RISE(Explainer):
         self.perturbation = choice("perturbation", perturbation, PERTURBATIONS)
         self.blur_sigma = positive_float("blur_sigma", blur_sigma)
         self.centred = boolean("centred", centred)
+        self.healthy = configured_healthy(self.name, self.perturbation, healthy_model)
 
     def grids(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The random draws for ``height`` x ``width`` images, on the CPU.
@@ -200,9 +227,10 @@ class RISE(Explainer):
         with forward_context(model, batch) as (forward, device):
             inputs = batch.detach().to(device)
             targets = targets.to(device)
-            replacement = replacement_images(inputs, self.perturbation, self.baseline, self.blur_sigma)
-            difference = inputs - replacement
             check_targets_on_first_image(forward, inputs, targets)
+            fill = healthy_fill(self.healthy, model)
+            replacement = replacement_images(inputs, self.perturbation, self.baseline, self.blur_sigma, fill)
+            difference = inputs - replacement
             # float64 sums: thousands of terms, and centring subtracts two nearly equal sums
             saliency = torch.zeros(n_images, height, width, dtype=torch.float64, device=device)
             coverage = torch.zeros(height, width, dtype=torch.float64, device=device)  # sum_i M_i
@@ -243,7 +271,8 @@ class HiPe(Explainer):
     at each level; cell ``i`` of an axis holds the pixels ``p`` with ``floor(p * n / size) = i``)
     and considers windows of 2 x 2 cells at a stride of one cell, border windows included
     (``(n + 1)^2`` windows, as in the authors' code). A window is perturbed (set to ``baseline``,
-    or to a Gaussian blur of the image with ``perturbation="blur"``) only when the saliency
+    to a Gaussian blur of the image with ``perturbation="blur"``, or to the image's healthy
+    appearance h(x) with ``perturbation="healthy"``, see :class:`RISE`) only when the saliency
     accumulated so far reaches, somewhere inside it, the mid-range threshold ``(min + max) / 2``
     of that accumulated map; every window qualifies at level 1. Each perturbed window adds
     ``ReLU(score(x) - score(x_perturbed))`` (no ReLU with ``relu=False``) to all its pixels,
@@ -262,6 +291,7 @@ class HiPe(Explainer):
 
     name: ClassVar[str] = "hipe"
     needs_gradients: ClassVar[bool] = False
+    card_files: ClassVar[Mapping[str, str]] = HEALTHY_CARD_FILES
 
     def __init__(
         self,
@@ -273,6 +303,7 @@ class HiPe(Explainer):
         score: str = "probability",
         relu: bool = True,
         chunk_size: int | None = None,
+        healthy_model: str | os.PathLike[str] | None = None,
     ) -> None:
         self.initial_grid = positive_int("initial_grid", initial_grid)
         if self.initial_grid < 2:
@@ -284,6 +315,7 @@ class HiPe(Explainer):
         self.score = choice("score", score, SCORES)
         self.relu = boolean("relu", relu)
         self.chunk_size = optional_positive_int("chunk_size", chunk_size)
+        self.healthy = configured_healthy(self.name, self.perturbation, healthy_model)
 
     def levels(self, height: int, width: int) -> list[int]:
         """Cells per side at each level for ``height`` x ``width`` images."""
@@ -316,8 +348,9 @@ class HiPe(Explainer):
         with forward_context(model, batch) as (forward, device):
             inputs = batch.detach().to(device)
             targets = targets.to(device)
-            replacement = replacement_images(inputs, self.perturbation, self.baseline, self.blur_sigma)
             clean = forward_scores(forward, inputs, targets, self.score, chunk)
+            fill = healthy_fill(self.healthy, model)
+            replacement = replacement_images(inputs, self.perturbation, self.baseline, self.blur_sigma, fill)
             saliency = torch.zeros(n_images, height, width, dtype=clean.dtype, device=device)
             passes = torch.ones(n_images, dtype=torch.long, device=device)
             for cells in levels:

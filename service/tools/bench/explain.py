@@ -72,6 +72,7 @@ from service.tools.bench.measure import (
 )
 from service.tools.bench.models import IMAGE_SEED, MODELS, BenchModel, load_bench_model, phantom_images
 from service.tools.bench.peers import PeerCase, PeerMissing, peer_cases
+from service.tools.evaluate.variants import split_variant, variant_settings
 from service.tools.progress import Progress
 
 DELETION_STEPS = 20
@@ -162,13 +163,14 @@ def bench_method(
 ) -> dict[str, Any]:
     """Ours and the peers for one method on one model."""
     record: dict[str, Any] = {"model": bench.name, "method": name}
+    method, variant = split_variant(name)  # a variant (occlusion:healthy) has settings of its own, no peers
     settings = dict(params)
-    if "target_layer" in inspect.signature(explainer_class(name)).parameters:
+    if "target_layer" in inspect.signature(explainer_class(method)).parameters:
         settings.setdefault("target_layer", bench.target_layer)
     if bench.card is not None:  # files trained against the model, e.g. realtime_saliency's masker
-        settings = {**card_settings(bench.card, name), **settings}
+        settings = {**card_settings(bench.card, method), **settings}
     try:
-        explainer = get_explainer(name, **settings)
+        explainer = get_explainer(method, **settings)
         with_passes = getattr(explainer, "explain_with_passes", None)
         first = None if with_passes is None else (lambda: with_passes(bench.module, bench.images, bench.targets))
         measurement = measure(
@@ -193,7 +195,7 @@ def bench_method(
         figure["onnx_time_s_per_image"] = onnx_s
         progress(f"  ours on ONNX Runtime (the node's forward path): {onnx_s:.3f} s/image")
     peers = []
-    for case in peer_cases(explainer, bench):
+    for case in peer_cases(explainer, bench) if variant is None else []:
         peer = _measure_peer(case, bench, device, layer, timing)
         if peer["status"] == "ok":
             peer["ours_speedup"] = peer["time_s_per_image"] / figure["time_s_per_image"]
@@ -323,7 +325,7 @@ def check_request(
     ``ExplainerError`` for an unknown method) before any work when a request cannot run."""
     names = list(methods) if methods else list(available_explainers())
     for name in names:
-        explainer_class(name)
+        split_variant(name)
     for name in models:
         if name not in MODELS:
             raise ValueError(f"unknown bench model {name!r}; choose from {', '.join(MODELS)}")
@@ -394,7 +396,7 @@ def run_explain_bench(
         for name in names:
             step += 1
             progress(f"[{step}/{total}] {model_name}: {name}")
-            records.append(bench_method(name, params.get(name, {}), bench, target, layer, timing, progress))
+            records.append(bench_method(name, variant_settings(name, params), bench, target, layer, timing, progress))
         # Forward and gradient times again after the methods; the faster is the floor (load on a
         # shared machine, or a GPU still at idle clocks at the start, only ever slows a run down).
         forward_end = forward_time(bench, target)

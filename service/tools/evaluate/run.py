@@ -16,12 +16,19 @@ class of every image. Then, from :mod:`service.trust`:
 - seed repeatability of stochastic methods and the ONNX-vs-torch agreement of forward-only
   methods on the first ``repeatability_images``;
 - cost: milliseconds per image and the model rows run with and without gradients;
+- the out-of-distribution signal on what the method showed the model: a uniform sample
+  (reservoir, :data:`INPUT_SAMPLE` rows) of the inputs it ran through the model while explaining,
+  scored by the card's OOD statistics (their share above the threshold and median distance);
+- per model, the same signal on images with random regions filled by a constant, a blur and the
+  healthy appearance h(x) (:mod:`service.trust.perturbed`, Uzunova et al. 2019's argument);
 - shortcut exposure: the share of positive attribution outside the anatomy on every image (the
   node's own signal, :mod:`service.trust.shortcut`), how many results the card's thresholds would
   flag, and the thresholds this set suggests (its 99th percentiles, when the set is honest).
 
-Nothing here computes a metric itself: it chooses the images, runs the parts and collects the
-figures into :class:`~service.tools.evaluate.scorecard.Scorecard`.
+A method entry may be a variant, ``NAME:LABEL`` with settings of its own
+(:mod:`service.tools.evaluate.variants`), so that one method under several settings is scored side
+by side. Nothing here computes a metric itself: it chooses the images, runs the parts and collects
+the figures into :class:`~service.tools.evaluate.scorecard.Scorecard`.
 """
 
 from __future__ import annotations
@@ -38,15 +45,21 @@ import torch
 from dicom_io.pixels import PreparedFrame, prepare_frames, shutter_mask
 from service.explain import Explainer, get_explainer
 from service.explain.base import ModelLike
+from service.explain.healthy import CARD_ENTRY as HEALTHY_CARD_ENTRY
+from service.explain.healthy import HealthyAppearance
+from service.explain.methods.perturbation import gaussian_blur
 from service.inference.card import ModelCard
 from service.inference.deployed import DeployedModel
 from service.inference.runner import Runner
-from service.node.pipeline import card_settings
+from service.node.pipeline import card_settings, ood_detector
 from service.tools.bench.measure import RowCounter, input_layer
 from service.tools.evaluate.labelled import LabelledImage, LabelledSet
-from service.tools.evaluate.scorecard import PER_CLASS_COLUMNS, Figure, Row, Scorecard
+from service.tools.evaluate.scorecard import PER_CLASS_COLUMNS, Examples, Figure, Row, Scorecard
+from service.tools.evaluate.variants import split_variant, variant_settings
 from service.tools.progress import Progress
 from service.trust import faithfulness, localisation, randomisation, repeatability
+from service.trust.ood import OodDetector
+from service.trust.perturbed import perturbed_ood
 from service.trust.shortcut import (
     OutsideAnatomy,
     ShortcutFigures,
@@ -63,6 +76,13 @@ CURVE_STEPS = 25
 #: (60 phantoms x five methods in 10 minutes on 2 cores): RISE with 1,000 masks instead of the
 #: node's 4,000 (6.8 s an image on this CPU). The scorecard row shows the settings it measured.
 EVALUATION_DEFAULTS: dict[str, dict[str, Any]] = {"rise": {"masks": 1000}}
+#: Most model inputs a method ran that are kept (a uniform sample) for their out-of-distribution figures.
+INPUT_SAMPLE = 256
+#: Lesion images per class whose maps the scorecard's pictures show.
+EXAMPLES_PER_CLASS = 2
+#: The fills of the perturbed-image OOD table: the perturbation methods' default constant (0.0, the
+#: card's mean) and blur (10 px).
+TABLE_BASELINE, TABLE_BLUR_SIGMA = 0.0, 10.0
 
 
 @dataclass(frozen=True)
@@ -122,9 +142,21 @@ def evaluate(
         scorecard.device = model.forward_runner.device
         try:
             prepared = _prepare(model, labelled, scorecard.skipped, progress)
-            rows = [_evaluate_method(model, prepared, method, settings, progress) for method in settings.methods]
+            detector = ood_detector(model)
+            examples = _example_images(prepared)
+            rows = [
+                _evaluate_method(model, prepared, method, settings, progress, detector, examples)
+                for method in settings.methods
+            ]
             scorecard.rows.extend(rows)
             scorecard.shortcut_calibration[model.card.name] = shortcut_calibration(rows)
+            scorecard.examples[model.card.name] = Examples(
+                {prepared.images[i].name: prepared.inputs[i, 0].numpy() for i in examples},
+                {prepared.images[i].name: _model_grid_mask(prepared, i) for i in examples},
+            )
+            if detector is not None:
+                progress(f"{model.card.name}: out-of-distribution signal on images with filled regions")
+                scorecard.perturbed_ood[model.card.name] = _perturbed_ood_table(model, prepared, detector, settings)
         finally:
             model.close()
     scorecard.seconds = time.perf_counter() - started
@@ -152,24 +184,43 @@ def _prepare(model: DeployedModel, labelled: LabelledSet, skipped: list[str], pr
 
 
 def _evaluate_method(
-    model: DeployedModel, prepared: _Prepared, method: str, settings: EvaluationSettings, progress: Progress
+    model: DeployedModel,
+    prepared: _Prepared,
+    entry: str,
+    settings: EvaluationSettings,
+    progress: Progress,
+    detector: OodDetector | None = None,
+    examples: Sequence[int] = (),
 ) -> Row:
     card = model.card
+    method, variant = split_variant(entry)
     method_settings = {
         **card_settings(card, method),
         **EVALUATION_DEFAULTS.get(method, {}),
-        **settings.method_params.get(method, {}),
+        **variant_settings(entry, settings.method_params),
     }
     explainer = get_explainer(method, **method_settings)
     explained_model = model.model_for(needs_gradients=explainer.needs_gradients)
-    row = Row(card.name, card.version, method, {key: _plain(value) for key, value in method_settings.items()})
-    label = f"{card.name} {method}"
+    row = Row(
+        card.name, card.version, method, {key: _plain(value) for key, value in method_settings.items()}, variant=variant
+    )
+    label = f"{card.name} {entry}"
 
-    maps, seconds, rows_run = _explain_all(explainer, explained_model, prepared, settings.batch_size, progress, label)
+    sample = InputSample(INPUT_SAMPLE, settings.seed)
+    maps, seconds, rows_run = _explain_all(
+        explainer, explained_model, prepared, settings.batch_size, progress, label, sample
+    )
     count = len(prepared.images)
     row.figures["ms_per_image"] = Figure(1000 * seconds / count, count)
     row.figures["forward_passes_per_image"] = Figure(rows_run[0] / count, count)
     row.figures["backward_passes_per_image"] = Figure(rows_run[1] / count, count)
+    row.example_maps = {prepared.images[i].name: maps[i] for i in examples}
+    if detector is not None and sample.rows:
+        scores = detector.score(model.gradient_runner.torch_module, np.stack(sample.rows))
+        row.figures["perturbed_ood_flag_rate"] = Figure(
+            float(np.mean([s.out_of_distribution for s in scores])), len(scores)
+        )
+        row.figures["perturbed_ood_distance_p50"] = Figure(float(np.median([s.distance for s in scores])), len(scores))
 
     _shortcut_exposure(row, card, prepared, maps)
     lesions = [i for i, image in enumerate(prepared.images) if image.mask is not None]
@@ -210,28 +261,37 @@ def _explain_all(
     batch_size: int,
     progress: Progress,
     label: str,
+    sample: InputSample | None = None,
 ) -> tuple[np.ndarray, float, tuple[int, int]]:
     """Maps ``[N, H, W]`` of every image, the seconds it took, and the model rows run without and with
-    gradients (counted at the torch module's input layer, or at the forward-only runner)."""
+    gradients (counted at the torch module's input layer, or at the forward-only runner); the rows
+    themselves go to ``sample`` (the sampling is inside the timed calls: a copy per kept row)."""
     counter = None
+    hook = None
     if isinstance(explained_model, torch.nn.Module):
         counter = RowCounter(input_layer(explained_model, prepared.inputs[:1]))
+        if sample is not None:
+            hook = explained_model.register_forward_pre_hook(lambda _module, args: sample.offer(args[0]))
     else:
-        explained_model = _CountingRunner(explained_model)
+        explained_model = _CountingRunner(explained_model, sample)
     maps, seconds = [], 0.0
     total = len(prepared.images)
-    for first in range(0, total, batch_size):
-        batch = prepared.inputs[first : first + batch_size]
-        targets = prepared.targets[first : first + batch_size]
-        started = time.perf_counter()
-        if counter is not None:
-            with counter:
+    try:
+        for first in range(0, total, batch_size):
+            batch = prepared.inputs[first : first + batch_size]
+            targets = prepared.targets[first : first + batch_size]
+            started = time.perf_counter()
+            if counter is not None:
+                with counter:
+                    result = explainer.explain(explained_model, batch, targets)
+            else:
                 result = explainer.explain(explained_model, batch, targets)
-        else:
-            result = explainer.explain(explained_model, batch, targets)
-        seconds += time.perf_counter() - started
-        maps.append(result.cpu().numpy())
-        progress(_bar(f"{label}: explain", min(first + batch_size, total), total))
+            seconds += time.perf_counter() - started
+            maps.append(result.cpu().numpy())
+            progress(_bar(f"{label}: explain", min(first + batch_size, total), total))
+    finally:
+        if hook is not None:
+            hook.remove()
     if counter is not None:
         rows = (counter.nograd_rows, counter.grad_rows)
     else:
@@ -239,13 +299,39 @@ def _explain_all(
     return np.concatenate(maps), seconds, rows
 
 
+class InputSample:
+    """A uniform random sample of at most ``size`` of the rows offered to it (reservoir sampling,
+    Vitter's algorithm R), from ``seed``: the model inputs a method ran, as float32 ``[C, H, W]``."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.rows: list[np.ndarray] = []
+        self.offered = 0
+        self._random = np.random.default_rng(seed)
+
+    def offer(self, batch: torch.Tensor | np.ndarray) -> None:
+        """Consider each row of ``batch`` ``[N, C, H, W]``."""
+        for index in range(int(batch.shape[0])):
+            self.offered += 1
+            slot = len(self.rows) if len(self.rows) < self.size else int(self._random.integers(self.offered))
+            if slot < self.size:
+                row = batch[index]
+                copy = row.detach().to("cpu", torch.float32).numpy() if isinstance(row, torch.Tensor) else row
+                copy = np.array(copy, dtype=np.float32)
+                if slot == len(self.rows):
+                    self.rows.append(copy)
+                else:
+                    self.rows[slot] = copy
+
+
 class _CountingRunner:
-    """A forward-only runner (the inference pool) that counts the rows it is given."""
+    """A forward-only runner (the inference pool) that counts the rows it is given and offers them to a sample."""
 
     torch_module = None
 
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, sample: InputSample | None = None) -> None:
         self._runner = runner
+        self._sample = sample
         self.rows = 0
 
     @property
@@ -254,7 +340,52 @@ class _CountingRunner:
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
         self.rows += int(batch.shape[0])
+        if self._sample is not None:
+            self._sample.offer(batch)
         return self._runner.forward(batch)
+
+
+def _perturbed_ood_table(
+    model: DeployedModel, prepared: _Prepared, detector: OodDetector, settings: EvaluationSettings
+) -> list[dict[str, Any]]:
+    """The OOD verdicts on every image with random regions filled by the constant, the blur and, where
+    the card has a healthy-appearance model, h(x) (:func:`service.trust.perturbed.perturbed_ood`)."""
+    inputs = prepared.inputs
+    replacements = {
+        f"constant {TABLE_BASELINE:g}": torch.full_like(inputs, TABLE_BASELINE),
+        f"blur {TABLE_BLUR_SIGMA:g} px": gaussian_blur(inputs, TABLE_BLUR_SIGMA),
+    }
+    if HEALTHY_CARD_ENTRY in model.card.auxiliary:
+        healthy = HealthyAppearance(model.card.auxiliary_path(HEALTHY_CARD_ENTRY))
+        replacements["healthy h(x)"] = torch.cat([healthy(part) for part in inputs.split(settings.batch_size)])
+    module = model.gradient_runner.torch_module
+    results = perturbed_ood(detector, module, inputs, replacements, seed=settings.seed)
+    return [
+        {
+            "fill": result.fill,
+            "fraction": result.fraction,
+            "flag_rate": result.flag_rate,
+            "distance_p50": result.distance_p50,
+            "images": result.images,
+        }
+        for result in results
+    ]
+
+
+def _example_images(prepared: _Prepared) -> list[int]:
+    """The first :data:`EXAMPLES_PER_CLASS` images of each lesion class (the pictures' rows)."""
+    chosen: dict[str, list[int]] = {}
+    for index, image in enumerate(prepared.images):
+        if image.mask is not None and len(chosen.setdefault(image.label, [])) < EXAMPLES_PER_CLASS:
+            chosen[image.label].append(index)
+    return [index for indices in chosen.values() for index in indices]
+
+
+def _model_grid_mask(prepared: _Prepared, index: int) -> np.ndarray:
+    """The ground-truth mask of image ``index`` on the model grid (bool ``[H, W]``), for the pictures."""
+    mask = prepared.images[index].mask
+    assert mask is not None
+    return prepared.frames[index].mapping.to_model_grid(mask.astype(np.float32)) > 0.5
 
 
 def _shortcut_exposure(row: Row, card: ModelCard, prepared: _Prepared, maps: np.ndarray) -> None:
@@ -317,6 +448,9 @@ def _faithfulness(
         "insertion": _mean_curve(insertion.curve),
     }
     chosen = lesions[: settings.road_images]
+    if not chosen:
+        row.figures["road_combined"] = Figure(None, 0, "not run (road_images 0)")
+        return
     progress(f"{label}: ROAD on {len(chosen)} images")
     road = faithfulness.road(
         model.pool,
@@ -343,6 +477,9 @@ def _randomisation(
 ) -> None:
     """The cascade on the ``chosen`` images; the verdict against ``baseline``, the mean SSIM of 50 random
     pairs of the trained maps of every image with a finding (a steadier estimate than the subset's)."""
+    if not chosen:
+        row.figures["randomisation_passes"] = Figure(None, 0, "not run (randomisation_images 0)")
+        return
     if len(chosen) < 2 or baseline is None:
         row.figures["randomisation_passes"] = Figure(None, len(chosen), "needs at least 2 images with a finding")
         return
@@ -373,6 +510,8 @@ def _repeatability(
     settings: EvaluationSettings,
 ) -> None:
     count = min(settings.repeatability_images, len(prepared.images))
+    if count == 0:
+        return
     batch, targets = prepared.inputs[:count], prepared.targets[:count]
     if repeatability.stochastic(method):
         extra = {key: value for key, value in method_settings.items() if key != "seed"}

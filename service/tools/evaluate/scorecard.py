@@ -100,6 +100,18 @@ METRICS: dict[str, tuple[str, str, str]] = {
     ),
     "outside_anatomy_share_p99": ("Coherence", "99th percentile of the same share", "lower"),
     "shortcut_flag_rate": ("Coherence", "share of all images whose result the node would flag as a shortcut", "lower"),
+    "perturbed_ood_flag_rate": (
+        "Correctness",
+        "share of the inputs the method ran through the model (a uniform sample of up to 256) that the card's "
+        "out-of-distribution signal flags: how often the method's scores come from images unlike the training "
+        "data (Uzunova et al. 2019; Mahalanobis distance, Lee et al. 2018)",
+        "lower",
+    ),
+    "perturbed_ood_distance_p50": (
+        "Correctness",
+        "median Mahalanobis distance of those inputs to the training data (the card's threshold flags above it)",
+        "lower",
+    ),
     "ms_per_image": ("cost (no Co-12 property)", "wall time of the explanation per image, milliseconds", "lower"),
     "forward_passes_per_image": ("cost (no Co-12 property)", "model rows run without gradients per image", "lower"),
     "backward_passes_per_image": (
@@ -122,6 +134,7 @@ TABLE_COLUMNS = (
     "randomisation_baseline",
     "random_logit_ssim",
     "outside_anatomy_share_p50",
+    "perturbed_ood_flag_rate",
     "ms_per_image",
 )
 
@@ -139,13 +152,24 @@ class Figure:
 
 
 @dataclass
+class Examples:
+    """What the pictures show besides the maps: the example images (model grid, normalised) and
+    their ground-truth masks (model grid), by image name. Not written to ``scorecard.json``."""
+
+    images: dict[str, Any] = field(default_factory=dict)
+    masks: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Row:
-    """One model x method."""
+    """One model x method (or a variant of a method, ``method:variant``, with settings of its own)."""
 
     model: str
     model_version: str
     method: str
     settings: dict[str, Any]
+    #: The variant's label (``occlusion:healthy`` -> ``healthy``); ``None`` for the method as configured.
+    variant: str | None = None
     figures: dict[str, Figure] = field(default_factory=dict)
     #: Localisation per ground-truth class: class -> figure name -> figure.
     per_class: dict[str, dict[str, Figure]] = field(default_factory=dict)
@@ -155,6 +179,13 @@ class Row:
     shortcut_figures: list[tuple[float, float]] = field(default_factory=list)
     #: Mean deletion and insertion curves: fraction of pixels -> mean target probability.
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    #: The maps of the example images (model grid) by image name, for the pictures; not in the JSON.
+    example_maps: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """``method`` or ``method:variant``: how tables and pictures name the row."""
+        return self.method if self.variant is None else f"{self.method}:{self.variant}"
 
     def value(self, name: str) -> float | None:
         figure = self.figures.get(name)
@@ -172,6 +203,11 @@ class Scorecard:
     #: Per model: the suggested shortcut thresholds from this (honest) set, and the figures behind them.
     shortcut_calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    #: Per model: the OOD signal on images with random regions filled by each fill
+    #: (:mod:`service.trust.perturbed`): rows of fill, fraction, flag_rate, distance_p50, images.
+    perturbed_ood: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: Per model: the example images of the pictures; not in the JSON.
+    examples: dict[str, Examples] = field(default_factory=dict)
     seconds: float = 0.0
     device: str = "cpu"
     created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
@@ -182,6 +218,9 @@ class Scorecard:
         out_dir.mkdir(parents=True, exist_ok=True)
         as_json = out_dir / "scorecard.json"
         payload = asdict(self)
+        del payload["examples"]
+        for row in payload["rows"]:
+            del row["example_maps"]
         payload["metrics"] = {
             name: {"co12": co12, "definition": text, "better": better} for name, (co12, text, better) in METRICS.items()
         }
@@ -207,7 +246,7 @@ class Scorecard:
                 cells = [_cell(row.figures.get(name)) for name in TABLE_COLUMNS]
                 passes = row.value("randomisation_passes")
                 verdict = "n/a" if passes is None else ("passes" if passes >= 1 else "**FAILS**")
-                lines.append(f"| {row.method} | " + " | ".join(cells) + f" | {verdict} |")
+                lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {verdict} |")
             lines += [
                 "",
                 "Localisation per class:",
@@ -219,7 +258,8 @@ class Scorecard:
                 for label, figures in row.per_class.items():
                     cells = [_cell(figures.get(name)) for name in PER_CLASS_COLUMNS]
                     images = next(iter(figures.values())).images if figures else 0
-                    lines.append(f"| {row.method} | {label} | {images} | " + " | ".join(cells) + " |")
+                    lines.append(f"| {row.label} | {label} | {images} | " + " | ".join(cells) + " |")
+            lines += _perturbed_ood_lines(self.perturbed_ood.get(model, []))
             calibration = self.shortcut_calibration.get(model)
             if calibration:
                 lines += [
@@ -238,6 +278,26 @@ class Scorecard:
         if self.skipped:
             lines += ["", "## Left out", ""] + [f"- {reason}" for reason in self.skipped]
         return "\n".join(lines) + "\n"
+
+
+def _perturbed_ood_lines(table: list[dict[str, Any]]) -> list[str]:
+    """The Markdown table of the OOD signal on images with filled regions (empty without one)."""
+    if not table:
+        return []
+    lines = [
+        "",
+        "Out-of-distribution signal on the images with random regions (smooth blobs) filled, "
+        "share flagged / median distance (Uzunova et al. 2019; `service.trust.perturbed`):",
+        "",
+        "| fill | area filled | images | flagged | median distance |",
+        "|---|---|---|---|---|",
+    ]
+    for entry in table:
+        lines.append(
+            f"| {entry['fill']} | {entry['fraction']:.0%} | {entry['images']} | {entry['flag_rate']:.0%} "
+            f"| {entry['distance_p50']:.1f} |"
+        )
+    return lines
 
 
 def _cell(figure: Figure | None) -> str:

@@ -76,6 +76,16 @@ FAST: dict[str, dict[str, Any]] = {
     "extremal_perturbation": {"iterations": 6, "seed": 1},
     # the masker trained for the demo model, as the node takes it from the demo card
     "realtime_saliency": card_settings(ModelCard.load(demo_card_path()), "realtime_saliency"),
+    # the healthy-appearance VAE trained at the demo card's grid, as the node takes it from the card;
+    # the logit score: with the probability, Adam's normalised first steps turn the classifier's
+    # batch rounding (~1e-7, a gradient near zero) into mask steps of the full learning rate on the
+    # demo phantoms (meaningful_perturbation with its blur does the same at seed 2)
+    "healthy_perturbation": {
+        "iterations": 6,
+        "seed": 1,
+        "score": "logit",
+        **card_settings(ModelCard.load(demo_card_path()), "healthy_perturbation"),
+    },
 }
 #: Where the demo model's 224² images would make the settings above slow.
 FAST_ON_DEMO: dict[str, dict[str, Any]] = {
@@ -91,10 +101,14 @@ FAST_ON_DEMO: dict[str, dict[str, Any]] = {
 #: demo model): they cannot fail inside the classifier's forward pass.
 NEVER_CALLS_MODEL = {"realtime_saliency"}
 #: Methods that apply to the demo model only; elsewhere they must refuse with a clear error.
-DEMO_ONLY = {"realtime_saliency"}
+DEMO_ONLY = {"realtime_saliency", "healthy_perturbation"}
 
 #: Methods that optimise a mask over steps.
-ITERATIVE = {"meaningful_perturbation", "extremal_perturbation"}
+ITERATIVE = {"meaningful_perturbation", "extremal_perturbation", "healthy_perturbation"}
+
+#: The methods that take ``perturbation: healthy`` (filled from the demo card's healthy-appearance
+#: VAE, so on the demo model only), each with the contract below: see test_healthy_fill_contract.
+HEALTHY_FILL = ("occlusion", "rise", "hipe", "extremal_perturbation")
 
 METHODS = available_explainers()
 SHAPES = ("demo", "densenet", "residual")
@@ -267,3 +281,36 @@ def test_target_outside_the_classes_is_refused(method: str, case: Case, deployed
 def test_unknown_setting_is_refused(method: str) -> None:
     with pytest.raises(ExplainerError, match="no_such_setting"):
         get_explainer(method, no_such_setting=1)
+
+
+# --- perturbation: healthy ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", HEALTHY_FILL)
+def test_healthy_fill_contract(method: str, deployed_demo: DeployedModel) -> None:
+    """``perturbation: healthy`` on the demo model: batch == singles, deterministic, the model left
+    as found, a different map from the constant fill's (the fill is used), and for forward-only
+    methods the same map on ONNX Runtime (h(x) there from the ONNX export) as on torch."""
+    case = demo_case(deployed_demo)
+    fast = FAST_ON_DEMO.get(method, FAST[method])
+    healthy = {**fast, **card_settings(deployed_demo.card, method), "perturbation": "healthy"}
+    first = next(case.model.parameters())
+    with left_as_found(case.model, case.batch, frozen=first, eval_part=case.early):
+        batched = get_explainer(method, **healthy).explain(case.model, case.batch, case.targets)
+    first.requires_grad_(True)
+    case.model.eval()
+    assert batched.shape == (3, 224, 224) and torch.isfinite(batched).all()
+    singles = torch.cat(
+        [
+            get_explainer(method, **healthy).explain(case.model, case.batch[i : i + 1], [t])
+            for i, t in enumerate(case.targets)
+        ]
+    )
+    tolerance = (1e-4 if method in ITERATIVE else 2e-5) * max(1.0, float(singles.abs().max()))
+    torch.testing.assert_close(batched, singles, rtol=0, atol=tolerance)
+    assert torch.equal(get_explainer(method, **healthy).explain(case.model, case.batch, case.targets), batched)
+    constant = get_explainer(method, **fast).explain(case.model, case.batch, case.targets)
+    assert not torch.allclose(batched, constant, atol=1e-3 * float(constant.abs().max()))
+    if not explainer_class(method).needs_gradients:
+        on_runner = get_explainer(method, **healthy).explain(case.runner, case.batch, case.targets)
+        torch.testing.assert_close(on_runner, batched, rtol=0, atol=1e-3 * max(1e-6, float(batched.abs().max())))

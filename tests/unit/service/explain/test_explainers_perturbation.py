@@ -747,7 +747,7 @@ def test_target_errors(method: str) -> None:
         (RISE, {"probability": 0}, r"probability must be in \(0, 1\], got 0"),
         (RISE, {"probability": 1.5}, r"probability must be in \(0, 1\], got 1.5"),
         (RISE, {"seed": -1}, "seed must be an integer >= 0, got -1"),
-        (RISE, {"perturbation": "noise"}, "perturbation must be one of 'baseline', 'blur', got 'noise'"),
+        (RISE, {"perturbation": "noise"}, "perturbation must be one of 'baseline', 'blur', 'healthy', got 'noise'"),
         (RISE, {"centred": None}, "centred must be True or False, got None"),
         (HiPe, {"initial_grid": 1}, "initial_grid must be at least 2 cells per side, got 1"),
         (HiPe, {"min_window": 0}, "min_window must be a positive integer, got 0"),
