@@ -25,11 +25,11 @@ from service.node.config import NodeConfig
 from service.node.http import HealthServer
 from service.node.intake import listener_settings
 from service.node.metrics import JournalCollector, create_metrics
-from service.node.processor import SeriesProcessor
+from service.node.processor import STORE_RETRY_SECONDS, SeriesProcessor
 from service.node.receiver import Receiver
 from service.node.routing import ModelRegistry, Router, default_card_path
 from service.node.sender import OutboxSender
-from service.node.store import Journal, Spool
+from service.node.store import Journal, Spool, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,31 @@ class Node:
     def _process_loop(self) -> None:
         while not self._stopping.is_set():
             for key, sop_uids in self.assembler.wait_ready(timeout=PROCESS_WAIT_SECONDS):
-                self.processor.process_batch(key, self.journal.get_instances(sop_uids))
+                try:
+                    self.processor.process_batch(key, self.journal.get_instances(sop_uids))
+                except StoreError as exc:  # a full disk: what is not done stays ``received``; try again later
+                    self._defer(key, sop_uids, exc)
                 self._outputs_ready.set()
+
+    def _defer(self, key: SeriesKey, sop_uids: list[str], exc: StoreError) -> None:
+        """The spool or journal could not be written (a full disk): the batch's unfinished instances
+        rejoin the assembler and the loop waits, so the node recovers by itself when space returns."""
+        self.metrics.series_processed.labels("deferred").inc()
+        log.error(
+            "series %s: %d instance(s) not processed, the store failed (%s); retried in %.0f s",
+            key.series_instance_uid,
+            len(sop_uids),
+            exc,
+            STORE_RETRY_SECONDS,
+        )
+        for uid in sop_uids:
+            try:
+                state = self.journal.instance_state(uid)
+            except StoreError:
+                state = ("received", "")
+            if state is not None and state[0] == "received":
+                self.assembler.restore(key, uid)
+        self._stopping.wait(STORE_RETRY_SECONDS)
 
     def _send_loop(self) -> None:
         while True:

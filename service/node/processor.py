@@ -46,6 +46,9 @@ from service.node.store import Journal, NewOutput, ReceivedInstance, Spool, Stor
 
 log = logging.getLogger(__name__)
 
+#: Pause after the store failed (a full disk) before a batch is tried again, seconds.
+STORE_RETRY_SECONDS = 5.0
+
 #: How pydicom names the element an encoding error happened at: "With tag (0008,0070) ...".
 _TAG_IN_MESSAGE = re.compile(r"\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)")
 

@@ -17,6 +17,7 @@ Run by the supervisor: ``python -m service.node.worker --config FILE --name work
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -31,7 +32,7 @@ from service.node.assembler import SeriesKey
 from service.node.child import run_child
 from service.node.config import NodeConfig, available_cores, resolve_processes
 from service.node.metrics import create_metrics
-from service.node.processor import SeriesProcessor
+from service.node.processor import STORE_RETRY_SECONDS, SeriesProcessor
 from service.node.routing import ModelRegistry, Router
 from service.node.store import Journal, Spool, StoreError
 
@@ -108,7 +109,14 @@ def _claim_loop(
             stop.wait(POLL_SECONDS if ready_in is None else min(POLL_SECONDS, max(ready_in, 0.002)))
             continue
         key = SeriesKey(ready.study_instance_uid, ready.series_instance_uid)
-        processor.process_batch(key, journal.get_instances(ready.sop_instance_uids))
+        try:
+            processor.process_batch(key, journal.get_instances(ready.sop_instance_uids))
+        except StoreError as exc:  # a full disk: the unfinished instances stay ``received``; give the claim back
+            log.error("%s: series %s not processed, the store failed (%s); retried later", identity,
+                      ready.series_instance_uid, exc)  # fmt: skip
+            with contextlib.suppress(StoreError):
+                journal.series.release(identity)
+            stop.wait(STORE_RETRY_SECONDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,14 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
 
+from dicom_io.net.network import Status
+from service.node.app import Node
+from service.node.config import load_config
+from service.node.receiver import Receiver, parse_instance_uids
 from tests.helpers import require_dcmtk
 from tests.torture import pdu as P
 from tests.torture import report
+from tests.torture.file_cases import base_instances
 from tests.torture.test_wire import LOCALHOST, start_node, wait_freed
 from tests.torture.wire import connect, echo
 from tests.torture.wire_cases import small_dataset
@@ -223,3 +229,58 @@ def test_an_instance_over_the_size_limit_is_refused_without_being_held(tmp_path:
             f"peak Python allocations during the transfer: {peak / 2**20:.1f} MiB",
         )
     )
+
+
+def test_a_disk_that_fills_while_processing_defers_the_series_and_the_node_recovers(small_disk: Path) -> None:
+    """The disk fills between receiving an instance and writing its outputs: the batch is deferred
+    (``pacsxai_series_processed_total{outcome="deferred"}``), the processing loop goes on, and once
+    space returns the same node explains the instance and queues its outputs, without a restart."""
+    overrides = {
+        "listener": {"port": 0, "processes": 1},
+        "workers": {"processes": 1},
+        "storage": {"data_dir": str(small_disk / "node"), "durability": "process-crash"},
+        "explain": {"methods": ["gradcam"], "outputs": ["sc"]},
+        "destinations": [{"name": "pacs", "ae_title": "NOWHERE", "host": LOCALHOST, "port": 9}],
+        "metrics": {"enabled": False},
+        "model": {"warm_up": False},
+        "assembly": {"idle_seconds": 1.0},
+    }
+    node = Node(load_config(None, overrides))
+    receiver = Receiver(node.spool, node.journal, node.assembler, node.metrics)
+    data = base_instances(1)[0]
+    _, sop_uid, _, _ = parse_instance_uids(data)
+    deferred = node.metrics.series_processed.labels("deferred")
+    filler = small_disk / "filler"
+    node.start()
+    try:
+        assert receiver.on_store(data, calling_ae="MODALITY", association_id="a1") == Status.SUCCESS
+        receiver.on_association_released("a1")
+        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        filler.write_bytes(b"\0" * max(0, free - 4096))  # no room for an output object
+        _wait(lambda: deferred._value.get() >= 1, 60, "the batch to be deferred")
+        assert node.journal.instance_state(sop_uid)[0] == "received"
+        filler.unlink()
+        _wait(lambda: node.journal.instance_state(sop_uid)[0] == "done", 60, "the instance to be done")
+        queued = [e for e in node.journal.outbox.entries(("pending",)) if e.source_sop_instance_uid == sop_uid]
+        assert queued, "no output queued for the destination"
+    finally:
+        node.stop()
+    report.record(
+        report.Finding(
+            "exhaustion",
+            "the data folder's disk fills while an instance is processed (outputs cannot be written)",
+            "the batch waits and is tried again; explained and queued once space returns; no restart",
+            1,
+            {"deferred, then done": 1},
+            "found by the review of the merged node: a full disk while processing raised out of the processing "
+            "loop and ended its thread (now: deferred, retried after 5 s)",
+            lost=0,
+        )
+    )
+
+
+def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.1)
