@@ -154,6 +154,8 @@ class _MaskOptimisation(Explainer):
     """What both methods share: settings of the perturbation and the jitter, and the set-up."""
 
     needs_gradients: ClassVar[bool] = True
+    #: The smooth masks and the blur are written for images.
+    supports_volumes: ClassVar[bool] = False
     perturbation: str
     baseline: float
     blur_sigma: float
