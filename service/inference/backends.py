@@ -150,7 +150,7 @@ def load_runner(card: ModelCard, runtime: Runtime, *, device: DevicePreference =
         raise
     except Exception as exc:  # the backends raise their own types; say which file failed, keep the cause
         raise ModelCardError(f"model card {card.name}: cannot load {runtime} weights {path}: {exc}") from exc
-    probe = np.zeros((1, card.input.channels, card.input.rows, card.input.columns), dtype=np.float32)
+    probe = np.zeros((1, *card.input.shape()), dtype=np.float32)
     outputs = runner.forward(probe)
     if outputs.ndim != 2 or outputs.shape[1] != len(card.output.classes):
         raise ModelCardError(

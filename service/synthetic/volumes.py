@@ -36,6 +36,8 @@ NATIVE_SHAPE: tuple[int, int, int] = (48, 96, 96)
 NATIVE_SPACING: tuple[float, float, float] = (2.5, 2.0, 2.0)
 
 AIR, FAT, SOFT_TISSUE, LUNG, BONE, BLOOD = -1000.0, -90.0, 40.0, -840.0, 650.0, 45.0
+#: A dense (part-calcified) nodule: brighter than blood and soft tissue, darker than cortical bone.
+NODULE_HU = (180.0, 320.0)
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def _nodule(rng: np.random.Generator, hu: np.ndarray, lungs: np.ndarray, grid: t
         sphere = distance < radius
         if np.all(lungs[distance < radius + 2.0]):
             break
-    hu[sphere] = SOFT_TISSUE + rng.uniform(-10, 20)
+    hu[sphere] = rng.uniform(*NODULE_HU)
     return sphere
 
 
