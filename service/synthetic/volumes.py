@@ -5,8 +5,8 @@ with subcutaneous fat), two lungs (aerated parenchyma with a few vessels), a hea
 a vertebral body and the table, and scanner noise. Two classes:
 
 - ``normal``: nothing else;
-- ``nodule``: a round soft-tissue lesion (radius 7 to 12 mm) inside one lung, with its 3D
-  ground-truth mask (boolean ``[slices, rows, columns]``, on the phantom's own voxel grid).
+- ``nodule``: a round dense (calcified, 500 to 900 HU) lesion of radius 7 to 12 mm inside one
+  lung, with its 3D ground-truth mask (boolean ``[slices, rows, columns]``, on the phantom's own voxel grid).
 
 :func:`ct_series` writes a phantom as a CT series, one CT Image Storage instance per slice with
 the Image Plane module (Image Position/Orientation (Patient), Pixel Spacing, Slice Thickness,
@@ -36,8 +36,8 @@ NATIVE_SHAPE: tuple[int, int, int] = (48, 96, 96)
 NATIVE_SPACING: tuple[float, float, float] = (2.5, 2.0, 2.0)
 
 AIR, FAT, SOFT_TISSUE, LUNG, BONE, BLOOD = -1000.0, -90.0, 40.0, -840.0, 650.0, 45.0
-#: A dense (part-calcified) nodule: brighter than blood and soft tissue, darker than cortical bone.
-NODULE_HU = (180.0, 320.0)
+#: A dense (calcified) nodule: as bright as bone in a lung window, far brighter than vessels.
+NODULE_HU = (500.0, 900.0)
 
 
 @dataclass(frozen=True)

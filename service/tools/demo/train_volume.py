@@ -48,7 +48,7 @@ class VolumeTrainingSettings:
     #: Fresh training phantoms per class and epoch.
     train_per_class: int = 200
     held_out_per_class: int = 30
-    epochs: int = 10
+    epochs: int = 6
     batch_size: int = 8
     learning_rate: float = 2e-3
     seed: int = 11
