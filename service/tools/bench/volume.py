@@ -104,7 +104,7 @@ def run_volume_bench(
     theirs = measure(lambda: monai_cam(x, class_idx=target), torch_device, layer, timing)
     results.append(
         _record(
-            f"densenet121-3d {size}³",
+            f"densenet121-3d {size}x{size}x{size}",
             "gradcam",
             mine,
             theirs,
@@ -131,7 +131,13 @@ def run_volume_bench(
     expected = logits[0, target] - theirs.first_output[0][0, target]
     results.append(
         _record(
-            f"densenet121-3d {size}³", "occlusion", mine, theirs, "OcclusionSensitivity", mine.first_output[0], expected
+            f"densenet121-3d {size}x{size}x{size}",
+            "occlusion",
+            mine,
+            theirs,
+            "OcclusionSensitivity",
+            mine.first_output[0],
+            expected,
         )
     )
     figures = {
