@@ -259,7 +259,8 @@ class HiPe(Explainer):
     so the map sums the evidence of all levels. ``score="probability"`` (default) uses the
     softmax probability of the target, ``"logit"`` the logit (the authors' code takes the raw
     model output). Levels continue while the window side, ``2 * min(H, W) / n``, is at least
-    ``min_window`` pixels and cells are at least one pixel. The default ``min(H, W) // 32`` gives
+    ``min_window`` pixels and cells are at least one pixel. The default ``min(H, W) // 32`` (a
+    volume's: ``min(D, H, W) // 8``, as its windows grow with the cube of the grid) gives
     56, 28, 14 and 7 pixel windows at 224², one level finer than the authors' default depth,
     down to the feature-map cell of a typical CNN (on the demo model, with the card's black as
     baseline, it found 20 of 20 held-out phantom nodules where stopping at 14 pixels found 14).
@@ -303,7 +304,9 @@ class HiPe(Explainer):
             raise ExplainerError(
                 f"initial_grid ({self.initial_grid}) has cells below one pixel on the {'x'.join(map(str, size))} image"
             )
-        min_window = self.min_window if self.min_window is not None else max(1, side // 32)
+        # A volume has (n + 1)³ windows a level: its default stops at 1/8 of the side (6 voxels at 48³).
+        default = side // 32 if len(size) == 2 else side // 8
+        min_window = self.min_window if self.min_window is not None else max(1, default)
         cells = [self.initial_grid]
         while cells[-1] * 2 <= side and 2 * side / (cells[-1] * 2) >= min_window:
             cells.append(cells[-1] * 2)
