@@ -35,7 +35,7 @@ Normalisation with the model card's mean/std is *not* done here: ``model_input``
 This package never imports torch.
 """
 
-from dicom_io.pixels.decode import read_dataset
+from dicom_io.pixels.decode import read_dataset, read_every_element
 from dicom_io.pixels.grid import GridMapping
 from dicom_io.pixels.prepare import PreparedFrame, prepare_frames
 from dicom_io.pixels.shutter import shutter_mask
@@ -48,6 +48,7 @@ __all__ = [
     "PreparedFrame",
     "prepare_frames",
     "read_dataset",
+    "read_every_element",
     "shutter_mask",
     "window_to_unit",
 ]

@@ -117,7 +117,7 @@ def _is_temporal(kind: type, value: str) -> bool:
     return True
 
 
-def _read_every_element(ds: pydicom.Dataset, name: str) -> None:
+def read_every_element(ds: pydicom.Dataset, name: str) -> None:
     """Convert every element now: pydicom reads values lazily, so a lying VR or length (a UL of
     2 bytes, a PN in an unknown character set) would otherwise fail far from here, later in
     preparing or writing, as an error that names neither the file nor the element. The UIDs and
@@ -193,7 +193,7 @@ def read_dataset(path: str | os.PathLike) -> pydicom.Dataset:
             "resend the original file"
         ) from exc
 
-    _read_every_element(ds, name)
+    read_every_element(ds, name)
     if not has_pixel_data(ds):
         raise DicomInputError(
             f"{name}: no Pixel Data (7FE0,0010) in this {sop_class_name(ds)} object "

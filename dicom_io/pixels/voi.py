@@ -33,7 +33,7 @@ from dicom_io.errors import DicomInputError, UnsupportedImageError
 from dicom_io.pixels.decode import GRAYSCALE, describe_dataset
 from dicom_io.pixels.spec import InputSpec
 
-__all__ = ["window_to_unit"]
+__all__ = ["modality_values", "window_to_unit"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,15 +75,7 @@ def window_to_unit(ds: pydicom.Dataset, frame: np.ndarray, spec: InputSpec, *, f
             f"{where}: window_to_unit handles MONOCHROME1/MONOCHROME2 only, the Photometric "
             f"Interpretation is '{photometric}'; colour images go through prepare_frames"
         )
-    stored = np.asarray(frame)
-    try:
-        values = apply_modality_lut(stored, view)
-    except Exception as exc:
-        raise DicomInputError(
-            f"{where}: the Modality LUT / Rescale Slope and Intercept cannot be applied "
-            f"({type(exc).__name__}: {exc}); correct the Modality LUT module of the file"
-        ) from exc
-    values = np.asarray(values, dtype=np.float64)
+    values = _modality_values(view, frame, where)
 
     unit: np.ndarray | None = None
     if spec.windowing == "dicom":
@@ -99,6 +91,27 @@ def window_to_unit(ds: pydicom.Dataset, frame: np.ndarray, spec: InputSpec, *, f
     if photometric == "MONOCHROME1":
         unit = 1.0 - unit
     return unit.astype(np.float32)
+
+
+def modality_values(ds: pydicom.Dataset, frame: np.ndarray, *, frame_index: int = 0) -> np.ndarray:
+    """One grayscale frame of stored values -> modality values (float64; for CT: Hounsfield units).
+
+    Rescale Slope/Intercept or the Modality LUT Sequence, from the functional groups of frame
+    ``frame_index`` in an enhanced multi-frame object; no VOI (volumes are windowed in the
+    model's own units).
+    """
+    return _modality_values(_frame_view(ds, frame_index), frame, describe_dataset(ds))
+
+
+def _modality_values(view: Dataset, frame: np.ndarray, where: str) -> np.ndarray:
+    try:
+        values = apply_modality_lut(np.asarray(frame), view)
+    except Exception as exc:
+        raise DicomInputError(
+            f"{where}: the Modality LUT / Rescale Slope and Intercept cannot be applied "
+            f"({type(exc).__name__}: {exc}); correct the Modality LUT module of the file"
+        ) from exc
+    return np.asarray(values, dtype=np.float64)
 
 
 def _voi_lut_to_unit(values: np.ndarray, view: Dataset, where: str) -> np.ndarray | None:

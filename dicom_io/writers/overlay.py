@@ -310,6 +310,7 @@ def render_overlay(
     disclaimer: str | None = DISCLAIMER,
     clip_percentile: float = 99.5,
     max_alpha: float = 0.6,
+    vmax: float | None = None,
 ) -> np.ndarray:
     """Render the burned-in overlay; returns uint8 RGB ``[rows, cols + strip, 3]`` (see module doc).
 
@@ -317,7 +318,8 @@ def render_overlay(
 
     display: float [rows, cols] in [0, 1], the windowed grayscale source frame (1 = bright).
     attribution: float [rows, cols], signed, raw units; its positive part is shown, scaled from
-    0 to :func:`positive_scale` (``clip_percentile``), at most ``max_alpha`` opaque. A flat,
+    0 to :func:`positive_scale` (``clip_percentile``; ``vmax`` instead where given, e.g. one
+    scale for all the slices of a volume), at most ``max_alpha`` opaque. A flat,
     all-zero or all-negative map gives the plain grayscale image and a 0..0 scale.
     title_lines: drawn top-left; ``warning_lines`` follow them in red-orange; ``disclaimer``
     (default "NOT FOR DIAGNOSTIC USE") is appended unless already among them; pass ``None`` only
@@ -327,7 +329,8 @@ def render_overlay(
     if not 0.0 < max_alpha <= 1.0:
         raise ValueError(f"max_alpha must be in (0, 1], got {max_alpha!r}")
     rows, cols = display.shape
-    vmax = positive_scale(attribution, clip_percentile)
+    if vmax is None:
+        vmax = positive_scale(attribution, clip_percentile)
     image = _blend(_gray_levels(display), attribution, vmax, max_alpha)
 
     texts = [str(line) for line in title_lines]

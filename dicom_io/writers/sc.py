@@ -57,8 +57,12 @@ def build_secondary_capture(
     manufacturer: str = "pacs-xai",
     software_version: str = pacs_xai_version(),
     device_uid: str | None = None,
+    colour_scale_top: float | None = None,
 ) -> pydicom.Dataset:
     """The Secondary Capture of ``result`` for ``source`` (same study, new derived series).
+
+    ``colour_scale_top`` (raw map units) fixes the top of the colour scale, e.g. one scale for
+    every slice of a volume; by default it comes from this frame's map (see :func:`render_overlay`).
 
     ``device_uid`` is the model's Device UID in the Contributing Equipment item; by default it is
     derived from the model name and version (:func:`dicom_io.uids.derived_device_uid`). Raises
@@ -80,6 +84,7 @@ def build_secondary_capture(
         result.attribution,
         title_lines=overlay_title_lines(result),
         warning_lines=overlay_warning_lines(result),
+        vmax=colour_scale_top,
     )
 
     sc = hd.sc.SCImage.from_ref_dataset(

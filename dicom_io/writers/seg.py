@@ -121,11 +121,12 @@ def top_region_mask(attribution: np.ndarray, mass_share: float) -> np.ndarray:
     their cumulative sum reaches ``mass_share`` x the total positive mass: the smallest such set,
     so the sum over the mask is >= share x total, and without its smallest pixel it is below.
     Negative and zero values never enter. A map without positive values gives an empty mask.
-    ``mass_share`` must be in (0, 1]. Returns a boolean array of the map's shape.
+    ``mass_share`` must be in (0, 1]. Returns a boolean array of the map's shape (a 2-D image or
+    a 3-D volume ``[slices, rows, columns]``, whose top region spans its slices).
     """
     values = np.asarray(attribution)
-    if values.ndim != 2:
-        raise ValueError(f"attribution must be a 2-D array, got shape {values.shape}")
+    if values.ndim not in (2, 3):
+        raise ValueError(f"attribution must be a 2-D (or 3-D volume) array, got shape {values.shape}")
     share = _check_mass_share(mass_share)
     positive = np.clip(values.astype(np.float64, copy=False), 0.0, None).ravel()
     mask = np.zeros(positive.size, dtype=bool)

@@ -18,6 +18,7 @@ from service.tools.bench import pipeline as pipeline_bench
 from service.tools.bench import receive as receive_bench
 from service.tools.bench import soak as soak_bench
 from service.tools.bench import throughput as throughput_bench
+from service.tools.bench import volume as volume_bench
 from service.tools.evaluate.variants import split_variant, variant_settings
 from service.tools.progress import print_progress
 
@@ -136,8 +137,20 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         "  pacs-xai bench explain --models densenet121 --methods integrated_gradients --methods occlusion "
         "--images 1 --repeats 1 --param occlusion.stride=16\n"
         "  pacs-xai bench explain --models demo --methods occlusion --methods occlusion:healthy "
-        "--param occlusion:healthy.perturbation=healthy",
+        "--param occlusion:healthy.perturbation=healthy\n"
+        "  pacs-xai bench explain --volume --size 96 --window 48 --stride 48   # 3D, against MONAI",
     )
+    explain.add_argument(
+        "--volume",
+        action="store_true",
+        help="instead: 3D Grad-CAM and 3D occlusion on MONAI's DenseNet121 (spatial_dims=3) against MONAI's "
+        "GradCAM and OcclusionSensitivity; writes explain-volume.json and explain-volume.png",
+    )
+    explain.add_argument("--size", type=int, default=96, metavar="N", help="--volume: voxels per side (default 96)")
+    explain.add_argument(
+        "--window", type=int, default=48, metavar="N", help="--volume: occlusion cube side (default 48)"
+    )
+    explain.add_argument("--stride", type=int, default=48, metavar="N", help="--volume: occlusion stride (default 48)")
     explain.add_argument(
         "--methods",
         action="append",
@@ -305,6 +318,23 @@ def _compression(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    if args.volume:
+        try:
+            figures = volume_bench.run_volume_bench(
+                args.out,
+                print_progress,
+                size=args.size,
+                window=args.window,
+                stride=args.stride,
+                repeats=args.repeats,
+                device=args.device,
+            )
+        except ValueError as exc:
+            print(f"pacs-xai bench explain --volume: {exc}", file=sys.stderr)
+            return 2
+        volume_bench.print_volume_figures(figures)
+        print(f"\nfigures: {args.out / 'explain-volume.json'}, plot: {args.out / 'explain-volume.png'}")
+        return 0
     models = [
         name.strip()
         for value in args.models or [",".join(explain_bench.MODELS)]

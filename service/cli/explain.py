@@ -12,14 +12,17 @@ from service.explain import ExplainerError, available_explainers
 from service.inference.card import ModelCardError
 from service.inference.deployed import DeployedModel
 from service.models import demo_card_path
-from service.node.offline import explain_files
+from service.node.offline import FileOutcome, explain_files, explain_series
 from service.node.pipeline import OUTPUT_KINDS, DatasetResult, ExplainPipeline, PipelineConfigError
+from service.node.volume import VOLUME_OUTPUTS, SeriesResult, VolumePipeline
 from service.trust.ood import OodError
 
 EXAMPLES = """examples:
   pacs-xai explain chest.dcm --method gradcam --out results/ --png
   pacs-xai explain study/ --method gradcam --method occlusion --out results/
   pacs-xai explain ct.dcm --method occlusion --force --out results/   # outside the card's applies_to
+  pacs-xai explain ct-series/ --model service/models/volume_demo --method gradcam --out results/
+      # a volume model: each series is one volume; outputs pm, seg_fractional, seg_binary, sc
 
 methods: {methods}
 """
@@ -59,6 +62,14 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         help="model card YAML or its folder (default: the built-in demo model)",
     )
     parser.add_argument("--force", action="store_true", help="explain images the card's applies_to rules exclude")
+    parser.add_argument(
+        "--key-slices",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"volume models: Secondary Captures of the N slices with the most attribution only, not of every "
+        f"slice (volume outputs: {', '.join(VOLUME_OUTPUTS)})",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -80,6 +91,15 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         model = DeployedModel.from_card_path(args.model or demo_card_path())
+        if model.card.input.kind == "volume":
+            volume_pipeline = VolumePipeline(
+                model,
+                methods=args.methods or model.card.defaults.methods,
+                outputs=args.outputs.split(",") if args.outputs else model.card.defaults.outputs,
+                key_slices=args.key_slices,
+                enforce_applies_to=not args.force,
+            )
+            return run_volumes(volume_pipeline, args)
         pipeline = ExplainPipeline(
             model,
             methods=args.methods or model.card.defaults.methods,
@@ -94,6 +114,39 @@ def run(args: argparse.Namespace) -> int:
     if failures:
         print(f"{failures} file(s) failed; see the error lines above", file=sys.stderr)
     return 1 if failures else 0
+
+
+def run_volumes(pipeline: VolumePipeline, args: argparse.Namespace) -> int:
+    """Explain each series under ``args.paths`` as one volume; print one row per series and method."""
+    rows: list[Row] = []
+    failures = 0
+    for outcome in explain_series(pipeline, args.paths, args.out, png=args.png):
+        if outcome.error is not None:
+            where = outcome.path if isinstance(outcome, FileOutcome) else f"series {outcome.series_instance_uid}"
+            print(f"error: {where}: {outcome.error}", file=sys.stderr)
+            failures += 1
+        elif not isinstance(outcome, FileOutcome) and outcome.result is not None:
+            rows.extend(series_rows(outcome.result))
+    print_table(rows)
+    if failures:
+        print(f"{failures} file(s) or series failed; see the error lines above", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def series_rows(result: SeriesResult) -> list[Row]:
+    """Rows of one series: ``file`` is "series <UID> (<n> instances)"."""
+    name = f"series {result.series_instance_uid} ({result.instances} instances)"
+    if result.skipped_reason or result.prediction is None:
+        return [Row(name, result.modality, "skipped", "", result.skipped_reason or "", "")]
+    shared_ms = result.timings_ms.get("prepare", 0.0) + result.timings_ms.get("infer", 0.0)
+    rows = []
+    prediction = result.prediction
+    for method in sorted({output.method for output in result.outputs}):
+        timings = result.timings_ms
+        ms = shared_ms + timings.get(f"explain:{method}", 0.0) + timings.get(f"encode:{method}", 0.0)
+        probability = f"{prediction.probability:.3f}"
+        rows.append(Row(name, result.modality, prediction.class_name, probability, method, f"{ms:.0f}"))
+    return rows
 
 
 def explain_paths(

@@ -3,8 +3,11 @@
 - One class per method; settings in the constructor, validated there with messages that name
   the value found.
 - ``explain(model, batch, targets)``: ``batch`` is float32 ``[B, C, H, W]`` (normalised model
-  input), ``targets`` holds one class index per sample; the result is a signed float32
-  ``[B, H, W]`` map at input resolution, raw scale (normalising and colour belong to the writers).
+  input), or ``[B, C, D, H, W]`` for a volume model (CT, MR series), ``targets`` holds one class
+  index per sample; the result is a signed float32 ``[B, H, W]`` (``[B, D, H, W]``) map at input
+  resolution, raw scale (normalising and colour belong to the writers). The spatial dimensions
+  are inferred from the input; a method that only works on images has ``supports_volumes =
+  False`` and refuses a volume with a clear error.
 - Batch-first: a batch with per-sample targets gives the same maps as B single runs.
 - ``model`` may always be a plain ``torch.nn.Module`` returning logits. Methods that need only
   forward passes (``needs_gradients = False``) also take any :class:`~service.inference.runner.Runner`,
@@ -60,10 +63,14 @@ class Explainer(ABC):
     #: Constructor setting that takes a file trained against the model -> the model card's
     #: ``auxiliary`` entry that provides it (filled in by the node's pipeline when not set).
     card_files: ClassVar[Mapping[str, str]] = MappingProxyType({})
+    #: True when the method takes volumes ``[B, C, D, H, W]`` as well as images (its spatial
+    #: operations are written for any number of spatial dimensions).
+    supports_volumes: ClassVar[bool] = True
 
     def explain(self, model: ModelLike, batch: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
-        """Signed attribution maps ``[B, H, W]`` (float32) for ``targets`` on ``batch``."""
-        batch, target_tensor = check_batch_and_targets(batch, targets)
+        """Signed attribution maps ``[B, H, W]`` (``[B, D, H, W]`` for volumes, float32) for
+        ``targets`` on ``batch``."""
+        batch, target_tensor = check_batch_and_targets(batch, targets, volumes=self.supports_volumes, method=self.name)
         maps = self._explain(model, batch, target_tensor)
         return maps.detach().to(torch.float32)
 
@@ -90,12 +97,26 @@ class WrappedExplainer:
     description: str
 
 
-def check_batch_and_targets(batch: torch.Tensor, targets: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check shapes and types of an explainer's input; return the batch and a long target tensor."""
+def check_batch_and_targets(
+    batch: torch.Tensor, targets: Sequence[int], *, volumes: bool = False, method: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check shapes and types of an explainer's input; return the batch and a long target tensor.
+
+    Images ``[B, C, H, W]`` always; volumes ``[B, C, D, H, W]`` where ``volumes`` is true (a
+    method that declares :attr:`Explainer.supports_volumes`), else an error naming ``method``.
+    """
     if not isinstance(batch, torch.Tensor):
         raise ExplainerError(f"batch must be a torch.Tensor [B, C, H, W], got {type(batch).__name__}")
-    if batch.ndim != 4:
-        raise ExplainerError(f"batch must have 4 dimensions [B, C, H, W], got shape {tuple(batch.shape)}")
+    if batch.ndim == 5 and not volumes:
+        raise ExplainerError(
+            f"{method or 'this method'} works on images [B, C, H, W] only, got a volume {tuple(batch.shape)}; "
+            "choose a method that supports volumes (gradient, CAM, propagation, occlusion, RISE, HiPe)"
+        )
+    if batch.ndim not in (4, 5):
+        raise ExplainerError(
+            f"batch must have 4 dimensions [B, C, H, W] (or 5, [B, C, D, H, W], for a volume), "
+            f"got shape {tuple(batch.shape)}"
+        )
     if not batch.is_floating_point():
         raise ExplainerError(f"batch must be floating point, got dtype {batch.dtype}")
     target_tensor = torch.as_tensor(list(targets), dtype=torch.long, device=batch.device)
@@ -158,6 +179,12 @@ def on_gpu(model: ModelLike) -> bool:
     return "cuda" in str(getattr(model, "device", "")).lower()
 
 
+def spatial_dims(batch: torch.Tensor) -> tuple[int, ...]:
+    """The spatial dimensions of a batch ``[B, C, *spatial]``: ``(2, 3)`` for images,
+    ``(2, 3, 4)`` for volumes (for reductions such as ``mean(dim=spatial_dims(x))``)."""
+    return tuple(range(2, batch.ndim))
+
+
 def chunk_size_for(chunk_size: int | None, model: ModelLike) -> int:
     """``chunk_size`` when set, else :data:`CHUNK_SIZE_GPU` or :data:`CHUNK_SIZE_CPU` for ``model``."""
     if chunk_size is not None:
@@ -166,7 +193,7 @@ def chunk_size_for(chunk_size: int | None, model: ModelLike) -> int:
 
 
 def forward_function(model: ModelLike) -> ForwardFn:
-    """A no-grad forward pass ``[N, C, H, W] -> logits [N, K]`` for a torch module or a runner."""
+    """A no-grad forward pass ``[N, C, *spatial] -> logits [N, K]`` for a torch module or a runner."""
     if isinstance(model, torch.nn.Module):
 
         def forward_torch(inputs: torch.Tensor) -> torch.Tensor:

@@ -24,28 +24,35 @@ from service.explain.base import ExplainerError
 _NAMES_IN_ERROR = 10
 
 
-def _is_conv2d(module: nn.Module) -> bool:
-    """True for ``nn.Conv2d`` and for a TorchScript module compiled from one."""
-    if isinstance(module, nn.Conv2d):
+#: The convolution of each number of spatial dimensions (2: images, 3: volumes).
+_CONVOLUTIONS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def _is_conv(module: nn.Module, spatial_dims: int) -> bool:
+    """True for ``nn.Conv2d`` (``nn.Conv3d`` when ``spatial_dims`` is 3) and for a TorchScript
+    module compiled from one."""
+    conv = _CONVOLUTIONS[spatial_dims]
+    if isinstance(module, conv):
         return True
-    return isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", None) == "Conv2d"
+    return isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", None) == conv.__name__
 
 
-def resolve_module(model: nn.Module, target_layer: str | None) -> nn.Module:
+def resolve_module(model: nn.Module, target_layer: str | None, spatial_dims: int = 2) -> nn.Module:
     """The submodule called ``target_layer`` (dotted name as in ``model.named_modules()``).
 
-    ``None`` picks the last ``nn.Conv2d`` in registration order (``model.modules()``), which is
-    the deepest convolution of a sequential CNN; name the layer explicitly where registration
-    order differs from execution order. Works on TorchScript modules too (lookup goes through
-    ``named_modules`` because ``get_submodule`` is not supported there).
+    ``None`` picks the last ``nn.Conv2d`` (``nn.Conv3d`` for a volume model, ``spatial_dims=3``)
+    in registration order (``model.modules()``), which is the deepest convolution of a sequential
+    CNN; name the layer explicitly where registration order differs from execution order. Works
+    on TorchScript modules too (lookup goes through ``named_modules`` because ``get_submodule``
+    is not supported there).
     """
     modules = dict(model.named_modules())
     if target_layer is None:
-        convs = [name for name, module in modules.items() if _is_conv2d(module)]
+        convs = [name for name, module in modules.items() if _is_conv(module, spatial_dims)]
         if not convs:
             raise ExplainerError(
-                f"{type(model).__name__} has no Conv2d layer to default to; set target_layer to one of: "
-                f"{_some_names(modules)}"
+                f"{type(model).__name__} has no {_CONVOLUTIONS[spatial_dims].__name__} layer to default to; "
+                f"set target_layer to one of: {_some_names(modules)}"
             )
         return modules[convs[-1]]
     if target_layer not in modules:

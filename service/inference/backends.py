@@ -158,7 +158,7 @@ def load_runner(card: ModelCard, runtime: Runtime, *, device: DevicePreference =
         raise
     except Exception as exc:  # the backends raise their own types; say which file failed, keep the cause
         raise ModelCardError(f"model card {card.name}: cannot load {runtime} weights {path}: {exc}") from exc
-    shape = [1, card.input.channels, card.input.rows, card.input.columns]
+    shape = [1, *card.input.shape()]
     try:
         outputs = runner.forward(np.zeros(shape, dtype=np.float32))
     except Exception as exc:  # the network refuses the card's input: name the size, keep the cause

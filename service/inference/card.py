@@ -141,8 +141,17 @@ class AuxiliaryFile(_Strict):
 
 
 class InputSection(_Strict):
-    """What the model takes: size, channels, pixel policy, normalisation (x - mean) / std."""
+    """What the model takes: size, channels, pixel policy, normalisation (x - mean) / std.
 
+    ``kind: image`` (the default) takes one frame at a time, ``[C, rows, columns]``. ``kind:
+    volume`` takes a whole CT or MR series as one volume ``[C, slices, rows, columns]``: the
+    instances sorted along the slice normal and resampled to ``spacing`` (mm between slices,
+    rows, columns; centred, padded with the low end of ``window``), modality values (CT:
+    Hounsfield units) mapped from ``window`` (low, high) to [0, 1] and clipped; ``min_slices``
+    is the fewest a series may have.
+    """
+
+    kind: Literal["image", "volume"] = "image"
     channels: Literal[1, 3] = 1
     rows: int = Field(gt=0, le=4096)
     columns: int = Field(gt=0, le=4096)
@@ -150,6 +159,41 @@ class InputSection(_Strict):
     windowing: Literal["dicom", "percentile"] = "dicom"
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    slices: int | None = Field(default=None, gt=0, le=1024, description="Volumes: voxels along the slice normal.")
+    spacing: tuple[float, float, float] | None = Field(
+        default=None, description="Volumes: voxel spacing in mm (between slices, rows, columns)."
+    )
+    window: tuple[float, float] | None = Field(
+        default=None, description="Volumes: modality values (CT: HU) that become 0 and 1, (low, high)."
+    )
+    min_slices: int = Field(default=8, gt=0, description="Volumes: the fewest slices a series may have.")
+
+    @model_validator(mode="after")
+    def _volume_settings(self) -> InputSection:
+        volume_only = {"slices": self.slices, "spacing": self.spacing, "window": self.window}
+        if self.kind == "image":
+            given = [name for name, value in volume_only.items() if value is not None]
+            if given:
+                raise ValueError(f"input.{', input.'.join(given)} apply to input.kind: volume only (kind is image)")
+            return self
+        missing = [name for name, value in volume_only.items() if value is None]
+        if missing:
+            raise ValueError(f"input.kind: volume needs input.{', input.'.join(missing)}")
+        assert self.spacing is not None and self.window is not None
+        if min(self.spacing) <= 0:
+            raise ValueError(f"input.spacing must be positive mm, got {list(self.spacing)}")
+        if self.window[0] >= self.window[1]:
+            raise ValueError(f"input.window must be (low, high) with low < high, got {list(self.window)}")
+        if self.channels != 1:
+            raise ValueError(f"input.kind: volume takes one channel, got channels: {self.channels}")
+        return self
+
+    def shape(self) -> tuple[int, ...]:
+        """One sample's shape: ``(C, rows, columns)``, or ``(C, slices, rows, columns)`` for a volume."""
+        if self.kind == "volume":
+            assert self.slices is not None
+            return (self.channels, self.slices, self.rows, self.columns)
+        return (self.channels, self.rows, self.columns)
 
     @model_validator(mode="after")
     def _normalisation_per_channel(self) -> InputSection:
@@ -161,9 +205,10 @@ class InputSection(_Strict):
         return self
 
     def normalise(self, model_inputs: np.ndarray) -> np.ndarray:
-        """``(x - mean) / std`` per channel on ``[B, C, H, W]`` inputs in [0, 1] (float32)."""
-        mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1)
+        """``(x - mean) / std`` per channel on ``[B, C, H, W]`` (``[B, C, D, H, W]``) inputs in [0, 1] (float32)."""
+        shape = (1, -1) + (1,) * (model_inputs.ndim - 2)
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(shape)
+        std = np.asarray(self.std, dtype=np.float32).reshape(shape)
         return ((model_inputs - mean) / std).astype(np.float32)
 
     def value_range(self) -> tuple[float, float]:

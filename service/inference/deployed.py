@@ -78,7 +78,7 @@ class DeployedModel:
 
     def _warm_up(self, batch: int) -> None:
         """One full-size forward pass at start-up, so the first study does not pay for lazy initialisation."""
-        shape = (batch, self.card.input.channels, self.card.input.rows, self.card.input.columns)
+        shape = (1 if self.card.input.kind == "volume" else batch, *self.card.input.shape())
         self.forward_runner.forward(np.zeros(shape, dtype=np.float32))
 
     def close(self) -> None:
@@ -101,7 +101,7 @@ class DeployedModel:
         return self.pool
 
     def normalise(self, model_inputs: np.ndarray) -> np.ndarray:
-        """The card's (x - mean) / std, per channel, on ``[B, C, H, W]`` inputs in [0, 1]."""
+        """The card's (x - mean) / std, per channel, on ``[B, C, H, W]`` (or volume) inputs in [0, 1]."""
         return self.card.input.normalise(model_inputs)
 
     def predict(self, batch: np.ndarray) -> list[Prediction]:

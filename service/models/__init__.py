@@ -20,6 +20,11 @@ def shortcut_card_path() -> Path:
     return _packaged_card("service.models.demo_shortcut")
 
 
+def volume_card_path() -> Path:
+    """The demo volume model's card ``service/models/volume_demo/model.yaml`` (``input.kind: volume``)."""
+    return _packaged_card("service.models.volume_demo")
+
+
 def _packaged_card(package: str) -> Path:
     card = Path(str(files(package) / "model.yaml"))
     if not card.is_file():

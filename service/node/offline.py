@@ -1,7 +1,8 @@
 """The pipeline on files, without the network (``pacs-xai explain``, ``pacs-xai demo offline``).
 
 Each file is read, explained and its output objects written to a folder; a file that cannot be
-read or explained is reported with its reason and the others go on.
+read or explained is reported with its reason and the others go on. For a volume model the files
+are grouped by series first, and each series is explained as one volume (:func:`explain_series`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dicom_io.pixels import read_dataset
 from dicom_io.writers import save_png
 from service.explain import ExplainerError
 from service.node.pipeline import DatasetResult, ExplainPipeline
+from service.node.volume import SeriesResult, VolumePipeline
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,54 @@ def write_outputs(result: DatasetResult, source: Path, out_dir: Path, *, png: bo
         stem = f"{source.stem}_{output.method}_{output.kind}{finding}" + (
             f"_f{output.frame_index + 1}" if multi_frame else ""
         )
+        path = out_dir / f"{stem}.dcm"
+        output.dataset.save_as(path, enforce_file_format=True)
+        written.append(path)
+        if png and output.kind == "sc":
+            save_png(output.dataset.pixel_array, out_dir / f"{stem}.png")
+    return written
+
+
+@dataclass(frozen=True)
+class SeriesOutcome:
+    """One series' result (for a volume model), or the reason it has none."""
+
+    series_instance_uid: str
+    result: SeriesResult | None = None
+    error: str | None = None
+
+
+def explain_series(
+    pipeline: VolumePipeline, paths: Sequence[Path], out_dir: Path, *, png: bool
+) -> Iterator[SeriesOutcome | FileOutcome]:
+    """Read every file under ``paths``, group the instances by Series Instance UID and explain each
+    series as one volume into ``out_dir``; an unreadable file is one outcome of its own."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    series: dict[str, list] = {}
+    for path in iter_files(paths):
+        try:
+            dataset = read_dataset(path)
+        except (DicomInputError, OSError) as exc:
+            yield FileOutcome(path, error=str(exc))
+            continue
+        series.setdefault(str(dataset.get("SeriesInstanceUID", "")), []).append(dataset)
+    for uid, datasets in series.items():
+        try:
+            result = pipeline.process(datasets)
+            write_series_outputs(result, out_dir, png=png)
+        except (DicomInputError, ExplainerError, OSError) as exc:
+            yield SeriesOutcome(uid, error=str(exc))
+            continue
+        yield SeriesOutcome(uid, result=result)
+
+
+def write_series_outputs(result: SeriesResult, out_dir: Path, *, png: bool) -> list[Path]:
+    """Write each output as ``<series UID>_<method>_<kind>[_s<slice>].dcm`` (+ ``.png`` for SCs)."""
+    written = []
+    for output in result.outputs:
+        stem = f"{result.series_instance_uid}_{output.method}_{output.kind}"
+        if output.kind == "sc":
+            stem += f"_s{output.frame_index + 1:03d}"
         path = out_dir / f"{stem}.dcm"
         output.dataset.save_as(path, enforce_file_format=True)
         written.append(path)

@@ -156,6 +156,11 @@ class ExplainPipeline:
             raise PipelineConfigError("no explainer method given; name at least one (e.g. gradcam)")
         if max_batch < 1:
             raise PipelineConfigError(f"max_batch must be >= 1, got {max_batch}")
+        if model.card.input.kind == "volume":
+            raise PipelineConfigError(
+                f"model {model.card.name} takes whole series (input.kind: volume); explain it with the volume "
+                "pipeline (service.node.volume, pacs-xai explain), not frame by frame"
+            )
         self.model = model
         self.outputs = tuple(outputs)
         self.max_batch = max_batch

@@ -37,6 +37,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_io.errors import DicomInputError
+from dicom_io.pixels import read_every_element
 from service.explain import ExplainerError, get_explainer
 from service.inference.card import ModelCard, ModelCardError
 from service.inference.deployed import DeployedModel, PoolSettings
@@ -134,13 +135,17 @@ class InstanceFacts:
 
 
 def read_header(path: str | os.PathLike) -> Dataset:
-    """The dataset at ``path`` without its pixel data; :class:`DicomInputError` naming the file otherwise."""
+    """The dataset at ``path`` without its pixel data, every element converted (a lying VR or length
+    fails here, naming the element: :func:`~dicom_io.pixels.read_every_element`);
+    :class:`DicomInputError` naming the file otherwise."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception as exc:  # pydicom raises many kinds on damaged files
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many kinds on damaged files; its text may quote a value
         raise DicomInputError(
-            f"{os.fspath(path)}: cannot read the DICOM header ({type(exc).__name__}: {exc}); resend the original file"
+            f"{os.fspath(path)}: cannot read the DICOM header ({type(exc).__name__}); resend the original file"
         ) from exc
+    read_every_element(ds, os.fspath(path))
+    return ds
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@
 The shared machinery lives in :class:`_CamExplainer` (hooks, forward, backward, upsampling);
 each method overrides :meth:`_CamExplainer._channel_weights`, and at most wraps ``_explain`` with
 a check (CAM, Score-CAM: a torch module without gradients) or a final product (guided Grad-CAM).
+Images and volumes alike: the feature maps are ``[B, C, *spatial]`` with the input's number of
+spatial dimensions, and the map is upsampled bilinearly (images) or trilinearly (volumes).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from service.explain.base import (
     ModelLike,
     chunk_size_for,
     forward_function,
+    spatial_dims,
     torch_module_of,
 )
 from service.explain.hooks import (
@@ -41,8 +44,8 @@ class CamInputs:
     """What a CAM method may use to weight the channels of the target layer.
 
     ``batch`` and ``targets`` are on the model's device. ``activations`` is the layer's output
-    ``[B, C, h, w]`` (detached); ``gradients`` is d(sum of each sample's target logit)/d(activations),
-    same shape, or ``None`` for methods that do not back-propagate.
+    ``[B, C, h, w]`` (``[B, C, d, h, w]`` for volumes; detached); ``gradients`` is d(sum of each
+    sample's target logit)/d(activations), same shape, or ``None`` for methods that do not back-propagate.
     """
 
     model: nn.Module
@@ -58,7 +61,8 @@ class _CamExplainer(Explainer):
     The base hooks the target layer, runs the model in eval mode, back-propagates the sum of each
     sample's own target logit down to that layer (so a batch equals single runs), then combines
     the channels with the weights from :meth:`_channel_weights` at feature resolution and
-    upsamples bilinearly (``align_corners=False``). The model is left as found: modes restored,
+    upsamples bilinearly, trilinearly for volumes (``align_corners=False``, as MONAI's 3D
+    ``GradCAM``). The model is left as found: modes restored,
     no hooks, no ``.grad`` written, ``requires_grad`` untouched.
     """
 
@@ -75,9 +79,9 @@ class _CamExplainer(Explainer):
         """Per-sample channel weights ``[B, C]``; the one method a CAM variant overrides."""
 
     def _layer(self, module: nn.Module, batch: torch.Tensor) -> tuple[nn.Module, int | None]:
-        """The layer whose feature maps are weighted (``target_layer``, else the last Conv2d), and
-        which of its calls in one forward pass (``None``: it must run exactly once)."""
-        return resolve_module(module, self.target_layer), None
+        """The layer whose feature maps are weighted (``target_layer``, else the last Conv2d, Conv3d
+        for volumes), and which of its calls in one forward pass (``None``: it must run exactly once)."""
+        return resolve_module(module, self.target_layer, batch.ndim - 2), None
 
     def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         module = torch_module_of(model, self.name)
@@ -93,11 +97,10 @@ class _CamExplainer(Explainer):
             targets = targets.to(device).clone()
             activations, gradients = self._record_layer(module, layer, call_index, inputs, targets)
             weights = self._channel_weights(CamInputs(module, inputs.detach(), targets, activations, gradients))
-        cam = (weights[:, :, None, None] * activations).sum(dim=1, keepdim=True)
+        cam = (weights.view(weights.shape + (1,) * (activations.ndim - 2)) * activations).sum(dim=1, keepdim=True)
         if self.relu:
             cam = cam.clamp_min(0)
-        cam = F.interpolate(cam, size=tuple(batch.shape[-2:]), mode="bilinear", align_corners=False)
-        return cam[:, 0].to(batch.device)
+        return upsample(cam, tuple(batch.shape[2:]))[:, 0].to(batch.device)
 
     def _record_layer(
         self,
@@ -112,9 +115,11 @@ class _CamExplainer(Explainer):
         with LayerRecorder(layer, differentiate_from=start) as recorder:
             scores = target_scores(module(inputs), targets)
             call = recorder.only_call() if call_index is None else recorder.calls[call_index]
-            if call.activation.ndim != 4:
+            if call.activation.ndim != inputs.ndim:
+                wanted = "[B, C, h, w]" if inputs.ndim == 4 else "[B, C, d, h, w]"
+                default = "the last Conv2d" if inputs.ndim == 4 else "the last Conv3d"
                 raise ExplainerError(
-                    f"{self.name} needs a layer output [B, C, h, w]; {self.target_layer or 'the last Conv2d'} "
+                    f"{self.name} needs a layer output {wanted}; {self.target_layer or default} "
                     f"gives shape {tuple(call.activation.shape)}"
                 )
             if self.uses_layer_gradients:
@@ -136,7 +141,7 @@ class GradCAM(_CamExplainer):
     def _channel_weights(self, inputs: CamInputs) -> torch.Tensor:
         if inputs.gradients is None:
             raise ExplainerError(f"{self.name} needs layer gradients")
-        return inputs.gradients.mean(dim=(2, 3))
+        return inputs.gradients.mean(dim=spatial_dims(inputs.gradients))
 
 
 class CAM(_CamExplainer):
@@ -174,7 +179,7 @@ class CAM(_CamExplainer):
         reused through the network is taken at the call that feeds the pool). Falls back to the
         last Conv2d, where the head check then says what is wrong."""
         if self.target_layer is not None:
-            return resolve_module(module, self.target_layer), None
+            return resolve_module(module, self.target_layer, batch.ndim - 2), None
         modules = dict(module.named_modules())
         pooled: list[tuple[str, torch.Tensor]] = []
         linear_inputs: list[torch.Tensor] = []
@@ -194,7 +199,7 @@ class CAM(_CamExplainer):
         for (name, means), call_index in zip(reversed(pooled), reversed(calls_before)):
             if any(_close(means, linear_input) for linear_input in linear_inputs):
                 return modules[name], call_index
-        return resolve_module(module, None), None
+        return resolve_module(module, None, batch.ndim - 2), None
 
     def _channel_weights(self, inputs: CamInputs) -> torch.Tensor:
         linear = self._find_head(inputs)
@@ -228,7 +233,7 @@ class CAM(_CamExplainer):
         finally:
             for handle in handles:
                 handle.remove()
-        pooled = inputs.activations.mean(dim=(2, 3))
+        pooled = inputs.activations.mean(dim=spatial_dims(inputs.activations))
         for name, layer_input, layer_output in calls:
             if _close(layer_input, pooled) and _close(layer_output, logits):
                 return candidates[name]
@@ -244,6 +249,13 @@ class CAM(_CamExplainer):
             f"cam needs a global-average-pool + linear head; this model ends in {last} ({why}); use gradcam, "
             "or set target_layer to the layer whose output is pooled"
         )
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """``[N, C, *small] -> [N, C, *size]``: bilinear for images, trilinear for volumes
+    (``align_corners=False``, as pytorch-grad-cam and MONAI)."""
+    mode = "bilinear" if len(size) == 2 else "trilinear"
+    return F.interpolate(maps, size=size, mode=mode, align_corners=False)
 
 
 def _require_torch_module(method: str, model: ModelLike) -> None:
@@ -264,11 +276,12 @@ def _record_call(name: str, calls: list[tuple[str, torch.Tensor, torch.Tensor]])
 
 
 def _record_pooled(name: str, pooled: list[tuple[str, torch.Tensor]]) -> ForwardHook:
-    """Record the spatial mean ``[B, C]`` of a layer's ``[B, C, h, w]`` output (``h * w > 1``)."""
+    """Record the spatial mean ``[B, C]`` of a layer's ``[B, C, h, w]`` (or ``[B, C, d, h, w]``)
+    output with more than one feature cell."""
 
     def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
-        if isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[2] * output.shape[3] > 1:
-            pooled.append((name, output.detach().mean(dim=(2, 3))))
+        if isinstance(output, torch.Tensor) and output.ndim in (4, 5) and output[0, 0].numel() > 1:
+            pooled.append((name, output.detach().mean(dim=spatial_dims(output))))
 
     return hook
 
@@ -323,10 +336,11 @@ class GradCAMPlusPlus(_CamExplainer):
         grads = inputs.gradients
         grads_2 = grads**2
         grads_3 = grads_2 * grads
-        sum_activations = inputs.activations.sum(dim=(2, 3), keepdim=True)
+        spatial = spatial_dims(grads)
+        sum_activations = inputs.activations.sum(dim=spatial, keepdim=True)
         alpha = grads_2 / (2 * grads_2 + sum_activations * grads_3 + 1e-6)
         alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
-        return (alpha * grads.clamp_min(0)).sum(dim=(2, 3))
+        return (alpha * grads.clamp_min(0)).sum(dim=spatial)
 
 
 class ScoreCAM(_CamExplainer):
@@ -380,14 +394,15 @@ class ScoreCAM(_CamExplainer):
         chunk = chunk_size_for(self.chunk_size, inputs.model)
         batch, targets, activations = inputs.batch, inputs.targets, inputs.activations
         n_images, n_channels = activations.shape[:2]
-        size = tuple(batch.shape[-2:])
+        size = tuple(batch.shape[2:])
         scores = torch.empty(n_images * n_channels, dtype=torch.float32, device=batch.device)
         for start in range(0, scores.numel(), chunk):
             index = torch.arange(start, min(start + chunk, scores.numel()), device=batch.device)
             image, channel = index // n_channels, index % n_channels
-            masks = F.interpolate(activations[image, channel][:, None], size=size, mode="bilinear", align_corners=False)
-            low = masks.amin(dim=(1, 2, 3), keepdim=True)
-            span = masks.amax(dim=(1, 2, 3), keepdim=True) - low
+            masks = upsample(activations[image, channel][:, None], size)
+            every = tuple(range(1, masks.ndim))
+            low = masks.amin(dim=every, keepdim=True)
+            span = masks.amax(dim=every, keepdim=True) - low
             masks = torch.where(span > 0, (masks - low) / span.clamp_min(torch.finfo(masks.dtype).tiny), 0.0)
             scores[start : start + len(index)] = forward_scores(
                 forward, masks * batch[image] + (1 - masks) * self.baseline, targets[image], self.score

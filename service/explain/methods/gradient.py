@@ -1,7 +1,9 @@
 """Gradient family: vanilla gradient, input x gradient, integrated gradients, SmoothGrad, guided
 backprop and deconvnet.
 
-All of them work on input attributions ``[B, C, H, W]`` (see :class:`InputAttribution`) and reduce
+All of them work on input attributions ``[B, C, *spatial]`` (see :class:`InputAttribution`; images
+``[B, C, H, W]`` or volumes ``[B, C, D, H, W]``, nothing here depends on the number of spatial
+dimensions) and reduce
 the channels at the end: by the largest magnitude for the vanilla gradient (Simonyan et al.), by
 summation for every other method (their attributions are additive: a pixel's share is the sum of
 its channels' shares). Gradients are always taken with ``torch.autograd.grad`` with respect to a
@@ -98,7 +100,7 @@ class InputAttribution(Explainer):
         """
         if type(self)._reference is InputAttribution._reference:
             raise ExplainerError(f"{self.name} satisfies no completeness axiom, so it has no completeness error")
-        batch, target_tensor = check_batch_and_targets(batch, targets)
+        batch, target_tensor = check_batch_and_targets(batch, targets, volumes=self.supports_volumes, method=self.name)
         maps, delta = self._run(model, batch, target_tensor, with_delta=True)
         assert delta is not None
         return maps.detach().to(torch.float32), delta.to(torch.float32)
@@ -132,7 +134,7 @@ class InputAttribution(Explainer):
         """Attributions ``[N, C, H, W]`` of each input to its own target logit."""
 
     def _reduce_channels(self, attributions: torch.Tensor) -> torch.Tensor:
-        """``[N, C, H, W] -> [N, H, W]``; the default sums the channels' shares."""
+        """``[N, C, *spatial] -> [N, *spatial]``; the default sums the channels' shares."""
         return attributions.sum(dim=1)
 
     def _reference(self, module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -141,7 +143,7 @@ class InputAttribution(Explainer):
 
 
 def max_abs_channel(attributions: torch.Tensor) -> torch.Tensor:
-    """Per pixel, the channel value of largest magnitude (sign kept): ``[N, C, H, W] -> [N, H, W]``."""
+    """Per pixel (voxel), the channel value of largest magnitude (sign kept): ``[N, C, *spatial] -> [N, *spatial]``."""
     index = attributions.abs().argmax(dim=1, keepdim=True)
     return attributions.gather(1, index)[:, 0]
 

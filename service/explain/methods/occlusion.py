@@ -1,9 +1,11 @@
-"""Occlusion: slide a filled square over the image and watch the target score drop."""
+"""Occlusion: slide a filled square (a cube in a volume) over the image and watch the target
+score drop. The window helpers here are shared with HiPe."""
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from typing import ClassVar
 
@@ -38,14 +40,37 @@ def window_masks(size: int, window: int, stride: int, device: torch.device) -> t
     return (positions >= starts) & (positions < starts + window)
 
 
+def window_mask(axes: Sequence[torch.Tensor], index: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Boolean ``[n, *spatial]``: the boxes of ``n`` window positions, one index tensor ``[n]``
+    per axis into that axis's masks ``[count, size]`` (:func:`window_masks`): the outer product of
+    one row of each axis, for images (2 axes) and volumes (3) alike."""
+    dims = len(axes)
+    mask: torch.Tensor | None = None
+    for k, (axis, position) in enumerate(zip(axes, index)):
+        shape = (len(position),) + tuple(axis.shape[1] if j == k else 1 for j in range(dims))
+        part = axis[position].view(shape)
+        mask = part if mask is None else mask & part
+    assert mask is not None
+    return mask
+
+
+def paint_windows(values: torch.Tensor, axes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[B, n_1, ..., n_d] -> [B, size_1, ..., size_d]``: each pixel (voxel) gets the sum of the
+    values of the windows covering it (``axes[k]`` is axis ``k``'s masks ``[n_k, size_k]``)."""
+    counts, sizes = "ijk"[: len(axes)], "xyz"[: len(axes)]
+    operands = ",".join(f"{c}{s}" for c, s in zip(counts, sizes))
+    return torch.einsum(f"b{counts},{operands}->b{sizes}", values, *(axis.to(values.dtype) for axis in axes))
+
+
 class Occlusion(Explainer):
     """Occlusion (Zeiler & Fergus, 2014) with the semantics of Captum's ``Occlusion``.
 
-    A ``window`` x ``window`` square through all channels is set to ``baseline`` (normalised
-    input units) at every window position (see :func:`window_masks`); with ``perturbation="blur"``
-    it takes the image blurred with ``blur_sigma`` pixels instead, with ``perturbation="healthy"``
-    the image's healthy appearance h(x) (``healthy_model``, from the card's
-    ``auxiliary.healthy_appearance``: :mod:`service.explain.healthy`). A pixel's value is the mean,
+    A ``window`` x ``window`` square (a ``window``³ cube in a volume ``[B, C, D, H, W]``) through
+    all channels is set to ``baseline`` (normalised input units) at every window position (see
+    :func:`window_masks`, per axis); with ``perturbation="blur"`` it takes the image blurred with
+    ``blur_sigma`` pixels instead, with ``perturbation="healthy"`` the image's healthy appearance
+    h(x) (``healthy_model``, from the card's ``auxiliary.healthy_appearance``:
+    :mod:`service.explain.healthy`). A pixel's value is the mean,
     over the windows covering it, of ``f(x)[target] - f(x_occluded)[target]``: target-logit units,
     positive where hiding the region lowers the target score. Forward passes only, so any runner
     works; the occluded inputs of the whole batch go through the model ``chunk_size`` at a time.
@@ -79,14 +104,13 @@ class Occlusion(Explainer):
         self.healthy = configured_healthy(self.name, self.perturbation, healthy_model)
 
     def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        height, width = batch.shape[-2:]
-        if self.window > min(height, width):
-            raise ExplainerError(f"window ({self.window}) is larger than the {height}x{width} image")
+        spatial = tuple(batch.shape[2:])
+        if self.window > min(spatial):
+            raise ExplainerError(f"window ({self.window}) is larger than the {'x'.join(map(str, spatial))} image")
         device = module_device(model) if isinstance(model, nn.Module) else None
         inputs = batch.detach().to(device if device is not None else batch.device)
         targets = targets.to(inputs.device)
-        rows = window_masks(height, self.window, self.stride, inputs.device)
-        cols = window_masks(width, self.window, self.stride, inputs.device)
+        axes = [window_masks(size, self.window, self.stride, inputs.device) for size in spatial]
         with eval_mode(model) if isinstance(model, nn.Module) else nullcontext():
             chunk = chunk_size_for(self.chunk_size, model)
             forward = forward_function(model)
@@ -95,10 +119,10 @@ class Occlusion(Explainer):
             if self.perturbation != "baseline":
                 fill = healthy_fill(self.healthy, model)
                 replacement = replacement_images(inputs, self.perturbation, self.baseline, self.blur_sigma, fill)
-            drops = self._score_drops(forward, inputs, targets, clean, replacement, rows, cols, chunk)
-        total = torch.einsum("bij,ih,jw->bhw", drops, rows.to(drops.dtype), cols.to(drops.dtype))
+            drops = self._score_drops(forward, inputs, targets, clean, replacement, axes, chunk)
+        total = paint_windows(drops, axes)
         # Every pixel is covered when stride <= window; the clamp only keeps the division safe.
-        covering = rows.sum(dim=0)[:, None] * cols.sum(dim=0)[None, :]
+        covering = paint_windows(torch.ones((1,) + drops.shape[1:], dtype=drops.dtype, device=drops.device), axes)
         return (total / covering.clamp_min(1)).to(batch.device)
 
     def _score_drops(
@@ -108,23 +132,22 @@ class Occlusion(Explainer):
         targets: torch.Tensor,
         clean: torch.Tensor,
         replacement: torch.Tensor | None,
-        rows: torch.Tensor,
-        cols: torch.Tensor,
+        axes: Sequence[torch.Tensor],
         chunk: int,
     ) -> torch.Tensor:
-        """``[B, n_rows, n_cols]``: target score ``clean`` of each image minus that with each window
-        occluded (filled with ``baseline``, or from ``replacement``), the inputs going through
-        ``forward`` ``chunk`` at a time."""
-        n_rows, n_cols = rows.shape[0], cols.shape[0]
-        per_image = n_rows * n_cols
+        """``[B, n_1, ..., n_d]``: target score ``clean`` of each image minus that with each window
+        occluded (filled with ``baseline``, or from ``replacement``; ``n_k`` window positions along
+        axis ``k``), the inputs going through ``forward`` ``chunk`` at a time."""
+        counts = tuple(axis.shape[0] for axis in axes)
+        per_image = math.prod(counts)
         drops = torch.empty(inputs.shape[0] * per_image, dtype=clean.dtype, device=inputs.device)
         for start in range(0, drops.numel(), chunk):
             stop = min(start + chunk, drops.numel())
             # Flat index k -> (image k // per_image, window k % per_image); chunks cross image borders.
             index = torch.arange(start, stop, device=inputs.device)
             image, position = index // per_image, index % per_image
-            mask = rows[position // n_cols][:, :, None] & cols[position % n_cols][:, None, :]
+            mask = window_mask(axes, torch.unravel_index(position, counts))
             fill = self.baseline if replacement is None else replacement[image]
             occluded = torch.where(mask[:, None], fill, inputs[image])
             drops[start:stop] = clean[image] - forward_scores(forward, occluded, targets[image], LOGIT)
-        return drops.view(inputs.shape[0], n_rows, n_cols)
+        return drops.view((inputs.shape[0],) + counts)

@@ -159,6 +159,8 @@ class _MaskOptimisation(Explainer):
 
     needs_gradients: ClassVar[bool] = True
     card_files: ClassVar[Mapping[str, str]] = HEALTHY_CARD_FILES
+    #: The smooth masks and the blur are written for images.
+    supports_volumes: ClassVar[bool] = False
     perturbation: str
     baseline: float
     blur_sigma: float

@@ -2,7 +2,8 @@
 
 Both need forward passes only, so ``model`` may be a torch module or any runner (ONNX Runtime
 included); the perturbed inputs of the whole batch go through :func:`forward_function`
-``chunk_size`` at a time, and each chunk may mix images of the batch.
+``chunk_size`` at a time, and each chunk may mix images of the batch. Both take volumes
+``[B, C, D, H, W]`` as well as images: RISE's grids and HiPe's cells are then cubes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from service.explain.base import (
 from service.explain.healthy.appearance import CARD_ENTRY as HEALTHY_CARD_ENTRY
 from service.explain.healthy.appearance import HealthyAppearance, configured_healthy
 from service.explain.hooks import eval_mode, module_device
+from service.explain.methods.occlusion import paint_windows, window_mask
 from service.explain.scores import SCORES, check_targets_on_first_image, forward_scores
 from service.explain.settings import (
     boolean,
@@ -68,17 +70,21 @@ def forward_context(model: ModelLike, batch: torch.Tensor) -> Iterator[tuple[For
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``[B, C, H, W]`` per channel (kernel radius 3 sigma, edges replicated)."""
+    """Separable Gaussian blur of ``[B, C, H, W]`` (or ``[B, C, D, H, W]``) per channel (kernel
+    radius 3 sigma, edges replicated)."""
     radius = max(1, math.ceil(3 * sigma))
     offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
-    batch, channels, height, width = images.shape
-    flat = images.reshape(batch * channels, 1, height, width)
-    flat = F.pad(flat, (radius, radius, radius, radius), mode="replicate")
-    flat = F.conv2d(flat, kernel.view(1, 1, 1, -1))
-    flat = F.conv2d(flat, kernel.view(1, 1, -1, 1))
-    return flat.view(batch, channels, height, width)
+    spatial = tuple(images.shape[2:])
+    conv = F.conv2d if len(spatial) == 2 else F.conv3d
+    flat = images.reshape((-1, 1) + spatial)
+    flat = F.pad(flat, (radius,) * (2 * len(spatial)), mode="replicate")
+    for axis in reversed(range(len(spatial))):  # columns first, as before for images
+        shape = [1, 1] + [1] * len(spatial)
+        shape[2 + axis] = -1
+        flat = conv(flat, kernel.view(shape))
+    return flat.view(images.shape)
 
 
 def healthy_fill(healthy: HealthyAppearance | None, model: ModelLike) -> HealthyFill | None:
@@ -141,7 +147,9 @@ class RISE(Explainer):
     Monte-Carlo noise of the mask coverage, ``mean score * (sum_i M_i / (masks * p) - 1)``, is gone
     (a control variate), which matters when the score hardly varies compared with its mean.
 
-    The masks depend only on ``seed`` and the image size: they are drawn once per call from a
+    A volume ``[B, C, D, H, W]`` gets ``cell_size``³ grids, upsampled and shifted the same way
+    along each of its three axes. The masks depend only on ``seed`` and the image size: they are
+    drawn once per call from a
     fresh generator and the same masks explain every image of the batch, so a batch equals its
     single runs. :meth:`grids` and :meth:`masks` expose them. ``masks`` forward passes per image.
     """
@@ -176,53 +184,54 @@ class RISE(Explainer):
         self.centred = boolean("centred", centred)
         self.healthy = configured_healthy(self.name, self.perturbation, healthy_model)
 
-    def grids(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The random draws for ``height`` x ``width`` images, on the CPU.
+    def grids(self, *size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The random draws for ``height`` x ``width`` images (``depth, height, width`` volumes),
+        on the CPU.
 
-        ``grids``: float ``[masks, s, s]`` of 0/1 (``s = cell_size``); ``shifts``: long
-        ``[masks, 2]``, the (row, column) offset of the crop in the upsampled mask, each below
-        the cell size in pixels.
+        ``grids``: float ``[masks, s, s]`` (``[masks, s, s, s]``) of 0/1 (``s = cell_size``);
+        ``shifts``: long ``[masks, 2]`` (``[masks, 3]``), the (row, column) offset of the crop in
+        the upsampled mask, each below the cell size in pixels.
         """
-        cell_h, cell_w = self._cell_pixels(height, width)
+        cells = self._cell_pixels(*size)
         generator = torch.Generator().manual_seed(self.seed)
-        grids = (torch.rand(self.n_masks, self.cell_size, self.cell_size, generator=generator) < self.probability).to(
-            torch.float32
-        )
-        offsets = torch.rand(self.n_masks, 2, generator=generator)
+        grid_shape = (self.n_masks,) + (self.cell_size,) * len(size)
+        grids = (torch.rand(grid_shape, generator=generator) < self.probability).to(torch.float32)
+        offsets = torch.rand(self.n_masks, len(size), generator=generator)
         shifts = torch.stack(
-            [
-                (offsets[:, 0] * cell_h).long().clamp_max(cell_h - 1),
-                (offsets[:, 1] * cell_w).long().clamp_max(cell_w - 1),
-            ],
+            [(offsets[:, k] * cell).long().clamp_max(cell - 1) for k, cell in enumerate(cells)],
             dim=1,
         )
         return grids, shifts
 
-    def masks(self, height: int, width: int) -> torch.Tensor:
-        """All masks ``[masks, height, width]`` (float32, CPU): what :meth:`explain` multiplies in."""
-        grids, shifts = self.grids(height, width)
-        return self._upsample(grids, shifts, height, width)
+    def masks(self, *size: int) -> torch.Tensor:
+        """All masks ``[masks, height, width]`` (``[masks, depth, height, width]``; float32, CPU):
+        what :meth:`explain` multiplies in."""
+        grids, shifts = self.grids(*size)
+        return self._upsample(grids, shifts, size)
 
-    def _cell_pixels(self, height: int, width: int) -> tuple[int, int]:
-        return -(-height // self.cell_size), -(-width // self.cell_size)
+    def _cell_pixels(self, *size: int) -> tuple[int, ...]:
+        return tuple(-(-length // self.cell_size) for length in size)
 
-    def _upsample(self, grids: torch.Tensor, shifts: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Bilinear upsampling of ``grids`` to (s + 1) cells, then each mask's shifted crop.
+    def _upsample(self, grids: torch.Tensor, shifts: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """Bilinear (trilinear) upsampling of ``grids`` to (s + 1) cells, then each mask's shifted crop.
 
         As the authors' ``skimage.transform.resize(grid, up_size, order=1, mode="reflect")``:
         half-pixel centres, and the grid mirrored about its edge cells outside (not clamped).
-        Separable, so only the cropped rows and columns are computed.
+        Separable, so only the cropped rows and columns (and slices) are computed.
         """
-        cell_h, cell_w = self._cell_pixels(height, width)
-        rows = _interpolation_matrix((self.cell_size + 1) * cell_h, self.cell_size)
-        cols = _interpolation_matrix((self.cell_size + 1) * cell_w, self.cell_size)
-        rows = rows[shifts[:, 0, None] + torch.arange(height)]  # [n, H, s]
-        cols = cols[shifts[:, 1, None] + torch.arange(width)]  # [n, W, s]
-        return torch.einsum("nhi,nij,nwj->nhw", rows, grids.to(torch.float64), cols).to(torch.float32)
+        axes = []
+        for k, (length, cell) in enumerate(zip(size, self._cell_pixels(*size))):
+            matrix = _interpolation_matrix((self.cell_size + 1) * cell, self.cell_size)
+            axes.append(matrix[shifts[:, k, None] + torch.arange(length)])  # [n, length, s]
+        grid_axes, out_axes = "ijk"[: len(size)], "xyz"[: len(size)]
+        operands = ",".join(f"n{o}{g}" for o, g in zip(out_axes, grid_axes))
+        masks = torch.einsum(f"{operands},n{grid_axes}->n{out_axes}", *axes, grids.to(torch.float64))
+        return masks.to(torch.float32)
 
     def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        n_images, _, height, width = batch.shape
-        grids, shifts = self.grids(height, width)
+        n_images = batch.shape[0]
+        spatial = tuple(batch.shape[2:])
+        grids, shifts = self.grids(*spatial)
         chunk = chunk_size_for(self.chunk_size, model)
         with forward_context(model, batch) as (forward, device):
             inputs = batch.detach().to(device)
@@ -232,8 +241,8 @@ class RISE(Explainer):
             replacement = replacement_images(inputs, self.perturbation, self.baseline, self.blur_sigma, fill)
             difference = inputs - replacement
             # float64 sums: thousands of terms, and centring subtracts two nearly equal sums
-            saliency = torch.zeros(n_images, height, width, dtype=torch.float64, device=device)
-            coverage = torch.zeros(height, width, dtype=torch.float64, device=device)  # sum_i M_i
+            saliency = torch.zeros((n_images,) + spatial, dtype=torch.float64, device=device)
+            coverage = torch.zeros(spatial, dtype=torch.float64, device=device)  # sum_i M_i
             score_sums = torch.zeros(n_images, dtype=torch.float64, device=device)
             total = n_images * self.n_masks
             for start in range(0, total, chunk):
@@ -241,7 +250,7 @@ class RISE(Explainer):
                 index = torch.arange(start, min(start + chunk, total), device=device)
                 mask_index, image = index // n_images, index % n_images
                 first, last = int(mask_index[0]), int(mask_index[-1]) + 1
-                masks = self._upsample(grids[first:last], shifts[first:last], height, width).to(device)
+                masks = self._upsample(grids[first:last], shifts[first:last], spatial).to(device)
                 kept = masks[mask_index - first, None].to(inputs.dtype)
                 # M x + (1 - M) R = R + M (x - R); a constant R needs no gathered copy
                 if self.perturbation == "baseline":
@@ -253,11 +262,11 @@ class RISE(Explainer):
                 weights = torch.zeros(n_images, last - first, dtype=torch.float64, device=device)
                 weights[image, mask_index - first] = scores
                 masks = masks.to(torch.float64)
-                saliency += torch.einsum("bm,mhw->bhw", weights, masks)
+                saliency += torch.einsum("bm,m...->b...", weights, masks)
                 score_sums += weights.sum(dim=1)
                 coverage += masks[mask_index[image == 0] - first].sum(dim=0)  # each mask meets image 0 once
             if self.centred:
-                saliency -= (score_sums / self.n_masks)[:, None, None] * coverage
+                saliency -= (score_sums / self.n_masks).view((-1,) + (1,) * len(spatial)) * coverage
         return (saliency / (self.n_masks * self.probability)).to(batch.device, batch.dtype)
 
 
@@ -279,13 +288,15 @@ class HiPe(Explainer):
     so the map sums the evidence of all levels. ``score="probability"`` (default) uses the
     softmax probability of the target, ``"logit"`` the logit (the authors' code takes the raw
     model output). Levels continue while the window side, ``2 * min(H, W) / n``, is at least
-    ``min_window`` pixels and cells are at least one pixel. The default ``min(H, W) // 32`` gives
+    ``min_window`` pixels and cells are at least one pixel. The default ``min(H, W) // 32`` (a
+    volume's: ``min(D, H, W) // 8``, as its windows grow with the cube of the grid) gives
     56, 28, 14 and 7 pixel windows at 224², one level finer than the authors' default depth,
     down to the feature-map cell of a typical CNN (on the demo model, with the card's black as
     baseline, it found 20 of 20 held-out phantom nodules where stopping at 14 pixels found 14).
 
     The number of forward passes depends on the image: :meth:`explain_with_passes` returns it per
-    sample (one clean pass plus one per perturbed window). Each sample's threshold and windows
+    sample (one clean pass plus one per perturbed window). A volume is split into ``n_l``³ cells
+    and its windows are 2 x 2 x 2 cells (``(n + 1)^3`` windows). Each sample's threshold and windows
     are its own, so a batch equals its single runs; nothing random.
     """
 
@@ -317,14 +328,17 @@ class HiPe(Explainer):
         self.chunk_size = optional_positive_int("chunk_size", chunk_size)
         self.healthy = configured_healthy(self.name, self.perturbation, healthy_model)
 
-    def levels(self, height: int, width: int) -> list[int]:
-        """Cells per side at each level for ``height`` x ``width`` images."""
-        side = min(height, width)
+    def levels(self, *size: int) -> list[int]:
+        """Cells per side at each level for ``height`` x ``width`` images (or ``depth, height,
+        width`` volumes, whose cells and windows are boxes of the same count along each axis)."""
+        side = min(size)
         if self.initial_grid > side:
             raise ExplainerError(
-                f"initial_grid ({self.initial_grid}) has cells below one pixel on the {height}x{width} image"
+                f"initial_grid ({self.initial_grid}) has cells below one pixel on the {'x'.join(map(str, size))} image"
             )
-        min_window = self.min_window if self.min_window is not None else max(1, side // 32)
+        # A volume has (n + 1)³ windows a level: its default stops at 1/8 of the side (6 voxels at 48³).
+        default = side // 32 if len(size) == 2 else side // 8
+        min_window = self.min_window if self.min_window is not None else max(1, default)
         cells = [self.initial_grid]
         while cells[-1] * 2 <= side and 2 * side / (cells[-1] * 2) >= min_window:
             cells.append(cells[-1] * 2)
@@ -334,7 +348,7 @@ class HiPe(Explainer):
         self, model: ModelLike, batch: torch.Tensor, targets: Sequence[int]
     ) -> tuple[torch.Tensor, list[int]]:
         """The maps ``[B, H, W]`` (as :meth:`explain`) and the forward passes each sample used."""
-        batch, target_tensor = check_batch_and_targets(batch, targets)
+        batch, target_tensor = check_batch_and_targets(batch, targets, volumes=self.supports_volumes, method=self.name)
         maps, passes = self._run(model, batch, target_tensor)
         return maps.detach().to(torch.float32), passes.tolist()
 
@@ -342,8 +356,9 @@ class HiPe(Explainer):
         return self._run(model, batch, targets)[0]
 
     def _run(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n_images, _, height, width = batch.shape
-        levels = self.levels(height, width)
+        n_images = batch.shape[0]
+        spatial = tuple(batch.shape[2:])
+        levels = self.levels(*spatial)
         chunk = chunk_size_for(self.chunk_size, model)
         with forward_context(model, batch) as (forward, device):
             inputs = batch.detach().to(device)
@@ -351,22 +366,22 @@ class HiPe(Explainer):
             clean = forward_scores(forward, inputs, targets, self.score, chunk)
             fill = healthy_fill(self.healthy, model)
             replacement = replacement_images(inputs, self.perturbation, self.baseline, self.blur_sigma, fill)
-            saliency = torch.zeros(n_images, height, width, dtype=clean.dtype, device=device)
+            saliency = torch.zeros((n_images,) + spatial, dtype=clean.dtype, device=device)
             passes = torch.ones(n_images, dtype=torch.long, device=device)
+            window_axes = tuple(range(1, len(spatial) + 1))
             for cells in levels:
-                rows = self._window_masks(height, cells, device)
-                cols = self._window_masks(width, cells, device)
-                selected = self._window_peaks(saliency, cells, height, width) >= self._thresholds(saliency)
-                drops = torch.zeros(n_images, cells + 1, cells + 1, dtype=clean.dtype, device=device)
-                image, row, col = selected.nonzero(as_tuple=True)
+                axes = [self._window_masks(size, cells, device) for size in spatial]
+                selected = self._window_peaks(saliency, cells) >= self._thresholds(saliency)
+                drops = torch.zeros((n_images,) + (cells + 1,) * len(spatial), dtype=clean.dtype, device=device)
+                image, *where = selected.nonzero(as_tuple=True)
                 for part in torch.arange(len(image), device=device).split(chunk):
-                    b, i, j = image[part], row[part], col[part]
-                    window = (rows[i][:, :, None] & cols[j][:, None, :])[:, None]
+                    b, index = image[part], [position[part] for position in where]
+                    window = window_mask(axes, index)[:, None]
                     perturbed = torch.where(window, replacement[b], inputs[b])
                     drop = clean[b] - forward_scores(forward, perturbed, targets[b], self.score)
-                    drops[b, i, j] = drop.clamp_min(0) if self.relu else drop
-                saliency += torch.einsum("bij,ih,jw->bhw", drops, rows.to(drops.dtype), cols.to(drops.dtype))
-                passes += selected.sum(dim=(1, 2))
+                    drops[(b, *index)] = drop.clamp_min(0) if self.relu else drop
+                saliency += paint_windows(drops, axes)
+                passes += selected.sum(dim=window_axes)
         return saliency.to(batch.device), passes.cpu()
 
     @staticmethod
@@ -382,21 +397,26 @@ class HiPe(Explainer):
         return (cell >= start) & (cell <= start + 1)
 
     @classmethod
-    def _window_peaks(cls, saliency: torch.Tensor, cells: int, height: int, width: int) -> torch.Tensor:
-        """``[B, cells + 1, cells + 1]``: the largest accumulated saliency inside each window."""
+    def _window_peaks(cls, saliency: torch.Tensor, cells: int) -> torch.Tensor:
+        """``[B, cells + 1, cells + 1]`` (a third axis for volumes): the largest accumulated
+        saliency inside each window."""
         device = saliency.device
-        cell_id = (
-            cls._cell_index(height, cells, device)[:, None] * cells + cls._cell_index(width, cells, device)[None, :]
-        )
-        peaks = torch.full((saliency.shape[0], cells * cells), -torch.inf, dtype=saliency.dtype, device=device)
+        spatial = tuple(saliency.shape[1:])
+        cell_id = torch.zeros(spatial, dtype=torch.long, device=device)
+        for k, size in enumerate(spatial):
+            shape = tuple(size if j == k else 1 for j in range(len(spatial)))
+            cell_id = cell_id * cells + cls._cell_index(size, cells, device).view(shape)
+        peaks = torch.full((saliency.shape[0], cells ** len(spatial)), -torch.inf, dtype=saliency.dtype, device=device)
         peaks = peaks.scatter_reduce(
             1, cell_id.flatten().expand(saliency.shape[0], -1), saliency.flatten(1), reduce="amax"
         )
-        peaks = F.pad(peaks.view(-1, 1, cells, cells), (1, 1, 1, 1), value=-torch.inf)
-        return F.max_pool2d(peaks, kernel_size=2, stride=1)[:, 0]
+        peaks = F.pad(peaks.view((-1, 1) + (cells,) * len(spatial)), (1,) * (2 * len(spatial)), value=-torch.inf)
+        pool = F.max_pool2d if len(spatial) == 2 else F.max_pool3d
+        return pool(peaks, kernel_size=2, stride=1)[:, 0]
 
     @staticmethod
     def _thresholds(saliency: torch.Tensor) -> torch.Tensor:
-        """Each sample's mid-range ``(min + max) / 2`` of its accumulated map, ``[B, 1, 1]``."""
-        low, high = saliency.amin(dim=(1, 2)), saliency.amax(dim=(1, 2))
-        return (low + (high - low) / 2)[:, None, None]
+        """Each sample's mid-range ``(min + max) / 2`` of its accumulated map, ``[B, 1, 1(, 1)]``."""
+        every = tuple(range(1, saliency.ndim))
+        low, high = saliency.amin(dim=every), saliency.amax(dim=every)
+        return (low + (high - low) / 2).view((-1,) + (1,) * len(every))

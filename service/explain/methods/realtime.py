@@ -237,6 +237,8 @@ class RealtimeSaliency(Explainer):
 
     name: ClassVar[str] = "realtime_saliency"
     needs_gradients: ClassVar[bool] = False
+    #: The masker is a 2D network trained for the demo radiograph model.
+    supports_volumes: ClassVar[bool] = False
     card_files: ClassVar[Mapping[str, str]] = MappingProxyType({"masker": CARD_ENTRY})
 
     def __init__(self, masker: str | os.PathLike[str] | None = None) -> None:

@@ -51,6 +51,8 @@ class _Surrogate(Explainer):
     """Shared machinery: superpixels, perturbed forward passes, painting back."""
 
     needs_gradients: ClassVar[bool] = False
+    #: SLIC superpixels and the painting back are written for images.
+    supports_volumes: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -97,7 +99,7 @@ class _Surrogate(Explainer):
         feature_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Signed maps ``[B, H, W]``; ``feature_mask`` replaces the superpixels when given."""
-        batch, target_tensor = check_batch_and_targets(batch, targets)
+        batch, target_tensor = check_batch_and_targets(batch, targets, method=self.name)
         segments = self.segment(batch) if feature_mask is None else _check_feature_mask(feature_mask, batch)
         return self._run(model, batch, target_tensor, segments).detach().to(torch.float32)
 

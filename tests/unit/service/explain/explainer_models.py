@@ -4,6 +4,9 @@
 - :class:`ResidualNet`: a ResNet basic block whose ReLU is one module called three times, distinct
   modules, functional ``torch.relu``, or Captum's ``Addition_Module`` for the residual sum.
 
+- :class:`VolumeNet`: the same shapes in 3D (``Conv3d``, ``BatchNorm3d``, a residual block with a
+  reused ReLU, max pooling) for volumes ``[B, 1, D, H, W]`` (:func:`volumes`).
+
 Every model ends in global average pooling and a linear head over 3 classes, so the CAM family
 applies to all of them.
 """
@@ -21,6 +24,8 @@ from torch import nn
 
 #: Side of the square test images, pixels.
 SIZE = 32
+#: Side of the cubic test volumes, voxels.
+VOLUME_SIZE = 16
 
 
 def conv_bn_relu(cin: int, cout: int, *, inplace: bool = False, norm: bool = True, bias: bool = True) -> nn.Sequential:
@@ -91,6 +96,28 @@ class ResidualNet(nn.Module):
         return self.fc(torch.flatten(self.gap(out), 1))
 
 
+class VolumeNet(nn.Module):
+    """A 3D stem (stride 2), a residual block whose one ReLU module runs three times, max pooling,
+    GAP and a linear head: the volume counterpart of :class:`ResidualNet`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv3d(1, 6, 3, padding=1, stride=2)
+        self.bn0, self.bn1, self.bn2 = (nn.BatchNorm3d(6) for _ in range(3))
+        self.conv1 = nn.Conv3d(6, 6, 3, padding=1)
+        self.conv2 = nn.Conv3d(6, 6, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool3d(2)
+        self.gap = nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.bn0(self.stem(x)))
+        branch = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(h)))))
+        out = self.pool(self.relu(branch + h))
+        return self.fc(torch.flatten(self.gap(out), 1))
+
+
 class Boom(nn.Module):
     """Identity that raises while ``armed``: an exception in the middle of the forward pass."""
 
@@ -109,7 +136,7 @@ def build(cls: Callable[..., nn.Module], *args: Any, seed: int = 0, **kwargs: An
     torch.manual_seed(seed)
     model = cls(*args, **kwargs)
     for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
+        if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d)):
             module.running_mean.uniform_(-0.2, 0.2)
             module.running_var.uniform_(0.5, 1.5)
             nn.init.uniform_(module.weight, 0.5, 1.5)
@@ -130,6 +157,21 @@ def images(n: int = 4, seed: int = 1, size: int = SIZE, *, margin: int = 4, sigm
             cy, cx = (torch.rand(2, generator=generator) * (size - 2 * margin) + margin).tolist()
             sign = 1.0 if torch.rand(1, generator=generator).item() > 0.5 else -1.0
             image[0] += sign * 2.0 * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+    return batch
+
+
+def volumes(n: int = 3, seed: int = 1, size: int = VOLUME_SIZE, *, sigma: float = 2.0) -> torch.Tensor:
+    """Volumes ``[n, 1, size, size, size]``: noise plus three bright or dark Gaussian blobs each."""
+    generator = torch.Generator().manual_seed(seed)
+    axis = torch.arange(size * 1.0)
+    zz, yy, xx = torch.meshgrid(axis, axis, axis, indexing="ij")
+    batch = 0.3 * torch.randn(n, 1, size, size, size, generator=generator)
+    for volume in batch:
+        for _ in range(3):
+            cz, cy, cx = (torch.rand(3, generator=generator) * (size - 6) + 3).tolist()
+            sign = 1.0 if torch.rand(1, generator=generator).item() > 0.5 else -1.0
+            distance = (zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2
+            volume[0] += sign * 2.0 * torch.exp(-distance / (2 * sigma**2))
     return batch
 
 

@@ -1,11 +1,14 @@
-"""The explainer contract, checked for every registry entry on three model shapes.
+"""The explainer contract, checked for every registry entry on four model shapes, 2D and 3D.
 
 Parametrised over :func:`available_explainers` (a method added to the registry is checked here
 without editing this file, except for its fast settings in :data:`FAST`) and over
 
 - ``demo``: the shipped demo model at 224² (two phantoms: a nodule, an effusion),
 - ``densenet``: densely connected blocks with concatenation and in-place ReLUs,
-- ``residual``: a ResNet basic block whose one ReLU module is called three times.
+- ``residual``: a ResNet basic block whose one ReLU module is called three times,
+- ``volume``: the same in 3D on volumes ``[B, 1, D, H, W]``; every method that declares
+  ``supports_volumes`` must give ``[B, D, H, W]`` maps under the same contract, the others must
+  refuse the volume with a clear error.
 
 The contract (``service/explain/base.py`` and DESIGN.md): ``[B, H, W]`` float32 finite maps; a
 batch with per-sample targets equals the single runs; deterministic; the model comes back as it
@@ -41,9 +44,11 @@ from tests.unit.service.explain.explainer_models import (
     DenseNetLike,
     ModuleRunner,
     ResidualNet,
+    VolumeNet,
     build,
     function_modes,
     images,
+    volumes,
 )
 
 pytestmark = [
@@ -111,7 +116,7 @@ ITERATIVE = {"meaningful_perturbation", "extremal_perturbation", "healthy_pertur
 HEALTHY_FILL = ("occlusion", "rise", "hipe", "extremal_perturbation")
 
 METHODS = available_explainers()
-SHAPES = ("demo", "densenet", "residual")
+SHAPES = ("demo", "densenet", "residual", "volume")
 
 
 @dataclass
@@ -164,6 +169,9 @@ def make_case(shape: str, deployed: DeployedModel) -> Case:
     if shape == "densenet":
         model = build(DenseNetLike, inplace=True)
         return Case(model, images(3), [0, 2, 1], ModuleRunner(model), late=model.layers[2], early=model.stem)
+    if shape == "volume":
+        model = build(VolumeNet)
+        return Case(model, volumes(3), [0, 2, 1], ModuleRunner(model), late=model.conv2, early=model.stem)
     model = build(ResidualNet, "reused")
     return Case(model, images(3), [0, 2, 1], ModuleRunner(model), late=model.conv2, early=model.stem)
 
@@ -179,7 +187,9 @@ def case(request: pytest.FixtureRequest, deployed_demo: DeployedModel) -> Case:
 
 
 def applies(method: str, case: Case, deployed: DeployedModel) -> bool:
-    """False where the method must refuse the model (and the test checks the refusal)."""
+    """False where the method must refuse the model or the volume (and the test checks the refusal)."""
+    if case.batch.ndim == 5 and not explainer_class(method).supports_volumes:
+        return False
     return method not in DEMO_ONLY or case.model is deployed.gradient_runner.torch_module
 
 
@@ -194,12 +204,13 @@ def test_every_registry_entry_has_fast_settings() -> None:
 def test_maps_batch_contract_and_determinism(method: str, case: Case, deployed_demo: DeployedModel) -> None:
     """Shape and dtype; finite and not constant; batch == singles; two runs give the same maps."""
     if not applies(method, case, deployed_demo):
-        with pytest.raises(ExplainerError):
+        refusal = "works on images" if case.batch.ndim == 5 else ""
+        with pytest.raises(ExplainerError, match=refusal):
             explainer(method, case).explain(case.model, case.batch, case.targets)
         return
     batched = explainer(method, case).explain(case.model, case.batch, case.targets)
-    b, _, h, w = case.batch.shape
-    assert batched.shape == (b, h, w) and batched.dtype == torch.float32
+    b, _, *spatial = case.batch.shape
+    assert batched.shape == (b, *spatial) and batched.dtype == torch.float32
     assert torch.isfinite(batched).all()
     # A rectified map may be all zero for one sample (no evidence for its target), not for all.
     assert any(float(m.max() - m.min()) > 0 for m in batched), "constant maps say nothing"
@@ -273,6 +284,8 @@ def test_runner_without_torch_module(method: str, case: Case, deployed_demo: Dep
 
 @pytest.mark.parametrize("method", METHODS)
 def test_target_outside_the_classes_is_refused(method: str, case: Case, deployed_demo: DeployedModel) -> None:
+    if case.batch.ndim == 5 and not explainer_class(method).supports_volumes:
+        pytest.skip("refuses volumes (checked above)")
     with pytest.raises(ExplainerError, match="3"):
         explainer(method, case).explain(case.model, case.batch[:1], [3])
 

@@ -12,7 +12,7 @@ import yaml
 from service.inference.backends import load_runner
 from service.inference.card import ModelCard, ModelCardError, set_auxiliary_file, sha256_of
 from service.inference.deployed import DeployedModel
-from service.models import demo_card_path, shortcut_card_path
+from service.models import demo_card_path, shortcut_card_path, volume_card_path
 
 
 @pytest.fixture()
@@ -278,3 +278,39 @@ def test_wrong_multi_label_settings_name_the_value(card_copy: Path, output: dict
     with pytest.raises(ModelCardError) as error:
         ModelCard.load(card_copy)
     assert needle in str(error.value)
+
+
+# --- volume cards (input.kind: volume) ----------------------------------------------------------------
+
+
+def test_shipped_volume_card_loads_as_a_volume_model() -> None:
+    card = ModelCard.load(volume_card_path())
+    assert card.input.kind == "volume"
+    assert card.input.shape() == (1, card.input.slices, card.input.rows, card.input.columns)
+    deployed = DeployedModel(card)
+    try:
+        batch = np.zeros((1, *card.input.shape()), dtype=np.float32)
+        assert len(deployed.predict(batch)) == 1
+    finally:
+        deployed.close()
+
+
+@pytest.mark.parametrize(
+    ("input_section", "needle"),
+    [
+        ({"kind": "volume", "rows": 48, "columns": 48, "slices": 48, "spacing": [2, 2, 2]}, "needs input.window"),
+        ({"rows": 224, "columns": 224, "slices": 32}, "apply to input.kind: volume only"),
+        (
+            {"kind": "volume", "rows": 8, "columns": 8, "slices": 8, "spacing": [2, 0, 2], "window": [0, 1]},
+            "spacing must be positive",
+        ),
+        (
+            {"kind": "volume", "rows": 8, "columns": 8, "slices": 8, "spacing": [2, 2, 2], "window": [400, -1000]},
+            "low < high",
+        ),
+    ],
+)
+def test_invalid_volume_inputs_name_what(card_copy: Path, input_section: dict, needle: str) -> None:
+    _edit(card_copy, input=input_section)
+    with pytest.raises(ModelCardError, match=needle):
+        ModelCard.load(card_copy)
