@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from service.explain.base import ExplainerError
-from service.explain.methods.occlusion import window_masks
+from service.explain.methods.windows import window_masks
 from service.tools.bench.densenet import densenet121, parameter_count
 from service.tools.bench.explain import check_request, parse_param, run_explain_bench
 

@@ -1,5 +1,5 @@
 """Occlusion: slide a filled square (a cube in a volume) over the image and watch the target
-score drop. The window helpers here are shared with HiPe."""
+score drop."""
 
 from __future__ import annotations
 
@@ -23,43 +23,9 @@ from service.explain.base import (
 from service.explain.healthy.appearance import configured_healthy
 from service.explain.hooks import eval_mode, module_device
 from service.explain.methods.perturbation import HEALTHY_CARD_FILES, PERTURBATIONS, healthy_fill, replacement_images
+from service.explain.methods.windows import paint_windows, window_mask, window_masks
 from service.explain.scores import LOGIT, forward_scores
 from service.explain.settings import choice, finite_float, optional_positive_int, positive_float, positive_int
-
-
-def window_masks(size: int, window: int, stride: int, device: torch.device) -> torch.Tensor:
-    """Boolean ``[n, size]``: which positions of one axis each window position covers.
-
-    Windows start at ``0, stride, 2*stride, ...``, ``n = ceil((size - window) / stride) + 1``
-    of them, as in Captum; when ``size - window`` is not a multiple of ``stride`` the last
-    window runs past the border and is cropped there (it is not shifted back inside).
-    """
-    count = -(-(size - window) // stride) + 1
-    starts = torch.arange(count, device=device)[:, None] * stride
-    positions = torch.arange(size, device=device)[None, :]
-    return (positions >= starts) & (positions < starts + window)
-
-
-def window_mask(axes: Sequence[torch.Tensor], index: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Boolean ``[n, *spatial]``: the boxes of ``n`` window positions, one index tensor ``[n]``
-    per axis into that axis's masks ``[count, size]`` (:func:`window_masks`): the outer product of
-    one row of each axis, for images (2 axes) and volumes (3) alike."""
-    dims = len(axes)
-    mask: torch.Tensor | None = None
-    for k, (axis, position) in enumerate(zip(axes, index)):
-        shape = (len(position),) + tuple(axis.shape[1] if j == k else 1 for j in range(dims))
-        part = axis[position].view(shape)
-        mask = part if mask is None else mask & part
-    assert mask is not None
-    return mask
-
-
-def paint_windows(values: torch.Tensor, axes: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[B, n_1, ..., n_d] -> [B, size_1, ..., size_d]``: each pixel (voxel) gets the sum of the
-    values of the windows covering it (``axes[k]`` is axis ``k``'s masks ``[n_k, size_k]``)."""
-    counts, sizes = "ijk"[: len(axes)], "xyz"[: len(axes)]
-    operands = ",".join(f"{c}{s}" for c, s in zip(counts, sizes))
-    return torch.einsum(f"b{counts},{operands}->b{sizes}", values, *(axis.to(values.dtype) for axis in axes))
 
 
 class Occlusion(Explainer):

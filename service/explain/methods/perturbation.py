@@ -32,7 +32,7 @@ from service.explain.base import (
 from service.explain.healthy.appearance import CARD_ENTRY as HEALTHY_CARD_ENTRY
 from service.explain.healthy.appearance import HealthyAppearance, configured_healthy
 from service.explain.hooks import eval_mode, module_device
-from service.explain.methods.occlusion import paint_windows, window_mask
+from service.explain.methods.windows import paint_windows, window_mask
 from service.explain.scores import SCORES, check_targets_on_first_image, forward_scores
 from service.explain.settings import (
     boolean,

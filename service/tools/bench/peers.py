@@ -19,7 +19,7 @@ from torch import nn
 
 from service.explain.base import Explainer, chunk_size_for
 from service.explain.hooks import resolve_module
-from service.explain.methods.occlusion import window_masks
+from service.explain.methods.windows import window_masks
 from service.inference.architecture import torchvision_shim
 from service.tools.bench.models import BenchModel
 
