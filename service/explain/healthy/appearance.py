@@ -33,6 +33,7 @@ from torch import nn
 
 from service.explain.base import ExplainerError, ModelLike
 from service.explain.healthy.network import HealthyAppearanceNet, HealthyVAE
+from service.explain.stored import load_payload, save_payload
 
 #: File names of a healthy-appearance model beside its model card.
 HEALTHY_FILE = "healthy-appearance.pt"
@@ -112,27 +113,14 @@ def save_healthy_model(
         "metadata": metadata,
         "state_dict": {key: value.detach().cpu().clone() for key, value in vae.state_dict().items()},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, out)
-    return out
+    return save_payload(payload, out)
 
 
 def load_healthy_model(path: str | Path) -> tuple[HealthyAppearanceNet, HealthyModelInfo]:
     """The operator stored at ``path`` (eval mode, CPU, no gradients) and its :class:`HealthyModelInfo`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExplainerError(f"healthy-appearance file not found: {path}; make it with {TRAIN_COMMANDS}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors all mean "not a healthy-appearance file"
-        raise ExplainerError(f"cannot read healthy-appearance file {path}: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
-        raise ExplainerError(f"{path} is not a healthy-appearance file (format {FILE_FORMAT!r} expected)")
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise ExplainerError(
-            f"healthy-appearance file {path} has format version {payload.get('format_version')!r}, this code reads "
-            f"{FORMAT_VERSION}; retrain it with {TRAIN_COMMANDS}"
-        )
+    payload = load_payload(
+        path, what="healthy-appearance", file_format=FILE_FORMAT, format_version=FORMAT_VERSION, remake=TRAIN_COMMANDS
+    )
     try:
         architecture, normalisation, onnx = payload["architecture"], payload["normalisation"], payload["onnx"]
         info = HealthyModelInfo(

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.explain.base import Explainer, ExplainerError, ModelLike
+from service.explain.stored import load_payload, save_payload
 from service.inference.runner import Runner
 
 #: File name of a masker beside its model (the demo card's folder holds the shipped one).
@@ -170,28 +171,18 @@ def save_masker(path: str | Path, masker: SaliencyMasker, rows: int, columns: in
         "metadata": metadata,
         "state_dict": {key: value.detach().cpu().clone() for key, value in masker.state_dict().items()},
     }
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, out)
-    return out
+    return save_payload(payload, path)
 
 
 def load_masker(path: str | Path) -> tuple[SaliencyMasker, MaskerInfo]:
     """The masker stored at ``path`` (eval mode, CPU, no gradients) and its :class:`MaskerInfo`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExplainerError(f"saliency masker file not found: {path}; create it with `{TRAIN_COMMAND} --out DIR`")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors all mean "not a masker file"
-        raise ExplainerError(f"cannot read saliency masker {path}: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
-        raise ExplainerError(f"{path} is not a saliency masker file (format {FILE_FORMAT!r} expected)")
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise ExplainerError(
-            f"saliency masker {path} has format version {payload.get('format_version')!r}, "
-            f"this code reads {FORMAT_VERSION}; retrain it with `{TRAIN_COMMAND}`"
-        )
+    payload = load_payload(
+        path,
+        what="saliency masker",
+        file_format=FILE_FORMAT,
+        format_version=FORMAT_VERSION,
+        remake=f"`{TRAIN_COMMAND} --out DIR`",
+    )
     try:
         architecture, size = payload["architecture"], payload["input"]
         info = MaskerInfo(

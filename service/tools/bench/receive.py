@@ -18,6 +18,7 @@ stored. No receive path built on pynetdicom can be faster than this ceiling.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -347,17 +348,16 @@ def measure_pynetdicom_ceiling(files: Sequence[Path], associations: int) -> floa
     return len(files) / elapsed
 
 
-def measure_storescp(files: Sequence[Path], associations: int, workdir: Path) -> float:
-    """Images per second into DCMTK storescp (files written to a folder), same sender."""
-    binary = dcmtk_tool("storescp")
-    folder = workdir / "storescp"
+@contextlib.contextmanager
+def running_storescp(folder: Path, *, fork: bool) -> Iterator[tuple[Destination, subprocess.Popen]]:
+    """DCMTK storescp writing into a fresh ``folder`` (``--fork``: one process per association),
+    listening on a free port of 127.0.0.1 before this yields; terminated on exit."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     port = free_port()
+    command = [dcmtk_tool("storescp"), "-aet", "STORESCP", "-od", str(folder), "+xa"]
     process = subprocess.Popen(
-        [binary, "-aet", "STORESCP", "-od", str(folder), "+xa", "--fork", str(port)]
-        if associations > 1
-        else [binary, "-aet", "STORESCP", "-od", str(folder), "+xa", str(port)],
+        [*command, *(["--fork"] if fork else []), str(port)],
         env={**os.environ, "TCP_NODELAY": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -369,10 +369,16 @@ def measure_storescp(files: Sequence[Path], associations: int, workdir: Path) ->
             if time.monotonic() > deadline:
                 raise RuntimeError("storescp did not start listening within 15 s")
             time.sleep(0.1)
-        elapsed = send_parallel(destination, files, associations)
+        yield destination, process
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def measure_storescp(files: Sequence[Path], associations: int, workdir: Path) -> float:
+    """Images per second into DCMTK storescp (files written to a folder), same sender."""
+    with running_storescp(workdir / "storescp", fork=associations > 1) as (destination, _):
+        elapsed = send_parallel(destination, files, associations)
     return len(files) / elapsed
 
 

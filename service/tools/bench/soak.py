@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -27,15 +26,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dicom_io.net.network import free_port
 from dicom_io.net.scp import ListenerSettings, StorageSCP
-from dicom_io.net.scu import Destination, StoreSCU
+from dicom_io.net.scu import Destination
 from service.node.assembler import Assembler
 from service.node.metrics import create_metrics
 from service.node.receiver import Receiver
 from service.node.store import Durability, Journal, Spool
-from service.tools.bench.receive import fresh_copies, send_parallel
-from service.tools.dcmtk import dcmtk_tool
+from service.tools.bench.receive import fresh_copies, running_storescp, send_parallel
 from service.tools.progress import Progress
 
 #: The instance sent (copied with fresh UIDs): pydicom's CT 128x128 test file, 39 KiB.
@@ -199,27 +196,9 @@ def soak_pacs_xai(files: list[Path], associations: int, workdir: Path, durabilit
 def soak_storescp(files: list[Path], associations: int, workdir: Path) -> SoakFigures:
     """DCMTK storescp (one process, no fork) receiving the same files from the same senders."""
     folder = workdir / "storescp"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    port = free_port()
-    process = subprocess.Popen(
-        [dcmtk_tool("storescp"), "-aet", "STORESCP", "-od", str(folder), "+xa", str(port)],
-        env={**os.environ, "TCP_NODELAY": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        destination = Destination("STORESCP", "127.0.0.1", port)
-        deadline = time.monotonic() + 15
-        while not StoreSCU("BENCHSCU").echo(destination):
-            if time.monotonic() > deadline:
-                raise RuntimeError("storescp did not start listening within 15 s")
-            time.sleep(0.1)
+    with running_storescp(folder, fork=False) as (destination, process):
         with _Sampler(process.pid, lambda: sum(1 for _ in os.scandir(folder))) as sampler:
             seconds = send_parallel(destination, files, associations)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
     return _figures("storescp", len(files), associations, seconds, sampler.samples)
 
 
