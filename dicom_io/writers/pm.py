@@ -56,7 +56,7 @@ from dicom_io.writers.references import copy_patient_study_attributes, instance_
 from dicom_io.writers.result import ExplanationResult, check_inputs
 from dicom_io.writers.source_view import highdicom_source_view
 
-__all__ = ["OUTPUT_KIND", "attribution_window", "build_parametric_map"]
+__all__ = ["OUTPUT_KIND", "attribution_voi_lut", "attribution_window", "build_parametric_map"]
 
 #: ``output_kind`` of the derived UIDs of Parametric Map outputs.
 OUTPUT_KIND = "pm"
@@ -80,6 +80,21 @@ def attribution_window(values: np.ndarray, percentile: float = 99.0) -> tuple[fl
     if magnitude.size and float(finite.min()) < 0:
         return 0.0, 2.0 * top
     return top / 2.0, top
+
+
+def attribution_voi_lut(values: np.ndarray) -> hd.VOILUTTransformation:
+    """The map's display window (:func:`attribution_window`) as a VOI LUT Transformation."""
+    center, width = attribution_window(values)
+    # One-item lists: highdicom 0.28.2 stores a plain string explanation as list(text), one value
+    # per character ("9\\9\\T\\H...").
+    return hd.VOILUTTransformation(
+        window_center=[center],
+        window_width=[width],
+        window_explanation=["SIGNED 99TH PERCENTILE" if center == 0.0 else "99TH PERCENTILE"],
+        # Exact linear mapping of the float values: raw attributions are often far below 1, where
+        # plain LINEAR (with its 0.5 offsets for integers) is not permitted.
+        voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT,
+    )
 
 
 def _value_mapping(values: np.ndarray, result: ExplanationResult) -> hd.pm.RealWorldValueMapping:
@@ -126,7 +141,6 @@ def build_parametric_map(
         contribution=f"XAI {result.method} attribution values of class {result.class_name}",
     )
     geometry = source_frame_geometry(source, frame_index) or synthetic_frame_geometry(source, frame_index)
-    center, width = attribution_window(values)
 
     pm = hd.pm.ParametricMap(
         source_images=[highdicom_source_view(source, geometry)],
@@ -141,18 +155,7 @@ def build_parametric_map(
         device_serial_number=device_serial_number or software_version,
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[_value_mapping(values, result)],
-        voi_lut_transformations=[
-            # One-item lists: highdicom 0.28.2 stores a plain string explanation as list(text), one
-            # value per character ("9\\9\\T\\H...").
-            hd.VOILUTTransformation(
-                window_center=[center],
-                window_width=[width],
-                window_explanation=["SIGNED 99TH PERCENTILE" if center == 0.0 else "99TH PERCENTILE"],
-                # Exact linear mapping of the float values: raw attributions are often far below 1,
-                # where plain LINEAR (with its 0.5 offsets for integers) is not permitted.
-                voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT,
-            )
-        ],
+        voi_lut_transformations=[attribution_voi_lut(values)],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         content_label="XAI_ATTRIBUTION",
         content_description=f"{result.method} attribution, class {result.class_name}"[:LO_MAX],

@@ -36,7 +36,7 @@ from dicom_io.vr import LO_MAX
 from dicom_io.writers.descriptions import derivation_description, series_description
 from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
 from dicom_io.writers.orientation import set_laterality, set_patient_orientation
-from dicom_io.writers.pm import _value_mapping, attribution_window
+from dicom_io.writers.pm import _value_mapping, attribution_voi_lut
 from dicom_io.writers.references import copy_patient_study_attributes
 from dicom_io.writers.result import ExplanationResult
 from dicom_io.writers.sc import build_secondary_capture
@@ -117,7 +117,6 @@ def build_volume_parametric_map(
     first = explanation.slice_result(0)
     values = np.ascontiguousarray(explanation.attribution, dtype=np.float32)
     series_uid, instance_uid = derived_output_uids(sources[0], first, VOLUME_OUTPUT_KINDS["pm"])
-    center, width = attribution_window(values)
     pm = hd.pm.ParametricMap(
         source_images=list(sources),
         pixel_array=values,
@@ -131,14 +130,7 @@ def build_volume_parametric_map(
         device_serial_number=device_serial_number or software_version,
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[_value_mapping(values, first)],
-        voi_lut_transformations=[
-            hd.VOILUTTransformation(
-                window_center=[center],
-                window_width=[width],
-                window_explanation=["SIGNED 99TH PERCENTILE" if center == 0.0 else "99TH PERCENTILE"],
-                voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT,
-            )
-        ],
+        voi_lut_transformations=[attribution_voi_lut(values)],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         content_label="XAI_ATTRIBUTION",
         content_description=f"{explanation.method} attribution, class {explanation.class_name}"[:LO_MAX],
