@@ -157,10 +157,13 @@ class DestinationConfig(_Section):
         None, description=f"Output kinds sent here ({', '.join(OUTPUT_KINDS)}); omit for all."
     )
     transfer_syntaxes: tuple[str, ...] = Field(
-        ("jpeg-ls-lossless", "deflated"),
+        # Deflated by default: OHIF (3.x, from Orthanc's DICOMweb) showed no image for a JPEG-LS RGB
+        # Secondary Capture (the browser test found it); deflate leaves the pixels plain for every viewer.
+        ("deflated",),
         description=f"Lossless compressed transfer syntaxes proposed to this destination, preferred first "
         f"({', '.join(LOSSLESS_SYNTAXES)}); uncompressed is always proposed last. Outputs are stored "
-        "compressed in the first pixel codec the destinations list; [] sends everything uncompressed.",
+        "compressed in the first pixel codec the destinations list (deflated is used on the wire only); "
+        "[] sends everything uncompressed. Check a pixel codec with the site's viewers before listing it.",
     )
 
     @field_validator("transfer_syntaxes")

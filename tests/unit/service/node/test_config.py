@@ -259,7 +259,10 @@ def test_a_container_cpu_quota_caps_the_cores(tmp_path: Path) -> None:
 def test_destination_transfer_syntaxes_are_checked_and_reach_the_scu() -> None:
     destination = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
     config = load_config(None, {"destinations": [destination]})
-    assert config.destinations[0].to_destination().transfer_syntaxes == (JPEGLSLossless, DeflatedExplicitVRLittleEndian)
+    assert config.destinations[0].to_destination().transfer_syntaxes == (DeflatedExplicitVRLittleEndian,)
+    both = ["jpeg-ls-lossless", "deflated"]
+    listed = load_config(None, {"destinations": [{**destination, "transfer_syntaxes": both}]})
+    assert listed.destinations[0].to_destination().transfer_syntaxes == (JPEGLSLossless, DeflatedExplicitVRLittleEndian)
     plain = load_config(None, {"destinations": [{**destination, "transfer_syntaxes": []}]})
     assert plain.destinations[0].to_destination().transfer_syntaxes == ()
     with pytest.raises(ConfigError, match="unknown lossless transfer syntax 'jpeg-lossy'"):
