@@ -386,31 +386,20 @@ def build_report(
         device_uid=device,
         contribution=f"XAI finding '{result.class_name}' and its {result.method} explanation",
     )
-    report = hd.sr.MeasurementReport(
-        observation_context=_observer(result, manufacturer, device),
-        procedure_reported=procedure_code(source.get("Modality")),
-        imaging_measurements=[_finding_group(source, result, referenced, tracking_uid, software_version)],
-        referenced_images=[_library_view(source, result.frame_index)],
-    )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[_evidence_view(source), *referenced],
-        content=report[0],
-        series_instance_uid=series_uid,
+    sr = _measurement_report(
+        source,
+        result,
+        [_finding_group(source, result, referenced, tracking_uid, software_version)],
+        referenced,
+        uids=(series_uid, instance_uid),
         series_number=series_number,
-        sop_instance_uid=instance_uid,
-        instance_number=instance_number(source, result.frame_index),
+        description=series_description(result, tag="report"),
         manufacturer=manufacturer,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[equipment],
-        series_description=series_description(result, tag="report"),
+        software_version=software_version,
+        device_uid=device,
+        equipment=equipment,
     )
-    copy_patient_study_attributes(source, sr)
     _declare_private_scheme(sr, result)
-    sr.ManufacturerModelName = "pacs-xai"
-    sr.SoftwareVersions = software_version
     return sr
 
 
@@ -493,29 +482,64 @@ def build_findings_report(
             :LO_MAX
         ],
     )
-    report = hd.sr.MeasurementReport(
-        observation_context=_observer(frame, manufacturer, device),
-        procedure_reported=procedure_code(source.get("Modality")),
-        imaging_measurements=groups,
-        referenced_images=[_library_view(source, frame.frame_index)],
+    sr = _measurement_report(
+        source,
+        frame,
+        groups,
+        every_reference,
+        uids=(series_uid, instance_uid),
+        series_number=series_number,
+        description=f"XAI {frame.method} findings report"[:LO_MAX],
+        manufacturer=manufacturer,
+        software_version=software_version,
+        device_uid=device,
+        equipment=equipment,
     )
+    _declare_private_scheme(sr, *(result for result, _ in by_class.values()), classes=list(statuses))
+    return sr
+
+
+def _measurement_report(
+    source: pydicom.Dataset,
+    keyed: ExplanationResult | ReportFrame,
+    groups: Sequence[hd.sr.MeasurementsAndQualitativeEvaluations],
+    references: Sequence[pydicom.Dataset],
+    *,
+    uids: tuple[str, str],
+    series_number: int,
+    description: str,
+    manufacturer: str,
+    software_version: str,
+    device_uid: str,
+    equipment: pydicom.Dataset,
+) -> pydicom.Dataset:
+    """The Comprehensive 3D SR that both reports are: TID 1500 with the model as device observer,
+    the measurement ``groups`` on the frame of ``keyed``, the source and ``references`` as evidence,
+    in the series and instance ``uids``; complete, not final, not verified (an algorithm wrote it),
+    with the source's patient and study and pacs-xai as manufacturer model."""
+    report = hd.sr.MeasurementReport(
+        observation_context=_observer(keyed, manufacturer, device_uid),
+        procedure_reported=procedure_code(source.get("Modality")),
+        imaging_measurements=list(groups),
+        referenced_images=[_library_view(source, keyed.frame_index)],
+    )
+    series_uid, instance_uid = uids
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[_evidence_view(source), *every_reference],
+        evidence=[_evidence_view(source), *references],
         content=report[0],
         series_instance_uid=series_uid,
         series_number=series_number,
         sop_instance_uid=instance_uid,
-        instance_number=instance_number(source, frame.frame_index),
+        instance_number=instance_number(source, keyed.frame_index),
         manufacturer=manufacturer,
         is_complete=True,
         is_final=False,
         is_verified=False,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[equipment],
-        series_description=f"XAI {frame.method} findings report"[:LO_MAX],
+        series_description=description,
     )
     copy_patient_study_attributes(source, sr)
-    _declare_private_scheme(sr, *(result for result, _ in by_class.values()), classes=list(statuses))
     sr.ManufacturerModelName = "pacs-xai"
     sr.SoftwareVersions = software_version
     return sr
