@@ -138,7 +138,7 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
         "--images 1 --repeats 1 --param occlusion.stride=16\n"
         "  pacs-xai bench explain --models demo --methods occlusion --methods occlusion:healthy "
         "--param occlusion:healthy.perturbation=healthy\n"
-        "  pacs-xai bench explain --volume --size 96 --window 48 --stride 48   # 3D, against MONAI",
+        "  pacs-xai bench explain --volume --size 96 --window 16 --stride 16   # 3D, against MONAI",
     )
     explain.add_argument(
         "--volume",
@@ -148,9 +148,9 @@ def register(commands: argparse._SubParsersAction, formatter: Callable) -> None:
     )
     explain.add_argument("--size", type=int, default=96, metavar="N", help="--volume: voxels per side (default 96)")
     explain.add_argument(
-        "--window", type=int, default=48, metavar="N", help="--volume: occlusion cube side (default 48)"
+        "--window", type=int, default=16, metavar="N", help="--volume: occlusion cube side (default 16)"
     )
-    explain.add_argument("--stride", type=int, default=48, metavar="N", help="--volume: occlusion stride (default 48)")
+    explain.add_argument("--stride", type=int, default=16, metavar="N", help="--volume: occlusion stride (default 16)")
     explain.add_argument(
         "--methods",
         action="append",

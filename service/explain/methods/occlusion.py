@@ -22,10 +22,11 @@ from service.explain.base import (
 )
 from service.explain.healthy.appearance import configured_healthy
 from service.explain.hooks import eval_mode, module_device
+from service.explain.incremental import IncrementalForward
 from service.explain.methods.perturbation import HEALTHY_CARD_FILES, PERTURBATIONS, healthy_fill, replacement_images
-from service.explain.methods.windows import paint_windows, window_mask, window_masks
-from service.explain.scores import LOGIT, forward_scores
-from service.explain.settings import choice, finite_float, optional_positive_int, positive_float, positive_int
+from service.explain.methods.windows import boxes_of, paint_windows, window_boxes, window_mask, window_masks
+from service.explain.scores import LOGIT, forward_scores, target_scores
+from service.explain.settings import boolean, choice, finite_float, optional_positive_int, positive_float, positive_int
 
 
 class Occlusion(Explainer):
@@ -40,6 +41,11 @@ class Occlusion(Explainer):
     over the windows covering it, of ``f(x)[target] - f(x_occluded)[target]``: target-logit units,
     positive where hiding the region lowers the target score. Forward passes only, so any runner
     works; the occluded inputs of the whole batch go through the model ``chunk_size`` at a time.
+
+    With ``incremental`` (the default) a torch network that :mod:`torch.fx` can trace recomputes,
+    for each occluded input, only the region of each layer the window reaches, from the clean
+    pass's values (:mod:`service.explain.incremental`): the same scores, to rounding, for a
+    fraction of the arithmetic. Runners and untraceable networks run whole passes.
     """
 
     name: ClassVar[str] = "occlusion"
@@ -55,6 +61,7 @@ class Occlusion(Explainer):
         perturbation: str = "baseline",
         blur_sigma: float = 10.0,
         healthy_model: str | os.PathLike[str] | None = None,
+        incremental: bool = True,
     ) -> None:
         self.window = positive_int("window", window)
         self.stride = positive_int("stride", stride)
@@ -68,6 +75,7 @@ class Occlusion(Explainer):
         self.perturbation = choice("perturbation", perturbation, PERTURBATIONS)
         self.blur_sigma = positive_float("blur_sigma", blur_sigma)
         self.healthy = configured_healthy(self.name, self.perturbation, healthy_model)
+        self.incremental = boolean("incremental", incremental)
 
     def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         spatial = tuple(batch.shape[2:])
@@ -79,13 +87,18 @@ class Occlusion(Explainer):
         axes = [window_masks(size, self.window, self.stride, inputs.device) for size in spatial]
         with eval_mode(model) if isinstance(model, nn.Module) else nullcontext():
             chunk = chunk_size_for(self.chunk_size, model)
-            forward = forward_function(model)
-            clean = forward_scores(forward, inputs, targets, LOGIT, chunk)
             replacement = None
             if self.perturbation != "baseline":
                 fill = healthy_fill(self.healthy, model)
                 replacement = replacement_images(inputs, self.perturbation, self.baseline, self.blur_sigma, fill)
-            drops = self._score_drops(forward, inputs, targets, clean, replacement, axes, chunk)
+            forward = forward_function(model)
+            engine = IncrementalForward.trace(model) if self.incremental and isinstance(model, nn.Module) else None
+            if engine is None:
+                clean = forward_scores(forward, inputs, targets, LOGIT, chunk)
+            else:
+                with torch.no_grad():
+                    clean = target_scores(engine.prepare(inputs), targets, LOGIT)
+            drops = self._score_drops(forward, engine, inputs, targets, clean, replacement, axes, chunk)
         total = paint_windows(drops, axes)
         # Every pixel is covered when stride <= window; the clamp only keeps the division safe.
         covering = paint_windows(torch.ones((1,) + drops.shape[1:], dtype=drops.dtype, device=drops.device), axes)
@@ -94,6 +107,7 @@ class Occlusion(Explainer):
     def _score_drops(
         self,
         forward: ForwardFn,
+        engine: IncrementalForward | None,
         inputs: torch.Tensor,
         targets: torch.Tensor,
         clean: torch.Tensor,
@@ -103,7 +117,8 @@ class Occlusion(Explainer):
     ) -> torch.Tensor:
         """``[B, n_1, ..., n_d]``: target score ``clean`` of each image minus that with each window
         occluded (filled with ``baseline``, or from ``replacement``; ``n_k`` window positions along
-        axis ``k``), the inputs going through ``forward`` ``chunk`` at a time."""
+        axis ``k``), the inputs going through ``forward`` (whole) or ``engine`` (the window's box
+        only) ``chunk`` at a time."""
         counts = tuple(axis.shape[0] for axis in axes)
         per_image = math.prod(counts)
         drops = torch.empty(inputs.shape[0] * per_image, dtype=clean.dtype, device=inputs.device)
@@ -112,8 +127,18 @@ class Occlusion(Explainer):
             # Flat index k -> (image k // per_image, window k % per_image); chunks cross image borders.
             index = torch.arange(start, stop, device=inputs.device)
             image, position = index // per_image, index % per_image
-            mask = window_mask(axes, torch.unravel_index(position, counts))
-            fill = self.baseline if replacement is None else replacement[image]
-            occluded = torch.where(mask[:, None], fill, inputs[image])
-            drops[start:stop] = clean[image] - forward_scores(forward, occluded, targets[image], LOGIT)
+            position_per_axis = torch.unravel_index(position, counts)
+            if engine is None:
+                mask = window_mask(axes, position_per_axis)
+                fill = self.baseline if replacement is None else replacement[image]
+                occluded = torch.where(mask[:, None], fill, inputs[image])
+                scores = forward_scores(forward, occluded, targets[image], LOGIT)
+            else:
+                corner, mask = window_boxes(axes, position_per_axis, self.window)
+                box = mask.shape[1:]
+                fill = self.baseline if replacement is None else boxes_of(replacement, image, corner, box)
+                occluded = torch.where(mask[:, None], fill, boxes_of(inputs, image, corner, box))
+                with torch.no_grad():
+                    scores = target_scores(engine.forward(image, corner, occluded), targets[image], LOGIT)
+            drops[start:stop] = clean[image] - scores
         return drops.view((inputs.shape[0],) + counts)

@@ -36,6 +36,37 @@ def window_mask(axes: Sequence[torch.Tensor], index: Sequence[torch.Tensor]) -> 
     return mask
 
 
+def window_boxes(
+    axes: Sequence[torch.Tensor], index: Sequence[torch.Tensor], window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``n`` window positions (one index tensor ``[n]`` per axis, as :func:`window_mask`):
+    the corner ``[n, d]`` of a ``window``-wide box holding each window (shifted inside the image
+    where the window is cropped at the border) and the window's mask in that box ``[n, *box]``."""
+    dims = len(axes)
+    corners, mask = [], None
+    for k, (axis, position) in enumerate(zip(axes, index)):
+        box = min(window, axis.shape[1])
+        rows = axis[position]  # [n, size]
+        first = rows.int().argmax(dim=1).clamp_max(axis.shape[1] - box)
+        corners.append(first)
+        columns = first[:, None] + torch.arange(box, device=rows.device)
+        part = rows.gather(1, columns).view((len(position),) + tuple(box if j == k else 1 for j in range(dims)))
+        mask = part if mask is None else mask & part
+    assert mask is not None
+    return torch.stack(corners, dim=1), mask
+
+
+def boxes_of(images: torch.Tensor, image: torch.Tensor, corner: torch.Tensor, box: Sequence[int]) -> torch.Tensor:
+    """``[n, C, *box]``: the box of size ``box`` at ``corner[i]`` of image ``image[i]`` of
+    ``images`` ``[B, C, *spatial]``."""
+    return torch.stack(
+        [
+            images[(index, slice(None), *(slice(first, first + size) for first, size in zip(start, box)))]
+            for index, start in zip(image.tolist(), corner.tolist())
+        ]
+    )
+
+
 def paint_windows(values: torch.Tensor, axes: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[B, n_1, ..., n_d] -> [B, size_1, ..., size_d]``: each pixel (voxel) gets the sum of the
     values of the windows covering it (``axes[k]`` is axis ``k``'s masks ``[n_k, size_k]``)."""

@@ -96,11 +96,16 @@ class RowCounter(TorchFunctionMode):
         first = args[0]
         if not isinstance(first, torch.Tensor) or first.ndim != len(self.layer.sample_shape) + 1:
             return False
-        if tuple(first.shape[1:]) != self.layer.sample_shape:
-            return False
         if self.layer.weight_shape is None:
-            return True
-        return len(args) > 1 and isinstance(args[1], torch.Tensor) and tuple(args[1].shape) == self.layer.weight_shape
+            return tuple(first.shape[1:]) == self.layer.sample_shape
+        # The layer's own weight identifies it; its input may be a box of the image (incremental
+        # occlusion recomputes only the region a window reaches): a box counts as a row.
+        return (
+            first.shape[1] == self.layer.sample_shape[0]
+            and len(args) > 1
+            and isinstance(args[1], torch.Tensor)
+            and tuple(args[1].shape) == self.layer.weight_shape
+        )
 
 
 # --- peak memory ---------------------------------------------------------------------------------------

@@ -20,12 +20,13 @@ def test_small_volume_bench_writes_figures_and_plot(tmp_path: Path) -> None:
     assert written == json.loads(json.dumps(figures))
     assert (tmp_path / "explain-volume.png").stat().st_size > 0
     methods = {record["method"]: record for record in written["results"]}
-    assert set(methods) == {"gradcam", "occlusion"}
+    assert set(methods) == {"gradcam", "occlusion", "occlusion-whole-passes"}
     # at 64³ the CAM layer is 2³, so the maps have structure to correlate
     for record in methods.values():
         assert record["pearson_with_monai"] >= 0.99
         assert record["peers"][0]["library"] == "monai" and record["peers"][0]["time_s_per_image"] > 0
-    assert methods["occlusion"]["rows"] == 1 + 2**3  # the clean pass and one per window
+    # the clean pass and one per window, incremental (a window's box counts as a row) or whole
+    assert methods["occlusion"]["rows"] == methods["occlusion-whole-passes"]["rows"] == 1 + 2**3
     assert {goal["goal"] for goal in written["goals"]} >= {"occlusion at least 2x MONAI's OcclusionSensitivity"}
 
 
