@@ -329,6 +329,12 @@ class RouteConfig(_Section):
         alias="continue",
         description="After taking an instance, go on to the later rules too (else the first match wins).",
     )
+    key_slices: int | None = Field(
+        None,
+        ge=1,
+        description="Volume models only: the sc output for just this many slices, those with the most positive "
+        "attribution; omit for one Secondary Capture per source slice.",
+    )
 
     @field_validator("outputs")
     @classmethod

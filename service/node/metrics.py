@@ -16,7 +16,11 @@ Metric names (the dashboard and the alert rules query exactly these; a test chec
 - ``pacsxai_instances_discarded_total{reason}``: instances no rule took, their spool file deleted:
   not_an_image (SR, PR, KOS, RT plan/structures, waveform, PDF) | no_route (an image)
 - ``pacsxai_route_instances_total{route,outcome}``: instances through a rule's pipeline: done | skipped | failed
-- ``pacsxai_route_seconds{route}``: a rule's pipeline time per instance (prepare to encode)
+- ``pacsxai_route_seconds{route}``: a rule's pipeline time per instance (prepare to encode); for a
+  volume rule, per series
+- ``pacsxai_volume_series_skipped_total{route,reason}``: series a volume rule could not explain as one
+  volume, by reason (see ``service.node.volume.VOLUME_SKIP_REASONS``: gap, mixed_orientation,
+  inconsistent_size, too_few_slices, incomplete, ...)
 - ``pacsxai_stage_seconds{stage}``: receive, spool, assemble_wait, read, prepare, infer, trust, explain, encode,
   store, send (read: the instance from the spool; trust: the out-of-distribution and shortcut signals; store:
   outputs encoded into the spool and journaled)
@@ -100,6 +104,7 @@ class NodeMetrics:
     instances_discarded: Counter
     route_instances: Counter
     route_seconds: Histogram
+    volume_series_skipped: Counter
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> NodeMetrics:
@@ -205,9 +210,15 @@ def create_metrics(registry: CollectorRegistry | None = None) -> NodeMetrics:
         ),
         route_seconds=Histogram(
             "pacsxai_route_seconds",
-            "A routing rule's pipeline time per instance, seconds.",
+            "A routing rule's pipeline time per instance (per series for a volume rule), seconds.",
             ["route"],
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        ),
+        volume_series_skipped=Counter(
+            "pacsxai_volume_series_skipped",
+            "Series a volume routing rule could not explain as one volume, by rule and reason.",
+            ["route", "reason"],
             registry=registry,
         ),
     )

@@ -159,7 +159,7 @@ class ExplainPipeline:
         if model.card.input.kind == "volume":
             raise PipelineConfigError(
                 f"model {model.card.name} takes whole series (input.kind: volume); explain it with the volume "
-                "pipeline (service.node.volume, pacs-xai explain), not frame by frame"
+                "pipeline (service.node.volume: a routing rule naming the card, or pacs-xai explain), not by frame"
             )
         self.model = model
         self.outputs = tuple(outputs)

@@ -17,6 +17,18 @@ takes is journaled ``skipped`` ("not routed: ..." with each rule's first mismatc
 file is deleted (the journal row says why it is gone, and it was never promised to anyone) and it
 is counted in ``pacsxai_instances_discarded_total``; a batch of which no instance was taken counts
 once in ``pacsxai_series_unrouted_total``.
+
+A rule whose card is a volume card (``input.kind: volume``) takes the series, not the instance: the
+instances of the batch it takes are gathered and, once the batch has been read, go through its
+:class:`~service.node.volume.VolumePipeline` as one volume. The volume's objects (multi-frame PM
+and SEG, Secondary Captures per slice or per key slice) are written to the spool like any output
+and journaled for the rule's destinations in ONE transaction with the outcome of every instance of
+the series (:meth:`Journal.complete_series <service.node.store.Journal.complete_series>`): a crash
+reprocesses the whole series or nothing. A series that cannot be one volume (a gap, mixed
+orientations, inconsistent sizes, too few slices, ...; or ``incomplete``: instances of it came in
+an earlier batch, e.g. a sender slower than ``assembly.max_wait_seconds``) is skipped whole: each
+of its instances journaled ``skipped`` with the reason, a log line with UIDs, and
+``pacsxai_volume_series_skipped_total{route,reason}``; nothing of it is sent.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import re
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
@@ -43,6 +56,7 @@ from service.node.metrics import NodeMetrics
 from service.node.pipeline import DatasetResult, ExplainPipeline
 from service.node.routing import InstanceFacts, Router, RouteTarget, read_header, why_not_routed
 from service.node.store import Journal, NewOutput, ReceivedInstance, Spool, StoreError
+from service.node.volume import VOLUME_SKIP_REASONS, SeriesResult
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +65,20 @@ STORE_RETRY_SECONDS = 5.0
 
 #: How pydicom names the element an encoding error happened at: "With tag (0008,0070) ...".
 _TAG_IN_MESSAGE = re.compile(r"\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)")
+
+
+#: What one rule did with an instance: (done | skipped | failed, reason, the outbox rows to journal).
+RouteOutcome = tuple[str, str, list[NewOutput]]
+
+
+@dataclass
+class _VolumeBatch:
+    """The instances of a batch that volume rules take: each one's outcome waits for the volumes."""
+
+    #: Per instance (arrival order): the instance and the outcomes of its 2D rules so far.
+    waiting: dict[str, tuple[ReceivedInstance, list[RouteOutcome]]] = field(default_factory=dict)
+    #: Per volume rule (rule order): the rule and the (instance, dataset) pairs it takes.
+    members: dict[str, tuple[RouteTarget, list[tuple[ReceivedInstance, Dataset]]]] = field(default_factory=dict)
 
 
 def _internal_error(exc: Exception) -> str:
@@ -92,10 +120,14 @@ class SeriesProcessor:
         in_series = len(instances)
         if instances and self._router.reads_instance_count:  # the series so far, earlier batches included
             in_series = max(in_series, self._journal.series_instance_count(key.series_instance_uid))
-        for instance in instances:
-            outcome = self._process_instance(instance, in_series, routes_taken)
-            tally[outcome] += 1
-            self._metrics.instances_processed.labels(outcome).inc()
+        volumes = _VolumeBatch()
+        outcomes = [self._process_instance(instance, in_series, routes_taken, volumes) for instance in instances]
+        if volumes.waiting:
+            outcomes.extend(self._finish_volumes(key, len(instances), volumes))
+        for outcome in outcomes:
+            if outcome is not None:  # None: the instance waited for a volume; its outcome came from there
+                tally[outcome] += 1
+                self._metrics.instances_processed.labels(outcome).inc()
         self._metrics.series_processed.labels(_series_outcome(tally)).inc()
         for route in routes_taken:
             self._metrics.series_routed.labels(route).inc()
@@ -110,7 +142,11 @@ class SeriesProcessor:
         log.info("series %s batch of %d processed: %s", key.series_instance_uid, len(instances), tally)
         return tally
 
-    def _process_instance(self, instance: ReceivedInstance, in_series: int, routes_taken: dict[str, int]) -> str:
+    def _process_instance(
+        self, instance: ReceivedInstance, in_series: int, routes_taken: dict[str, int], volumes: _VolumeBatch
+    ) -> str | None:
+        """Route one instance and run its 2D rules; its outcome (journaled), or None when a volume
+        rule takes it too (then its outcome is journaled with its series', see :meth:`_finish_volumes`)."""
         uid = instance.sop_instance_uid
         try:
             started = time.perf_counter()
@@ -132,16 +168,19 @@ class SeriesProcessor:
             self._journal.mark_processed([uid], "failed", reason)
             log.error("instance %s failed: %s\n%s", uid, reason, "".join(traceback.format_tb(exc.__traceback__)))
             return "failed"
-        outcomes = [self._run_route(target, instance, dataset) for target in targets]
+        outcomes = [self._run_route(target, instance, dataset) for target in targets if not target.is_volume]
         for target in targets:
             routes_taken[target.name] = routes_taken.get(target.name, 0) + 1
-        queued = [output for _, _, outputs in outcomes for output in outputs]
-        failed = [reason for outcome, reason, _ in outcomes if outcome == "failed"]
-        if failed:  # the routes that did succeed still send their results
-            self._journal.complete(uid, queued, "failed", "; ".join(failed))
+            if target.is_volume:
+                volumes.members.setdefault(target.name, (target, []))[1].append((instance, dataset))
+                volumes.waiting[uid] = (instance, outcomes)
+        if uid in volumes.waiting:
+            return None
+        state, reason, queued = _combined(outcomes)
+        if state == "failed":  # the routes that did succeed still send their results
+            self._journal.complete(uid, queued, "failed", reason)
             return "failed"
-        if all(outcome == "skipped" for outcome, _, _ in outcomes):
-            reason = "; ".join(reason for _, reason, _ in outcomes)
+        if state == "skipped":
             self._journal.mark_processed([uid], "skipped", reason)
             log.info("instance %s skipped: %s", uid, reason)
             return "skipped"
@@ -149,9 +188,101 @@ class SeriesProcessor:
         fault_point("after-outputs-stored")
         return "done"
 
-    def _run_route(
-        self, target: RouteTarget, instance: ReceivedInstance, dataset: Dataset
-    ) -> tuple[str, str, list[NewOutput]]:
+    def _finish_volumes(self, key: SeriesKey, batch_size: int, volumes: _VolumeBatch) -> list[str]:
+        """Run each volume rule on the instances it takes, then journal the outcome of every waiting
+        instance and every output in one transaction; the outcomes, in arrival order."""
+        earlier = self._journal.series_instance_count(key.series_instance_uid) - batch_size
+        queued: list[NewOutput] = []
+        for target, members in volumes.members.values():
+            state, reason, outputs = self._run_volume_route(key, target, members, earlier)
+            queued.extend(outputs)
+            for instance, _ in members:
+                volumes.waiting[instance.sop_instance_uid][1].append((state, reason, []))
+        rows = []
+        for uid, (_, outcomes) in volumes.waiting.items():
+            state, reason, outputs = _combined(outcomes)
+            queued.extend(outputs)
+            rows.append((uid, state, reason))
+        self._journal.complete_series(rows, queued)  # type: ignore[arg-type]
+        fault_point("after-outputs-stored")
+        return [state for _, state, _ in rows]
+
+    def _run_volume_route(
+        self, key: SeriesKey, target: RouteTarget, members: list[tuple[ReceivedInstance, Dataset]], earlier: int
+    ) -> RouteOutcome:
+        """One volume rule's pipeline on the instances of the series it takes, its outputs in the
+        spool: (done | skipped | failed, reason, the outbox rows to journal)."""
+        series = key.series_instance_uid
+        named = "" if len(self._router.targets) == 1 else f"route {target.name}: "
+        count = len(members)
+        if earlier > 0:
+            reason = (
+                f"series {series} came in more than one batch ({earlier} instance(s) before these {count}); "
+                "a volume is explained from one whole series: resend the whole series (and raise "
+                "assembly.max_wait_seconds if its sender is slow)"
+            )
+            return self._volume_skipped(target, SeriesResult(series, "", count, reason, "incomplete"), named)
+        try:
+            with self._metrics.route_seconds.labels(target.name).time():
+                result = target.pipeline.process([dataset for _, dataset in members])
+        except Exception as exc:  # a bug must not stop the node; each instance is journaled failed with the reason
+            known = isinstance(exc, DicomInputError | ExplainerError)
+            reason = str(exc) if known else _internal_error(exc)
+            log.log(
+                logging.WARNING if known else logging.ERROR,
+                "series %s (%d instances) failed in volume route %s: %s%s",
+                series,
+                count,
+                target.name,
+                reason,
+                "" if known else "\n" + "".join(traceback.format_tb(exc.__traceback__)),
+            )
+            self._metrics.route_instances.labels(target.name, "failed").inc(count)
+            return "failed", f"{named}{reason}", []
+        assert isinstance(result, SeriesResult)
+        if result.skipped_reason:
+            return self._volume_skipped(target, result, named)
+        self._observe_volume(result)
+        try:
+            with self._metrics.stage_seconds.labels("store").time():
+                queued = self._store_outputs(members[0][0].sop_instance_uid, target, result)
+        except StoreError:
+            raise
+        except Exception as exc:  # an attribute copied from a damaged source that cannot be encoded
+            where = _TAG_IN_MESSAGE.search(str(exc))
+            reason = (
+                f"the volume's outputs could not be encoded from this series ({type(exc).__name__}"
+                f"{f' at element {where.group(0)}' if where else ''}): resend the original files"
+            )
+            log.error("series %s: %s", series, reason)
+            self._metrics.route_instances.labels(target.name, "failed").inc(count)
+            return "failed", f"{named}{reason}", []
+        self._metrics.route_instances.labels(target.name, "done").inc(count)
+        log.info(
+            "series %s explained as one volume of %d instances by route %s: %d output object(s)",
+            series,
+            count,
+            target.name,
+            len(result.outputs),
+        )
+        return "done", "", queued
+
+    def _volume_skipped(self, target: RouteTarget, result: SeriesResult, named: str) -> RouteOutcome:
+        """A series a volume rule cannot explain: counted by reason, logged (UIDs only), skipped whole."""
+        code = result.skip_code if result.skip_code in VOLUME_SKIP_REASONS else "other"
+        self._metrics.volume_series_skipped.labels(target.name, code).inc()
+        self._metrics.route_instances.labels(target.name, "skipped").inc(result.instances)
+        log.warning(
+            "series %s (%d instances) not explained by volume route %s (%s): %s",
+            result.series_instance_uid,
+            result.instances,
+            target.name,
+            code,
+            result.skipped_reason,
+        )
+        return "skipped", f"{named}{result.skipped_reason}", []
+
+    def _run_route(self, target: RouteTarget, instance: ReceivedInstance, dataset: Dataset) -> RouteOutcome:
         """One rule's pipeline on one instance, its outputs in the spool: (done | skipped | failed,
         reason, the outbox rows to journal)."""
         uid = instance.sop_instance_uid
@@ -219,9 +350,10 @@ class SeriesProcessor:
         log.debug("instance %s (SOP class %s) not routed: %s", uid, facts.sop_class_uid, why)
         return "skipped"
 
-    def _store_outputs(self, uid: str, target: RouteTarget, result: DatasetResult) -> list[NewOutput]:
+    def _store_outputs(self, uid: str, target: RouteTarget, result: DatasetResult | SeriesResult) -> list[NewOutput]:
         """Encode each output into the spool (pixel data compressed losslessly in the first codec
-        the route's destinations that take it list) and return one outbox row per such destination."""
+        the route's destinations that take it list) and return one outbox row per such destination
+        (``uid``: the source instance the rows name; a volume's first instance in the batch)."""
         queued = []
         for output in result.outputs:
             derived_uid = str(output.dataset.SOPInstanceUID)
@@ -231,6 +363,16 @@ class SeriesProcessor:
             for destination in takers:
                 queued.append(NewOutput(derived_uid, uid, destination.name, path, output.kind, output.method))
         return queued
+
+    def _observe_volume(self, result: SeriesResult) -> None:
+        """Stage timings and the prediction of one explained volume into the metrics."""
+        for key, milliseconds in result.timings_ms.items():
+            stage, _, method = key.partition(":")
+            self._metrics.stage_seconds.labels(stage).observe(milliseconds / 1000)
+            if stage == "explain":
+                self._metrics.explain_seconds.labels(method).observe(milliseconds / 1000)
+        if result.prediction is not None:
+            self._metrics.predictions.labels(result.prediction.class_name).inc()
 
     def _observe(self, target: RouteTarget, result: DatasetResult) -> None:
         """Stage timings, predictions and trust signals of one processed instance into the metrics."""
@@ -249,6 +391,18 @@ class SeriesProcessor:
         for signal in result.ood:
             if signal is not None and signal.out_of_distribution:
                 self._metrics.input_out_of_distribution.labels(model).inc()
+
+
+def _combined(outcomes: Sequence[RouteOutcome]) -> RouteOutcome:
+    """An instance's outcome from its rules': failed when one failed (the others' outputs still
+    go), skipped when every one skipped, else done; the reasons joined, every output row."""
+    queued = [output for _, _, outputs in outcomes for output in outputs]
+    failed = [reason for outcome, reason, _ in outcomes if outcome == "failed"]
+    if failed:
+        return "failed", "; ".join(failed), queued
+    if all(outcome == "skipped" for outcome, _, _ in outcomes):
+        return "skipped", "; ".join(reason for _, reason, _ in outcomes), queued
+    return "done", "", queued
 
 
 def _series_outcome(tally: dict[str, int]) -> str:

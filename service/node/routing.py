@@ -10,7 +10,9 @@ destination; that is what the node did before routing existed.
 
 Each model card is loaded once (:class:`ModelRegistry`, keyed by the card file) and shared by every
 rule that names it; each distinct (card, methods, outputs, settings) gets one
-:class:`~service.node.pipeline.ExplainPipeline`. The explicit rules are the site's decision: the
+:class:`~service.node.pipeline.ExplainPipeline` (a 2D card, frame by frame) or one
+:class:`~service.node.volume.VolumePipeline` (a card with ``input.kind: volume``: the processor
+gives it the whole series as one volume). The explicit rules are the site's decision: the
 card's own ``applies_to`` is not applied again to what they route.
 
 What no rule takes is not kept: the processor journals it as skipped ("not routed"), deletes its
@@ -39,12 +41,14 @@ from pydicom.dataset import Dataset
 from dicom_io.errors import DicomInputError
 from dicom_io.pixels import read_every_element
 from service.explain import ExplainerError, get_explainer
+from service.explain.registry import available_explainers
 from service.inference.card import ModelCard, ModelCardError
 from service.inference.deployed import DeployedModel, PoolSettings
 from service.inference.pool import PoolMetrics
 from service.models import demo_card_path
 from service.node.config import ConfigError, DestinationConfig, NodeConfig, RangeConfig, RouteMatchConfig
 from service.node.pipeline import ExplainPipeline, PipelineConfigError, card_settings
+from service.node.volume import VOLUME_OUTPUTS, VolumePipeline, volume_methods
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +234,9 @@ class RouteRule:
     continue_: bool = False
     #: The rule of a config without ``routes``, made from ``model`` and ``explain``.
     implicit: bool = False
+    #: For a volume card's ``sc`` output: only the slices with the most positive attribution
+    #: (None: one Secondary Capture per source slice).
+    key_slices: int | None = None
 
     @property
     def label(self) -> str:
@@ -344,6 +351,7 @@ def compile_rules(config: NodeConfig, load_card: Callable[[Path], ModelCard] = M
                 method_params={**config.explain.method_params, **route.method_params},
                 destinations=tuple(config.destinations) if names is None else tuple(by_name[n] for n in names),
                 continue_=route.continue_,
+                key_slices=route.key_slices,
             )
         )
     return tuple(rules)
@@ -387,16 +395,25 @@ class ModelRegistry:
             model.close()
 
 
+#: What a rule runs: frame by frame (a 2D card) or the whole series as one volume (a volume card).
+Pipeline = ExplainPipeline | VolumePipeline
+
+
 @dataclass(frozen=True)
 class RouteTarget:
     """A rule with what it runs: the pipeline (model, explainers, outputs) and its destinations."""
 
     rule: RouteRule
-    pipeline: ExplainPipeline
+    pipeline: Pipeline
 
     @property
     def name(self) -> str:
         return self.rule.name
+
+    @property
+    def is_volume(self) -> bool:
+        """Whether the rule explains whole series as one volume (its card has ``input.kind: volume``)."""
+        return isinstance(self.pipeline, VolumePipeline)
 
     @property
     def destinations(self) -> tuple[DestinationConfig, ...]:
@@ -420,7 +437,7 @@ class Router:
         """Compile the rules, load each card once and build each distinct pipeline once; a wrong rule
         or card is a :class:`RouteError` naming the rule and the value."""
         rules = compile_rules(config, lambda path: models.get(path).card)
-        pipelines: dict[tuple, ExplainPipeline] = {}
+        pipelines: dict[tuple, Pipeline] = {}
         targets = []
         for rule in rules:
             try:
@@ -435,19 +452,18 @@ class Router:
                 methods,
                 outputs,
                 repr(sorted((k, sorted(v.items())) for k, v in rule.method_params.items())),
+                rule.key_slices,
             )
             if key not in pipelines:
                 try:
-                    pipelines[key] = ExplainPipeline(
-                        model, methods, outputs, method_params=rule.method_params, enforce_applies_to=False
-                    )
+                    pipelines[key] = _pipeline(model, methods, outputs, rule)
                 except (ExplainerError, PipelineConfigError, ModelCardError, ValueError) as exc:
                     raise RouteError(f"{rule.label}: {exc}") from None
             targets.append(RouteTarget(rule, pipelines[key]))
         return cls(targets)
 
     @classmethod
-    def single(cls, pipeline: ExplainPipeline, destinations: Sequence[DestinationConfig]) -> Router:
+    def single(cls, pipeline: Pipeline, destinations: Sequence[DestinationConfig]) -> Router:
         """One rule named ``default`` that takes everything: the given pipeline (which applies its
         card's ``applies_to`` itself) to every destination."""
         rule = RouteRule(
@@ -464,9 +480,9 @@ class Router:
         verdicts = evaluate(self.rules, facts)
         return [self._by_name[v.rule.name] for v in verdicts if v.taken], verdicts
 
-    def pipelines(self) -> list[ExplainPipeline]:
+    def pipelines(self) -> list[Pipeline]:
         """Each distinct pipeline once, in rule order."""
-        seen: dict[int, ExplainPipeline] = {}
+        seen: dict[int, Pipeline] = {}
         for target in self.targets:
             seen.setdefault(id(target.pipeline), target.pipeline)
         return list(seen.values())
@@ -477,6 +493,24 @@ class Router:
         for pipeline in self.pipelines():
             seen.setdefault(id(pipeline.model), pipeline.model)
         return list(seen.values())
+
+
+def _pipeline(model: DeployedModel, methods: Sequence[str], outputs: Sequence[str], rule: RouteRule) -> Pipeline:
+    """The pipeline of a rule: a volume card's whole series at once, a 2D card's frame by frame."""
+    if model.card.input.kind == "volume":
+        return VolumePipeline(
+            model,
+            methods,
+            outputs,
+            method_params=rule.method_params,
+            key_slices=rule.key_slices,
+            enforce_applies_to=False,
+        )
+    if rule.key_slices is not None:
+        raise PipelineConfigError(
+            f"key_slices is for volume models; {model.card.name} takes input.kind: {model.card.input.kind}"
+        )
+    return ExplainPipeline(model, methods, outputs, method_params=rule.method_params, enforce_applies_to=False)
 
 
 @dataclass(frozen=True)
@@ -530,6 +564,7 @@ def check_rules(config: NodeConfig, load_card: Callable[[Path], ModelCard] = Mod
                 get_explainer(method, **{**card_settings(card, method), **rule.method_params.get(method, {})})
             except (ExplainerError, ModelCardError, TypeError, ValueError) as exc:
                 check.errors.append(f"{rule.label}: method {method!r}: {exc}")
+        check.errors.extend(f"{rule.label}: {problem}" for problem in _volume_problems(card, methods, outputs, rule))
         unknown = [name for name in rule.method_params if name not in methods]
         if unknown:
             check.warnings.append(f"{rule.label}: method_params for {unknown}, which the route does not run")
@@ -545,6 +580,23 @@ def check_rules(config: NodeConfig, load_card: Callable[[Path], ModelCard] = Mod
             later = ", ".join(r.name for r in rules[index + 1 :])
             check.warnings.append(f"{rule.label}: matches everything, so the later rules never run ({later})")
     return check
+
+
+def _volume_problems(card: ModelCard, methods: Sequence[str], outputs: Sequence[str], rule: RouteRule) -> list[str]:
+    """What a volume card's rule asks for that the volume pipeline does not have (and key_slices on a 2D card)."""
+    if card.input.kind != "volume":
+        return [] if rule.key_slices is None else [f"key_slices is for volume models; {card.name} is 2D"]
+    problems = []
+    flat = [method for method in methods if method in available_explainers() and method not in volume_methods()]
+    if flat:
+        problems.append(
+            f"{', '.join(flat)} cannot explain volumes ({card.name} takes input.kind: volume); "
+            f"methods that can: {', '.join(volume_methods())}"
+        )
+    unknown = [kind for kind in outputs if kind not in VOLUME_OUTPUTS]
+    if unknown:
+        problems.append(f"output kind(s) {unknown} not made for volumes; available: {list(VOLUME_OUTPUTS)}")
+    return problems
 
 
 def _loaded(card: ModelCard | str) -> ModelCard:

@@ -37,11 +37,33 @@ from service.explain import Explainer, explainer_class, get_explainer
 from service.explain.registry import available_explainers
 from service.inference.deployed import DeployedModel, Prediction
 from service.node.pipeline import OutputObject, PipelineConfigError, card_settings
+from service.synthetic.volumes import ct_series, make_ct_phantom
 
 log = logging.getLogger(__name__)
 
 #: Output kinds of a volume explanation (``sc``: one per slice, or per key slice with ``key_slices``).
 VOLUME_OUTPUTS = ("pm", "seg_fractional", "seg_binary", "sc")
+#: Every :attr:`SeriesResult.skip_code` (the ``reason`` label of ``pacsxai_volume_series_skipped_total``):
+#: the codes of :class:`dicom_io.pixels.volume.VolumeError`, ``not_applicable`` (the card's
+#: ``applies_to``) and ``incomplete`` (the node got the series in several batches); anything else
+#: is counted as ``other``.
+VOLUME_SKIP_REASONS = (
+    "gap",
+    "duplicate_position",
+    "mixed_orientation",
+    "tilted",
+    "inconsistent_size",
+    "inconsistent_spacing",
+    "too_few_slices",
+    "missing_geometry",
+    "not_grayscale",
+    "mixed_series",
+    "not_applicable",
+    "incomplete",
+    "other",
+)
+#: Slices, rows and columns of the synthetic CT series :meth:`VolumePipeline.warm_up` explains.
+WARM_UP_SHAPE = (16, 32, 32)
 
 
 @dataclass
@@ -106,6 +128,17 @@ class VolumePipeline:
             for method in methods
         }
 
+    def warm_up(self) -> float:
+        """Explain one small synthetic CT series with every configured method and output kind, keep
+        nothing, and return the seconds it took (the first series otherwise pays for the lazy
+        initialisation, as for :meth:`service.node.pipeline.ExplainPipeline.warm_up`)."""
+        started = time.perf_counter()
+        slices = max(WARM_UP_SHAPE[0], self.model.card.input.min_slices)
+        phantom = make_ct_phantom(0, "nodule", shape=(slices, *WARM_UP_SHAPE[1:]), spacing=(5.0, 8.0, 8.0))
+        series = ct_series(phantom)
+        self._explain(series, SeriesResult(str(series[0].SeriesInstanceUID), "CT", len(series)))
+        return time.perf_counter() - started
+
     def process(self, datasets: Sequence[Dataset]) -> SeriesResult:
         """Explain one series (its instances in any order), or say why it was skipped."""
         card = self.model.card
@@ -121,6 +154,10 @@ class VolumePipeline:
             )
             if reason:
                 return self._skip(result, "not_applicable", f"model {card.name} does not apply: {reason}")
+        return self._explain(datasets, result)
+
+    def _explain(self, datasets: Sequence[Dataset], result: SeriesResult) -> SeriesResult:
+        card = self.model.card
         started = time.perf_counter()
         try:
             volume = assemble_volume(datasets, min_slices=card.input.min_slices)

@@ -260,6 +260,7 @@ def test_every_metric_the_dashboard_queries_is_exported(exported) -> None:
         "pacsxai_route_instances_total",
         "pacsxai_route_seconds_bucket",
         "pacsxai_instances_discarded_total",
+        "pacsxai_volume_series_skipped_total",
     ):
         assert name in used, f"the dashboard has no panel on {name}"
 

@@ -306,6 +306,35 @@ class Journal:
                 insert_output(db, output, now)
             drop_claims(db, [sop_instance_uid])
 
+    def complete_series(
+        self,
+        outcomes: Sequence[tuple[str, Literal["done", "skipped", "failed"], str]],
+        outputs: Sequence[NewOutput],
+    ) -> None:
+        """In one transaction: queue the outputs of a series explained as one volume and record
+        each of its instances' ``(SOP Instance UID, outcome, reason)``.
+
+        The volume's objects belong to every instance at once, so all rows change in the same
+        commit as the outbox rows: a process killed at any moment leaves the whole series to be
+        processed again, or nothing; never half of it. An unknown UID is a LookupError naming it,
+        and nothing is changed.
+        """
+        bad = [outcome for _, outcome, _ in outcomes if outcome not in INSTANCE_STATES[1:]]
+        if bad:
+            raise ValueError(f"outcomes must be one of {INSTANCE_STATES[1:]!r}, got {bad!r}")
+        now = self._clock()
+        with self._connection.transaction() as db:
+            for uid, outcome, reason in outcomes:
+                cursor = db.execute(
+                    "UPDATE instances SET state = ?, reason = ?, updated_at = ? WHERE sop_instance_uid = ?",
+                    (outcome, reason, now, uid),
+                )
+                if cursor.rowcount == 0:
+                    raise LookupError(f"SOP Instance UID not in the journal: {uid!r}")
+            for output in outputs:
+                insert_output(db, output, now)
+            drop_claims(db, [uid for uid, _, _ in outcomes])
+
     def series_instance_count(self, series_instance_uid: str) -> int:
         """Instances of the series journaled so far, in any state (a re-sent instance counts once)."""
         with self._connection.transaction(write=False) as db:

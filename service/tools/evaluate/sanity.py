@@ -69,6 +69,11 @@ def randomisation_verdict(card_path: Path, method: str, settings: Mapping[str, A
 
 
 def _run(card: ModelCard, method: str, settings: Mapping[str, Any]) -> SanityVerdict:
+    if card.input.kind != "image":
+        raise ValueError(
+            f"it runs on phantom radiographs and model {card.name} takes input.kind: {card.input.kind} "
+            "(the volume explainers are checked against MONAI's in the test suite)"
+        )
     module = load_runner(card, gradient_runtime(card)).torch_module
     lesions = [image for image in phantom_set(SANITY_IMAGES * 3 // 2 + 1).lesions if image.label in card.output.classes]
     lesions = lesions[:SANITY_IMAGES]

@@ -13,6 +13,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGLSLossless
 
 from service.cli.main import build_parser, main
 from service.cli.node import overrides_from_flags
+from service.models import volume_card_path
 from service.node.config import (
     OUTPUT_KINDS,
     ConfigError,
@@ -161,6 +162,24 @@ def test_config_check_names_each_wrong_rule_and_lists_the_routes_of_a_good_confi
     out = capsys.readouterr().out
     assert "route 0 chest (continue): model pacs-xai-demo-chest 1.0.0; methods gradcam; outputs sc, sr" in out
     assert "route 1 cr-occlusion: model pacs-xai-demo-chest 1.0.0; methods occlusion" in out
+
+
+def test_config_check_of_a_volume_route_lists_it_and_notes_the_randomisation_check_is_for_2d_models(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check runs on phantom radiographs: for a volume card it is a note, not a crash."""
+    monkeypatch.setenv("PACS_XAI_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "node.yaml"
+    route = {"name": "ct", "match": {"modality": "CT"}, "model": str(volume_card_path()), "key_slices": 3}
+    path.write_text(yaml.safe_dump({"routes": [route]}))
+    assert main(["config", "check", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "route 0 ct: model pacs-xai-demo-chest-ct 1.0.0; methods gradcam; outputs pm, seg_fractional" in captured.out
+    assert "note: randomisation check of gradcam not run: " in captured.err and "input.kind: volume" in captured.err
+    route["outputs"] = ["pm", "sr"]
+    path.write_text(yaml.safe_dump({"routes": [route]}))
+    assert main(["config", "check", str(path), "--skip-sanity-check"]) == 1
+    assert "error: routes[0] (ct): output kind(s) ['sr'] not made for volumes" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ Real phantoms (service.synthetic.phantoms) and pydicom test files in a real spoo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from service.inference.deployed import DeployedModel
-from service.models import demo_card_path, shortcut_card_path
+from service.models import demo_card_path, shortcut_card_path, volume_card_path
 from service.node.assembler import SeriesKey
 from service.node.config import DestinationConfig, load_config
 from service.node.metrics import STAGES, NodeMetrics
@@ -24,6 +25,7 @@ from service.node.processor import SeriesProcessor
 from service.node.routing import ModelRegistry, Router
 from service.node.store import Journal, ReceivedInstance, Spool
 from service.synthetic.phantoms import make_phantom
+from service.synthetic.volumes import ct_series, make_ct_phantom
 from tests.helpers import data_file
 from tests.unit.service.node.helpers import ROOT_UID, FakeClock, non_image_dataset, sample
 
@@ -322,3 +324,119 @@ def test_a_rule_on_the_instance_count_reads_the_whole_series_so_far_not_only_the
     third = _receive(spool, journal, _phantom(2), received_at=clock.now)
     assert processor.process_batch(SeriesKey(STUDY, SERIES), [third]) == {"done": 1, "skipped": 0, "failed": 0}
     assert _outputs_by_source(journal) == {third.sop_instance_uid: [("pacs", "sc")]}
+
+
+# --- volume routes ----------------------------------------------------------------------------------
+
+#: A CT phantom small enough to explain in well under a second (the card resamples it to 48³).
+CT_SHAPE = (20, 40, 40)
+CT_SPACING = (5.0, 8.0, 8.0)
+VOLUME_ROUTES = [
+    {
+        "name": "ct-volume",
+        "match": {"modality": "CT"},
+        "model": str(volume_card_path()),
+        "methods": ["gradcam"],
+        "outputs": ["pm", "seg_fractional", "sc"],
+        "key_slices": 2,
+        "destinations": ["research", "pacs"],
+    },
+    {"name": "chest", "match": {"modality": "CR|DX"}, "outputs": ["sc"], "destinations": ["pacs"]},
+]
+
+
+@pytest.fixture(scope="module")
+def volume_model() -> Iterator[DeployedModel]:
+    model = DeployedModel.from_card_path(volume_card_path())
+    yield model
+    model.close()
+
+
+def _volume_processor(
+    pipeline: ExplainPipeline, volume_model: DeployedModel, spool: Spool, journal: Journal, metrics, clock
+) -> SeriesProcessor:
+    config = load_config(None, {"routes": VOLUME_ROUTES, "destinations": [d.model_dump() for d in DESTINATIONS]})
+    registry = ModelRegistry()
+    registry.add(demo_card_path(), pipeline.model)
+    registry.add(volume_card_path(), volume_model)
+    return SeriesProcessor(Router.build(config, registry), spool, journal, (), metrics, clock=clock)
+
+
+def _ct_batch(spool: Spool, journal: Journal, clock: FakeClock, *, drop: int | None = None) -> list[ReceivedInstance]:
+    """A phantom chest CT series received into the spool and journal (slice ``drop`` left out: a gap)."""
+    phantom = make_ct_phantom(1, "nodule", shape=CT_SHAPE, spacing=CT_SPACING)
+    datasets = ct_series(phantom, study_uid=STUDY, series_uid=f"{SERIES}.{drop or 0}")
+    return [_receive(spool, journal, _encode(ds), clock.now) for k, ds in enumerate(datasets) if k != drop]
+
+
+def test_a_volume_route_explains_the_series_once_and_journals_every_instance_with_its_outputs(
+    pipeline: ExplainPipeline,
+    volume_model: DeployedModel,
+    spool: Spool,
+    journal: Journal,
+    metrics: NodeMetrics,
+    clock: FakeClock,
+) -> None:
+    processor = _volume_processor(pipeline, volume_model, spool, journal, metrics, clock)
+    instances = _ct_batch(spool, journal, clock)
+    key = SeriesKey(STUDY, instances[0].series_instance_uid)
+
+    assert processor.process_batch(key, instances) == {"done": CT_SHAPE[0], "skipped": 0, "failed": 0}
+
+    entries = journal.outbox.entries(("pending",))
+    # research asks for pm and sr, pacs for sc: the SEG goes nowhere, so it is not queued
+    assert sorted((e.destination, e.kind) for e in entries) == [("pacs", "sc"), ("pacs", "sc"), ("research", "pm")]
+    assert {e.source_sop_instance_uid for e in entries} == {instances[0].sop_instance_uid}
+    sources = {instance.sop_instance_uid for instance in instances}
+    pm = pydicom.dcmread(next(e.path for e in entries if e.kind == "pm"))
+    assert int(pm.NumberOfFrames) == CT_SHAPE[0] and pm.StudyInstanceUID == STUDY
+    assert {item.ReferencedSOPInstanceUID for item in pm.SourceImageSequence} == sources
+    for instance in instances:
+        assert journal.instance_state(instance.sop_instance_uid) == ("done", "")
+    assert sample(metrics, "pacsxai_route_instances_total", route="ct-volume", outcome="done") == CT_SHAPE[0]
+    assert sample(metrics, "pacsxai_route_seconds_count", route="ct-volume") == 1, "one volume, one pass"
+    assert sample(metrics, "pacsxai_series_processed_total", outcome="done") == 1
+    assert sample(metrics, "pacsxai_explain_seconds_count", method="gradcam") == 1
+
+    # processed again (a resend of the whole series): the same objects, queued once per destination
+    for instance in instances:
+        journal.record_received(instance)
+    processor.process_batch(key, instances)
+    assert sorted(e.sop_instance_uid for e in journal.outbox.entries(("pending",))) == sorted(
+        e.sop_instance_uid for e in entries
+    )
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["gap", "incomplete"])
+def test_a_series_that_cannot_be_one_volume_is_skipped_whole_with_its_reason_and_counted(
+    pipeline: ExplainPipeline,
+    volume_model: DeployedModel,
+    spool: Spool,
+    journal: Journal,
+    metrics: NodeMetrics,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+    split: bool,
+) -> None:
+    """A gap in the slices, or a series whose first instances came in an earlier batch: every
+    instance skipped (not failed) with the reason, nothing queued, the reason counted."""
+    processor = _volume_processor(pipeline, volume_model, spool, journal, metrics, clock)
+    instances = _ct_batch(spool, journal, clock, drop=None if split else 7)
+    batch = instances[5:] if split else instances
+    if split:
+        journal.mark_processed([i.sop_instance_uid for i in instances[:5]], "done")
+    key = SeriesKey(STUDY, instances[0].series_instance_uid)
+
+    with caplog.at_level(logging.WARNING, logger="service.node.processor"):
+        assert processor.process_batch(key, batch) == {"done": 0, "skipped": len(batch), "failed": 0}
+
+    reason = "incomplete" if split else "gap"
+    words = "came in more than one batch" if split else "gap"
+    for instance in batch:
+        state, why = journal.instance_state(instance.sop_instance_uid)
+        assert state == "skipped" and words in why and "route ct-volume" in why, why
+    assert journal.outbox.entries(("pending", "sent", "dead")) == []
+    assert sample(metrics, "pacsxai_volume_series_skipped_total", route="ct-volume", reason=reason) == 1
+    assert sample(metrics, "pacsxai_route_instances_total", route="ct-volume", outcome="skipped") == len(batch)
+    logged = [r.getMessage() for r in caplog.records if "volume route ct-volume" in r.getMessage()]
+    assert len(logged) == 1 and key.series_instance_uid in logged[0] and "PHANTOM" not in logged[0]

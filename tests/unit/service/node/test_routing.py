@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from service.models import demo_card_path, shortcut_card_path
+from service.models import demo_card_path, shortcut_card_path, volume_card_path
 from service.node.config import NodeConfig, RouteMatchConfig, load_config
+from service.node.pipeline import ExplainPipeline
 from service.node.routing import (
     DEFAULT_ROUTE,
     InstanceFacts,
@@ -30,6 +31,7 @@ from service.node.routing import (
     select,
     why_not_routed,
 )
+from service.node.volume import VolumePipeline
 from service.synthetic.phantoms import make_phantom
 from tests.helpers import REPO_ROOT, data_file
 from tests.unit.service.node.helpers import non_image_dataset
@@ -327,3 +329,48 @@ def test_the_documented_two_model_example_loads_and_routes_as_the_guide_says(tmp
     assert select(rules, chest_ct) == []
     assert [d.name for d in rules[1].destinations] == ["research"]
     assert rules[0].card_path == rules[1].card_path, "one card file, loaded once"
+
+
+# --- volume cards ---------------------------------------------------------------------------------
+
+
+def test_a_volume_card_gets_a_volume_pipeline_and_a_2d_card_a_frame_pipeline() -> None:
+    config = _config(
+        [
+            {"name": "ct", "match": {"modality": "CT"}, "model": str(volume_card_path()), "key_slices": 3},
+            {"name": "chest", "match": {"modality": "CR"}},
+        ]
+    )
+    registry = ModelRegistry()
+    try:
+        router = Router.build(config, registry)
+        ct, chest = router.targets
+        assert ct.is_volume and isinstance(ct.pipeline, VolumePipeline) and ct.pipeline.key_slices == 3
+        assert ct.pipeline.outputs == ("pm", "seg_fractional"), "the card's default outputs"
+        assert not chest.is_volume and isinstance(chest.pipeline, ExplainPipeline)
+        with pytest.raises(RouteError, match=r"routes\[0\] \(ct\): .*sr.*available"):
+            Router.build(_config([{"name": "ct", "model": str(volume_card_path()), "outputs": ["sr"]}]), registry)
+        with pytest.raises(RouteError, match=r"routes\[0\] \(chest\): key_slices is for volume models"):
+            Router.build(_config([{"name": "chest", "key_slices": 2}]), registry)
+    finally:
+        registry.close()
+
+
+def test_check_rules_names_what_a_volume_route_asks_for_that_volumes_do_not_have() -> None:
+    config = _config(
+        [
+            {
+                "name": "ct",
+                "match": {"modality": "CT"},
+                "model": str(volume_card_path()),
+                "methods": ["gradcam", "lime"],
+                "outputs": ["pm", "sr"],
+            },
+            {"name": "chest", "match": {"modality": "CR"}, "key_slices": 4},
+        ]
+    )
+    check = check_rules(config)
+    assert any(e.startswith("routes[0] (ct): lime cannot explain volumes") for e in check.errors), check.errors
+    assert any(e.startswith("routes[0] (ct): output kind(s) ['sr'] not made for volumes") for e in check.errors)
+    assert any(e.startswith("routes[1] (chest): key_slices is for volume models") for e in check.errors)
+    assert len(check.errors) == 3, check.errors

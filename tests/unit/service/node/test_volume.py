@@ -123,3 +123,10 @@ def test_explain_command_on_series_folders(series, tmp_path: Path, capsys) -> No
     assert any("nodule" in line and "gradcam" in line for line in table.splitlines())
     names = sorted(path.name.split("_", 1)[1] for path in out.glob("*.dcm"))
     assert names == ["gradcam_pm.dcm", "gradcam_seg_fractional.dcm"]
+
+
+def test_warm_up_explains_a_synthetic_series_with_every_method_and_keeps_nothing(model: DeployedModel) -> None:
+    pipeline = VolumePipeline(model, ["gradcam"], ["pm", "sc"])
+    seconds = pipeline.warm_up()
+    assert 0 < seconds < 60
+    assert pipeline.enforce_applies_to, "the card's applies_to still holds for real series"

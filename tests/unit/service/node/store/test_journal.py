@@ -13,6 +13,7 @@ import pytest
 
 from service.node.store.errors import StoreError
 from service.node.store.journal import Journal
+from service.node.store.outbox import NewOutput
 from tests.unit.service.node.helpers import ROOT_UID, add_output, received_instance
 
 
@@ -155,3 +156,26 @@ def test_series_instance_count_counts_each_journaled_instance_once_in_any_state(
             )
         )
     assert "instances_by_series" in plan
+
+
+def test_complete_series_journals_every_instance_and_the_outputs_in_one_transaction(journal: Journal) -> None:
+    """A volume's outputs belong to all its instances: all rows change with the outbox rows, or none."""
+    for n in (1, 2, 3):
+        journal.record_received(received_instance(n))
+    output = NewOutput(f"{ROOT_UID}.9.1", f"{ROOT_UID}.3.1", "PACS", Path("/spool/outbox/pm.dcm"), "pm", "gradcam")
+    with pytest.raises(LookupError, match=f"{ROOT_UID}.3.404"):
+        journal.complete_series([(f"{ROOT_UID}.3.1", "done", ""), (f"{ROOT_UID}.3.404", "done", "")], [output])
+    assert journal.instance_state(f"{ROOT_UID}.3.1") == ("received", "") and journal.outbox.entries(("pending",)) == []
+    with pytest.raises(ValueError, match="'finished'"):
+        journal.complete_series([(f"{ROOT_UID}.3.1", "finished", "")], [])  # type: ignore[list-item]
+
+    journal.complete_series(
+        [(f"{ROOT_UID}.3.1", "done", ""), (f"{ROOT_UID}.3.2", "done", ""), (f"{ROOT_UID}.3.3", "failed", "why")],
+        [output],
+    )
+    states = [journal.instance_state(f"{ROOT_UID}.3.{n}") for n in (1, 2, 3)]
+    assert states == [("done", ""), ("done", ""), ("failed", "why")]
+    assert [(e.sop_instance_uid, e.destination) for e in journal.outbox.entries(("pending",))] == [
+        (f"{ROOT_UID}.9.1", "PACS")
+    ]
+    assert journal.pending_instances() == []
