@@ -205,7 +205,8 @@ class ModelConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses CUDA when present.")
     warm_up: bool = Field(
         True,
-        description="At start-up, explain one synthetic radiograph (a small synthetic CT series for a volume card) with "
+        description="At start-up, explain one synthetic radiograph (a small synthetic CT series for a volume "
+        "card) with "
         "every configured method and output "
         "(in the background, nothing kept), so the first study does not pay for lazy initialisation.",
     )
