@@ -206,9 +206,8 @@ class ModelConfig(_Section):
     warm_up: bool = Field(
         True,
         description="At start-up, explain one synthetic radiograph (a small synthetic CT series for a volume "
-        "card) with "
-        "every configured method and output "
-        "(in the background, nothing kept), so the first study does not pay for lazy initialisation.",
+        "card) with every configured method and output (in the background, nothing kept), so the first study "
+        "does not pay for lazy initialisation.",
     )
 
 
