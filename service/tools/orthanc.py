@@ -16,6 +16,9 @@ from typing import Any
 from dicom_io.net.network import free_port
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+#: Orthanc's log line when a port it was given is taken, and how many port pairs are tried.
+PORT_TAKEN = "privileged or already in use"
+PORT_ATTEMPTS = 4
 
 
 class OrthancError(RuntimeError):
@@ -57,14 +60,28 @@ class OrthancProcess:
         if dicomweb and not DICOMWEB_PLUGIN.is_file():
             raise OrthancError("the Orthanc DICOMweb plugin is not installed: apt-get install orthanc-dicomweb")
         self.ae_title = ae_title
-        self.dicom_port = free_port()
-        self.http_port = free_port()
         folder.mkdir(parents=True, exist_ok=True)
+        self.log = folder / "orthanc.log"
+        ready = "/dicom-web/studies" if dicomweb else "/system"
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            self.dicom_port, self.http_port = free_port(), free_port()
+            self.process = self._launch(binary, folder, dicomweb)
+            try:
+                wait_http(self.url + ready, self.process, self.log, "Orthanc")
+                return
+            except OrthancError:
+                stop_process(self.process)
+                # A port free a moment ago may be taken before Orthanc binds it (another process's
+                # outgoing connection): new ports, a few times; any other failure at once.
+                if attempt == PORT_ATTEMPTS or PORT_TAKEN not in self.log.read_text(errors="replace"):
+                    raise
+
+    def _launch(self, binary: str, folder: Path, dicomweb: bool) -> subprocess.Popen:
         config = {
             "Name": "pacs-xai-viewer",
             "StorageDirectory": str(folder / "storage"),
             "IndexDirectory": str(folder / "index"),
-            "DicomAet": ae_title,
+            "DicomAet": self.ae_title,
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
@@ -80,15 +97,13 @@ class OrthancProcess:
         if dicomweb:
             config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado"}
         (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
-        self.log = folder / "orthanc.log"
         with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
+            return subprocess.Popen(
                 [binary, str(folder / "orthanc.json")],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "TCP_NODELAY": "1"},
             )
-        wait_http(self.url + ("/dicom-web/studies" if dicomweb else "/system"), self.process, self.log, "Orthanc")
 
     @property
     def url(self) -> str:
