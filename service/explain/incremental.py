@@ -185,6 +185,14 @@ class IncrementalForward:
         self._modules = dict(graph_module.named_modules())
         self._clean: dict[fx.Node, Any] = {}
         self._changes: set[fx.Node] = set()
+        # The values each node is the last to read: dropped once it ran, as the network drops them.
+        last_reader: dict[fx.Node, fx.Node] = {}
+        for node in self._nodes:
+            for argument in node.all_input_nodes:
+                last_reader[argument] = node
+        self._done_after: dict[fx.Node, list[fx.Node]] = {node: [] for node in self._nodes}
+        for value, reader in last_reader.items():
+            self._done_after[reader].append(value)
 
     @classmethod
     def trace(cls, model: nn.Module) -> IncrementalForward | None:
@@ -235,6 +243,8 @@ class IncrementalForward:
                 current[node] = _Boxed(self._clean[node], image, start, values)
             else:
                 current[node] = self._run_boxed(node, current)
+            for finished in self._done_after[node]:
+                del current[finished]
         return output
 
     # -- one node ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from service.explain.base import (
+    CPU_TORCH_BATCH,
     Explainer,
     ExplainerError,
     ForwardFn,
@@ -139,6 +140,14 @@ class Occlusion(Explainer):
                 fill = self.baseline if replacement is None else boxes_of(replacement, image, corner, box)
                 occluded = torch.where(mask[:, None], fill, boxes_of(inputs, image, corner, box))
                 with torch.no_grad():
-                    scores = target_scores(engine.forward(image, corner, occluded), targets[image], LOGIT)
+                    # In parts on a CPU, as whole passes are (forward_function): a smaller working set.
+                    part = CPU_TORCH_BATCH if inputs.device.type == "cpu" else len(image)
+                    logits = torch.cat(
+                        [
+                            engine.forward(image[k : k + part], corner[k : k + part], occluded[k : k + part])
+                            for k in range(0, len(image), part)
+                        ]
+                    )
+                scores = target_scores(logits, targets[image], LOGIT)
             drops[start:stop] = clean[image] - scores
         return drops.view((inputs.shape[0],) + counts)
