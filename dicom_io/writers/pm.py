@@ -1,14 +1,19 @@
 """Parametric Map (1.2.840.10008.5.1.4.1.1.30): the attribution values themselves.
 
 The signed attribution map of one source frame, at the source's pixel grid, as 32-bit floats
-(Float Pixel Data) — the raw scale of the explainer, nothing normalised or clipped. Built with
-:class:`highdicom.pm.ParametricMap`, then completed like the Secondary Capture:
+(Float Pixel Data), nothing clipped. Built with :class:`highdicom.pm.ParametricMap`, then
+completed like the Secondary Capture:
 
-- Real World Value Mapping: identity (slope 1, intercept 0) over the map's value range; LUT
-  label = method, explanation "<method> attribution for class <class>", units UCUM "arbitrary
-  unit" (:data:`dicom_io.codes.ATTRIBUTION_UNIT`), quantity = :func:`dicom_io.codes.quantity_code`
-  of the method (DCM 130402 / 130403 / 130404).
-- Window (Frame VOI LUT, function LINEAR_EXACT since raw values are often far below 1):
+- Stored values: the attribution over its largest magnitude, so in [-1, 1]
+  (:func:`stored_attribution`). OHIF 3 draws a Parametric Map's floats as if they were 0 to 1,
+  whatever its windows and mappings say, and a trained model's raw Grad-CAM values are often
+  near 0.001: stored raw, the map was there and showed nothing.
+- Real World Value Mapping: slope = that largest magnitude, intercept 0, over the stored range,
+  so the mapped values are the explainer's raw attribution (highdicom's ``get_frame`` applies
+  it); LUT label = method, explanation "<method> attribution for class <class>", units UCUM
+  "arbitrary unit" (:data:`dicom_io.codes.ATTRIBUTION_UNIT`), quantity =
+  :func:`dicom_io.codes.quantity_code` of the method (DCM 130402 / 130403 / 130404).
+- Window (Frame VOI LUT on the stored values, function LINEAR_EXACT):
   symmetric around 0 at ± the 99th percentile of |value| for a signed map, [0, 99th percentile]
   for a map without negative values (:func:`attribution_window`).
 - Geometry: the source frame's own Frame of Reference, position, orientation and spacing when
@@ -56,7 +61,7 @@ from dicom_io.writers.references import copy_patient_study_attributes, instance_
 from dicom_io.writers.result import ExplanationResult, check_inputs
 from dicom_io.writers.source_view import highdicom_source_view
 
-__all__ = ["OUTPUT_KIND", "attribution_voi_lut", "attribution_window", "build_parametric_map"]
+__all__ = ["OUTPUT_KIND", "attribution_voi_lut", "attribution_window", "build_parametric_map", "stored_attribution"]
 
 #: ``output_kind`` of the derived UIDs of Parametric Map outputs.
 OUTPUT_KIND = "pm"
@@ -97,14 +102,24 @@ def attribution_voi_lut(values: np.ndarray) -> hd.VOILUTTransformation:
     )
 
 
-def _value_mapping(values: np.ndarray, result: ExplanationResult) -> hd.pm.RealWorldValueMapping:
-    """Identity mapping of the stored floats to attribution values, with quantity and units."""
+def stored_attribution(attribution: np.ndarray) -> tuple[np.ndarray, float]:
+    """The map as stored, float32 in [-1, 1]: ``attribution`` over its largest magnitude; and that
+    magnitude (1 for a map of zeros), the Real World Value slope that gives the attribution back."""
+    scale = float(np.abs(attribution).max()) if attribution.size else 0.0
+    if not np.isfinite(scale) or scale == 0.0:
+        scale = 1.0
+    return np.ascontiguousarray(attribution / scale, dtype=np.float32), scale
+
+
+def _value_mapping(stored: np.ndarray, scale: float, result: ExplanationResult) -> hd.pm.RealWorldValueMapping:
+    """The mapping of the stored floats (over their range) to attribution values: ``scale`` times
+    the stored value, with quantity and units."""
     return hd.pm.RealWorldValueMapping(
         lut_label=result.method[:SH_MAX],
         lut_explanation=f"{result.method} attribution for class {result.class_name}"[:LO_MAX],
         unit=ATTRIBUTION_UNIT,
-        value_range=(float(values.min()), float(values.max())),
-        slope=1.0,
+        value_range=(float(stored.min()), float(stored.max())),
+        slope=scale,
         intercept=0.0,
         quantity_definition=quantity_code(result.method),
     )
@@ -129,7 +144,7 @@ def build_parametric_map(
     """
     check_inputs(source, result)
     frame_index = result.frame_index
-    values = np.ascontiguousarray(result.attribution, dtype=np.float32)
+    values, scale = stored_attribution(result.attribution)
     series_uid, instance_uid = derived_output_uids(source, result, OUTPUT_KIND, finding=result.uid_finding)
     device = device_uid or derived_device_uid(result.model_name, result.model_version)
     equipment = algorithm_equipment(
@@ -154,7 +169,7 @@ def build_parametric_map(
         software_versions=software_version,
         device_serial_number=device_serial_number or software_version,
         contains_recognizable_visual_features=False,
-        real_world_value_mappings=[_value_mapping(values, result)],
+        real_world_value_mappings=[_value_mapping(values, scale, result)],
         voi_lut_transformations=[attribution_voi_lut(values)],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         content_label="XAI_ATTRIBUTION",

@@ -36,7 +36,7 @@ from dicom_io.vr import LO_MAX
 from dicom_io.writers.descriptions import derivation_description, series_description
 from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
 from dicom_io.writers.orientation import set_laterality, set_patient_orientation
-from dicom_io.writers.pm import _value_mapping, attribution_voi_lut
+from dicom_io.writers.pm import _value_mapping, attribution_voi_lut, stored_attribution
 from dicom_io.writers.references import copy_patient_study_attributes
 from dicom_io.writers.result import ExplanationResult
 from dicom_io.writers.sc import build_secondary_capture
@@ -115,7 +115,7 @@ def build_volume_parametric_map(
     """The multi-frame Parametric Map of a volume explanation, one frame per source slice."""
     _check(sources, explanation)
     first = explanation.slice_result(0)
-    values = np.ascontiguousarray(explanation.attribution, dtype=np.float32)
+    values, scale = stored_attribution(explanation.attribution)
     series_uid, instance_uid = derived_output_uids(sources[0], first, VOLUME_OUTPUT_KINDS["pm"])
     pm = hd.pm.ParametricMap(
         source_images=list(sources),
@@ -129,7 +129,7 @@ def build_volume_parametric_map(
         software_versions=software_version,
         device_serial_number=device_serial_number or software_version,
         contains_recognizable_visual_features=False,
-        real_world_value_mappings=[_value_mapping(values, first)],
+        real_world_value_mappings=[_value_mapping(values, scale, first)],
         voi_lut_transformations=[attribution_voi_lut(values)],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         content_label="XAI_ATTRIBUTION",

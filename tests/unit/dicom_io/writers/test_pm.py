@@ -75,14 +75,17 @@ def test_dciodvfy_reports_no_errors(case: Case) -> None:
     assert not errors, "\n".join(errors)
 
 
-def test_values_are_the_attribution_as_float32(case: Case) -> None:
+def test_values_are_the_attribution_over_its_largest_magnitude_as_float32(case: Case) -> None:
     pm = case.written
     assert "FloatPixelData" in pm and "PixelData" not in pm
     assert (pm.BitsAllocated, pm.SamplesPerPixel, int(pm.NumberOfFrames)) == (32, 1, 1)
     assert (pm.Rows, pm.Columns) == (case.source.Rows, case.source.Columns)
     values = pm.pixel_array
     assert values.dtype == np.float32
-    assert np.array_equal(values, case.result.attribution)
+    attribution = case.result.attribution.astype(np.float64)
+    # In [-1, 1], reaching 1 in magnitude, so a viewer that draws the floats as 0..1 shows the map.
+    assert float(np.abs(values).max()) == pytest.approx(1.0)
+    np.testing.assert_allclose(values, attribution / np.abs(attribution).max(), rtol=1e-6, atol=1e-7)
     rescale = pm.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
     assert (float(rescale.RescaleSlope), float(rescale.RescaleIntercept)) == (1.0, 0.0)
 
@@ -92,17 +95,25 @@ def test_highdicom_reads_it_back(case: Case) -> None:
     assert isinstance(pm, hd.pm.ParametricMap)
     # highdicom 0.28.2 decodes a float frame lazily only with Pixel Representation, which the
     # Float Image Pixel module does not have; loading pixel_array first avoids that path.
-    assert np.array_equal(pm.pixel_array, case.result.attribution)
-    real_world = pm.get_frame(1)  # identity Real World Value Mapping applied, as float64
-    assert np.array_equal(real_world, case.result.attribution.astype(np.float64))
+    assert pm.pixel_array.shape == case.result.attribution.shape
+    stored = pm.get_frame(1, apply_real_world_transform=False)
+    np.testing.assert_array_equal(stored, case.written.pixel_array)
+    # highdicom 0.28.2 cannot apply a Real World Value slope other than 1 to float frames
+    # (AttributeError: '_CombinedPixelTransform' object has no attribute 'input_dtype'), so the
+    # mapping read from the dataset is applied here: slope x stored + intercept.
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    real_world = stored * float(mapping.RealWorldValueSlope) + float(mapping.RealWorldValueIntercept)
+    attribution = case.result.attribution.astype(np.float64)
+    np.testing.assert_allclose(real_world, attribution, rtol=1e-6, atol=1e-7 * np.abs(attribution).max())
 
 
-def test_real_world_value_mapping_is_identity_with_coded_quantity(case: Case) -> None:
+def test_real_world_value_mapping_gives_the_raw_attribution_with_coded_quantity(case: Case) -> None:
     mapping = case.written.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
-    attribution = case.result.attribution
-    assert (mapping.RealWorldValueSlope, mapping.RealWorldValueIntercept) == (1.0, 0.0)
-    assert mapping.DoubleFloatRealWorldValueFirstValueMapped == float(attribution.min())
-    assert mapping.DoubleFloatRealWorldValueLastValueMapped == float(attribution.max())
+    attribution, stored = case.result.attribution, case.written.pixel_array
+    assert mapping.RealWorldValueSlope == pytest.approx(float(np.abs(attribution).max()), rel=1e-12)
+    assert mapping.RealWorldValueIntercept == 0.0
+    assert mapping.DoubleFloatRealWorldValueFirstValueMapped == float(stored.min())
+    assert mapping.DoubleFloatRealWorldValueLastValueMapped == float(stored.max())
     assert mapping.LUTLabel == METHOD
     assert METHOD in mapping.LUTExplanation and CLASS in mapping.LUTExplanation
     unit = mapping.MeasurementUnitsCodeSequence[0]
@@ -119,12 +130,13 @@ def test_real_world_value_mapping_is_identity_with_coded_quantity(case: Case) ->
 
 def test_window_is_symmetric_around_zero(case: Case) -> None:
     voi = case.written.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
-    expected = float(np.percentile(np.abs(case.result.attribution.astype(np.float64)), 99))
+    stored = case.written.pixel_array.astype(np.float64)  # the window is on the stored values
+    expected = float(np.percentile(np.abs(stored), 99))
     assert float(voi.WindowCenter) == 0.0
     assert voi.WindowCenterWidthExplanation == "SIGNED 99TH PERCENTILE"  # one value, not one per character
     assert float(voi.WindowWidth) == pytest.approx(2 * expected, rel=1e-6)
     # The positive blob's peak saturates; a value near 0 sits mid-window.
-    assert float(case.result.attribution.max()) >= float(voi.WindowWidth) / 2 * 0.99
+    assert float(stored.max()) >= float(voi.WindowWidth) / 2 * 0.99
 
 
 def test_same_study_new_derived_series(case: Case) -> None:

@@ -73,7 +73,10 @@ def test_multiframe_outputs_are_valid_and_frame_per_slice(case, kind: str, tmp_p
         position = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
         assert position == pytest.approx([float(v) for v in sources[k].ImagePositionPatient])
         if kind == "pm":
-            np.testing.assert_array_equal(pixels[frame], explanation.attribution[k])
+            # Stored over the volume's largest magnitude; the Real World Value slope gives it back.
+            slope = written.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].RealWorldValueSlope
+            np.testing.assert_allclose(pixels[frame] * slope, explanation.attribution[k], rtol=1e-6, atol=1e-9)
+            assert np.abs(pixels).max() == pytest.approx(1.0)
         elif kind == "seg_fractional":
             positive = np.clip(explanation.attribution, 0, None)
             expected = positive[k] / positive.max() * int(written.MaximumFractionalValue)
