@@ -43,7 +43,7 @@ COPY --from=wheel /dist /dist
 RUN python3 -m venv /opt/venv \
  && pip install --no-cache-dir --upgrade pip \
  && pip install --no-cache-dir torch==2.13.0 \
- && pip install --no-cache-dir torch==2.13.0 "$(ls /dist/pacs_xai-*.whl)[gpu]" \
+ && pip install --no-cache-dir torch==2.13.0 "$(ls /dist/pacs_xai-*.whl)[gpu,queue]" \
  && pip uninstall -y onnxruntime \
  && pip install --no-cache-dir --force-reinstall --no-deps 'onnxruntime-gpu>=1.18' \
  && rm -rf /dist \
