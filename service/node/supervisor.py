@@ -50,6 +50,8 @@ from service.node.child import SUPERVISOR_PID_ENV
 from service.node.config import NodeConfig, write_resolved_config
 from service.node.http import HealthServer
 from service.node.metrics import multiprocess_registry
+from service.node.queue.refill import Refiller
+from service.node.queue.stream import QueueCollector, WorkQueue, default_node_name
 from service.node.store import Journal, Spool
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,8 @@ class Supervisor:
     die with the thread that started them (PR_SET_PDEATHSIG)."""
 
     def __init__(self, config: NodeConfig, receivers: int, workers: int, *, python: str = sys.executable) -> None:
-        if receivers < 1 or workers < 1:
+        queued = config.queue.redis_url is not None  # a box of only receivers or only workers shares through Redis
+        if (receivers < 1 or workers < 1) and not (queued and receivers + workers >= 1):
             raise ValueError(f"a node needs at least one receiver and one worker, got {receivers} and {workers}")
         self.config = config
         self._python = python
@@ -108,6 +111,7 @@ class Supervisor:
         self._port_holder: socket.socket | None = None
         self._stopping = threading.Event()
         self.http: HealthServer | None = None
+        self.refiller: Refiller | None = None
 
     @property
     def port(self) -> int:
@@ -130,20 +134,39 @@ class Supervisor:
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.metrics_dir.mkdir(parents=True)
         listener = self.config.listener
-        self._port_holder = socket.socket(socket.AF_INET6 if ":" in listener.bind_address else socket.AF_INET)
-        self._port_holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        self._port_holder.bind((listener.bind_address, listener.port))
         receivers = sum(child.module == "intake" for child in self.children)
+        if receivers:
+            self._port_holder = socket.socket(socket.AF_INET6 if ":" in listener.bind_address else socket.AF_INET)
+            self._port_holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            self._port_holder.bind((listener.bind_address, listener.port))
         self._config_path = write_resolved_config(
             self.config,
             self.run_dir / "config.json",
-            listener={"port": self.port, "processes": receivers},
+            listener={"port": self.port if receivers else listener.port, "processes": receivers},
             workers={"processes": len(self.children) - receivers - 1},
         )
+        queue = self.config.queue
+        if queue.redis_url and receivers:  # this box's journal feeds the stream: refill it before any child runs
+            stream = WorkQueue(queue.redis_url, stream=queue.stream, group=queue.group, spool_root=self.spool.root)
+            self.refiller = Refiller(
+                self.journal,
+                stream,
+                queue.node_name or default_node_name(),
+                Path(self.config.storage.data_dir),
+                check_seconds=queue.check_seconds,
+            )
+            self.refiller.check()
+            self.refiller.start()
         for child in self.children:
             self._spawn(child)
         if self.config.metrics.enabled:
             registry = multiprocess_registry(self.metrics_dir, self.journal.counts)
+            if queue.redis_url:
+                registry.register(
+                    QueueCollector(
+                        WorkQueue(queue.redis_url, stream=queue.stream, group=queue.group, spool_root=self.spool.root)
+                    )
+                )
             metrics = self.config.metrics
             self.http = HealthServer(registry, self.readiness, bind=metrics.bind_address, port=metrics.port)
             self.http.start()
@@ -216,6 +239,8 @@ class Supervisor:
                 self._release(child)
         if self.http:
             self.http.stop()
+        if self.refiller is not None:
+            self.refiller.stop()
         if self._port_holder is not None:
             self._port_holder.close()
         self.journal.close()
