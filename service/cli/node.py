@@ -126,8 +126,12 @@ def _serve(args: argparse.Namespace) -> int:
         supervisor = Supervisor(config, receivers, workers)
         supervisor.start()
         print(
-            f"pacs-xai listening as {config.listener.ae_title} on port {supervisor.port} "
-            f"({receivers} receiver and {workers} worker processes); Ctrl-C to stop",
+            (
+                f"pacs-xai listening as {config.listener.ae_title} on port {supervisor.port} "
+                if receivers
+                else "pacs-xai taking work from the queue (no DICOM listener) "
+            )
+            + f"({receivers} receiver and {workers} worker processes); Ctrl-C to stop",
             file=sys.stderr,
         )
         try:

@@ -64,6 +64,8 @@ RESTART_DELAY_SECONDS = (0.5, 30.0)
 HEALTHY_AFTER_SECONDS = 60.0
 #: Seconds each kind of child gets to finish after SIGTERM before it is killed.
 DRAIN_SECONDS = {"intake": 60.0, "worker": 300.0, "delivery": 60.0}
+#: With the queue, the spool is shared: temp files younger than this may be another machine's writes.
+SHARED_SPOOL_TEMP_AGE_SECONDS = 3600.0
 
 
 @dataclass
@@ -103,10 +105,11 @@ class Supervisor:
         self.metrics_dir = self.run_dir / "metrics"
         self.spool = Spool(data_dir / "spool", durability=config.storage.durability)
         self.journal = Journal(data_dir / "journal.sqlite", durability=config.storage.durability)
+        # A box of only workers has no sender: its results go to the receiving node's journal (queue).
         self.children = (
             [Child(f"receiver-{n}", "intake") for n in range(receivers)]
             + [Child(f"worker-{n}", "worker") for n in range(workers)]
-            + [Child("sender", "delivery")]
+            + ([Child("sender", "delivery")] if receivers else [])
         )
         self._port_holder: socket.socket | None = None
         self._stopping = threading.Event()
@@ -126,7 +129,8 @@ class Supervisor:
 
     def start(self) -> None:
         """Clean up after the previous run, hold the port, start every child and the HTTP endpoints."""
-        self.spool.remove_stale_temp_files()
+        # A spool shared with other machines (the queue): only what no live writer can still own.
+        self.spool.remove_stale_temp_files(SHARED_SPOOL_TEMP_AGE_SECONDS if self.config.queue.redis_url else 0.0)
         released = self.journal.series.release_all()
         ended = self.journal.series.end_all_associations()
         if released or ended:
@@ -143,7 +147,7 @@ class Supervisor:
             self.config,
             self.run_dir / "config.json",
             listener={"port": self.port if receivers else listener.port, "processes": receivers},
-            workers={"processes": len(self.children) - receivers - 1},
+            workers={"processes": sum(child.module == "worker" for child in self.children)},
         )
         queue = self.config.queue
         if queue.redis_url and receivers:  # this box's journal feeds the stream: refill it before any child runs
@@ -171,12 +175,13 @@ class Supervisor:
             self.http = HealthServer(registry, self.readiness, bind=metrics.bind_address, port=metrics.port)
             self.http.start()
         log.info(
-            "node %s on %s:%d in %d receiver and %d worker process(es) and a sender",
+            "node %s on %s:%d in %d receiver and %d worker process(es)%s",
             listener.ae_title,
             listener.bind_address,
-            self.port,
+            self.port if receivers else 0,
             receivers,
-            len(self.children) - receivers - 1,
+            sum(child.module == "worker" for child in self.children),
+            " and a sender" if receivers else " (results to the receiving nodes through the queue)",
         )
 
     def readiness(self) -> tuple[bool, str]:

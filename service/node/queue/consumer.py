@@ -18,7 +18,10 @@ once the journal says done.
 Acknowledgement: after :meth:`SeriesProcessor.process_batch
 <service.node.processor.SeriesProcessor.process_batch>` committed the outputs and outcomes
 (one journal transaction per instance), a done note goes to a receiving node whose journal is not
-this one (:mod:`service.node.queue.refill` applies it), then ``XACK``. A worker killed before the
+this one, with the outbox rows (files in the shared spool): that node's journal takes them and its
+sender delivers them (:mod:`service.node.queue.refill`); then ``XACK``, and this journal forgets
+those rows. A box of only workers keeps nothing that is not also in a receiving node's journal
+or in Redis, so it may be replaced at any time (a Kubernetes Deployment). A worker killed before the
 ``XACK`` leaves its messages pending; another worker reclaims them after
 ``queue.reclaim_idle_seconds`` (``XAUTOCLAIM``) and either processes them (the claim was released
 by the supervisor) or acknowledges them (the journal says done). Derived UIDs are deterministic, so
@@ -175,13 +178,19 @@ class StreamConsumer:
             del self._held[key]
 
     def _finish(self, messages: list[QueueMessage]) -> None:
-        """Done notes to receiving nodes of other journals, then ``XACK``."""
+        """Done notes to receiving nodes of other journals (with the outputs for their senders),
+        then ``XACK``; then this journal forgets those outputs (the receiving node delivers them)."""
+        handed_over = []
         for message in messages:
             if message.node != self._node:
                 uid = message.instance.sop_instance_uid
                 state = self._journal.instance_state(uid) or ("failed", "not in the worker's journal")
-                self._queue.note_done(message.node, message.instance, state[0], state[1])
+                outputs = self._journal.outbox.of_source(uid)
+                self._queue.note_done(message.node, message.instance, state[0], state[1], outputs)
+                handed_over.append(uid)
         self._queue.ack([message.message_id for message in messages])
+        for uid in handed_over:
+            self._journal.outbox.forget_of_source(uid)
 
     def hand_back(self) -> None:
         """Stopping: publish the held messages again and acknowledge them, so another worker takes

@@ -41,17 +41,35 @@ def refill(journal: Journal, queue: WorkQueue, node: str) -> int:
 
 
 def apply_done_notes(journal: Journal, queue: WorkQueue, node: str) -> int:
-    """Write the done notes for ``node`` into its journal, then drop them; returns how many."""
+    """Write the done notes for ``node`` into its journal (outcome and outbox rows in one
+    transaction, so this node's sender delivers them), then drop them; returns how many were applied.
+
+    A note is applied only while the journal holds the instance ``received`` and no later copy:
+    a note applied twice, or one for a copy re-sent meanwhile, changes nothing (the newer copy's
+    own message brings its own note).
+    """
     applied = 0
     while notes := queue.done_notes(node):
         for note in notes:
-            outcome = note.outcome if note.outcome in ("done", "skipped", "failed") else "failed"
+            uid = note.sop_instance_uid
             try:
-                journal.mark_processed([note.sop_instance_uid], outcome, note.reason, received_before=note.received_at)  # type: ignore[arg-type]
-            except LookupError:  # not this journal's (a misconfigured node name): nothing to update
-                log.warning("done note for instance %s, which this journal does not hold", note.sop_instance_uid)
+                state = journal.instance_state(uid)
+                if state is None:  # not this journal's (a misconfigured node name): nothing to update
+                    log.warning("done note for instance %s, which this journal does not hold", uid)
+                    continue
+                (row,) = journal.get_instances([uid])
+                if state[0] != "received" or row.received_at > note.received_at:
+                    continue
+                if note.outcome == "done" or note.outputs:
+                    outcome = "done" if note.outcome == "done" else "failed"
+                    journal.complete(uid, note.outputs, outcome, note.reason)  # type: ignore[arg-type]
+                else:
+                    outcome = note.outcome if note.outcome in ("skipped", "failed") else "failed"
+                    journal.mark_processed([uid], outcome, note.reason, received_before=note.received_at)  # type: ignore[arg-type]
+                applied += 1
+            except LookupError:  # the row went away meanwhile
+                continue
         queue.drop_done_notes(node, [note.note_id for note in notes])
-        applied += len(notes)
     return applied
 
 

@@ -18,6 +18,7 @@ try again (the journal holds everything, so nothing is lost while Redis is away)
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Iterator, Sequence
@@ -28,7 +29,7 @@ import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from service.node.store import ReceivedInstance
+from service.node.store import NewOutput, OutboxEntry, ReceivedInstance
 
 __all__ = ["DoneNote", "QueueCollector", "QueueError", "QueueMessage", "WorkQueue", "default_node_name"]
 
@@ -56,13 +57,15 @@ class QueueMessage:
 
 @dataclass(frozen=True)
 class DoneNote:
-    """A worker processed an instance of ``node``'s journal: its outcome, for the receiving node."""
+    """A worker processed an instance of ``node``'s journal: its outcome and the outputs to deliver
+    (files in the shared spool), for the receiving node's journal and sender."""
 
     note_id: str
     sop_instance_uid: str
     received_at: float
     outcome: str
     reason: str
+    outputs: tuple[NewOutput, ...] = ()
 
 
 def _text(value: bytes | str) -> str:
@@ -119,11 +122,7 @@ class WorkQueue:
 
     def publish(self, node: str, instance: ReceivedInstance) -> str:
         """``XADD`` one journaled instance (call it after the journal commit); returns the message id."""
-        path = Path(instance.path)
-        try:
-            relative = str(path.relative_to(self.spool_root))
-        except ValueError:
-            relative = str(path)  # outside the spool root: absolute, for a worker that sees the same path
+        relative = self._relative(instance.path)
         fields = {
             "node": node,
             "sop": instance.sop_instance_uid,
@@ -137,15 +136,27 @@ class WorkQueue:
         }
         return _text(self._call(f"XADD to {self.stream}", self._redis.xadd, self.stream, fields))
 
+    def _relative(self, path: Path) -> str:
+        """A spool path as sent: relative to the spool root (absolute when outside it, for a peer
+        that sees the same path)."""
+        try:
+            return str(Path(path).relative_to(self.spool_root))
+        except ValueError:
+            return str(path)
+
+    def _absolute(self, sent: str) -> Path:
+        """A path as sent, under this machine's spool root."""
+        path = Path(sent)
+        return path if path.is_absolute() else self.spool_root / path
+
     def _message(self, message_id: bytes | str, fields: dict) -> QueueMessage:
         f = {_text(k): _text(v) for k, v in fields.items()}
-        path = Path(f["path"])
         instance = ReceivedInstance(
             sop_instance_uid=f["sop"],
             sop_class_uid=f["class"],
             study_instance_uid=f["study"],
             series_instance_uid=f["series"],
-            path=path if path.is_absolute() else self.spool_root / path,
+            path=self._absolute(f["path"]),
             calling_ae=f["ae"],
             association_id=f["assoc"],
             received_at=float(f["at"]),
@@ -221,13 +232,27 @@ class WorkQueue:
     def _done_stream(self, node: str) -> str:
         return f"{self.stream}:done:{node}"
 
-    def note_done(self, node: str, instance: ReceivedInstance, outcome: str, reason: str) -> None:
-        """Tell ``node`` that its instance was processed (a worker whose journal is not ``node``'s)."""
+    def note_done(
+        self, node: str, instance: ReceivedInstance, outcome: str, reason: str, outputs: Sequence[OutboxEntry] = ()
+    ) -> None:
+        """Tell ``node`` that its instance was processed, with the outputs its sender is to deliver
+        (a worker whose journal is not ``node``'s)."""
+        listed = [
+            {
+                "uid": o.sop_instance_uid,
+                "destination": o.destination,
+                "path": self._relative(o.path),
+                "kind": o.kind,
+                "method": o.method,
+            }
+            for o in outputs
+        ]
         fields = {
             "sop": instance.sop_instance_uid,
             "at": repr(instance.received_at),
             "outcome": outcome,
             "reason": reason[:1000],
+            "outputs": json.dumps(listed),
         }
         self._call("XADD of a done note", self._redis.xadd, self._done_stream(node), fields)
 
@@ -237,7 +262,11 @@ class WorkQueue:
         notes = []
         for note_id, raw in reply:
             f = {_text(k): _text(v) for k, v in raw.items()}
-            notes.append(DoneNote(_text(note_id), f["sop"], float(f["at"]), f["outcome"], f.get("reason", "")))
+            outputs = tuple(
+                NewOutput(o["uid"], f["sop"], o["destination"], self._absolute(o["path"]), o["kind"], o["method"])
+                for o in json.loads(f.get("outputs") or "[]")
+            )
+            notes.append(DoneNote(_text(note_id), f["sop"], float(f["at"]), f["outcome"], f.get("reason", ""), outputs))
         return notes
 
     def drop_done_notes(self, node: str, note_ids: Sequence[str]) -> None:

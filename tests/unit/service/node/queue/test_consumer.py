@@ -132,7 +132,7 @@ def test_instances_another_worker_claimed_are_acknowledged_once_it_is_done(
     assert processor.batches == [] and work_queue.lag() == (0, 0)
 
 
-def test_a_worker_of_another_journal_journals_the_instance_and_tells_the_receiving_node(
+def test_a_worker_of_another_journal_hands_its_results_to_the_receiving_node(
     journal: Journal, work_queue: WorkQueue, spool_root: Path, tmp_path: Path
 ) -> None:
     work_queue.ensure_group()
@@ -143,10 +143,14 @@ def test_a_worker_of_another_journal_journals_the_instance_and_tells_the_receivi
         _steps_until(consumer, lambda: work_queue.lag() == (0, 0))
         assert processor.batches == [uids]
         assert [own.instance_state(uid) for uid in uids] == [("done", "")] * 2
-        assert own.counts()["outbox_pending"] == 2  # this box's sender delivers them
-    assert [journal.instance_state(uid) for uid in uids] == [("received", "")] * 2
+        assert own.counts()["outbox_pending"] == 0  # handed over: this box has no sender
+    assert [journal.instance_state(uid) for uid in uids] == [("received", "")] * 2  # until the node reads the notes
     assert apply_done_notes(journal, work_queue, "node-a") == 2
     assert [journal.instance_state(uid) for uid in uids] == [("done", "")] * 2
+    delivered = journal.outbox.entries()
+    assert sorted((e.source_sop_instance_uid, e.sop_instance_uid, e.destination, e.kind) for e in delivered) == [
+        (uid, f"{uid}.1", "PACS", "sc") for uid in uids
+    ]
 
 
 def test_stopping_hands_held_messages_back_for_another_worker(

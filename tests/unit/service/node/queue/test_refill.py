@@ -8,7 +8,7 @@ import redis
 
 from service.node.queue.refill import Refiller, apply_done_notes, backlog_marker, refill
 from service.node.queue.stream import WorkQueue
-from service.node.store import Journal
+from service.node.store import Journal, OutboxEntry
 from tests.unit.service.node.helpers import received_instance
 
 
@@ -61,20 +61,30 @@ def test_a_failed_publish_marked_by_a_receiver_is_published_again(
     assert [m.instance.sop_instance_uid for m in work_queue.read("w", block_seconds=0.05)] == [waiting]
 
 
-def test_done_notes_from_a_worker_of_another_journal_are_written_then_dropped(
+def test_done_notes_queue_the_outputs_for_this_nodes_sender_once(
     journal: Journal, work_queue: WorkQueue, spool_root: Path
 ) -> None:
     first, second, resent = _journal_with(journal, spool_root, received=3, done=0)
     rows = {i.sop_instance_uid: i for i in journal.get_instances([first, second, resent])}
-    work_queue.note_done("node-a", rows[first], "done", "")
+    result = OutboxEntry(
+        f"{first}.1", first, "PACS", spool_root / "outbox" / "r.dcm", "sc", "gradcam", "pending", 0, 0, ""
+    )
+    work_queue.note_done("node-a", rows[first], "done", "", [result])
+    work_queue.note_done("node-a", rows[first], "done", "", [result])  # a redelivery's second note
     work_queue.note_done("node-a", rows[second], "failed", "cannot decode the pixel data")
     # A copy of the third was re-sent after the worker read the first copy: it must stay waiting.
     journal.record_received(received_instance(2, spool_root / "2.dcm", at=rows[resent].received_at + 10))
     work_queue.note_done("node-a", rows[resent], "done", "")
     work_queue.note_done("node-b", rows[first], "failed", "another node's note")
-    assert apply_done_notes(journal, work_queue, "node-a") == 3
+    assert apply_done_notes(journal, work_queue, "node-a") == 2
     assert journal.instance_state(first) == ("done", "")
     assert journal.instance_state(second) == ("failed", "cannot decode the pixel data")
     assert journal.instance_state(resent) == ("received", "")
+    (queued,) = journal.outbox.entries()
+    assert (queued.sop_instance_uid, queued.path, queued.destination) == (f"{first}.1", result.path, "PACS")
+    journal.outbox.mark_sent(queued.sop_instance_uid, "PACS")
+    work_queue.note_done("node-a", rows[first], "done", "", [result])  # late: must not send it again
+    apply_done_notes(journal, work_queue, "node-a")
+    assert journal.outbox.entries(["pending"]) == []
     assert work_queue.done_notes("node-a") == []
     assert len(work_queue.done_notes("node-b")) == 1
