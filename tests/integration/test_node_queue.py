@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -118,6 +119,68 @@ def test_the_queue_delivers_every_result_once_through_a_killed_worker_and_an_emp
         if node is not None and node.process.poll() is None:
             node.process.kill()
         client.close()
+        server.stop()
+        storescp.terminate()
+        storescp.wait(timeout=10)
+
+
+def test_a_box_of_only_workers_hands_its_results_to_the_receiving_node(tmp_path: Path) -> None:
+    """Two machines, played on one: an intake box (a receiver, no worker) and a worker box (no
+    listener, its own journal, the intake's spool mounted as its own). The results come back
+    through done notes and the intake's sender delivers each once."""
+    results = tmp_path / "dest"
+    results.mkdir()
+    storescp_port = free_port()
+    storescp = subprocess.Popen(
+        [require_dcmtk("storescp"), "-aet", "DEST", "-od", str(results), "+uf", str(storescp_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = RedisServer(tmp_path / "redis").start()
+    queue_env = {"PACS_XAI_QUEUE__REDIS_URL": server.url, "PACS_XAI_QUEUE__CHECK_SECONDS": "0.3"}
+    intake = worker = None
+    try:
+        wait_for(lambda: StoreSCU("PROBE").echo(Destination("DEST", "127.0.0.1", storescp_port)), 15, "storescp")
+        intake_env = {**queue_env, "PACS_XAI_QUEUE__NODE_NAME": "intake-a", "PACS_XAI_LISTENER__PROCESSES": "1"}
+        (tmp_path / "intake").mkdir()
+        intake = _Node(tmp_path / "intake", storescp_port, {**intake_env, "PACS_XAI_WORKERS__PROCESSES": "0"})
+        box = tmp_path / "worker-box" / "node"
+        box.mkdir(parents=True)
+        (box / "spool").symlink_to(intake.data_dir / "spool")  # the shared volume, mounted on the worker box
+        worker_env = {
+            **os.environ,
+            **queue_env,
+            "PACS_XAI_QUEUE__NODE_NAME": "worker-box",
+            "PACS_XAI_LISTENER__PROCESSES": "0",
+            "PACS_XAI_WORKERS__PROCESSES": "1",
+            "PACS_XAI_ASSEMBLY__IDLE_SECONDS": "0.4",
+            "PACS_XAI_MODEL__WARM_UP": "false",
+            "PACS_XAI_METRICS__ENABLED": "false",
+            "OMP_NUM_THREADS": "1",
+        }
+        command = [sys.executable, "-m", "service.cli", "serve", "--data-dir", str(box)]
+        command += ["--destination", f"DEST@127.0.0.1:{storescp_port}", "--method", "gradcam", "--outputs", "sc"]
+        worker_log = tmp_path / "worker-box.log"
+        worker = subprocess.Popen(command, env=worker_env, stdout=subprocess.DEVNULL, stderr=worker_log.open("ab"))
+
+        sent = [path for seed in range(30, 33) for path in _series(tmp_path / "in", 2, seed=seed)]
+        assert all(o.verdict == "delivered" for o in StoreSCU("MODALITY").send(intake.address, sent))
+        sources = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in sent}
+        wait_for(lambda: len(list(results.iterdir())) >= len(sources), 120, f"{len(sources)} results at storescp")
+        time.sleep(1.0)
+        arrived = [pydicom.dcmread(p, stop_before_pixels=True) for p in results.iterdir()]
+        assert sorted(ds.SourceImageSequence[0].ReferencedSOPInstanceUID for ds in arrived) == sorted(sources)
+        assert _rows(intake.journal, "SELECT state, COUNT(*) FROM instances GROUP BY state") == [("done", len(sources))]
+        assert _rows(intake.journal, "SELECT state, COUNT(*) FROM outbox GROUP BY state") == [("sent", len(sources))]
+        box_journal = box / "journal.sqlite"
+        assert _rows(box_journal, "SELECT COUNT(*) FROM outbox") == [(0,)], "handed over, not kept"
+        assert "taking work from the queue (no DICOM listener)" in worker_log.read_text()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0
+    finally:
+        for process in (worker, intake.process if intake else None):
+            if process is not None and process.poll() is None:
+                process.kill()
         server.stop()
         storescp.terminate()
         storescp.wait(timeout=10)
