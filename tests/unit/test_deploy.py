@@ -476,13 +476,66 @@ def _mounts(service: dict) -> dict[str, str]:
 
 
 def test_compose_has_the_whole_stack(compose) -> None:
-    assert {"orthanc", "pacs-xai", "prometheus", "grafana", "ohif"} <= set(compose["services"])
+    assert {"orthanc", "pacs-xai", "pacs-xai-worker", "redis", "prometheus", "grafana", "ohif"} <= set(
+        compose["services"]
+    )
     assert (COMPOSE / compose["services"]["pacs-xai"]["build"]["context"]).resolve() == ROOT
     assert (ROOT / compose["services"]["pacs-xai"]["build"]["dockerfile"]).is_file()
     gpu = _load_yaml(COMPOSE / "docker-compose.gpu.yml")["services"]
-    assert set(gpu) == {"pacs-xai"}
-    (device,) = gpu["pacs-xai"]["deploy"]["resources"]["reservations"]["devices"]
+    assert set(gpu) == {"pacs-xai-worker"}  # the model tier
+    (device,) = gpu["pacs-xai-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+
+
+def _tier_config(service: dict) -> NodeConfig:
+    """compose/node.yaml as a service's environment changes it (PACS_XAI_* variables)."""
+    overrides: dict[str, Any] = {}
+    for name, value in (service.get("environment") or {}).items():
+        section, _, key = name.removeprefix("PACS_XAI_").lower().partition("__")
+        overrides.setdefault(section, {})[key] = value if not str(value).isdigit() else int(value)
+    return load_config(NODE_CONFIGS["compose"], overrides)
+
+
+def _named_volumes(service: dict) -> dict[str, str]:
+    """Container path -> named volume of a service."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if not source.startswith("."):
+            mounts[target] = source
+    return mounts
+
+
+def test_compose_runs_receivers_and_workers_as_two_tiers_on_a_durable_redis(compose) -> None:
+    services = compose["services"]
+    intake, worker, redis_service = services["pacs-xai"], services["pacs-xai-worker"], services["redis"]
+    node = _config("compose")
+    assert node.queue.redis_url is not None
+    url = re.fullmatch(r"redis://([\w-]+):(\d+)/\d+", node.queue.redis_url)
+    assert url and url.group(1) == "redis" and int(url.group(2)) == 6379  # redis-server's default port
+    # Redis: AOF, every write fsynced before the reply, no RDB snapshots, on a named volume.
+    command = redis_service["command"]
+    assert command[0] == "redis-server"
+    flags = dict(zip(command[1::2], command[2::2], strict=True))
+    assert flags == {"--appendonly": "yes", "--appendfsync": "always", "--save": ""}
+    assert _named_volumes(redis_service)["/data"] in compose["volumes"]
+    assert re.fullmatch(r"redis:\$\{REDIS_VERSION:-\d+\.\d+\}", redis_service["image"])  # a pinned default
+    # Tiers: receivers + sender without a model; workers without a listener; both valid configs.
+    receiving, working = _tier_config(intake), _tier_config(worker)
+    assert (receiving.listener.processes, receiving.workers.processes) == ("auto", 0)
+    assert (working.listener.processes, working.workers.processes) == (0, "auto")
+    assert not working.queue.node_name and receiving.queue.node_name  # each worker replica its host name
+    assert worker["image"] == intake["image"] and {"redis"} <= set(intake["depends_on"]) & set(worker["depends_on"])
+    # One spool on a shared volume, at the spool folder of the same data_dir.
+    spool = str(PurePosixPath(str(node.storage.data_dir)) / "spool")
+    assert _named_volumes(intake)[spool] == _named_volumes(worker)[spool] == "pacs-xai-spool"
+    assert _named_volumes(intake)[str(node.storage.data_dir)] == "pacs-xai-data"
+    assert str(node.storage.data_dir) not in _named_volumes(worker)  # a worker keeps nothing else
+    assert any("install -d -o 10001 -g 10001 " + spool in rest for rest in _instruction("RUN"))
+    # Prometheus scrapes every worker replica too (pacsxai_queue_lag comes from both tiers).
+    (job,) = _load_yaml(COMPOSE / "prometheus.yml")["scrape_configs"]
+    (dns,) = job["dns_sd_configs"]
+    assert dns["names"] == ["pacs-xai-worker"] and dns["port"] == node.metrics.port
 
 
 def test_compose_bind_mounts_exist(compose) -> None:
