@@ -73,6 +73,8 @@ def serve_receiver(config: NodeConfig, identity: str, stop: threading.Event) -> 
         stop.wait()
         scp.stop()
     finally:
+        if isinstance(assembly, PublishingAssembly):
+            assembly.close()  # what was journaled is published before the process ends
         journal.close()
     return 0
 

@@ -272,6 +272,8 @@ class Supervisor:
             multiprocess.mark_process_dead(pid, str(self.metrics_dir))
         (self.run_dir / f"warm-{identity}").unlink(missing_ok=True)
         if child.module == "intake":
+            if self.refiller is not None and child.process.returncode != 0:  # it may have died unpublished
+                self.refiller.request_refill()
             ended = self.journal.series.end_associations_of(identity)
             if ended:
                 log.warning("%s left %d association(s) open: ended", identity, ended)

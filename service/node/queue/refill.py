@@ -23,6 +23,8 @@ from service.node.store import Journal, StoreError
 
 log = logging.getLogger(__name__)
 
+#: Instances per pipelined XADD round trip.
+PUBLISH_BATCH = 256
 #: Name of the file a receiver creates when a publish failed (in the data folder's run/).
 BACKLOG_MARKER = "queue-backlog"
 
@@ -35,8 +37,8 @@ def backlog_marker(data_dir: Path) -> Path:
 def refill(journal: Journal, queue: WorkQueue, node: str) -> int:
     """Publish every instance the journal has not yet processed; returns how many."""
     pending = journal.pending_instances()
-    for instance in pending:
-        queue.publish(node, instance)
+    for start in range(0, len(pending), PUBLISH_BATCH):
+        queue.publish_many(node, pending[start : start + PUBLISH_BATCH])
     return len(pending)
 
 
@@ -95,13 +97,22 @@ class Refiller:
             if created or backlog or self._refill_next:
                 self._marker.unlink(missing_ok=True)  # before the refill: a failure during it marks again
                 count = refill(self._journal, self._queue, self._node)
-                why = "a new or emptied Redis" if created else ("a failed publish" if backlog else "start")
+                why = (
+                    "a new or emptied Redis"
+                    if created
+                    else ("a failed publish" if backlog else "start or a receiver's end")
+                )
                 if count:
                     log.warning("queue refilled from the journal (%s): %d instance(s) published again", why, count)
                 self._refill_next = False
             apply_done_notes(self._journal, self._queue, self._node)
         except (QueueError, StoreError) as exc:
             log.error("queue check failed, trying again in %.1f s: %s", self._check_seconds, exc)
+
+    def request_refill(self) -> None:
+        """Publish the journal's waiting instances again at the next look (a receiver died: what it
+        had journaled and not yet published would otherwise wait for the next restart)."""
+        self._refill_next = True
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="queue-refill", daemon=True)

@@ -88,3 +88,17 @@ def test_done_notes_queue_the_outputs_for_this_nodes_sender_once(
     assert journal.outbox.entries(["pending"]) == []
     assert work_queue.done_notes("node-a") == []
     assert len(work_queue.done_notes("node-b")) == 1
+
+
+def test_a_requested_refill_publishes_the_waiting_instances_again(
+    journal: Journal, work_queue: WorkQueue, spool_root: Path, tmp_path: Path
+) -> None:
+    """A receiver died: what it journaled may not be in the stream; the supervisor asks for a refill."""
+    refiller = Refiller(journal, work_queue, "node-a", tmp_path, check_seconds=60)
+    refiller.check()
+    waiting = _journal_with(journal, spool_root, received=2, done=0)
+    refiller.check()
+    assert work_queue.lag() == (0, 0)  # nothing says they are missing
+    refiller.request_refill()
+    refiller.check()
+    assert [m.instance.sop_instance_uid for m in work_queue.read("w", block_seconds=0.05)] == waiting
