@@ -425,7 +425,10 @@ class QueueConfig(_Section):
         "longer than a series takes to assemble (assembly.idle_seconds) and process.",
     )
     check_seconds: float = Field(
-        2.0, gt=0, description="How often the node looks for an emptied Redis (then refills it from the journal)."
+        2.0,
+        gt=0,
+        description="How often a receiving node looks for an emptied Redis (then refills it from the journal) "
+        "and reads the done notes of workers on other machines (their results, for its sender).",
     )
     read_count: int = Field(64, ge=1, le=10000, description="Messages one read takes at most.")
 

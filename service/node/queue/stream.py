@@ -215,9 +215,24 @@ class WorkQueue:
         acked, _ = self._call(f"XACK on {self.stream}", pipe.execute)
         return int(acked)
 
-    def forget_consumer(self, consumer: str) -> None:
-        """Remove a consumer that stopped (its pending messages must have been acknowledged)."""
+    def forget_consumer(self, consumer: str) -> bool:
+        """Remove a consumer that stopped, if nothing is pending with it (Redis would drop its
+        pending entries with it: they are left for another worker to reclaim instead); returns
+        whether it was removed."""
+        pending = self._call(
+            f"XPENDING of {consumer}",
+            self._redis.xpending_range,
+            self.stream,
+            self.group,
+            min="-",
+            max="+",
+            count=1,
+            consumername=consumer,
+        )
+        if pending:
+            return False
         self._call(f"XGROUP DELCONSUMER {consumer}", self._redis.xgroup_delconsumer, self.stream, self.group, consumer)
+        return True
 
     def lag(self) -> tuple[int, int]:
         """(messages not yet delivered to any consumer, messages delivered and not acknowledged)."""

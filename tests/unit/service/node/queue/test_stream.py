@@ -104,3 +104,14 @@ def test_an_unreachable_redis_is_an_error_naming_it_without_the_password(tmp_pat
     assert "s3cret" not in str(caught.value)
     assert list(QueueCollector(queue).collect()) == []  # a scrape goes on without the queue's gauges
     assert redis_address("redis://h") == "h:6379/0"
+
+
+def test_a_consumer_is_forgotten_only_when_nothing_is_pending_with_it(work_queue: WorkQueue, redis_client) -> None:
+    work_queue.ensure_group()
+    work_queue.publish("node", received_instance(1))
+    (message,) = work_queue.read("w-1", block_seconds=0.05)
+    assert work_queue.forget_consumer("w-1") is False  # its pending message would vanish with it
+    assert work_queue.reclaim("w-2", min_idle_seconds=0) != []
+    assert work_queue.forget_consumer("w-1") is True
+    names = {c["name"].decode() for c in redis_client.xinfo_consumers(work_queue.stream, work_queue.group)}
+    assert names == {"w-2"}
