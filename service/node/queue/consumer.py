@@ -7,13 +7,17 @@ receiving box the row is there already; a worker on another machine journals it 
 journal (the path resolved against its mount of the shared spool). An instance the journal says
 is processed (a redelivery) is acknowledged at once, never processed twice.
 
-Assembly: the messages of a series are held until the series is ready by the assembler's timers on
-the receivers' clock (``received_at``): ``assembly.idle_seconds`` after its last instance, or
+Assembly: one consumer assembles a series, whichever receivers took its instances. The first to
+read an instance of it becomes its owner (a Redis key, ``SET NX`` with a time to live of
+``max_wait_seconds + reclaim_idle_seconds``); another consumer reading an instance of that series
+hands the message to the owner (``XCLAIM`` on its behalf), and the owner finds it among its own
+pending messages. A consumer that reclaims a dead one's messages takes its series over. The
+messages of a series are held until it is ready by the assembler's timers on the receivers' clock
+(``received_at``): ``assembly.idle_seconds`` after its last instance, or
 ``assembly.max_wait_seconds`` after its first. Then the worker claims, in its journal, every
 unclaimed ``received`` instance of the series (:meth:`~service.node.store.SeriesClaims.claim_series`),
-including those whose messages another consumer holds, so a series that arrived over several
-associations on different receivers is processed as one; the other consumers acknowledge theirs
-once the journal says done.
+including any whose message another consumer of the same journal still holds (those acknowledge
+theirs once the journal says done), and processes them as one batch.
 
 Acknowledgement: after :meth:`SeriesProcessor.process_batch
 <service.node.processor.SeriesProcessor.process_batch>` committed the outputs and outcomes
@@ -48,6 +52,8 @@ log = logging.getLogger(__name__)
 
 #: Longest wait for new messages in one read, seconds (also how often reclaiming is considered).
 READ_BLOCK_SECONDS = 0.5
+#: How often a consumer looks for messages other consumers handed it (series it assembles), seconds.
+OWN_PENDING_SECONDS = 0.25
 #: Pause after Redis could not be reached, seconds.
 REDIS_RETRY_SECONDS = 1.0
 
@@ -93,6 +99,7 @@ class StreamConsumer:
         self._clock = clock
         self._held: dict[SeriesKey, _Held] = {}
         self._next_reclaim = 0.0
+        self._next_own_look = 0.0
 
     @property
     def held(self) -> int:
@@ -119,25 +126,38 @@ class StreamConsumer:
         """Reclaim stale messages now and then, read new ones, process the series that are ready;
         returns how many series were processed."""
         if time.monotonic() >= self._next_reclaim:
-            self._take(self._queue.reclaim(self.consumer, min_idle_seconds=self._reclaim_idle))
+            self._take(self._queue.reclaim(self.consumer, min_idle_seconds=self._reclaim_idle), reclaimed=True)
             self._next_reclaim = time.monotonic() + min(self._reclaim_idle / 2, 5.0)
+        if time.monotonic() >= self._next_own_look:  # instances other consumers handed over
+            self._take(self._queue.read_own_pending(self.consumer))
+            self._next_own_look = time.monotonic() + OWN_PENDING_SECONDS
         now = self._clock()
         waits = [held.ready_in(now, self._idle, self._max_wait) for held in self._held.values()]
-        block = min([READ_BLOCK_SECONDS, *waits])
+        block = min([READ_BLOCK_SECONDS, self._next_own_look - time.monotonic(), *waits])
         if block > 0.001:
             self._take(self._queue.read(self.consumer, block_seconds=block))
         now = self._clock()
         ready = [key for key, held in self._held.items() if held.ready_in(now, self._idle, self._max_wait) <= 0]
+        if ready:  # what other consumers handed over until now belongs in these batches
+            self._take(self._queue.read_own_pending(self.consumer))
+            self._next_own_look = time.monotonic() + OWN_PENDING_SECONDS
+            ready = [key for key, held in self._held.items() if held.ready_in(now, self._idle, self._max_wait) <= 0]
         for key in ready:
             self._process(key)
         return len(ready)
 
-    def _take(self, messages: list[QueueMessage]) -> None:
+    def _take(self, messages: list[QueueMessage], *, reclaimed: bool = False) -> None:
         """Make each message's instance known to the journal and hold it; acknowledge redeliveries
-        of instances already processed."""
+        of instances already processed; hand the instances of a series another live consumer
+        assembles to that consumer (with ``reclaimed``: take the series over, its owner died)."""
         finished = []
+        owners: dict[SeriesKey, str] = {}
+        handed: dict[str, list[str]] = {}
         for message in messages:
             instance = message.instance
+            known = self._held.get(SeriesKey(instance.study_instance_uid, instance.series_instance_uid))
+            if known is not None and message.message_id in known.messages:
+                continue  # held already (a look at this consumer's own pending messages)
             state = self._journal.instance_state(instance.sop_instance_uid)
             if state is None:
                 self._journal.record_received(instance)  # a worker box of its own journal
@@ -148,12 +168,29 @@ class StreamConsumer:
                     continue
                 self._journal.record_received(instance)  # a newer copy than the one processed here
             key = SeriesKey(instance.study_instance_uid, instance.series_instance_uid)
+            if key not in owners:
+                owners[key] = (
+                    self.consumer
+                    if key in self._held
+                    else self._queue.own_series(
+                        self.consumer,
+                        key.study_instance_uid,
+                        key.series_instance_uid,
+                        ttl_seconds=self._max_wait + self._reclaim_idle,
+                        force=reclaimed,
+                    )
+                )
+            if owners[key] != self.consumer:
+                handed.setdefault(owners[key], []).append(message.message_id)
+                continue
             held = self._held.get(key)
             if held is None:
                 held = self._held[key] = _Held(instance.received_at, instance.received_at)
             held.first = min(held.first, instance.received_at)
             held.last = max(held.last, instance.received_at)
             held.messages[message.message_id] = message
+        for owner, message_ids in handed.items():
+            self._queue.transfer(message_ids, owner)
         self._finish(finished)
 
     def _process(self, key: SeriesKey) -> None:
@@ -176,6 +213,7 @@ class StreamConsumer:
             held.last = self._clock()
         else:
             del self._held[key]
+            self._queue.release_series(self.consumer, key.study_instance_uid, key.series_instance_uid)
 
     def _finish(self, messages: list[QueueMessage]) -> None:
         """Done notes to receiving nodes of other journals (with the outputs for their senders),
@@ -196,10 +234,11 @@ class StreamConsumer:
         """Stopping: publish the held messages again and acknowledge them, so another worker takes
         them now rather than after ``reclaim_idle_seconds``; then leave the group."""
         try:
-            for held in self._held.values():
+            for key, held in self._held.items():
                 for message in held.messages.values():
                     self._queue.publish(message.node, message.instance)
                 self._queue.ack(list(held.messages))
+                self._queue.release_series(self.consumer, key.study_instance_uid, key.series_instance_uid)
             self._held.clear()
             self._queue.forget_consumer(self.consumer)
         except QueueError as exc:  # they stay pending and are reclaimed after reclaim_idle_seconds

@@ -215,6 +215,58 @@ class WorkQueue:
         acked, _ = self._call(f"XACK on {self.stream}", pipe.execute)
         return int(acked)
 
+    def read_own_pending(self, consumer: str) -> list[QueueMessage]:
+        """Every message pending with ``consumer`` (``XREADGROUP 0``): what it holds, and what
+        other consumers handed it (:meth:`transfer`)."""
+        reply = self._call(
+            f"XREADGROUP 0 on {self.stream}",
+            self._redis.xreadgroup,
+            self.group,
+            consumer,
+            {self.stream: "0"},
+            count=10000,
+        )
+        return [self._message(mid, fields) for _, entries in reply or [] for mid, fields in entries if fields]
+
+    def transfer(self, message_ids: Sequence[str], consumer: str) -> None:
+        """Hand pending messages to another consumer (``XCLAIM`` with min idle 0, on its behalf)."""
+        if message_ids:
+            self._call(
+                f"XCLAIM to {consumer}",
+                self._redis.xclaim,
+                self.stream,
+                self.group,
+                consumer,
+                0,
+                list(message_ids),
+                justid=True,
+            )
+
+    # ------------------------------------------------------------------------- series ownership
+
+    def _owner_key(self, study: str, series: str) -> str:
+        return f"{self.stream}:owner:{study}:{series}"
+
+    def own_series(self, consumer: str, study: str, series: str, *, ttl_seconds: float, force: bool = False) -> str:
+        """The consumer that assembles this series: ``consumer`` when no live one does (or with
+        ``force``: it took over a dead one's messages); the key expires after ``ttl_seconds``."""
+        key = self._owner_key(study, series)
+        ttl = max(1, int(ttl_seconds * 1000))
+        for _ in range(3):
+            if self._call("SET of a series owner", self._redis.set, key, consumer, px=ttl, nx=not force):
+                return consumer
+            owner = self._call("GET of a series owner", self._redis.get, key)
+            if owner is not None:
+                return _text(owner)
+        return consumer  # the key keeps expiring under us: take it as ours
+
+    def release_series(self, consumer: str, study: str, series: str) -> None:
+        """The series is processed: a later instance of it may go to any consumer."""
+        key = self._owner_key(study, series)
+        owner = self._call("GET of a series owner", self._redis.get, key)
+        if owner is not None and _text(owner) == consumer:
+            self._call("DEL of a series owner", self._redis.delete, key)
+
     def forget_consumer(self, consumer: str) -> bool:
         """Remove a consumer that stopped, if nothing is pending with it (Redis would drop its
         pending entries with it: they are left for another worker to reclaim instead); returns

@@ -192,3 +192,40 @@ def test_instances_that_end_skipped_or_failed_are_acknowledged_too(
     consumer = _consumer(work_queue, journal, processor, "worker-0:1")
     _steps_until(consumer, lambda: work_queue.lag() == (0, 0) and processor.batches)
     assert processor.batches == [uids] and consumer.held == 0
+
+
+def test_a_series_read_by_two_consumers_on_two_machines_is_assembled_by_one(
+    journal: Journal, work_queue: WorkQueue, spool_root: Path, tmp_path: Path
+) -> None:
+    """Each worker box has its own journal, so only the series' owner in Redis keeps it whole."""
+    work_queue.ensure_group()
+    uids = _publish(journal, work_queue, spool_root, range(4))
+    work_queue.read_count = 2  # each consumer's read takes half of the series
+    with Journal(tmp_path / "box-a.sqlite") as box_a, Journal(tmp_path / "box-b.sqlite") as box_b:
+        on_a, on_b = JournalingProcessor(box_a), JournalingProcessor(box_b)
+        a = _consumer(work_queue, box_a, on_a, "worker-0:1", node="box-a", idle_seconds=0.5)
+        b = _consumer(work_queue, box_b, on_b, "worker-0:2", node="box-b", idle_seconds=0.5)
+        a.step()  # reads two, owns the series
+        b.step()  # reads two, hands them to a
+        assert a.held == 2 and b.held == 0
+        _steps_until(a, lambda: on_a.batches)
+        assert on_a.batches == [uids] and on_b.batches == []
+        _steps_until(a, lambda: work_queue.lag() == (0, 0))
+    assert apply_done_notes(journal, work_queue, "node-a") == 4
+
+
+def test_the_series_of_a_dead_owner_is_taken_over_with_its_messages(
+    journal: Journal, work_queue: WorkQueue, spool_root: Path
+) -> None:
+    work_queue.ensure_group()
+    first = _publish(journal, work_queue, spool_root, range(2))
+    study, series = received_instance(0).study_instance_uid, received_instance(0).series_instance_uid
+    assert work_queue.own_series("worker-9:9-0", study, series, ttl_seconds=600) == "worker-9:9-0"
+    work_queue.read("worker-9:9-0", block_seconds=0.05)  # then SIGKILLed
+    processor = JournalingProcessor(journal)
+    survivor = _consumer(work_queue, journal, processor, "worker-1:2", reclaim_idle_seconds=0.3)
+    _steps_until(survivor, lambda: processor.batches)
+    assert processor.batches == [first]
+    later = _publish(journal, work_queue, spool_root, [5])  # the series goes on: to the new owner
+    _steps_until(survivor, lambda: len(processor.batches) == 2)
+    assert processor.batches[1] == later
