@@ -43,7 +43,7 @@ COPY --from=wheel /dist /dist
 RUN python3 -m venv /opt/venv \
  && pip install --no-cache-dir --upgrade pip \
  && pip install --no-cache-dir torch==2.13.0 \
- && pip install --no-cache-dir torch==2.13.0 "$(ls /dist/pacs_xai-*.whl)[gpu]" \
+ && pip install --no-cache-dir torch==2.13.0 "$(ls /dist/pacs_xai-*.whl)[gpu,queue]" \
  && pip uninstall -y onnxruntime \
  && pip install --no-cache-dir --force-reinstall --no-deps 'onnxruntime-gpu>=1.18' \
  && rm -rf /dist \
@@ -51,7 +51,9 @@ RUN python3 -m venv /opt/venv \
 
 # A fixed uid/gid (10001) so Kubernetes' runAsUser/fsGroup and volume permissions can name it.
 RUN groupadd --system --gid 10001 pacs-xai \
- && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/pacs-xai --create-home pacs-xai
+ && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/pacs-xai --create-home pacs-xai \
+ && install -d -o 10001 -g 10001 /var/lib/pacs-xai/spool
+# (spool/ exists in the image so that a shared spool volume mounted there is the user's: the queue)
 
 # The default config; mount your own over it (a file mount or a Kubernetes ConfigMap at /etc/pacs-xai).
 COPY deploy/docker/node.yaml /etc/pacs-xai/node.yaml

@@ -7,8 +7,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # The CPU wheel of torch is installed first and pinned, so pip never pulls a CUDA build.
 TORCH  := torch==2.13.0
-SYSTEM_TOOLS := dciodvfy dcmdump dcmj2pnm storescu storescp echoscu Orthanc promtool
-SYSTEM_PACKAGES := dcmtk dicom3tools orthanc prometheus
+SYSTEM_TOOLS := dciodvfy dcmdump dcmj2pnm storescu storescp echoscu Orthanc promtool redis-server
+SYSTEM_PACKAGES := dcmtk dicom3tools orthanc prometheus redis-server
 
 .PHONY: demo test test-fast test-integration test-torture reliability lint train-demo train-saliency system-deps clean help viewer test-viewer viewer-deps
 
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[test,demo,export,models]'
+	$(BIN)/python -m pip install --quiet $(TORCH) -e '.[test,demo,export,models,queue]'
 	# TorchXRayVision (model init --torchxrayvision) without its dependency list, which would pull a
 	# torchvision build for another torch; what it imports is in the models and test extras.
 	$(BIN)/python -m pip install --quiet --no-deps torchxrayvision==1.3.5

@@ -117,7 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     receivers, workers = resolve_processes(config)
-    if (receivers, workers) != (1, 1):
+    if (receivers, workers) != (1, 1) or config.queue.redis_url:  # the queue runs in the processes
         try:  # the workers load the models; a wrong card or rule is one error here, not a restart loop
             compile_rules(config)
         except (ConfigError, ModelCardError) as exc:
@@ -126,8 +126,12 @@ def _serve(args: argparse.Namespace) -> int:
         supervisor = Supervisor(config, receivers, workers)
         supervisor.start()
         print(
-            f"pacs-xai listening as {config.listener.ae_title} on port {supervisor.port} "
-            f"({receivers} receiver and {workers} worker processes); Ctrl-C to stop",
+            (
+                f"pacs-xai listening as {config.listener.ae_title} on port {supervisor.port} "
+                if receivers
+                else "pacs-xai taking work from the queue (no DICOM listener) "
+            )
+            + f"({receivers} receiver and {workers} worker processes); Ctrl-C to stop",
             file=sys.stderr,
         )
         try:

@@ -38,8 +38,9 @@ MAX_PROCESSES = 64
 
 
 def _check_processes(value: int | str) -> int | str:
-    if value != "auto" and not (isinstance(value, int) and 1 <= value <= MAX_PROCESSES):
-        raise ValueError(f"processes must be 'auto' or an integer 1-{MAX_PROCESSES}, got {value!r}")
+    # 0 (a box of only workers, or only receivers) is checked against queue.redis_url by NodeConfig.
+    if value != "auto" and not (isinstance(value, int) and 0 <= value <= MAX_PROCESSES):
+        raise ValueError(f"processes must be 'auto' or an integer 0-{MAX_PROCESSES}, got {value!r}")
     return value
 
 
@@ -406,6 +407,39 @@ class MetricsConfig(_Section):
     port: int = Field(9110, ge=0, le=65535, description="HTTP port (0 picks a free one).")
 
 
+class QueueConfig(_Section):
+    """The work queue across machines (Redis Streams); off unless ``redis_url`` is set.
+
+    With it, receivers publish each journaled instance to ``stream`` and workers (on any machine)
+    read it through the consumer group ``group``; see docs/operations.md (running with Redis).
+    """
+
+    redis_url: str | None = Field(
+        None,
+        description="redis://host:6379/0 (rediss:// for TLS); omit for the embedded node (the journal alone).",
+    )
+    stream: str = Field("pacsxai:instances", min_length=1, description="The stream of journaled instances.")
+    group: str = Field("pacsxai-workers", min_length=1, description="The workers' consumer group.")
+    node_name: str | None = Field(
+        None,
+        description="This node's name in the messages it publishes (whose journal holds the instance); "
+        "default: the host name. Unique per intake box.",
+    )
+    reclaim_idle_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="A message pending this long with a consumer is taken over by another (XAUTOCLAIM): "
+        "longer than a series takes to assemble (assembly.idle_seconds) and process.",
+    )
+    check_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How often a receiving node looks for an emptied Redis (then refills it from the journal) "
+        "and reads the done notes of workers on other machines (their results, for its sender).",
+    )
+    read_count: int = Field(64, ge=1, le=10000, description="Messages one read takes at most.")
+
+
 class LoggingConfig(_Section):
     """Logs never carry patient data: UIDs at most."""
 
@@ -442,6 +476,9 @@ class NodeConfig(BaseSettings):
     pool: PoolConfig = Field(default_factory=PoolConfig, description="Inference pool (micro-batching).")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics and health endpoints.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+    queue: QueueConfig = Field(
+        default_factory=QueueConfig, description="Work queue across machines (Redis Streams); off by default."
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -461,6 +498,18 @@ class NodeConfig(BaseSettings):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"destination names must be unique, repeated: {duplicates}")
+        return self
+
+    @model_validator(mode="after")
+    def _no_processes_only_with_a_queue(self) -> NodeConfig:
+        receivers, workers = self.listener.processes, self.workers.processes
+        if (receivers == 0 or workers == 0) and self.queue.redis_url is None:
+            raise ValueError(
+                f"listener.processes={receivers!r}, workers.processes={workers!r}: 0 needs queue.redis_url "
+                "(a box of only receivers or only workers shares its work through Redis); set it or use 1 or more"
+            )
+        if receivers == 0 and workers == 0:
+            raise ValueError("listener.processes and workers.processes are both 0: the node would do nothing")
         return self
 
     @model_validator(mode="after")

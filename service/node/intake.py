@@ -23,6 +23,8 @@ from service.node.assembler import JournalAssembly
 from service.node.child import run_child
 from service.node.config import NodeConfig
 from service.node.metrics import create_metrics
+from service.node.queue.publish import PublishingAssembly
+from service.node.queue.stream import WorkQueue, default_node_name
 from service.node.receiver import Receiver
 from service.node.store import Journal, Spool
 
@@ -54,11 +56,16 @@ def serve_receiver(config: NodeConfig, identity: str, stop: threading.Event) -> 
     data_dir = Path(config.storage.data_dir)
     durability = config.storage.durability
     journal = Journal(data_dir / "journal.sqlite", durability=durability)
+    assembly = JournalAssembly(journal, identity)
+    queue = config.queue
+    if queue.redis_url:  # each journaled instance is also published to the stream (after its commit)
+        stream = WorkQueue(queue.redis_url, stream=queue.stream, group=queue.group, spool_root=data_dir / "spool")
+        assembly = PublishingAssembly(journal, identity, stream, queue.node_name or default_node_name(), data_dir)
     try:
         receiver = Receiver(
             Spool(data_dir / "spool", durability=durability),
             journal,
-            JournalAssembly(journal, identity),
+            assembly,
             create_metrics(),
         )
         scp = StorageSCP(dataclasses.replace(listener_settings(config), reuse_port=True), receiver)
@@ -66,6 +73,8 @@ def serve_receiver(config: NodeConfig, identity: str, stop: threading.Event) -> 
         stop.wait()
         scp.stop()
     finally:
+        if isinstance(assembly, PublishingAssembly):
+            assembly.close()  # what was journaled is published before the process ends
         journal.close()
     return 0
 

@@ -50,6 +50,8 @@ from service.node.child import SUPERVISOR_PID_ENV
 from service.node.config import NodeConfig, write_resolved_config
 from service.node.http import HealthServer
 from service.node.metrics import multiprocess_registry
+from service.node.queue.refill import Refiller
+from service.node.queue.stream import QueueCollector, WorkQueue, default_node_name
 from service.node.store import Journal, Spool
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ RESTART_DELAY_SECONDS = (0.5, 30.0)
 HEALTHY_AFTER_SECONDS = 60.0
 #: Seconds each kind of child gets to finish after SIGTERM before it is killed.
 DRAIN_SECONDS = {"intake": 60.0, "worker": 300.0, "delivery": 60.0}
+#: With the queue, the spool is shared: temp files younger than this may be another machine's writes.
+SHARED_SPOOL_TEMP_AGE_SECONDS = 3600.0
 
 
 @dataclass
@@ -90,7 +94,8 @@ class Supervisor:
     die with the thread that started them (PR_SET_PDEATHSIG)."""
 
     def __init__(self, config: NodeConfig, receivers: int, workers: int, *, python: str = sys.executable) -> None:
-        if receivers < 1 or workers < 1:
+        queued = config.queue.redis_url is not None  # a box of only receivers or only workers shares through Redis
+        if (receivers < 1 or workers < 1) and not (queued and receivers + workers >= 1):
             raise ValueError(f"a node needs at least one receiver and one worker, got {receivers} and {workers}")
         self.config = config
         self._python = python
@@ -100,14 +105,16 @@ class Supervisor:
         self.metrics_dir = self.run_dir / "metrics"
         self.spool = Spool(data_dir / "spool", durability=config.storage.durability)
         self.journal = Journal(data_dir / "journal.sqlite", durability=config.storage.durability)
+        # A box of only workers has no sender: its results go to the receiving node's journal (queue).
         self.children = (
             [Child(f"receiver-{n}", "intake") for n in range(receivers)]
             + [Child(f"worker-{n}", "worker") for n in range(workers)]
-            + [Child("sender", "delivery")]
+            + ([Child("sender", "delivery")] if receivers else [])
         )
         self._port_holder: socket.socket | None = None
         self._stopping = threading.Event()
         self.http: HealthServer | None = None
+        self.refiller: Refiller | None = None
 
     @property
     def port(self) -> int:
@@ -122,7 +129,8 @@ class Supervisor:
 
     def start(self) -> None:
         """Clean up after the previous run, hold the port, start every child and the HTTP endpoints."""
-        self.spool.remove_stale_temp_files()
+        # A spool shared with other machines (the queue): only what no live writer can still own.
+        self.spool.remove_stale_temp_files(SHARED_SPOOL_TEMP_AGE_SECONDS if self.config.queue.redis_url else 0.0)
         released = self.journal.series.release_all()
         ended = self.journal.series.end_all_associations()
         if released or ended:
@@ -130,30 +138,50 @@ class Supervisor:
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.metrics_dir.mkdir(parents=True)
         listener = self.config.listener
-        self._port_holder = socket.socket(socket.AF_INET6 if ":" in listener.bind_address else socket.AF_INET)
-        self._port_holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        self._port_holder.bind((listener.bind_address, listener.port))
         receivers = sum(child.module == "intake" for child in self.children)
+        if receivers:
+            self._port_holder = socket.socket(socket.AF_INET6 if ":" in listener.bind_address else socket.AF_INET)
+            self._port_holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            self._port_holder.bind((listener.bind_address, listener.port))
         self._config_path = write_resolved_config(
             self.config,
             self.run_dir / "config.json",
-            listener={"port": self.port, "processes": receivers},
-            workers={"processes": len(self.children) - receivers - 1},
+            listener={"port": self.port if receivers else listener.port, "processes": receivers},
+            workers={"processes": sum(child.module == "worker" for child in self.children)},
         )
+        queue = self.config.queue
+        if queue.redis_url and receivers:  # this box's journal feeds the stream: refill it before any child runs
+            stream = WorkQueue(queue.redis_url, stream=queue.stream, group=queue.group, spool_root=self.spool.root)
+            self.refiller = Refiller(
+                self.journal,
+                stream,
+                queue.node_name or default_node_name(),
+                Path(self.config.storage.data_dir),
+                check_seconds=queue.check_seconds,
+            )
+            self.refiller.check()
+            self.refiller.start()
         for child in self.children:
             self._spawn(child)
         if self.config.metrics.enabled:
             registry = multiprocess_registry(self.metrics_dir, self.journal.counts)
+            if queue.redis_url:
+                registry.register(
+                    QueueCollector(
+                        WorkQueue(queue.redis_url, stream=queue.stream, group=queue.group, spool_root=self.spool.root)
+                    )
+                )
             metrics = self.config.metrics
             self.http = HealthServer(registry, self.readiness, bind=metrics.bind_address, port=metrics.port)
             self.http.start()
         log.info(
-            "node %s on %s:%d in %d receiver and %d worker process(es) and a sender",
+            "node %s on %s:%d in %d receiver and %d worker process(es)%s",
             listener.ae_title,
             listener.bind_address,
-            self.port,
+            self.port if receivers else 0,
             receivers,
-            len(self.children) - receivers - 1,
+            sum(child.module == "worker" for child in self.children),
+            " and a sender" if receivers else " (results to the receiving nodes through the queue)",
         )
 
     def readiness(self) -> tuple[bool, str]:
@@ -216,6 +244,8 @@ class Supervisor:
                 self._release(child)
         if self.http:
             self.http.stop()
+        if self.refiller is not None:
+            self.refiller.stop()
         if self._port_holder is not None:
             self._port_holder.close()
         self.journal.close()
@@ -242,6 +272,8 @@ class Supervisor:
             multiprocess.mark_process_dead(pid, str(self.metrics_dir))
         (self.run_dir / f"warm-{identity}").unlink(missing_ok=True)
         if child.module == "intake":
+            if self.refiller is not None and child.process.returncode != 0:  # it may have died unpublished
+                self.refiller.request_refill()
             ended = self.journal.series.end_associations_of(identity)
             if ended:
                 log.warning("%s left %d association(s) open: ended", identity, ended)

@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -33,6 +33,8 @@ from service.node.child import run_child
 from service.node.config import NodeConfig, available_cores, resolve_processes
 from service.node.metrics import create_metrics
 from service.node.processor import STORE_RETRY_SECONDS, SeriesProcessor
+from service.node.queue.consumer import StreamConsumer
+from service.node.queue.stream import WorkQueue, default_node_name
 from service.node.routing import ModelRegistry, Router
 from service.node.store import Journal, Spool, StoreError
 
@@ -77,12 +79,15 @@ def serve_worker(config: NodeConfig, identity: str, stop: threading.Event) -> in
         processor = SeriesProcessor(
             router, Spool(data_dir / "spool", durability=durability), journal, config.destinations, metrics
         )
-        threads = [
-            threading.Thread(
-                target=_claim_loop, args=(config, identity, journal, processor, stop), name=f"{identity}-{n}"
-            )
-            for n in range(config.workers.pipeline)
-        ]
+        if config.queue.redis_url:  # series come from the Redis stream, not from the journal
+            loops = [
+                _stream_loop(config, identity, n, journal, processor, stop) for n in range(config.workers.pipeline)
+            ]
+        else:
+            loops = [
+                lambda: _claim_loop(config, identity, journal, processor, stop) for _ in range(config.workers.pipeline)
+            ]
+        threads = [threading.Thread(target=loop, name=f"{identity}-{n}") for n, loop in enumerate(loops)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -91,6 +96,39 @@ def serve_worker(config: NodeConfig, identity: str, stop: threading.Event) -> in
         models.close()
         journal.close()
     return 0
+
+
+def _stream_loop(
+    config: NodeConfig, identity: str, n: int, journal: Journal, processor: SeriesProcessor, stop: threading.Event
+) -> Callable[[], None]:
+    """One consumer of the Redis stream (:mod:`service.node.queue.consumer`), as a thread's body."""
+    queue = config.queue
+    stream = WorkQueue(
+        str(queue.redis_url),
+        stream=queue.stream,
+        group=queue.group,
+        spool_root=Path(config.storage.data_dir) / "spool",
+        read_count=queue.read_count,
+    )
+    consumer = StreamConsumer(
+        stream,
+        journal,
+        processor,
+        worker=identity,
+        consumer=f"{identity}-{n}",
+        node=queue.node_name or default_node_name(),
+        idle_seconds=config.assembly.idle_seconds,
+        max_wait_seconds=config.assembly.max_wait_seconds,
+        reclaim_idle_seconds=queue.reclaim_idle_seconds,
+    )
+
+    def loop() -> None:
+        try:
+            consumer.run(stop)
+        finally:
+            stream.close()
+
+    return loop
 
 
 def _claim_loop(

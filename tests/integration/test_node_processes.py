@@ -84,7 +84,7 @@ def test_a_receiver_process_stores_and_loads_neither_torch_nor_onnxruntime(tmp_p
 class _Node:
     """``pacs-xai serve`` in a subprocess, its log in a file."""
 
-    def __init__(self, tmp_path: Path, destination_port: int) -> None:
+    def __init__(self, tmp_path: Path, destination_port: int, extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.data_dir = tmp_path / "node"
         self.journal = self.data_dir / "journal.sqlite"
@@ -98,6 +98,7 @@ class _Node:
             "PACS_XAI_METRICS__PORT": "0",
             "PACS_XAI_SEND__BASE_DELAY_SECONDS": "0.2",
             "OMP_NUM_THREADS": "1",
+            **(extra_env or {}),
         }
         command = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)]
         command += ["--data-dir", str(self.data_dir), "--destination", f"DEST@127.0.0.1:{destination_port}"]

@@ -28,6 +28,7 @@ from service.inference.card import ModelCard
 from service.models import demo_card_path
 from service.node.config import NodeConfig, load_config
 from service.node.metrics import STAGES, JournalCollector, create_metrics
+from service.node.queue.stream import QueueCollector
 from tests.helpers import REPO_ROOT
 
 ROOT = REPO_ROOT
@@ -194,6 +195,13 @@ def test_the_image_installs_the_built_wheel_not_the_source_tree() -> None:
 # --- metric names -------------------------------------------------------------------------------
 
 
+class _QuietQueue:
+    """A queue whose stream is empty: what :class:`QueueCollector` reads, without a Redis."""
+
+    def lag(self) -> tuple[int, int]:
+        return 0, 0
+
+
 @pytest.fixture(scope="module")
 def exported() -> dict[str, dict[str, set[str]]]:
     """Every series name the node exports, with the label values seen on collected samples.
@@ -204,6 +212,7 @@ def exported() -> dict[str, dict[str, set[str]]]:
     """
     metrics = create_metrics()
     metrics.registry.register(JournalCollector(lambda: {}))
+    metrics.registry.register(QueueCollector(_QuietQueue()))  # type: ignore[arg-type]
     names: dict[str, dict[str, set[str]]] = {}
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     for family in metrics.registry.collect():
@@ -281,6 +290,19 @@ def test_the_autoscaler_metric_is_exported(exported) -> None:
     _check_names([rule["seriesQuery"], rule["name"]["as"]], exported, "the prometheus-adapter rule")
     assert rule["name"]["as"] == names[0]
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+
+
+def test_the_worker_autoscaler_reads_the_queue_backlog_the_adapter_serves(exported) -> None:
+    hpa = _one(_k8s_objects("queue/hpa.yaml"), "HorizontalPodAutoscaler")
+    worker = _one(_k8s_objects("queue/worker.yaml"), "Deployment")
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", worker["metadata"]["name"])
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "External" and metric["external"]["target"]["type"] == "AverageValue"
+    (rule,) = _load_yaml(K8S / "prometheus-adapter-rules.yaml")["rules"]["external"]
+    assert rule["name"]["as"] == metric["external"]["metric"]["name"]
+    used = _check_names([rule["seriesQuery"], rule["metricsQuery"]], exported, "the external rule")
+    assert used == {"pacsxai_queue_lag", "pacsxai_queue_pending"}
 
 
 # --- dashboard and alerts -----------------------------------------------------------------------
@@ -477,13 +499,66 @@ def _mounts(service: dict) -> dict[str, str]:
 
 
 def test_compose_has_the_whole_stack(compose) -> None:
-    assert {"orthanc", "pacs-xai", "prometheus", "grafana", "ohif"} <= set(compose["services"])
+    assert {"orthanc", "pacs-xai", "pacs-xai-worker", "redis", "prometheus", "grafana", "ohif"} <= set(
+        compose["services"]
+    )
     assert (COMPOSE / compose["services"]["pacs-xai"]["build"]["context"]).resolve() == ROOT
     assert (ROOT / compose["services"]["pacs-xai"]["build"]["dockerfile"]).is_file()
     gpu = _load_yaml(COMPOSE / "docker-compose.gpu.yml")["services"]
-    assert set(gpu) == {"pacs-xai"}
-    (device,) = gpu["pacs-xai"]["deploy"]["resources"]["reservations"]["devices"]
+    assert set(gpu) == {"pacs-xai-worker"}  # the model tier
+    (device,) = gpu["pacs-xai-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+
+
+def _tier_config(service: dict) -> NodeConfig:
+    """compose/node.yaml as a service's environment changes it (PACS_XAI_* variables)."""
+    overrides: dict[str, Any] = {}
+    for name, value in (service.get("environment") or {}).items():
+        section, _, key = name.removeprefix("PACS_XAI_").lower().partition("__")
+        overrides.setdefault(section, {})[key] = value if not str(value).isdigit() else int(value)
+    return load_config(NODE_CONFIGS["compose"], overrides)
+
+
+def _named_volumes(service: dict) -> dict[str, str]:
+    """Container path -> named volume of a service."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if not source.startswith("."):
+            mounts[target] = source
+    return mounts
+
+
+def test_compose_runs_receivers_and_workers_as_two_tiers_on_a_durable_redis(compose) -> None:
+    services = compose["services"]
+    intake, worker, redis_service = services["pacs-xai"], services["pacs-xai-worker"], services["redis"]
+    node = _config("compose")
+    assert node.queue.redis_url is not None
+    url = re.fullmatch(r"redis://([\w-]+):(\d+)/\d+", node.queue.redis_url)
+    assert url and url.group(1) == "redis" and int(url.group(2)) == 6379  # redis-server's default port
+    # Redis: AOF, every write fsynced before the reply, no RDB snapshots, on a named volume.
+    command = redis_service["command"]
+    assert command[0] == "redis-server"
+    flags = dict(zip(command[1::2], command[2::2], strict=True))
+    assert flags == {"--appendonly": "yes", "--appendfsync": "always", "--save": ""}
+    assert _named_volumes(redis_service)["/data"] in compose["volumes"]
+    assert re.fullmatch(r"redis:\$\{REDIS_VERSION:-\d+\.\d+\}", redis_service["image"])  # a pinned default
+    # Tiers: receivers + sender without a model; workers without a listener; both valid configs.
+    receiving, working = _tier_config(intake), _tier_config(worker)
+    assert (receiving.listener.processes, receiving.workers.processes) == ("auto", 0)
+    assert (working.listener.processes, working.workers.processes) == (0, "auto")
+    assert not working.queue.node_name and receiving.queue.node_name  # each worker replica its host name
+    assert worker["image"] == intake["image"] and {"redis"} <= set(intake["depends_on"]) & set(worker["depends_on"])
+    # One spool on a shared volume, at the spool folder of the same data_dir.
+    spool = str(PurePosixPath(str(node.storage.data_dir)) / "spool")
+    assert _named_volumes(intake)[spool] == _named_volumes(worker)[spool] == "pacs-xai-spool"
+    assert _named_volumes(intake)[str(node.storage.data_dir)] == "pacs-xai-data"
+    assert str(node.storage.data_dir) not in _named_volumes(worker)  # a worker keeps nothing else
+    assert any("install -d -o 10001 -g 10001 " + spool in rest for rest in _instruction("RUN"))
+    # Prometheus scrapes every worker replica too (pacsxai_queue_lag comes from both tiers).
+    (job,) = _load_yaml(COMPOSE / "prometheus.yml")["scrape_configs"]
+    (dns,) = job["dns_sd_configs"]
+    assert dns["names"] == ["pacs-xai-worker"] and dns["port"] == node.metrics.port
 
 
 def test_compose_bind_mounts_exist(compose) -> None:
@@ -625,6 +700,67 @@ def test_workload_matches_the_node_config_and_the_image(workload: str) -> None:
         assert template["metadata"]["name"] == "data" and "data" not in volumes
 
 
+def _env(container: dict) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def _tier(container: dict) -> NodeConfig:
+    """base/node.yaml as a container's PACS_XAI_* variables change it (a pod-name reference as a name)."""
+    overrides: dict[str, Any] = {}
+    for name, value in _env(container).items():
+        if name.startswith("PACS_XAI_"):
+            section, _, key = name.removeprefix("PACS_XAI_").lower().partition("__")
+            value = "pod-name" if isinstance(value, dict) else value
+            overrides.setdefault(section, {})[key] = int(value) if value.isdigit() else value
+    return load_config(NODE_CONFIGS["k8s"], overrides)
+
+
+def test_queue_tiers_share_the_spool_claim_and_redis_and_keep_their_journals_apart() -> None:
+    intake = _one(_k8s_objects("queue/intake.yaml"), "StatefulSet")
+    worker = _one(_k8s_objects("queue/worker.yaml"), "Deployment")
+    redis_set = _one(_k8s_objects("queue/redis.yaml"), "StatefulSet")
+    claim = _one(_k8s_objects("queue/spool-pvc.yaml"), "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    node = _config("k8s")
+    spool = str(PurePosixPath(str(node.storage.data_dir)) / "spool")
+    tiers = {}
+    for obj in (intake, worker):
+        pod = obj["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes[mounts[spool]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        tiers[obj["kind"]] = (_tier(container), mounts, volumes, container)
+        # The pod's name names its journal in the messages (unique, and stable for the StatefulSet).
+        assert _env(container)["PACS_XAI_QUEUE__NODE_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        assert obj["spec"]["selector"]["matchLabels"].items() <= obj["spec"]["template"]["metadata"]["labels"].items()
+    receiving, mounts, volumes, container = tiers["StatefulSet"]
+    assert receiving.workers.processes == 0 and receiving.listener.processes == "auto"
+    assert "data" not in volumes and intake["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    assert mounts[str(node.storage.data_dir)] == "data"  # its own journal, kept across restarts
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    working, mounts, volumes, container = tiers["Deployment"]
+    assert working.listener.processes == 0
+    assert "emptyDir" in volumes[mounts[str(node.storage.data_dir)]]  # keeps nothing of its own
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {p["name"] for p in container["ports"]} == {"metrics"}
+    assert receiving.queue.redis_url == working.queue.redis_url
+    # The URL names the Redis Service and its port; Redis is durable: AOF, fsync always, no RDB.
+    service = next(o for o in _k8s_objects("queue/redis.yaml") if o["kind"] == "Service")
+    url = re.fullmatch(r"redis://([\w-]+):(\d+)/\d+", str(receiving.queue.redis_url))
+    assert (
+        url and url.group(1) == service["metadata"]["name"] and int(url.group(2)) == service["spec"]["ports"][0]["port"]
+    )
+    (redis_container,) = redis_set["spec"]["template"]["spec"]["containers"]
+    args = redis_container["args"]
+    flags = dict(zip(args[1::2], args[2::2], strict=True))
+    assert {"--appendonly": "yes", "--appendfsync": "always", "--save": ""}.items() <= flags.items()
+    (data_mount,) = redis_container["volumeMounts"]
+    assert flags["--dir"] == data_mount["mountPath"]
+    assert redis_set["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == data_mount["name"]
+    assert re.fullmatch(r"redis:\d+\.\d+", redis_container["image"])  # a pinned tag
+
+
 def test_service_routes_dicom_and_metrics_with_client_affinity() -> None:
     node = _config("k8s")
     service = _one(_k8s_objects("base/service.yaml"), "Service")
@@ -668,7 +804,7 @@ def _kustomize() -> list[str]:
     pytest.skip("neither kustomize nor kubectl installed")
 
 
-@pytest.mark.parametrize("folder", ["k8s", "k8s/scale-out"])
+@pytest.mark.parametrize("folder", ["k8s", "k8s/scale-out", "k8s/queue"])
 def test_kustomization_builds(folder: str) -> None:
     command = _kustomize()
     result = subprocess.run([*command, str(DEPLOY / folder)], capture_output=True, text=True, timeout=120)
@@ -677,6 +813,12 @@ def test_kustomization_builds(folder: str) -> None:
     kinds = sorted(obj["kind"] for obj in objects)
     workload = "Deployment" if folder == "k8s" else "StatefulSet"
     assert workload in kinds and "Service" in kinds and "ConfigMap" in kinds
+    if folder == "k8s/queue":  # DICOM to the intake pods only; the worker Deployment and Redis beside them
+        service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "pacs-xai")
+        workers = next(o for o in objects if o["kind"] == "Deployment")
+        assert service["spec"]["selector"]["app.kubernetes.io/component"] == "dicom-node"
+        assert not service["spec"]["selector"].items() <= workers["spec"]["template"]["metadata"]["labels"].items()
+        objects = [o for o in objects if o["metadata"]["name"] != "pacs-xai-redis"]
     assert all(obj["metadata"].get("namespace") == "pacs-xai" for obj in objects if obj["kind"] != "Namespace")
     configmap = _one(objects, "ConfigMap")
     pod = _one(objects, workload)["spec"]["template"]["spec"]

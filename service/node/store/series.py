@@ -167,21 +167,14 @@ class SeriesClaims:
             if not ready:
                 return None
             chosen = min(ready, key=lambda s: s.first)
-            uids = [
-                row[0]
-                for row in db.execute(
-                    "SELECT i.sop_instance_uid FROM instances AS i WHERE i.state = 'received' "
-                    "AND i.study_instance_uid = ? AND i.series_instance_uid = ? AND NOT EXISTS "
-                    "(SELECT 1 FROM claims AS c WHERE c.sop_instance_uid = i.sop_instance_uid) "
-                    "ORDER BY i.received_at, i.rowid",
-                    (chosen.study, chosen.series),
-                )
-            ]
-            db.executemany(
-                "INSERT INTO claims (sop_instance_uid, worker, claimed_at) VALUES (?, ?, ?)",
-                [(uid, worker, now) for uid in uids],
-            )
-        return ReadySeries(chosen.study, chosen.series, tuple(uids))
+            uids = _claim_unclaimed(db, worker, chosen.study, chosen.series, now)
+        return ReadySeries(chosen.study, chosen.series, uids)
+
+    def claim_series(self, worker: str, study_instance_uid: str, series_instance_uid: str) -> tuple[str, ...]:
+        """Claim for ``worker`` every unclaimed ``received`` instance of one series, whatever its
+        readiness (a worker of the Redis queue decided it is ready); their UIDs in arrival order."""
+        with self._connection.transaction() as db:
+            return _claim_unclaimed(db, worker, study_instance_uid, series_instance_uid, self._clock())
 
     def claimed_by(self, worker: str) -> list[str]:
         """SOP Instance UIDs ``worker`` has claimed and not yet marked processed."""
@@ -205,6 +198,25 @@ class SeriesClaims:
 def drop_claims(db: sqlite3.Connection, sop_instance_uids: Sequence[str]) -> None:
     """Inside a journal transaction: the instances were marked processed, their claims end."""
     db.executemany("DELETE FROM claims WHERE sop_instance_uid = ?", [(uid,) for uid in sop_instance_uids])
+
+
+def _claim_unclaimed(db: sqlite3.Connection, worker: str, study: str, series: str, now: float) -> tuple[str, ...]:
+    """Inside a write transaction: claim the unclaimed received instances of a series; their UIDs."""
+    uids = [
+        row[0]
+        for row in db.execute(
+            "SELECT i.sop_instance_uid FROM instances AS i WHERE i.state = 'received' "
+            "AND i.study_instance_uid = ? AND i.series_instance_uid = ? AND NOT EXISTS "
+            "(SELECT 1 FROM claims AS c WHERE c.sop_instance_uid = i.sop_instance_uid) "
+            "ORDER BY i.received_at, i.rowid",
+            (study, series),
+        )
+    ]
+    db.executemany(
+        "INSERT INTO claims (sop_instance_uid, worker, claimed_at) VALUES (?, ?, ?)",
+        [(uid, worker, now) for uid in uids],
+    )
+    return tuple(uids)
 
 
 def _waiting(db: sqlite3.Connection) -> list[_Waiting]:

@@ -25,6 +25,7 @@ import contextlib
 import datetime as dt
 import os
 import re
+import time
 import uuid
 from pathlib import Path
 from typing import Literal
@@ -116,12 +117,18 @@ class Spool:
         validate_uid(sop_uid, "SOP Instance UID")
         return self._write_atomic(self.outbox_dir / f"{sop_uid}.dcm", data)
 
-    def remove_stale_temp_files(self) -> int:
-        """Delete temp files a killed process left behind (call at start-up, before receiving); returns how many."""
+    def remove_stale_temp_files(self, older_than_seconds: float = 0.0) -> int:
+        """Delete temp files a killed process left behind (call at start-up, before receiving); returns how many.
+
+        ``older_than_seconds``: only those last written that long ago (a spool shared with other
+        machines, whose writers may be writing now)."""
         removed = 0
+        cutoff = time.time() - older_than_seconds
         for folder in (self.instances_dir, self.quarantine_dir, self.outbox_dir):
             for temp in folder.rglob(f".*{_TEMP_SUFFIX}"):
                 try:
+                    if older_than_seconds and temp.stat().st_mtime > cutoff:
+                        continue
                     temp.unlink()
                 except FileNotFoundError:
                     continue

@@ -263,8 +263,22 @@ def test_processes_auto_follows_the_cores_and_one_and_one_is_the_single_process_
     assert resolve_processes(load_config(None), cores=16) == (4, 8)
     single = load_config(None, {"listener": {"processes": 1}, "workers": {"processes": 1}})
     assert resolve_processes(single, cores=16) == (1, 1)
-    with pytest.raises(ConfigError, match="workers.processes.*'auto' or an integer 1-64.*found 0"):
+    with pytest.raises(ConfigError, match="workers.processes=0: 0 needs queue.redis_url"):
         load_config(None, {"workers": {"processes": 0}})
+    with pytest.raises(ConfigError, match="'auto' or an integer 0-64.*found 65"):
+        load_config(None, {"workers": {"processes": 65}})
+
+
+def test_the_queue_is_off_by_default_and_allows_a_box_of_only_receivers_or_only_workers() -> None:
+    assert load_config(None).queue.redis_url is None
+    queued = {"queue": {"redis_url": "redis://127.0.0.1:6379/0"}}
+    intake = load_config(None, {**queued, "workers": {"processes": 0}})
+    assert resolve_processes(intake, cores=2) == (2, 0)
+    assert resolve_processes(load_config(None, {**queued, "listener": {"processes": 0}}), cores=2) == (0, 2)
+    with pytest.raises(ConfigError, match="both 0: the node would do nothing"):
+        load_config(None, {**queued, "listener": {"processes": 0}, "workers": {"processes": 0}})
+    with pytest.raises(ConfigError, match="reclaim_idle_seconds"):
+        load_config(None, {"queue": {"reclaim_idle_seconds": 0}})
 
 
 def test_a_container_cpu_quota_caps_the_cores(tmp_path: Path) -> None:

@@ -148,3 +148,25 @@ def test_workers_racing_on_separate_connections_never_claim_the_same_instance(tm
     assert sum(len(batches) for batches in taken.values()) == 20, "one claim per series"
     for journal in (setup, *workers):
         journal.close()
+
+
+def test_claim_series_takes_every_unclaimed_waiting_instance_of_one_series_whatever_its_readiness(
+    tmp_path: Path,
+) -> None:
+    """The queue's workers decide readiness themselves; the journal still keeps two from one instance."""
+    clock = FakeClock(1_000.0)
+    with _open(tmp_path / "j.sqlite", clock) as journal:
+        journal.series.association_opened("open", "receiver-0:1")  # still open: claim_ready would wait
+        a = [_instance(n, "a", "open", 1_000.0 + n) for n in range(3)]
+        b = _instance(9, "b", "open", 1_000.0)
+        for instance in [*a, b]:
+            journal.record_received(instance)
+        journal.mark_processed([a[1].sop_instance_uid], "done")
+        study, series = a[0].study_instance_uid, a[0].series_instance_uid
+        assert _claim(journal, "worker-0:1") is None
+        assert journal.series.claim_series("worker-0:1", study, series) == (
+            a[0].sop_instance_uid,
+            a[2].sop_instance_uid,
+        )
+        assert journal.series.claim_series("worker-1:2", study, series) == ()  # claimed already
+        assert journal.series.claimed_by("worker-0:1") == [a[0].sop_instance_uid, a[2].sop_instance_uid]

@@ -189,3 +189,16 @@ def test_sigkill_at_any_moment_leaves_every_journal_row_pointing_to_a_complete_f
         Spool(tmp_path / "spool").remove_stale_temp_files()
         assert temp_files(tmp_path) == []
     assert len(acknowledged) >= 24
+
+
+def test_on_a_shared_spool_only_old_temp_files_are_removed(tmp_path: Path) -> None:
+    """Other machines write into a shared spool now: their temp files are young and kept."""
+    spool = Spool(tmp_path / "spool")
+    old = spool.instances_dir / "a" / ".old.dcm.abc.tmp"
+    young = spool.instances_dir / "a" / ".young.dcm.abc.tmp"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"left by a killed writer")
+    young.write_bytes(b"being written")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert spool.remove_stale_temp_files(older_than_seconds=3600) == 1
+    assert not old.exists() and young.exists()

@@ -1,0 +1,245 @@
+"""A worker's side of the queue: read instances from the consumer group, assemble them into
+series, process each ready series, and acknowledge only once the outputs are in the outbox.
+
+One :class:`StreamConsumer` per pipeline thread of a worker process (Redis consumer
+``<worker>-<n>``). Each message's instance is first made known to the worker's journal: on the
+receiving box the row is there already; a worker on another machine journals it in its own
+journal (the path resolved against its mount of the shared spool). An instance the journal says
+is processed (a redelivery) is acknowledged at once, never processed twice.
+
+Assembly: one consumer assembles a series, whichever receivers took its instances. The first to
+read an instance of it becomes its owner (a Redis key, ``SET NX`` with a time to live of
+``max_wait_seconds + reclaim_idle_seconds``); another consumer reading an instance of that series
+hands the message to the owner (``XCLAIM`` on its behalf), and the owner finds it among its own
+pending messages. A consumer that reclaims a dead one's messages takes its series over. The
+messages of a series are held until it is ready by the assembler's timers on the receivers' clock
+(``received_at``): ``assembly.idle_seconds`` after its last instance, or
+``assembly.max_wait_seconds`` after its first. Then the worker claims, in its journal, every
+unclaimed ``received`` instance of the series (:meth:`~service.node.store.SeriesClaims.claim_series`),
+including any whose message another consumer of the same journal still holds (those acknowledge
+theirs once the journal says done), and processes them as one batch.
+
+Acknowledgement: after :meth:`SeriesProcessor.process_batch
+<service.node.processor.SeriesProcessor.process_batch>` committed the outputs and outcomes
+(one journal transaction per instance), a done note goes to a receiving node whose journal is not
+this one, with the outbox rows (files in the shared spool): that node's journal takes them and its
+sender delivers them (:mod:`service.node.queue.refill`); then ``XACK``, and this journal forgets
+those rows. A box of only workers keeps nothing that is not also in a receiving node's journal
+or in Redis, so it may be replaced at any time (a Kubernetes Deployment). A worker killed before the
+``XACK`` leaves its messages pending; another worker reclaims them after
+``queue.reclaim_idle_seconds`` (``XAUTOCLAIM``) and either processes them (the claim was released
+by the supervisor) or acknowledges them (the journal says done). Derived UIDs are deterministic, so
+even an instance processed twice on two machines replaces its results instead of duplicating them.
+
+SIGTERM: the batch in hand finishes; messages held for series not yet ready are published again and
+acknowledged, so another worker takes them at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from service.node.assembler import SeriesKey
+from service.node.processor import STORE_RETRY_SECONDS, SeriesProcessor
+from service.node.queue.stream import QueueError, QueueMessage, WorkQueue
+from service.node.store import Journal, StoreError
+
+log = logging.getLogger(__name__)
+
+#: Longest wait for new messages in one read, seconds (also how often reclaiming is considered).
+READ_BLOCK_SECONDS = 0.5
+#: How often a consumer looks for messages other consumers handed it (series it assembles), seconds.
+OWN_PENDING_SECONDS = 0.25
+#: Pause after Redis could not be reached, seconds.
+REDIS_RETRY_SECONDS = 1.0
+
+
+@dataclass
+class _Held:
+    """The messages of one series this consumer holds, and the series' first and last arrival."""
+
+    first: float
+    last: float
+    messages: dict[str, QueueMessage] = field(default_factory=dict)
+
+    def ready_in(self, now: float, idle_seconds: float, max_wait_seconds: float) -> float:
+        return min(self.first + max_wait_seconds, self.last + idle_seconds) - now
+
+
+class StreamConsumer:
+    """One consumer of the group; :meth:`run` until the stop event is set."""
+
+    def __init__(
+        self,
+        queue: WorkQueue,
+        journal: Journal,
+        processor: SeriesProcessor,
+        *,
+        worker: str,
+        consumer: str,
+        node: str,
+        idle_seconds: float,
+        max_wait_seconds: float,
+        reclaim_idle_seconds: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._queue = queue
+        self._journal = journal
+        self._processor = processor
+        self._worker = worker  # the journal's claims name the worker process (the supervisor releases them)
+        self.consumer = consumer
+        self._node = node
+        self._idle = idle_seconds
+        self._max_wait = max_wait_seconds
+        self._reclaim_idle = reclaim_idle_seconds
+        self._clock = clock
+        self._held: dict[SeriesKey, _Held] = {}
+        self._next_reclaim = 0.0
+        self._next_own_look = 0.0
+
+    @property
+    def held(self) -> int:
+        """Messages this consumer holds and has not acknowledged."""
+        return sum(len(held.messages) for held in self._held.values())
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.step()
+            except QueueError as exc:  # Redis away or emptied: the receiving node refills it; look again
+                log.error("%s: %s", self.consumer, exc)
+                stop.wait(REDIS_RETRY_SECONDS)
+            except StoreError as exc:  # a full disk: what is claimed goes back; the messages stay pending
+                log.error("%s: the store failed (%s); retried later", self.consumer, exc)
+                try:
+                    self._journal.series.release(self._worker)
+                except StoreError:
+                    pass
+                stop.wait(STORE_RETRY_SECONDS)
+        self.hand_back()
+
+    def step(self) -> int:
+        """Reclaim stale messages now and then, read new ones, process the series that are ready;
+        returns how many series were processed."""
+        if time.monotonic() >= self._next_reclaim:
+            self._take(self._queue.reclaim(self.consumer, min_idle_seconds=self._reclaim_idle), reclaimed=True)
+            self._next_reclaim = time.monotonic() + min(self._reclaim_idle / 2, 5.0)
+        if time.monotonic() >= self._next_own_look:  # instances other consumers handed over
+            self._take(self._queue.read_own_pending(self.consumer))
+            self._next_own_look = time.monotonic() + OWN_PENDING_SECONDS
+        now = self._clock()
+        waits = [held.ready_in(now, self._idle, self._max_wait) for held in self._held.values()]
+        block = min([READ_BLOCK_SECONDS, self._next_own_look - time.monotonic(), *waits])
+        if block > 0.001:
+            self._take(self._queue.read(self.consumer, block_seconds=block))
+        now = self._clock()
+        ready = [key for key, held in self._held.items() if held.ready_in(now, self._idle, self._max_wait) <= 0]
+        if ready:  # what other consumers handed over until now belongs in these batches
+            self._take(self._queue.read_own_pending(self.consumer))
+            self._next_own_look = time.monotonic() + OWN_PENDING_SECONDS
+            ready = [key for key, held in self._held.items() if held.ready_in(now, self._idle, self._max_wait) <= 0]
+        for key in ready:
+            self._process(key)
+        return len(ready)
+
+    def _take(self, messages: list[QueueMessage], *, reclaimed: bool = False) -> None:
+        """Make each message's instance known to the journal and hold it; acknowledge redeliveries
+        of instances already processed; hand the instances of a series another live consumer
+        assembles to that consumer (with ``reclaimed``: take the series over, its owner died)."""
+        finished = []
+        owners: dict[SeriesKey, str] = {}
+        handed: dict[str, list[str]] = {}
+        for message in messages:
+            instance = message.instance
+            known = self._held.get(SeriesKey(instance.study_instance_uid, instance.series_instance_uid))
+            if known is not None and message.message_id in known.messages:
+                continue  # held already (a look at this consumer's own pending messages)
+            state = self._journal.instance_state(instance.sop_instance_uid)
+            if state is None:
+                self._journal.record_received(instance)  # a worker box of its own journal
+            elif state[0] != "received":
+                (row,) = self._journal.get_instances([instance.sop_instance_uid])
+                if row.received_at >= instance.received_at:
+                    finished.append(message)  # processed already: a redelivery
+                    continue
+                self._journal.record_received(instance)  # a newer copy than the one processed here
+            key = SeriesKey(instance.study_instance_uid, instance.series_instance_uid)
+            if key not in owners:
+                owners[key] = (
+                    self.consumer
+                    if key in self._held
+                    else self._queue.own_series(
+                        self.consumer,
+                        key.study_instance_uid,
+                        key.series_instance_uid,
+                        ttl_seconds=self._max_wait + self._reclaim_idle,
+                        force=reclaimed,
+                    )
+                )
+            if owners[key] != self.consumer:
+                handed.setdefault(owners[key], []).append(message.message_id)
+                continue
+            held = self._held.get(key)
+            if held is None:
+                held = self._held[key] = _Held(instance.received_at, instance.received_at)
+            held.first = min(held.first, instance.received_at)
+            held.last = max(held.last, instance.received_at)
+            held.messages[message.message_id] = message
+        for owner, message_ids in handed.items():
+            self._queue.transfer(message_ids, owner)
+        self._finish(finished)
+
+    def _process(self, key: SeriesKey) -> None:
+        held = self._held[key]
+        uids = self._journal.series.claim_series(self._worker, key.study_instance_uid, key.series_instance_uid)
+        if uids:
+            try:
+                self._processor.process_batch(key, self._journal.get_instances(uids))
+            except StoreError:
+                self._journal.series.release(self._worker)
+                raise
+        finished = []
+        for message in list(held.messages.values()):
+            state = self._journal.instance_state(message.instance.sop_instance_uid)
+            if state is not None and state[0] != "received":
+                finished.append(message)
+                del held.messages[message.message_id]
+        self._finish(finished)
+        if held.messages:  # claimed by another worker, or re-sent meanwhile: look again after idle_seconds
+            held.last = self._clock()
+        else:
+            del self._held[key]
+            self._queue.release_series(self.consumer, key.study_instance_uid, key.series_instance_uid)
+
+    def _finish(self, messages: list[QueueMessage]) -> None:
+        """Done notes to receiving nodes of other journals (with the outputs for their senders),
+        then ``XACK``; then this journal forgets those outputs (the receiving node delivers them)."""
+        handed_over = []
+        for message in messages:
+            if message.node != self._node:
+                uid = message.instance.sop_instance_uid
+                state = self._journal.instance_state(uid) or ("failed", "not in the worker's journal")
+                outputs = self._journal.outbox.of_source(uid)
+                self._queue.note_done(message.node, message.instance, state[0], state[1], outputs)
+                handed_over.append(uid)
+        self._queue.ack([message.message_id for message in messages])
+        for uid in handed_over:
+            self._journal.outbox.forget_of_source(uid)
+
+    def hand_back(self) -> None:
+        """Stopping: publish the held messages again and acknowledge them, so another worker takes
+        them now rather than after ``reclaim_idle_seconds``; then leave the group."""
+        try:
+            for key, held in self._held.items():
+                for message in held.messages.values():
+                    self._queue.publish(message.node, message.instance)
+                self._queue.ack(list(held.messages))
+                self._queue.release_series(self.consumer, key.study_instance_uid, key.series_instance_uid)
+            self._held.clear()
+            self._queue.forget_consumer(self.consumer)
+        except QueueError as exc:  # they stay pending and are reclaimed after reclaim_idle_seconds
+            log.warning("%s: held messages not handed back (%s); reclaimed later", self.consumer, exc)
