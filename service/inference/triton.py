@@ -13,7 +13,8 @@ The server holds the graphs :func:`service.inference.graphs.export_graphs` write
   channels (:class:`ServedGradientModel` hands both to the explainers, with the worker's own
   eager module, loaded on first use, for the methods that back-propagate to the input).
 
-A server that does not answer is retried ``retries`` times with a doubling delay; then
+A server that does not answer (or is still loading its models) is retried ``retries`` times with
+a doubling delay; then
 :class:`TritonUnavailableError` names the URL and what to do, and the series fails as any model
 error does (the node retries it later). ``tritonclient`` is the ``triton`` extra, imported only
 when a URL is configured.
@@ -55,8 +56,9 @@ class TritonSettings:
     timeout_seconds: float = 60.0
     #: Attempts after the first when the server does not answer, with a doubling delay.
     retries: int = 4
-    #: The first delay between attempts, seconds.
+    #: The first delay between attempts, seconds; it doubles up to ``max_retry_delay_seconds``.
     retry_delay_seconds: float = 0.5
+    max_retry_delay_seconds: float = 5.0
     #: Images per request at most (the server's ``max_batch_size``; larger calls are split).
     max_batch: int = 32
 
@@ -104,12 +106,13 @@ class TritonClient:
                 if attempt == self.settings.retries:
                     raise TritonUnavailableError(
                         f"Triton at {self.settings.url} did not answer a request to {model} after "
-                        f"{self.settings.retries + 1} attempts ({status or type(exc).__name__}); start the server, or "
-                        "unset model.triton_url to run the model in this process"
+                        f"{self.settings.retries + 1} attempts ({status or type(exc).__name__}: {str(exc)[:200]}); "
+                        "start the server with this model card's graphs (pacs-xai triton serve), or unset "
+                        "model.triton_url to run the model in this process"
                     ) from exc
                 log.warning("Triton at %s did not answer (%s); retrying in %.1f s", self.settings.url, status, delay)
                 time.sleep(delay)
-                delay *= 2
+                delay = min(2 * delay, self.settings.max_retry_delay_seconds)
                 self._client = self._grpc.InferenceServerClient(url=self.settings.url)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -117,9 +120,14 @@ class TritonClient:
         self._client.close()
 
 
+#: gRPC statuses worth retrying: a server down, busy or restarting (NOT_FOUND: still loading its
+#: models after a start; a model it will never serve fails after the retries just the same).
+_RETRIED = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "NOT_FOUND")
+
+
 def _unreachable(status: str, exc: BaseException) -> bool:
-    """True for a server that is down or busy (worth retrying), False for a request it refused."""
-    return any(code in status for code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")) or (
+    """True for a server that is down, busy or starting (worth retrying), False for a request it refused."""
+    return any(code in status for code in _RETRIED) or (
         "failed to connect" in str(exc).lower() or "connection refused" in str(exc).lower()
     )
 

@@ -80,8 +80,8 @@ class TritonServer:
     def url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start(self) -> TritonServer:
-        """Export the graphs (once), start the server and wait until its models are ready."""
+    def start(self, *, wait: bool = True) -> TritonServer:
+        """Export the graphs (once), start the server and (``wait``) wait until its models are ready."""
         if self.spec is None:
             self.spec = export_graphs(
                 self.card,
@@ -107,10 +107,13 @@ class TritonServer:
             self._process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True
             )
-        self._wait_ready()
+        if wait:
+            self.wait_ready()
         return self
 
-    def _wait_ready(self) -> None:
+    def wait_ready(self) -> None:
+        """Return once both models are ready; :class:`TritonLaunchError` with its log if the server
+        exits or is not ready in time."""
         import tritonclient.grpc as grpcclient
 
         assert self.spec is not None and self._process is not None
