@@ -28,6 +28,7 @@ from service.node.routing import (
     evaluate,
     read_header,
     select,
+    triton_settings,
     why_not_routed,
 )
 from service.synthetic.phantoms import make_phantom
@@ -327,3 +328,13 @@ def test_the_documented_two_model_example_loads_and_routes_as_the_guide_says(tmp
     assert select(rules, chest_ct) == []
     assert [d.name for d in rules[1].destinations] == ["research"]
     assert rules[0].card_path == rules[1].card_path, "one card file, loaded once"
+
+
+def test_triton_settings_come_from_model_triton_url_and_the_pool_batch() -> None:
+    assert triton_settings(NodeConfig()) is None  # no URL: the model runs in this process
+    config = NodeConfig(
+        model={"triton_url": "triton:8001", "triton_timeout_seconds": 12.5}, pool={"max_batch": 48, "max_queue": 96}
+    )
+    settings = triton_settings(config)
+    assert settings is not None
+    assert (settings.url, settings.timeout_seconds, settings.max_batch) == ("triton:8001", 12.5, 48)
