@@ -765,6 +765,10 @@ def test_compose_triton_overlay_wires_the_export_the_server_and_the_node() -> No
     config = NodeConfig(**{**_load_yaml(COMPOSE / "node.yaml"), "model": {"triton_url": url}})
     assert config.model.triton_url == url
     assert node["depends_on"]["triton"]["condition"] == "service_healthy"
+    # ... with the client installed in the node image (the triton extra, a real one of pyproject.toml).
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    assert any(r.startswith("tritonclient[grpc]") for r in extras["triton"])
+    assert re.search(r"pacs_xai-\*\.whl\)\[[a-z,]*\btriton\b", " ".join(_instruction("RUN")))
 
 
 def test_kubernetes_triton_deployment_asks_for_a_gpu_and_serves_what_its_init_container_exports() -> None:
