@@ -32,6 +32,7 @@ help:
 	@echo "make train-demo  retrain the shipped demo model, its saliency masker, OOD statistics and healthy-appearance VAE"
 	@echo "make train-saliency retrain the real-time saliency masker beside it (under a minute)"
 	@echo "make viewer      see the results in OHIF on Orthanc, on 127.0.0.1 (until Ctrl-C)"
+	@echo "make triton-venv .venv-triton: the Triton server (nvidia-pytriton, NumPy < 2) for the GPU tier and its tests"
 	@echo "make test-viewer open pacs-xai's results in OHIF in headless Chromium (browser test)"
 
 $(STAMP): pyproject.toml
