@@ -19,11 +19,14 @@ from service.inference.card import ModelCard
 from service.inference.deployed import DeployedModel, PoolSettings
 from service.inference.triton import (
     ServedGradientModel,
+    TritonLayerGradients,
     TritonRunner,
     TritonSettings,
     TritonUnavailableError,
 )
 from service.models import demo_card_path
+from service.node.pipeline import ExplainPipeline
+from service.synthetic.phantoms import make_phantom
 from service.tools.triton.launch import TritonServer, free_port, triton_python
 
 pytestmark = [
@@ -136,6 +139,33 @@ def test_nothing_listening_is_a_clear_error_after_the_retries(card: ModelCard) -
     with pytest.raises(TritonUnavailableError, match=rf"Triton at {url} did not answer .* after 3 attempts"):
         runner.forward(radiograph_like(1).numpy())
     assert time.monotonic() - started < 10
+
+
+def test_the_pipeline_with_triton_writes_the_maps_of_the_in_process_pipeline(
+    deployed: DeployedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    send = TritonLayerGradients.__call__
+
+    def counted(self: TritonLayerGradients, images: np.ndarray, targets: np.ndarray) -> tuple:
+        calls.append(len(images))
+        return send(self, images, targets)
+
+    monkeypatch.setattr(TritonLayerGradients, "__call__", counted)
+    local = DeployedModel(deployed.card, device="cpu", pool=PoolSettings(max_batch=MAX_BATCH))
+    try:
+        phantom = make_phantom(7, "nodule", seed=11).dataset
+        results = [ExplainPipeline(model, ["gradcam"], ["pm"]).process(phantom) for model in (deployed, local)]
+    finally:
+        local.close()
+    assert calls == [1]  # the served pipeline's Grad-CAM took its gradients from Triton, the local one did not
+    served, want = results
+    assert [p.class_index for p in served.predictions] == [p.class_index for p in want.predictions]
+    np.testing.assert_allclose(served.predictions[0].probabilities, want.predictions[0].probabilities, atol=1e-5)
+    (served_map,), (want_map,) = ([o.dataset.pixel_array for o in r.outputs if o.kind == "pm"] for r in results)
+    assert np.abs(want_map).max() > 0
+    assert float(np.corrcoef(served_map.ravel(), want_map.ravel())[0, 1]) >= 0.999
+    np.testing.assert_allclose(served_map, want_map, rtol=1e-4, atol=1e-4 * float(np.abs(want_map).max()))
 
 
 def test_a_stopped_server_is_a_clear_error_naming_it(server: TritonServer, card: ModelCard) -> None:
