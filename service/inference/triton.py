@@ -182,6 +182,8 @@ class TritonLayerGradients:
         self._settings = settings
         #: The layer (dotted name in the eager network) whose gradients the server computes.
         self.layer: str = card.target_layer
+        #: The model's class count: targets are checked against it before a request is sent.
+        self.classes: int = len(card.output.classes)
 
     def __call__(self, images: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Activations and their gradients ``[B, C', h, w]`` for images ``[B, C, H, W]`` and class indices ``[B]``."""

@@ -21,6 +21,7 @@ from service.explain.base import (
     Explainer,
     ExplainerError,
     ModelLike,
+    check_target_range,
     chunk_size_for,
     forward_function,
     spatial_dims,
@@ -89,6 +90,7 @@ class _CamExplainer(Explainer):
         if self.uses_layer_gradients and served is not None and served.layer == self.target_layer:
             # A model server computes the layer's activations and gradients (the traced graph of
             # service.inference.graphs); the channel weighting below is the same.
+            check_target_range(targets, served.classes)
             activations, gradients = (
                 torch.from_numpy(array).to(batch.device)
                 for array in served(batch.detach().cpu().numpy(), targets.cpu().numpy())
