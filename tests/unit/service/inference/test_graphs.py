@@ -153,3 +153,26 @@ def test_exported_classifier_equals_the_eager_network(tmp_path: Path) -> None:
     x = images(7)
     with torch.no_grad():
         torch.testing.assert_close(program(x), network(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_exported_graphs_move_whole_to_another_device(tmp_path: Path) -> None:
+    """The server moves the programs to its GPU with ``.to(device)``: no constant may stay behind on
+    the CPU where they were traced. The meta device stands in for CUDA here (same dispatch check)."""
+    network = build(DenseNetLike)
+    card = ModelCard.load(
+        write_card(
+            tmp_path / "card",
+            network,
+            f"{__name__}:densenet_like",
+            output={"activation": "softmax", "classes": ["a", "b", "c"]},
+            target_layer="layers.2",
+        )
+    )
+    export_graphs(card, tmp_path / "graphs")
+    x = torch.zeros(3, 1, 32, 32, device="meta")
+    classifier = torch.export.load(str(tmp_path / "graphs" / CLASSIFIER_FILE)).module().to("meta")
+    assert classifier(x).device.type == "meta"
+    cam = torch.export.load(str(tmp_path / "graphs" / CAM_FILE)).module().to("meta")
+    activations, gradients = cam(x, torch.zeros(3, 1, dtype=torch.int64, device="meta"))
+    assert activations.device.type == gradients.device.type == "meta"
+    assert activations.shape == gradients.shape == (3, 4, 32, 32)
