@@ -39,11 +39,12 @@ LABEL org.opencontainers.image.title="pacs-xai" \
 COPY --from=wheel /dist /dist
 
 # pacs-xai depends on the CPU package `onnxruntime`; the GPU build `onnxruntime-gpu` provides the
-# same module, so the CPU one is removed after the install (never keep both).
+# same module, so the CPU one is removed after the install (never keep both). The triton extra
+# (tritonclient) lets the workers use a Triton server (model.triton_url).
 RUN python3 -m venv /opt/venv \
  && pip install --no-cache-dir --upgrade pip \
  && pip install --no-cache-dir torch==2.13.0 \
- && pip install --no-cache-dir torch==2.13.0 "$(ls /dist/pacs_xai-*.whl)[gpu,queue]" \
+ && pip install --no-cache-dir torch==2.13.0 "$(ls /dist/pacs_xai-*.whl)[gpu,queue,triton]" \
  && pip uninstall -y onnxruntime \
  && pip install --no-cache-dir --force-reinstall --no-deps 'onnxruntime-gpu>=1.18' \
  && rm -rf /dist \

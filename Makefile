@@ -5,12 +5,21 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# Triton's Python server (nvidia-pytriton, with a bundled CPU-capable tritonserver) needs NumPy < 2,
+# so it lives in a virtualenv of its own; the node talks to it over gRPC (tritonclient, main venv).
+# Its Python is the system's where there is one: the server's Python backend stub links the
+# system libpython3.X, and the virtualenv's standard library must be that same release's
+# (pyenv's 3.11.7 stdlib under Debian's 3.11.2 libpython fails in multiprocessing).
+TRITON_PYTHON ?= $(firstword $(wildcard /usr/bin/python3) $(PYTHON))
+TRITON_VENV  := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed-stamp
+PYTRITON     := nvidia-pytriton==0.7.0 'numpy>=1.26,<2' pyyaml==6.0.3
 # The CPU wheel of torch is installed first and pinned, so pip never pulls a CUDA build.
 TORCH  := torch==2.13.0
 SYSTEM_TOOLS := dciodvfy dcmdump dcmj2pnm storescu storescp echoscu Orthanc promtool redis-server
 SYSTEM_PACKAGES := dcmtk dicom3tools orthanc prometheus redis-server
 
-.PHONY: demo test test-fast test-integration test-torture reliability lint train-demo train-saliency system-deps clean help viewer test-viewer viewer-deps
+.PHONY: triton-venv demo test test-fast test-integration test-torture reliability lint train-demo train-saliency system-deps clean help viewer test-viewer viewer-deps
 
 help:
 	@echo "make demo        explain phantom and real sample studies into demo-out/"
@@ -23,6 +32,7 @@ help:
 	@echo "make train-demo  retrain the shipped demo model, its saliency masker, OOD statistics and healthy-appearance VAE"
 	@echo "make train-saliency retrain the real-time saliency masker beside it (under a minute)"
 	@echo "make viewer      see the results in OHIF on Orthanc, on 127.0.0.1 (until Ctrl-C)"
+	@echo "make triton-venv .venv-triton: the Triton server (nvidia-pytriton, NumPy < 2) for the GPU tier and its tests"
 	@echo "make test-viewer open pacs-xai's results in OHIF in headless Chromium (browser test)"
 
 $(STAMP): pyproject.toml
@@ -38,18 +48,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps quantus==0.6.0
 	touch $(STAMP)
 
+# The Triton server's own virtualenv (the tests start it on a loopback port; see service/tools/triton/).
+$(TRITON_STAMP): Makefile
+	test -x $(TRITON_VENV)/bin/python || $(TRITON_PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet $(TORCH)
+	$(TRITON_VENV)/bin/python -m pip install --quiet $(TORCH) $(PYTRITON)
+	touch $(TRITON_STAMP)
+
+triton-venv: $(TRITON_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/pacs-xai demo run --out demo-out
 
 # Tiers (see pyproject.toml): tests/unit, tests/integration, tests/viewer (make test-viewer).
-test: $(STAMP) system-deps
+test: $(STAMP) $(TRITON_STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 # Two workers (pytest-xdist), one torch thread each: about 70 s on 2 cores instead of 2 minutes.
 test-fast: $(STAMP) system-deps
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -m "not slow" tests/unit
 
-test-integration: $(STAMP) system-deps
+test-integration: $(STAMP) $(TRITON_STAMP) system-deps
 	$(BIN)/python -m pytest -q tests/integration
 
 # The torture tier (also part of make test): about 8 minutes on 2 cores. PACSXAI_TORTURE_LONG=1

@@ -18,6 +18,7 @@ from service.cli import explain as explain_command
 from service.cli import model as model_commands
 from service.cli import node as node_commands
 from service.cli import route as route_command
+from service.cli import triton as triton_commands
 from service.cli import viewer as viewer_command
 from service.cli import visualize as visualize_command
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_commands.register(commands, _formatter)
     model_commands.register(commands, _formatter)
     bench_commands.register(commands, _formatter)
+    triton_commands.register(commands, _formatter)
     viewer_command.register(commands, _formatter)
     visualize_command.register(commands, _formatter)
     return parser

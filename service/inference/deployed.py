@@ -5,6 +5,11 @@ fastest CPU path), else TorchScript, else eager torch; gradient explainers get t
 module (CAM methods need its forward hooks), else the TorchScript one. The differentiable runner
 is loaded only when a gradient method or the out-of-distribution signal (which hooks the eager
 module, :mod:`service.trust.ood`) asks for it.
+
+With a Triton server (``triton``, :mod:`service.inference.triton`), the forward passes go to it
+instead of a local runtime, and the CAM methods that need only the target layer's activations and
+gradients get them from its traced graph; the local eager module is loaded only for the methods
+that back-propagate to the input.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from service.inference.backends import AnyRunner, DevicePreference, gradient_runtime, load_runner
 from service.inference.card import Activation, ModelCard
 from service.inference.pool import InferencePool, PoolMetrics
+from service.inference.triton import ServedGradientModel, TritonLayerGradients, TritonRunner, TritonSettings
 
 
 @dataclass(frozen=True)
@@ -56,11 +62,15 @@ class DeployedModel:
         device: DevicePreference = "auto",
         pool: PoolSettings | None = None,
         metrics: PoolMetrics | None = None,
+        triton: TritonSettings | None = None,
     ) -> None:
         self.card = card
         self._device = device
+        self.triton = triton
         self.forward_runtime = next(r for r in ("onnx", "torchscript", "torch") if r in card.weights)
-        self.forward_runner: AnyRunner = load_runner(card, self.forward_runtime, device=device)
+        self.forward_runner: AnyRunner | TritonRunner = (
+            TritonRunner(card, triton) if triton else load_runner(card, self.forward_runtime, device=device)
+        )
         settings = pool or PoolSettings()
         #: Every forward-only pass (predictions, perturbation explainers) goes through this pool.
         self.pool = InferencePool(
@@ -89,15 +99,25 @@ class DeployedModel:
     def gradient_runner(self) -> AnyRunner:
         """A differentiable runner for methods that back-propagate: eager torch, else TorchScript."""
         runtime = gradient_runtime(self.card)
-        if runtime == self.forward_runtime:
-            return self.forward_runner
+        if runtime == self.forward_runtime and self.triton is None:
+            return self.forward_runner  # type: ignore[return-value]
         return load_runner(self.card, runtime, device=self._device)
 
-    def model_for(self, *, needs_gradients: bool) -> torch.nn.Module | InferencePool:
+    @functools.cached_property
+    def served_gradients(self) -> ServedGradientModel | None:
+        """With Triton and a card ``target_layer``: the model handed to gradient explainers (CAM
+        methods take the served layer gradients, the others the local module)."""
+        if self.triton is None or not self.card.target_layer:
+            return None
+        layer_gradients = TritonLayerGradients(self.card, self.triton)
+        return ServedGradientModel(self.pool, layer_gradients, lambda: self.gradient_runner.torch_module)
+
+    def model_for(self, *, needs_gradients: bool) -> torch.nn.Module | InferencePool | ServedGradientModel:
         """What an explainer receives as its model: the differentiable module for a method that
-        back-propagates, else the inference pool (forward passes batched with every other caller's)."""
+        back-propagates (with Triton: :attr:`served_gradients`), else the inference pool (forward
+        passes batched with every other caller's)."""
         if needs_gradients:
-            return self.gradient_runner.torch_module
+            return self.served_gradients or self.gradient_runner.torch_module
         return self.pool
 
     def normalise(self, model_inputs: np.ndarray) -> np.ndarray:

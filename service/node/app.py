@@ -27,7 +27,7 @@ from service.node.intake import listener_settings
 from service.node.metrics import JournalCollector, create_metrics
 from service.node.processor import STORE_RETRY_SECONDS, SeriesProcessor
 from service.node.receiver import Receiver
-from service.node.routing import ModelRegistry, Router, default_card_path
+from service.node.routing import ModelRegistry, Router, default_card_path, triton_settings
 from service.node.sender import OutboxSender
 from service.node.store import Journal, Spool, StoreError
 
@@ -56,6 +56,7 @@ class Node:
             device=config.model.device,
             pool=PoolSettings(config.pool.max_batch, config.pool.max_wait_ms, config.pool.max_queue),
             metrics=self.metrics.pool,
+            triton=triton_settings(config),
         )
         if model is not None:
             self.models.add(default_card_path(config), model)

@@ -210,6 +210,12 @@ class ModelConfig(_Section):
         "card) with every configured method and output (in the background, nothing kept), so the first study "
         "does not pay for lazy initialisation.",
     )
+    triton_url: str | None = Field(
+        None,
+        description="gRPC host:port of a Triton Inference Server serving this node's model graphs (pacs-xai triton "
+        "export/serve); omit to run the model in each worker process with the in-process pool.",
+    )
+    triton_timeout_seconds: float = Field(60.0, gt=0, description="Seconds one request to Triton may take.")
 
 
 class ExplainConfig(_Section):

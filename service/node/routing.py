@@ -45,6 +45,7 @@ from service.explain.registry import available_explainers
 from service.inference.card import ModelCard, ModelCardError
 from service.inference.deployed import DeployedModel, PoolSettings
 from service.inference.pool import PoolMetrics
+from service.inference.triton import TritonSettings
 from service.models import demo_card_path
 from service.node.config import ConfigError, DestinationConfig, NodeConfig, RangeConfig, RouteMatchConfig
 from service.node.pipeline import ExplainPipeline, PipelineConfigError, card_settings
@@ -357,6 +358,16 @@ def compile_rules(config: NodeConfig, load_card: Callable[[Path], ModelCard] = M
     return tuple(rules)
 
 
+def triton_settings(config: NodeConfig) -> TritonSettings | None:
+    """The Triton client settings of ``model.triton_url`` (requests of at most ``pool.max_batch``
+    images), or ``None``: the model runs in this process."""
+    if not config.model.triton_url:
+        return None
+    return TritonSettings(
+        config.model.triton_url, timeout_seconds=config.model.triton_timeout_seconds, max_batch=config.pool.max_batch
+    )
+
+
 class ModelRegistry:
     """Deployed models keyed by card file: each card loads once, whatever number of rules name it."""
 
@@ -366,10 +377,12 @@ class ModelRegistry:
         device: str = "auto",
         pool: PoolSettings | None = None,
         metrics: PoolMetrics | None = None,
+        triton: TritonSettings | None = None,
     ) -> None:
         self._device = device
         self._pool = pool
         self._metrics = metrics
+        self._triton = triton
         self._models: dict[Path, DeployedModel] = {}
 
     def add(self, path: str | os.PathLike, model: DeployedModel) -> None:
@@ -381,7 +394,9 @@ class ModelRegistry:
         key = card_file(path)
         model = self._models.get(key)
         if model is None:
-            model = DeployedModel.from_card_path(key, device=self._device, pool=self._pool, metrics=self._metrics)
+            model = DeployedModel.from_card_path(
+                key, device=self._device, pool=self._pool, metrics=self._metrics, triton=self._triton
+            )
             self._models[key] = model
         return model
 

@@ -35,7 +35,7 @@ from service.node.metrics import create_metrics
 from service.node.processor import STORE_RETRY_SECONDS, SeriesProcessor
 from service.node.queue.consumer import StreamConsumer
 from service.node.queue.stream import WorkQueue, default_node_name
-from service.node.routing import ModelRegistry, Router
+from service.node.routing import ModelRegistry, Router, triton_settings
 from service.node.store import Journal, Spool, StoreError
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ def serve_worker(config: NodeConfig, identity: str, stop: threading.Event) -> in
         device=config.model.device,
         pool=PoolSettings(config.pool.max_batch, config.pool.max_wait_ms, config.pool.max_queue),
         metrics=metrics.pool,
+        triton=triton_settings(config),
     )
     try:
         router = Router.build(config, models)

@@ -70,9 +70,9 @@ def _config(name: str) -> NodeConfig:
     return load_config(NODE_CONFIGS[name])
 
 
-def _dockerfile() -> list[tuple[str, str]]:
+def _dockerfile(path: Path = ROOT / "Dockerfile") -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
-    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
     lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     joined = re.sub(r"\\\n", " ", "\n".join(lines))
     instructions = []
@@ -149,6 +149,9 @@ def test_the_deploy_folder_has_its_files() -> None:
         "k8s/base/service.yaml",
         "k8s/scale-out/hpa.yaml",
         "k8s/prometheus-adapter-rules.yaml",
+        "compose/docker-compose.triton.yml",
+        "k8s/triton/deployment.yaml",
+        "k8s/triton/service.yaml",
     ):
         assert expected in names
 
@@ -826,3 +829,116 @@ def test_kustomization_builds(folder: str) -> None:
     assert config_volume["configMap"]["name"] == configmap["metadata"]["name"]  # the hashed name
     node = NodeConfig(**yaml.safe_load(configmap["data"]["node.yaml"]))
     assert node.listener.port == _config("k8s").listener.port
+
+
+# --- the Triton tier ----------------------------------------------------------------------------
+
+TRITON_DOCKERFILE = DEPLOY / "docker" / "Dockerfile.triton"
+
+
+def _triton_command() -> list[str]:
+    """ENTRYPOINT + CMD of the Triton image."""
+    instructions = _dockerfile(TRITON_DOCKERFILE)
+    (entrypoint,) = [_exec_form(rest) for key, rest in instructions if key == "ENTRYPOINT"]
+    (cmd,) = [_exec_form(rest) for key, rest in instructions if key == "CMD"]
+    return entrypoint + cmd
+
+
+def _serve_arguments(arguments: list[str]):
+    """The server's own parser reads the arguments (service/tools/triton/serve.py, stdlib only)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("folder")
+    parser.add_argument("--address")
+    for port in ("--grpc-port", "--http-port", "--metrics-port"):
+        parser.add_argument(port, type=int)
+    parsed = parser.parse_args(arguments)
+    source = (ROOT / "service" / "tools" / "triton" / "serve.py").read_text(encoding="utf-8")
+    for option in ("--address", "--grpc-port", "--http-port", "--metrics-port"):
+        assert f'"{option}"' in source, f"serve.py has no {option}"
+    return parsed
+
+
+def _export_folder(command: list[str]) -> str:
+    """The --out of a `pacs-xai triton export` command, checked with pacs-xai's own parser."""
+    from service.cli.main import build_parser
+
+    assert command[0] == "pacs-xai"
+    args = build_parser().parse_args(command[1:])
+    assert (args.command, args.triton_command) == ("triton", "export")
+    return args.out
+
+
+def test_the_triton_image_serves_with_the_script_of_this_tree_and_the_torch_of_the_node() -> None:
+    copies = [shlex.split(rest) for key, rest in _dockerfile(TRITON_DOCKERFILE) if key == "COPY"]
+    command = _triton_command()
+    assert ["service/tools/triton/serve.py", command[1]] in copies
+    runs = " ".join(rest for key, rest in _dockerfile(TRITON_DOCKERFILE) if key == "RUN")
+    # torch.export programs are read by the release that wrote them: the node's pinned torch.
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    torch_pin = re.search(r"^TORCH\s*:=\s*(\S+)", makefile, re.MULTILINE).group(1)
+    assert torch_pin in runs and "nvidia-pytriton==" in runs
+    arguments = _serve_arguments(command[2:])
+    exposed = {int(port) for key, rest in _dockerfile(TRITON_DOCKERFILE) if key == "EXPOSE" for port in rest.split()}
+    assert {arguments.grpc_port, arguments.http_port, arguments.metrics_port} == exposed
+    assert arguments.address == "0.0.0.0"
+
+
+def test_compose_triton_overlay_wires_the_export_the_server_and_the_node() -> None:
+    overlay = _load_yaml(COMPOSE / "docker-compose.triton.yml")
+    services = overlay["services"]
+    assert set(services) == {"triton-export", "triton", "pacs-xai"}
+    triton, export = services["triton"], services["triton-export"]
+    assert (COMPOSE / triton["build"]["context"] / triton["build"]["dockerfile"]).resolve() == TRITON_DOCKERFILE
+    (device,) = triton["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    # The export writes the folder the server reads, on the same volume.
+    out = _export_folder(export["entrypoint"] + export["command"])
+    arguments = _serve_arguments(_triton_command()[2:])
+    assert out == arguments.folder
+    volume = {entry.split(":")[1]: entry.split(":")[0] for entry in export["volumes"]}[out]
+    assert f"{volume}:{arguments.folder}:ro" in triton["volumes"] and volume in overlay["volumes"]
+    assert export["image"] == _load_yaml(COMPOSE / "docker-compose.yml")["services"]["pacs-xai"]["image"]
+    assert triton["depends_on"]["triton-export"]["condition"] == "service_completed_successfully"
+    # The node reaches the server's gRPC port by its service name, through the real config loader.
+    node = services["pacs-xai"]
+    url = node["environment"]["PACS_XAI_MODEL__TRITON_URL"]
+    assert url == f"triton:{arguments.grpc_port}"
+    config = NodeConfig(**{**_load_yaml(COMPOSE / "node.yaml"), "model": {"triton_url": url}})
+    assert config.model.triton_url == url
+    assert node["depends_on"]["triton"]["condition"] == "service_healthy"
+    # ... with the client installed in the node image (the triton extra, a real one of pyproject.toml).
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    assert any(r.startswith("tritonclient[grpc]") for r in extras["triton"])
+    assert re.search(r"pacs_xai-\*\.whl\)\[[a-z,]*\btriton\b", " ".join(_instruction("RUN")))
+
+
+def test_kubernetes_triton_deployment_asks_for_a_gpu_and_serves_what_its_init_container_exports() -> None:
+    deployment = _one(_k8s_objects("triton/deployment.yaml"), "Deployment")
+    service = _one(_k8s_objects("triton/service.yaml"), "Service")
+    pod = deployment["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    (export,) = pod["initContainers"]
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert server["image"] == "pacs-xai-triton" and export["image"] == "pacs-xai"
+    arguments = _serve_arguments(server["args"])
+    assert server["args"] == _triton_command()[2:]  # the image's CMD, spelled out
+    out = _export_folder(export["command"])
+    mounts = {m["name"]: m["mountPath"] for m in export["volumeMounts"]}
+    assert mounts["graphs"] == out == arguments.folder
+    assert {m["name"]: m["mountPath"] for m in server["volumeMounts"]}["graphs"] == out
+    ports = {port["name"]: port["containerPort"] for port in server["ports"]}
+    assert ports == {"grpc": arguments.grpc_port, "http": arguments.http_port, "metrics": arguments.metrics_port}
+    assert {port["targetPort"] for port in service["spec"]["ports"]} == set(ports)
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert server["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+
+
+def test_kubernetes_triton_kustomization_builds() -> None:
+    command = _kustomize()
+    result = subprocess.run([*command, str(K8S / "triton")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert sorted(obj["kind"] for obj in objects) == ["Deployment", "Service"]
+    assert all(obj["metadata"]["namespace"] == "pacs-xai" for obj in objects)

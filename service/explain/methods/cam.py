@@ -21,6 +21,7 @@ from service.explain.base import (
     Explainer,
     ExplainerError,
     ModelLike,
+    check_target_range,
     chunk_size_for,
     forward_function,
     spatial_dims,
@@ -43,12 +44,13 @@ from service.explain.settings import boolean, choice, finite_float, optional_lay
 class CamInputs:
     """What a CAM method may use to weight the channels of the target layer.
 
-    ``batch`` and ``targets`` are on the model's device. ``activations`` is the layer's output
+    ``batch`` and ``targets`` are on the model's device; ``model`` is ``None`` when a model server
+    computed the layer's activations and gradients. ``activations`` is the layer's output
     ``[B, C, h, w]`` (``[B, C, d, h, w]`` for volumes; detached); ``gradients`` is d(sum of each
     sample's target logit)/d(activations), same shape, or ``None`` for methods that do not back-propagate.
     """
 
-    model: nn.Module
+    model: nn.Module | None
     batch: torch.Tensor
     targets: torch.Tensor
     activations: torch.Tensor
@@ -84,6 +86,16 @@ class _CamExplainer(Explainer):
         return resolve_module(module, self.target_layer, batch.ndim - 2), None
 
     def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        served = getattr(model, "layer_gradients", None)
+        if self.uses_layer_gradients and served is not None and served.layer == self.target_layer:
+            # A model server computes the layer's activations and gradients (the traced graph of
+            # service.inference.graphs); the channel weighting below is the same.
+            check_target_range(targets, served.classes)
+            activations, gradients = (
+                torch.from_numpy(array).to(batch.device)
+                for array in served(batch.detach().cpu().numpy(), targets.cpu().numpy())
+            )
+            return self._combine(CamInputs(None, batch.detach(), targets, activations, gradients), batch)
         module = torch_module_of(model, self.name)
         device = module_device(module)
         if device is None:
@@ -96,7 +108,13 @@ class _CamExplainer(Explainer):
             inputs = batch.detach().to(device).clone()
             targets = targets.to(device).clone()
             activations, gradients = self._record_layer(module, layer, call_index, inputs, targets)
-            weights = self._channel_weights(CamInputs(module, inputs.detach(), targets, activations, gradients))
+            return self._combine(CamInputs(module, inputs.detach(), targets, activations, gradients), batch)
+
+    def _combine(self, inputs: CamInputs, batch: torch.Tensor) -> torch.Tensor:
+        """``ReLU(sum_k w_k A_k)`` at feature resolution, upsampled to the input size of ``batch``."""
+        with torch.no_grad():
+            weights = self._channel_weights(inputs)
+        activations = inputs.activations
         cam = (weights.view(weights.shape + (1,) * (activations.ndim - 2)) * activations).sum(dim=1, keepdim=True)
         if self.relu:
             cam = cam.clamp_min(0)

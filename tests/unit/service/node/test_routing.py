@@ -29,6 +29,7 @@ from service.node.routing import (
     evaluate,
     read_header,
     select,
+    triton_settings,
     why_not_routed,
 )
 from service.node.volume import VolumePipeline
@@ -374,3 +375,13 @@ def test_check_rules_names_what_a_volume_route_asks_for_that_volumes_do_not_have
     assert any(e.startswith("routes[0] (ct): output kind(s) ['sr'] not made for volumes") for e in check.errors)
     assert any(e.startswith("routes[1] (chest): key_slices is for volume models") for e in check.errors)
     assert len(check.errors) == 3, check.errors
+
+
+def test_triton_settings_come_from_model_triton_url_and_the_pool_batch() -> None:
+    assert triton_settings(NodeConfig()) is None  # no URL: the model runs in this process
+    config = NodeConfig(
+        model={"triton_url": "triton:8001", "triton_timeout_seconds": 12.5}, pool={"max_batch": 48, "max_queue": 96}
+    )
+    settings = triton_settings(config)
+    assert settings is not None
+    assert (settings.url, settings.timeout_seconds, settings.max_batch) == ("triton:8001", 12.5, 48)

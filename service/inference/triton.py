@@ -1,0 +1,226 @@
+"""The pooled GPU tier: a model's graphs served by Triton Inference Server, reached over gRPC.
+
+With ``model.triton_url`` set, every worker process is a ``tritonclient`` client of one Triton
+server, whose dynamic batcher merges the forward passes of all of them into large batches (what
+keeps a GPU busy); without it the in-process pool (:mod:`service.inference.pool`) runs the model.
+The server holds the graphs :func:`service.inference.graphs.export_graphs` writes
+(:mod:`service.tools.triton.serve`):
+
+- the classifier: :class:`TritonRunner`, a :class:`~service.inference.runner.Runner` (predictions
+  and the forward passes of the perturbation methods);
+- the CAM family's layer gradients: :class:`TritonLayerGradients`, the target layer's activations
+  and d(target logit)/d(activations) per image, from which Grad-CAM and Grad-CAM++ weight the
+  channels (:class:`ServedGradientModel` hands both to the explainers, with the worker's own
+  eager module, loaded on first use, for the methods that back-propagate to the input).
+
+A server that does not answer (or is still loading its models) is retried ``retries`` times with
+a doubling delay; then
+:class:`TritonUnavailableError` names the URL and what to do, and the series fails as any model
+error does (the node retries it later). ``tritonclient`` is the ``triton`` extra, imported only
+when a URL is configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.inference.card import ModelCard
+from service.inference.graphs import model_names
+from service.inference.runner import Runner
+
+log = logging.getLogger(__name__)
+
+
+class TritonUnavailableError(RuntimeError):
+    """The Triton server did not answer (down, restarting, unreachable) within the retries."""
+
+
+class TritonModelError(RuntimeError):
+    """The Triton server answered with an error (model missing, wrong shape): retrying will not help."""
+
+
+@dataclass(frozen=True)
+class TritonSettings:
+    """Where the Triton server is and how long to wait for it."""
+
+    #: gRPC ``host:port``, e.g. ``triton:8001``.
+    url: str
+    #: Seconds one request may take (a full batch of the largest model included).
+    timeout_seconds: float = 60.0
+    #: Attempts after the first when the server does not answer, with a doubling delay.
+    retries: int = 4
+    #: The first delay between attempts, seconds; it doubles up to ``max_retry_delay_seconds``.
+    retry_delay_seconds: float = 0.5
+    max_retry_delay_seconds: float = 5.0
+    #: Images per request at most (the server's ``max_batch_size``; larger calls are split).
+    max_batch: int = 32
+
+
+def _grpc() -> Any:
+    try:
+        import tritonclient.grpc as grpcclient  # the 'triton' extra; only needed with model.triton_url
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise TritonUnavailableError(
+            "model.triton_url is set but tritonclient is not installed: pip install 'pacs-xai[triton]'"
+        ) from exc
+    return grpcclient
+
+
+class TritonClient:
+    """One gRPC connection to a Triton server, with retries on an unreachable server."""
+
+    def __init__(self, settings: TritonSettings) -> None:
+        self.settings = settings
+        self._grpc = _grpc()
+        self._client = self._grpc.InferenceServerClient(url=settings.url)
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> list[np.ndarray]:
+        """``outputs`` of ``model`` for ``inputs`` (one request; the first dimension is the batch)."""
+        requested = [self._grpc.InferRequestedOutput(name) for name in outputs]
+        delay = self.settings.retry_delay_seconds
+        for attempt in range(self.settings.retries + 1):
+            request = []
+            for name, array in inputs.items():
+                tensor = self._grpc.InferInput(name, list(array.shape), _triton_type(array))
+                tensor.set_data_from_numpy(array)
+                request.append(tensor)
+            try:
+                result = self._client.infer(
+                    model, request, outputs=requested, client_timeout=self.settings.timeout_seconds
+                )
+                return [np.asarray(result.as_numpy(name)) for name in outputs]
+            except Exception as exc:  # tritonclient's InferenceServerException carries a gRPC status
+                status = str(getattr(exc, "status", lambda: "")() or "")
+                if not _unreachable(status, exc):
+                    raise TritonModelError(
+                        f"Triton at {self.settings.url} refused a request to {model}: {exc}; check that the server "
+                        "serves the graphs of this model card (pacs-xai triton export)"
+                    ) from exc
+                if attempt == self.settings.retries:
+                    raise TritonUnavailableError(
+                        f"Triton at {self.settings.url} did not answer a request to {model} after "
+                        f"{self.settings.retries + 1} attempts ({status or type(exc).__name__}: {str(exc)[:200]}); "
+                        "start the server with this model card's graphs (pacs-xai triton serve), or unset "
+                        "model.triton_url to run the model in this process"
+                    ) from exc
+                log.warning("Triton at %s did not answer (%s); retrying in %.1f s", self.settings.url, status, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, self.settings.max_retry_delay_seconds)
+                self._client = self._grpc.InferenceServerClient(url=self.settings.url)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        self._client.close()
+
+
+#: gRPC statuses worth retrying: a server down, busy or restarting (NOT_FOUND: still loading its
+#: models after a start; a model it will never serve fails after the retries just the same).
+_RETRIED = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "NOT_FOUND")
+
+
+def _unreachable(status: str, exc: BaseException) -> bool:
+    """True for a server that is down, busy or starting (worth retrying), False for a request it refused."""
+    return any(code in status for code in _RETRIED) or (
+        "failed to connect" in str(exc).lower() or "connection refused" in str(exc).lower()
+    )
+
+
+def _triton_type(array: np.ndarray) -> str:
+    return {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}[array.dtype]
+
+
+def _in_requests(max_batch: int, arrays: tuple[np.ndarray, ...], send: Callable[..., list[np.ndarray]]) -> list:
+    """``send`` on slices of at most ``max_batch`` rows of every array; the outputs concatenated."""
+    parts = [send(*(array[i : i + max_batch] for array in arrays)) for i in range(0, len(arrays[0]), max_batch)]
+    return [np.concatenate(outputs) for outputs in zip(*parts)]
+
+
+class TritonRunner:
+    """The card's classifier on Triton: a forward-only :class:`~service.inference.runner.Runner`."""
+
+    def __init__(self, card: ModelCard, settings: TritonSettings, client: TritonClient | None = None) -> None:
+        self._client = client or TritonClient(settings)
+        self._model = model_names(card)[0]
+        self._classes = len(card.output.classes)
+        self._settings = settings
+
+    @property
+    def device(self) -> str:
+        return f"triton:{self._settings.url}"
+
+    @property
+    def torch_module(self) -> None:
+        return None
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """Logits float32 ``[B, K]`` for a normalised float32 batch, computed by the server."""
+        inputs = np.ascontiguousarray(batch, dtype=np.float32)
+        if len(inputs) == 0:
+            return np.zeros((0, self._classes), dtype=np.float32)
+
+        def send(images: np.ndarray) -> list[np.ndarray]:
+            return self._client.infer(self._model, {"images": images}, ("logits",))
+
+        return _in_requests(self._settings.max_batch, (inputs,), send)[0].astype(np.float32, copy=False)
+
+
+class TritonLayerGradients:
+    """The CAM family's served graph: target-layer activations and d(target logit)/d(activations)."""
+
+    def __init__(self, card: ModelCard, settings: TritonSettings, client: TritonClient | None = None) -> None:
+        if not card.target_layer:
+            raise ValueError(f"model card {card.name} names no target_layer: nothing to serve for the CAM methods")
+        self._client = client or TritonClient(settings)
+        self._model = model_names(card)[1]
+        self._settings = settings
+        #: The layer (dotted name in the eager network) whose gradients the server computes.
+        self.layer: str = card.target_layer
+        #: The model's class count: targets are checked against it before a request is sent.
+        self.classes: int = len(card.output.classes)
+
+    def __call__(self, images: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Activations and their gradients ``[B, C', h, w]`` for images ``[B, C, H, W]`` and class indices ``[B]``."""
+        inputs = np.ascontiguousarray(images, dtype=np.float32)
+        indices = np.ascontiguousarray(np.asarray(targets, dtype=np.int64).reshape(-1, 1))
+
+        def send(part: np.ndarray, part_targets: np.ndarray) -> list[np.ndarray]:
+            return self._client.infer(
+                self._model, {"images": part, "targets": part_targets}, ("activations", "gradients")
+            )
+
+        activations, gradients = _in_requests(self._settings.max_batch, (inputs, indices), send)
+        return activations, gradients
+
+
+class ServedGradientModel:
+    """What a gradient explainer receives when Triton serves the model.
+
+    A :class:`~service.inference.runner.Runner` whose forward passes go to the server, whose
+    ``layer_gradients`` serve the CAM family, and whose ``torch_module`` is the worker's own
+    eager network (loaded on first use) for the methods that back-propagate to the input.
+    """
+
+    def __init__(
+        self, runner: Runner, layer_gradients: TritonLayerGradients, local_module: Callable[[], torch.nn.Module]
+    ) -> None:
+        self._runner = runner
+        self.layer_gradients = layer_gradients
+        self._local_module = local_module
+
+    @property
+    def device(self) -> str:
+        return self._runner.device
+
+    @property
+    def torch_module(self) -> torch.nn.Module:
+        return self._local_module()
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        return self._runner.forward(batch)

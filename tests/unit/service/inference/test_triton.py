@@ -1,0 +1,79 @@
+"""The Triton client without a server: nothing listening is retried, then a clear error; large
+calls are split into requests of at most max_batch images; a deployed model without a URL is
+today's in-process one. (The real server: tests/integration/test_triton.py.)"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from service.inference.card import ModelCard
+from service.inference.deployed import DeployedModel
+from service.inference.pool import InferencePool
+from service.inference.triton import (
+    TritonLayerGradients,
+    TritonRunner,
+    TritonSettings,
+    TritonUnavailableError,
+    _in_requests,
+)
+from service.models import demo_card_path
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def card() -> ModelCard:
+    return ModelCard.load(demo_card_path())
+
+
+def test_nothing_listening_is_retried_then_an_error_naming_the_url_and_what_to_do(card: ModelCard) -> None:
+    url = f"127.0.0.1:{closed_port()}"
+    settings = TritonSettings(url, retries=2, retry_delay_seconds=0.2, timeout_seconds=5)
+    started = time.monotonic()
+    with pytest.raises(TritonUnavailableError) as raised:
+        TritonRunner(card, settings).forward(np.zeros((1, 1, 224, 224), np.float32))
+    message = str(raised.value)
+    assert url in message and "after 3 attempts" in message and "model.triton_url" in message
+    assert 0.6 <= time.monotonic() - started < 10  # 0.2 + 0.4 s of waiting between the three attempts
+    with pytest.raises(TritonUnavailableError, match=url):
+        TritonLayerGradients(card, settings)(np.zeros((1, 1, 224, 224), np.float32), np.zeros(1, np.int64))
+
+
+def test_calls_are_split_into_requests_of_at_most_max_batch_rows_in_order() -> None:
+    sizes: list[int] = []
+
+    def send(images: np.ndarray, targets: np.ndarray) -> list[np.ndarray]:
+        sizes.append(len(images))
+        return [images * 2, targets + 1]
+
+    images, targets = np.arange(11.0).reshape(11, 1), np.arange(11).reshape(11, 1)
+    doubled, shifted = _in_requests(4, (images, targets), send)
+    assert sizes == [4, 4, 3]
+    np.testing.assert_array_equal(doubled, images * 2)
+    np.testing.assert_array_equal(shifted, targets + 1)
+
+
+def test_an_empty_batch_needs_no_server(card: ModelCard) -> None:
+    runner = TritonRunner(card, TritonSettings(f"127.0.0.1:{closed_port()}", retries=0))
+    assert runner.forward(np.zeros((0, 1, 224, 224), np.float32)).shape == (0, 3)
+    assert runner.torch_module is None and runner.device.startswith("triton:127.0.0.1:")
+
+
+def test_without_a_url_the_model_runs_in_process(card: ModelCard) -> None:
+    model = DeployedModel(card, device="cpu")
+    try:
+        assert model.served_gradients is None
+        assert isinstance(model.model_for(needs_gradients=True), torch.nn.Module)
+        assert isinstance(model.model_for(needs_gradients=False), InferencePool)
+        assert model.forward_runner.device == "CPUExecutionProvider"
+    finally:
+        model.close()
