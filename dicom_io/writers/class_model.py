@@ -34,7 +34,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_io.uids import derived_device_uid, generated_uid
 from dicom_io.vr import LO_MAX, ST_MAX
 from dicom_io.writers.descriptions import DISCLAIMER
-from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version, set_capture_equipment
+from dicom_io.writers.equipment import algorithm_equipment, device_arguments, pacs_xai_version, set_capture_equipment
 from dicom_io.writers.orientation import PLACEHOLDER_ORIENTATION
 
 __all__ = [
@@ -145,7 +145,7 @@ def build_class_model_capture(
         series_number=series_number,
         sop_instance_uid=instance_uid,
         instance_number=1,
-        manufacturer=manufacturer,
+        **device_arguments(manufacturer, software_version),
         patient_id=PATIENT_ID,
         patient_name=PATIENT_NAME,
         study_date=now.date(),
@@ -154,8 +154,6 @@ def build_class_model_capture(
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[equipment],
         series_description=f"pacs-xai class model: {class_name}"[:LO_MAX],
-        manufacturer_model_name="pacs-xai",
-        software_versions=software_version,
     )
     sc.PatientOrientation = None  # a synthetic image has no orientation (Type 2C, empty)
     sc.Laterality = None  # Type 2C: required (empty, unknown) when no unpaired Body Part Examined says otherwise

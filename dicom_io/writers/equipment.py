@@ -11,7 +11,13 @@ from pydicom import Dataset
 from dicom_io.codes import PURPOSE_PROCESSING_EQUIPMENT
 from dicom_io.vr import LO_MAX, ST_MAX
 
-__all__ = ["algorithm_equipment", "pacs_xai_version", "set_capture_equipment"]
+__all__ = [
+    "algorithm_equipment",
+    "device_arguments",
+    "enhanced_device_arguments",
+    "pacs_xai_version",
+    "set_capture_equipment",
+]
 
 
 def pacs_xai_version() -> str:
@@ -20,6 +26,23 @@ def pacs_xai_version() -> str:
         return metadata.version("pacs-xai")
     except metadata.PackageNotFoundError:
         return "0.1.0"
+
+
+def device_arguments(manufacturer: str, software_version: str) -> dict[str, str]:
+    """highdicom's arguments naming pacs-xai as the device that wrote an object (General
+    Equipment): Manufacturer, Manufacturer's Model Name "pacs-xai", Software Versions."""
+    return {"manufacturer": manufacturer, "manufacturer_model_name": "pacs-xai", "software_versions": software_version}
+
+
+def enhanced_device_arguments(
+    manufacturer: str, software_version: str, device_serial_number: str | None
+) -> dict[str, str]:
+    """:func:`device_arguments` and the Device Serial Number that Enhanced General Equipment makes
+    Type 1 (Parametric Map, Segmentation): this installation's, or the software version."""
+    return {
+        **device_arguments(manufacturer, software_version),
+        "device_serial_number": device_serial_number or software_version,
+    }
 
 
 def algorithm_equipment(

@@ -49,7 +49,7 @@ from dicom_io.codes import ATTRIBUTION_UNIT, quantity_code
 from dicom_io.uids import derived_device_uid, derived_output_uids
 from dicom_io.vr import LO_MAX, SH_MAX
 from dicom_io.writers.descriptions import derivation_description, series_description
-from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
+from dicom_io.writers.equipment import algorithm_equipment, enhanced_device_arguments, pacs_xai_version
 from dicom_io.writers.geometry import (
     drop_assumed_slice_spacing,
     source_frame_geometry,
@@ -164,10 +164,7 @@ def build_parametric_map(
         series_number=series_number,
         sop_instance_uid=instance_uid,
         instance_number=instance_number(source, frame_index),
-        manufacturer=manufacturer,
-        manufacturer_model_name="pacs-xai",
-        software_versions=software_version,
-        device_serial_number=device_serial_number or software_version,
+        **enhanced_device_arguments(manufacturer, software_version, device_serial_number),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[_value_mapping(values, scale, result)],
         voi_lut_transformations=[attribution_voi_lut(values)],

@@ -28,7 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.uids import derived_device_uid, derived_output_uids
 from dicom_io.writers.descriptions import derivation_description, series_description
-from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version, set_capture_equipment
+from dicom_io.writers.equipment import algorithm_equipment, device_arguments, pacs_xai_version, set_capture_equipment
 from dicom_io.writers.orientation import PLACEHOLDER_ORIENTATION, set_laterality, set_patient_orientation
 from dicom_io.writers.overlay import overlay_title_lines, overlay_warning_lines, render_overlay
 from dicom_io.writers.references import copy_patient_study_attributes, instance_number, source_image_item
@@ -97,13 +97,11 @@ def build_secondary_capture(
         series_number=series_number,
         sop_instance_uid=instance_uid,
         instance_number=instance_number(source, result.frame_index),
-        manufacturer=manufacturer,
+        **device_arguments(manufacturer, software_version),
         patient_orientation=PLACEHOLDER_ORIENTATION,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[equipment],
         series_description=series_description(result),
-        manufacturer_model_name="pacs-xai",
-        software_versions=software_version,
     )
     copy_patient_study_attributes(source, sc)
     set_patient_orientation(sc, source, result.frame_index)

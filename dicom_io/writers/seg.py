@@ -67,7 +67,7 @@ from dicom_io.codes import ARTIFICIAL_INTELLIGENCE, VISUAL_EXPLANATION, quantity
 from dicom_io.uids import derived_device_uid, derived_output_uids
 from dicom_io.vr import LO_MAX, ST_MAX
 from dicom_io.writers.descriptions import derivation_description, series_description
-from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
+from dicom_io.writers.equipment import algorithm_equipment, enhanced_device_arguments, pacs_xai_version
 from dicom_io.writers.geometry import (
     NOMINAL_SLICE_THICKNESS_MM,
     drop_assumed_slice_spacing,
@@ -295,10 +295,7 @@ def build_segmentation(
         series_number=series_number if series_number is not None else DEFAULT_SERIES_NUMBERS[kind],
         sop_instance_uid=instance_uid,
         instance_number=instance_number(source, frame_index),
-        manufacturer=manufacturer,
-        manufacturer_model_name="pacs-xai",
-        software_versions=software_version,
-        device_serial_number=device_serial_number or software_version,
+        **enhanced_device_arguments(manufacturer, software_version, device_serial_number),
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         max_fractional_value=MAX_FRACTIONAL_VALUE,
         content_label="XAI_HEATMAP" if kind == "fractional" else "XAI_TOP_REGION",

@@ -34,7 +34,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_io.uids import derived_device_uid, derived_output_uids
 from dicom_io.vr import LO_MAX
 from dicom_io.writers.descriptions import derivation_description, series_description
-from dicom_io.writers.equipment import algorithm_equipment, pacs_xai_version
+from dicom_io.writers.equipment import algorithm_equipment, enhanced_device_arguments, pacs_xai_version
 from dicom_io.writers.orientation import set_laterality, set_patient_orientation
 from dicom_io.writers.pm import _value_mapping, attribution_voi_lut, stored_attribution
 from dicom_io.writers.references import copy_patient_study_attributes
@@ -124,10 +124,7 @@ def build_volume_parametric_map(
         series_number=series_number,
         sop_instance_uid=instance_uid,
         instance_number=1,
-        manufacturer=manufacturer,
-        manufacturer_model_name="pacs-xai",
-        software_versions=software_version,
-        device_serial_number=device_serial_number or software_version,
+        **enhanced_device_arguments(manufacturer, software_version, device_serial_number),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[_value_mapping(values, scale, first)],
         voi_lut_transformations=[attribution_voi_lut(values)],
@@ -177,10 +174,7 @@ def build_volume_segmentation(
         series_number=series_number if series_number is not None else (9013 if kind == "fractional" else 9014),
         sop_instance_uid=instance_uid,
         instance_number=1,
-        manufacturer=manufacturer,
-        manufacturer_model_name="pacs-xai",
-        software_versions=software_version,
-        device_serial_number=device_serial_number or software_version,
+        **enhanced_device_arguments(manufacturer, software_version, device_serial_number),
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         max_fractional_value=MAX_FRACTIONAL_VALUE,
         content_label="XAI_HEATMAP" if kind == "fractional" else "XAI_TOP_REGION",
