@@ -31,7 +31,7 @@ from service.node.store import Journal
 from service.synthetic.phantoms import make_phantom
 from tests.helpers import wait_for
 from tests.torture import report
-from tests.torture.conftest import quiet_logs
+from tests.torture.conftest import long_run, quiet_logs
 from tests.torture.test_crash import INSTANCES, WHEN, Destinations, check_delivered_once, serve, settle
 from tests.torture.wire import echo, play
 from tests.torture.wire_cases import generate
@@ -40,7 +40,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
 
 PROCESSES = (2, 2)
 #: Wire cases against the many-process node per CI run (the 10,000 run against one receiver, test_wire.py).
-WIRE_CASES = int(os.environ.get("PACSXAI_PROCESSES_WIRE_CASES", 400))
+WIRE_CASES = int(os.environ.get("PACSXAI_PROCESSES_WIRE_CASES", 5_000 if long_run() else 300))
 WIRE_SEED = 20261206
 
 
@@ -198,7 +198,7 @@ def test_garbage_on_the_wire_against_the_receiver_processes(tmp_path: Path) -> N
         "PACS_XAI_LISTENER__MAX_ASSOCIATIONS": "20",
     }
     node = serve(port, tmp_path / "node", 9, log, None, processes=PROCESSES, env=timeouts)
-    sources = [f"127.0.0.{40 + i}" for i in range(4)]
+    sources = [f"127.0.0.{60 + i}" for i in range(8)]
     cases = list(generate(WIRE_SEED, WIRE_CASES))
     try:
         pids = _node_processes(tmp_path / "node")
