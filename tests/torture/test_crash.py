@@ -72,7 +72,11 @@ class Destinations:
             stdout=log.open("ab") if log else subprocess.DEVNULL,
             stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
         )  # fmt: skip
-        wait_for(lambda: StoreSCU("PROBE").echo(Destination("DEST", "127.0.0.1", self.port)), 15, "storescp")
+        try:
+            wait_for(lambda: StoreSCU("PROBE").echo(Destination("DEST", "127.0.0.1", self.port)), 30, "storescp")
+        except BaseException as exc:
+            said = log.read_text()[-1000:] if log else ""
+            raise AssertionError(f"{exc} on port {self.port}: exit status {self.process.poll()}; {said}") from exc
 
     def arrivals(self) -> list[str]:
         """SOP Instance UIDs in the order storescp stored them (from its ``-v`` log)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from collections import Counter
@@ -265,7 +266,11 @@ def test_full_disk_with_the_destination_down_keeps_the_outbox_order(small_disk: 
     data_dir, log, port = small_disk / "node", small_disk.parent / "node.log", free_port()
     before = _phantoms(small_disk.parent / "before", 6, seed=41, series=2)
     during = _phantoms(small_disk.parent / "during", 6, seed=43, series=1)
-    dest_port = free_port()
+    # The destination's port, bound but not listening until storescp takes it: connections are refused
+    # meanwhile, and no outgoing connection of this busy machine can take it as its ephemeral port.
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    dest_port = holder.getsockname()[1]
     filler = small_disk / "filler"
     patient = {"PACS_XAI_SEND__MAX_ATTEMPTS": "100000"}  # the outage must not dead-letter the outputs
     node = serve(port, data_dir, dest_port, log, None, processes=PROCESSES, env=patient)
@@ -298,6 +303,7 @@ def test_full_disk_with_the_destination_down_keeps_the_outbox_order(small_disk: 
         again = scu.send(target, [p for p, _ in refused])
         assert all(o.verdict == "delivered" for o in again), [o.detail for o in again]
         wait_for(lambda: len(outbox()) == len(before) + len(during), 180, "every output queued once space returned")
+        holder.close()
         destination = Destinations(small_disk.parent / "dest", port=dest_port, log=small_disk.parent / "dest.log")
         settle(data_dir, log, len(before) + len(during), timeout=240)
         queued = [e.sop_instance_uid for e in outbox(("sent",))]
@@ -305,6 +311,7 @@ def test_full_disk_with_the_destination_down_keeps_the_outbox_order(small_disk: 
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(timeout=120)
+        holder.close()
         if destination is not None:
             destination.stop()
     first_arrivals = list(dict.fromkeys(arrived))
