@@ -83,6 +83,18 @@ def _node_processes(data_dir: Path) -> list[int]:
     return pids
 
 
+def _where(data_dir: Path) -> str:
+    """What each process of the node is waiting in (kernel wait channel), for a drain that hangs."""
+    seen = []
+    for pid in _node_processes(data_dir):
+        try:
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[2:3]
+            seen.append(f"{pid} {name[0].decode() if name else '?'}: {Path(f'/proc/{pid}/wchan').read_text()}")
+        except OSError:
+            continue
+    return "; ".join(seen)
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return _phantoms(tmp_path_factory.mktemp("sources"), INSTANCES, seed=37)
@@ -146,7 +158,11 @@ def _scenario(case: str, sources: list[Path], tmp_path: Path) -> None:
         wait_for(lambda: len(destination.sources_of()) >= INSTANCES, 240, f"results for {INSTANCES} sources", 0.5)
         settle(data_dir, log, INSTANCES)
         node.send_signal(signal.SIGTERM)
-        assert node.wait(timeout=120) == 0
+        try:
+            assert node.wait(timeout=120) == 0
+        except subprocess.TimeoutExpired as exc:
+            where, tail = _where(data_dir), log.read_text()[-1500:]
+            raise AssertionError(f"the node did not drain: {where}; log tail: {tail}") from exc
         wait_for(lambda: not _node_processes(data_dir), 30, "every child to stop")
     finally:
         for process in started:
