@@ -63,20 +63,36 @@ class Destinations:
     def __init__(self, folder: Path, *, port: int | None = None, log: Path | None = None) -> None:
         self.folder = folder
         folder.mkdir()
-        self.port = port or free_port()
         self.log = log
-        self.process = subprocess.Popen(
-            [require_dcmtk("storescp"), *(["-v"] if log else []), "-aet", "DEST", "-od", str(folder), "+uf", "+xa",
-             str(self.port)],
-            env={**os.environ, "TCP_NODELAY": "1"},
-            stdout=log.open("ab") if log else subprocess.DEVNULL,
-            stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            wait_for(lambda: StoreSCU("PROBE").echo(Destination("DEST", "127.0.0.1", self.port)), 30, "storescp")
-        except BaseException as exc:
-            said = log.read_text()[-1000:] if log else ""
-            raise AssertionError(f"{exc} on port {self.port}: exit status {self.process.poll()}; {said}") from exc
+        # A free port can be taken between free_port() and storescp's bind (scenarios run in parallel):
+        # storescp then exits at once, and another port is tried.
+        for _ in range(1 if port else 5):
+            self.port = port or free_port()
+            self.process = subprocess.Popen(
+                [require_dcmtk("storescp"), *(["-v"] if log else []), "-aet", "DEST", "-od", str(folder), "+uf",
+                 "+xa", str(self.port)],
+                env={**os.environ, "TCP_NODELAY": "1"},
+                stdout=log.open("ab") if log else subprocess.DEVNULL,
+                stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                wait_for(
+                    lambda: (
+                        self.process.poll() is not None
+                        or StoreSCU("PROBE").echo(Destination("DEST", "127.0.0.1", self.port))
+                    ),
+                    30,
+                    "storescp",
+                )
+            except BaseException:
+                self.process.kill()
+                self.process.wait(timeout=10)
+                raise
+            if self.process.poll() is None:
+                return
+        said = log.read_text()[-1000:] if log else ""
+        status = self.process.poll()
+        raise AssertionError(f"storescp could not listen on port {self.port}: exit status {status}; {said}")
 
     def arrivals(self) -> list[str]:
         """SOP Instance UIDs in the order storescp stored them (from its ``-v`` log)."""
