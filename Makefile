@@ -71,7 +71,7 @@ test-fast: $(STAMP) system-deps
 test-integration: $(STAMP) $(TRITON_STAMP) system-deps
 	$(BIN)/python -m pytest -q tests/integration
 
-# The torture tier (also part of make test): about 8 minutes on 2 cores. PACSXAI_TORTURE_LONG=1
+# The torture tier (also part of make test): about 9 minutes on 2 cores. PACSXAI_TORTURE_LONG=1
 # runs it with the long budgets (200,000 wire cases, 20,000 files, a 5,000-instance soak).
 test-torture: $(STAMP) system-deps
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/torture

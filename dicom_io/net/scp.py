@@ -289,7 +289,11 @@ class _AssociationRegistry:
         self._states: dict[Association, _AssociationState] = {}
 
     def open(self, assoc: Association, calling_ae: str) -> _AssociationState:
+        """A new state, returned with its lock held (the caller reports the acceptance, then releases
+        it): the end of the association, which takes the lock, is reported after its acceptance even
+        when the connection closes at once (the end can arrive on another thread)."""
         state = _AssociationState(f"{calling_ae}-{uuid.uuid4().hex[:8]}", calling_ae)
+        state.lock.acquire()
         with self._lock:
             self._states[assoc] = state
         return state
@@ -623,12 +627,14 @@ def _handle_association_accepted(event: Event, listener: _Listener) -> None:
     """EVT_ACCEPTED: give the association its id and report it."""
     assoc = event.assoc
     calling_ae = str(assoc.requestor.ae_title).strip()
-    state = listener.associations.open(assoc, calling_ae)
-    LOGGER.info("association %s accepted from %s", state.association_id, _peer(assoc))
+    state = listener.associations.open(assoc, calling_ae)  # its lock held: the end waits for this report
     try:
+        LOGGER.info("association %s accepted from %s", state.association_id, _peer(assoc))
         listener.events.on_association_accepted(calling_ae, str(assoc.requestor.address), state.association_id)
     except Exception:
         LOGGER.exception("on_association_accepted failed for association %s", state.association_id)
+    finally:
+        state.lock.release()
 
 
 def _handle_echo(event: Event, listener: _Listener) -> int:

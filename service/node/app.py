@@ -217,7 +217,7 @@ class Node:
         while True:
             stopping = self._stopping.is_set()
             self._outputs_ready.clear()
-            tally = self.sender.send_due()
+            tally = self.sender.send_pass(self._stopping.wait)
             if stopping:
                 return
             if not any(tally.values()):

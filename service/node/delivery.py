@@ -38,7 +38,7 @@ def serve_sender(config: NodeConfig, identity: str, stop: threading.Event) -> in
         )
         while True:
             stopping = stop.is_set()
-            tally = sender.send_due()
+            tally = sender.send_pass(stop.wait)
             if stopping:
                 return 0
             if not any(tally.values()):

@@ -8,6 +8,11 @@ and records each object's verdict:
   exponential delay with full jitter, until ``max_attempts``, then ``dead`` with the last reason;
 - reject (the destination refuses the SOP class or the object) -> ``dead`` at once: resending
   would only loop.
+
+A journal that cannot be written (a full disk) stops the pass; :meth:`OutboxSender.send_pass`
+logs it and waits, so the sending loop (a thread, or the sender process) lives on and resumes by
+itself when space returns. An object the destination accepted but whose ``sent`` could not be
+recorded is sent again then, with the same SOP Instance UID.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ from collections.abc import Callable, Mapping
 from dicom_io.net.scu import Destination, StoreSCU
 from service.node.config import SendConfig
 from service.node.metrics import NodeMetrics
-from service.node.store import Journal, OutboxEntry, backoff_delay
+from service.node.store import Journal, OutboxEntry, StoreError, backoff_delay
 
 log = logging.getLogger(__name__)
+
+#: Seconds the sender waits after the journal could not be written (a full disk) before its next pass.
+STORE_RETRY_SECONDS = 1.0
 
 
 class OutboxSender:
@@ -47,6 +55,17 @@ class OutboxSender:
         self._metrics = metrics
         self._clock = clock
         self._rng = rng or random.Random()
+
+    def send_pass(self, wait: Callable[[float], object]) -> dict[str, int]:
+        """:meth:`send_due`; when the journal cannot be written (a full disk) log it, ``wait``
+        STORE_RETRY_SECONDS (e.g. a stop event's ``wait``) and return no counts."""
+        try:
+            return self.send_due()
+        except StoreError as exc:
+            log.error("outbox pass stopped, the journal cannot be written (%s); next pass in %.0f s", exc,
+                      STORE_RETRY_SECONDS)  # fmt: skip
+            wait(STORE_RETRY_SECONDS)
+            return {}
 
     def send_due(self, limit: int = 100) -> dict[str, int]:
         """One pass over the due outbox rows; returns counts of sent / retry / dead."""

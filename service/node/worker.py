@@ -17,7 +17,6 @@ Run by the supervisor: ``python -m service.node.worker --config FILE --name work
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -153,9 +152,24 @@ def _claim_loop(
         except StoreError as exc:  # a full disk: the unfinished instances stay ``received``; give the claim back
             log.error("%s: series %s not processed, the store failed (%s); retried later", identity,
                       ready.series_instance_uid, exc)  # fmt: skip
-            with contextlib.suppress(StoreError):
-                journal.series.release(identity)
-            stop.wait(STORE_RETRY_SECONDS)
+            _give_back(journal, identity, stop)
+
+
+def _give_back(journal: Journal, identity: str, stop: threading.Event) -> None:
+    """Release this worker's claims after a failed store, then wait STORE_RETRY_SECONDS. On the full
+    disk that failed the store the release can fail too: it is tried again after each wait (a claim
+    kept by a live worker would hold its instances back until the worker restarts); at stop the
+    supervisor releases what is left."""
+    while True:
+        try:
+            journal.series.release(identity)
+        except StoreError as exc:
+            log.error("%s cannot give its claims back yet: %s", identity, exc)
+            if stop.wait(STORE_RETRY_SECONDS):
+                return
+            continue
+        stop.wait(STORE_RETRY_SECONDS)
+        return
 
 
 def main(argv: Sequence[str] | None = None) -> int:

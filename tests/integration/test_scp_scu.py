@@ -43,6 +43,7 @@ from dicom_io.net.network import Status, classify_store_status, describe_status
 from dicom_io.net.scp import AllowedCaller, ListenerSettings, StorageSCP, TlsFiles
 from dicom_io.net.scu import Destination, StoreSCU
 from tests.helpers import Pki, data_file, free_port, make_pki, require_dcmtk
+from tests.torture.pdu import associate_rq
 
 pytestmark = pytest.mark.integration
 
@@ -671,3 +672,27 @@ def test_without_lossless_syntaxes_a_compressed_object_is_never_transcoded(start
     finally:
         server.shutdown()
     assert outcome.verdict == "reject" and "refused transfer syntax JPEG-LS" in outcome.detail
+
+
+class SlowToAccept(Recorder):
+    """A Recorder whose acceptance report takes a while (a journal write waiting for its lock)."""
+
+    def on_association_accepted(self, calling_ae: str, host: str, association_id: str) -> None:
+        time.sleep(0.3)
+        super().on_association_accepted(calling_ae, host, association_id)
+
+
+def test_a_connection_closed_at_once_reports_its_end_after_its_acceptance(start_scp) -> None:
+    """A caller that sends an A-ASSOCIATE-RQ and closes at once: the end (seen on another thread)
+    used to be reported while the acceptance report was still running, so the journal's
+    ``associations`` row was written after its end and stayed open for good (found by the torture
+    suite against the many-process node)."""
+    scp, recorder = start_scp(SlowToAccept())
+    for _ in range(3):
+        with socket.create_connection((LOCALHOST, scp.port)) as sock:
+            sock.sendall(associate_rq(called=NODE))
+    assert wait_until(lambda: len(recorder.entries("released")) == 3, 10), recorder.log
+    order = [(entry[0], entry[-1] if entry[0] == "accepted" else entry[1]) for entry in recorder.log]
+    for kind, association_id in order:
+        if kind == "released":
+            assert order.index(("accepted", association_id)) < order.index((kind, association_id)), order

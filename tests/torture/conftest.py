@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,3 +59,17 @@ def resident_mib(pid: int | None = None) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS in /proc status")
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):
+    """A 16 MiB tmpfs made for the test (the container runs as root; a loop device would do too); the
+    test fills all but about 600 KiB of it. (The journal's WAL grows by some 20 KiB an instance until its
+    checkpoint, so a disk of a few MiB would fill again as soon as the refused instances came back.)"""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {result.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)

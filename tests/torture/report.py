@@ -118,12 +118,15 @@ _PROMISES = {
     "files": "Promised: a stored instance whose bytes are damaged ends quarantined (at reception) or journaled "
     "as done, skipped or failed with its reason (in processing); no worker crashes or stalls; nothing is lost.",
     "exhaustion": "Promised: a full disk is answered 0xA700 and never acknowledged; the node recovers without a "
-    "restart; idle connections cannot keep it deaf longer than its timeout; an instance over the size limit is "
+    "restart, and each destination receives its outputs in the order the outbox queued them; idle connections "
+    "cannot keep it deaf longer than its timeout; an instance over the size limit is "
     "refused without being held in memory; memory, file descriptors and threads stay flat over thousands of "
     "instances.",
     "crash": "Promised: killed (SIGKILL) between any two steps and started again, the node explains and "
     "delivers every acknowledged instance, one result per source (a re-delivery has the same UID and replaces "
-    "the first copy), leaves no orphan file; what it did not acknowledge the caller sends again.",
+    "the first copy), leaves no orphan file; what it did not acknowledge the caller sends again. In the many-process "
+    "node a fault point kills only the child that reaches it (the supervisor restarts it); killing the supervisor "
+    "takes every child down with it.",
     "security": "Promised: TLS 1.2 (forward-secret AEAD suites) or 1.3 only; mutual TLS refuses other CAs; the "
     "allow-list binds titles to hosts; the endpoints listen on loopback unless configured; patient data never "
     "leaves the DICOM objects; the image runs as non-root without secrets.",

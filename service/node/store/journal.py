@@ -83,6 +83,7 @@ CREATE TABLE outbox (
     PRIMARY KEY (sop_instance_uid, destination)
 );
 CREATE INDEX outbox_by_due ON outbox (state, next_attempt_at);
+CREATE INDEX outbox_in_order ON outbox (state, destination, created_at);
 """
 
 _INSTANCE_COLUMNS = (
@@ -170,6 +171,8 @@ class Journal:
                 )
             # Journals written before the index existed get it (routing counts a series' instances).
             db.execute("CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_instance_uid)")
+            # ... and the one the sender reads each destination's queue in order by.
+            db.execute("CREATE INDEX IF NOT EXISTS outbox_in_order ON outbox (state, destination, created_at)")
             # The multi-process tables (service.node.store.series) are additive: created when missing.
             for statement in filter(str.strip, SERIES_SCHEMA.split(";")):
                 db.execute(statement)

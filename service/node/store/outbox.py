@@ -5,6 +5,13 @@ again with a later ``next_attempt_at`` (a retry), or ``dead`` (the dead letter: 
 retries). Adding the same output for the same destination again (a reprocessed instance) replaces
 the row and resets it to ``pending``; there is never a second row.
 
+**Order**: per destination, outputs leave in the order they were queued (``created_at``; a
+re-added output keeps its place). A destination's pending outputs are due together, when its
+oldest pending output (the head) is due: a retry holds back what was queued after it instead of
+letting it overtake, across an outage of the destination, a full disk or a restart. (Within one
+pass the sender sends them in this order over one association; an object the destination itself
+refuses for a while is the only one that can fall behind those after it.)
+
 **Purge** deletes the outbox rows in the given states (optionally only those whose last state
 change is older than a Unix timestamp) in one transaction, then deletes their files from disk
 when no remaining outbox row points to the same file (one file serves every destination of an
@@ -152,14 +159,24 @@ class Outbox:
             insert_output(db, output, now)
 
     def due(self, now: float, limit: int = 100) -> list[OutboxEntry]:
-        """Pending outputs whose ``next_attempt_at <= now`` (Unix time), earliest due first, at most ``limit``."""
+        """Pending outputs of the destinations whose head (oldest pending output) has
+        ``next_attempt_at <= now`` (Unix time), in the order they were queued, at most ``limit``
+        (see the module docstring: a destination's queue keeps its order)."""
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit!r}")
         with self._connection.transaction(write=False) as db:
+            heads = db.execute(
+                "SELECT d.destination, (SELECT next_attempt_at FROM outbox WHERE state = 'pending' "
+                "AND destination = d.destination ORDER BY created_at, rowid LIMIT 1) "
+                "FROM (SELECT DISTINCT destination FROM outbox WHERE state = 'pending') AS d"
+            ).fetchall()
+            ready = [destination for destination, head_due in heads if head_due <= now]
+            if not ready:
+                return []
             rows = db.execute(
-                f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE state = 'pending' AND next_attempt_at <= ? "
-                "ORDER BY next_attempt_at, created_at, rowid LIMIT ?",
-                (now, limit),
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE state = 'pending' "
+                f"AND destination IN ({_placeholders(len(ready))}) ORDER BY created_at, rowid LIMIT ?",
+                (*ready, limit),
             ).fetchall()
         return [_outbox_entry(row) for row in rows]
 

@@ -23,8 +23,8 @@ from dicom_io.net.scp import ListenerSettings, StorageSCP
 from dicom_io.net.scu import Destination, StoreSCU
 from service.node.config import SendConfig
 from service.node.metrics import NodeMetrics
-from service.node.sender import OutboxSender
-from service.node.store import Journal, OutboxEntry, Spool
+from service.node.sender import STORE_RETRY_SECONDS, OutboxSender
+from service.node.store import Journal, OutboxEntry, Spool, StoreError
 from tests.helpers import data_file
 from tests.unit.service.node.helpers import FakeClock, sample
 
@@ -204,3 +204,31 @@ def test_an_output_for_a_destination_no_longer_configured_is_dead_lettered_namin
     entry = _entry(journal, uid)
     assert (entry.state, entry.last_error) == ("dead", "destination 'retired' is not configured")
     assert sample(metrics, "pacsxai_outputs_total", destination="retired", outcome="dead") == 1
+
+
+def test_a_journal_that_cannot_be_written_pauses_the_pass_and_the_next_one_resends(
+    spool: Spool,
+    journal: Journal,
+    metrics: NodeMetrics,
+    clock: FakeClock,
+    recorder: tuple[Recorder, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full disk while sending (the destination accepted the object, ``sent`` could not be
+    journaled): the pass stops with the error logged and a wait, instead of ending the sending loop;
+    the next pass sends the object again, with the same UID, and records it."""
+    events, port = recorder
+    uid = _queue(spool, journal, CT_SMALL, "dest")
+    sender = _sender(journal, metrics, clock, {"dest": Destination("DEST", "127.0.0.1", port)})
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise StoreError("journal: database or disk is full")
+
+    waits: list[float] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(journal.outbox, "mark_sent", full)
+        assert sender.send_pass(waits.append) == {}
+    assert waits == [STORE_RETRY_SECONDS] and _entry(journal, uid).state == "pending"
+    assert sender.send_pass(waits.append) == {"sent": 1, "retry": 0, "dead": 0}
+    assert _entry(journal, uid).state == "sent" and len(waits) == 1
+    assert [str(ds.SOPInstanceUID) for ds in events.received] == [uid, uid]

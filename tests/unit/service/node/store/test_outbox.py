@@ -34,17 +34,36 @@ def test_due_outputs_respects_next_attempt_at_and_limit(journal: Journal) -> Non
     first, second, third = add_output(journal, 1), add_output(journal, 2), add_output(journal, 3)
     assert [e.sop_instance_uid for e in journal.outbox.due(now=0.0)] == [first, second, third]
     assert len(journal.outbox.due(now=0.0, limit=2)) == 2
-    journal.outbox.mark_retry(first, "PACS", error="association rejected", next_attempt_at=100.0)
-    journal.outbox.mark_retry(second, "PACS", error="timeout", next_attempt_at=50.0)
-    assert [e.sop_instance_uid for e in journal.outbox.due(now=10.0)] == [third]
-    assert [e.sop_instance_uid for e in journal.outbox.due(now=60.0)] == [third, second]
-    assert [e.sop_instance_uid for e in journal.outbox.due(now=100.0)] == [third, second, first]
-    (retried,) = [e for e in journal.outbox.entries() if e.sop_instance_uid == first]
+    journal.outbox.mark_sent(first, "PACS")
+    journal.outbox.mark_retry(second, "PACS", error="association rejected", next_attempt_at=100.0)
+    journal.outbox.mark_retry(third, "PACS", error="timeout", next_attempt_at=50.0)
+    assert journal.outbox.due(now=60.0) == [], "the head (second) is not due: nothing may overtake it"
+    assert [e.sop_instance_uid for e in journal.outbox.due(now=100.0)] == [second, third]
+    (retried,) = [e for e in journal.outbox.entries() if e.sop_instance_uid == second]
     assert (retried.attempts, retried.next_attempt_at, retried.last_error) == (1, 100.0, "association rejected")
     journal.outbox.mark_sent(third, "PACS")
     assert third not in [e.sop_instance_uid for e in journal.outbox.due(now=1e12)]
     with pytest.raises(ValueError, match="limit"):
         journal.outbox.due(now=0.0, limit=0)
+
+
+def test_due_keeps_each_destination_in_the_order_queued(journal: Journal) -> None:
+    """A retry holds back what was queued after it for the same destination (no overtaking), a new
+    output waits behind the head's backoff, another destination is not held back, a dead head no
+    longer blocks, and a re-added output keeps its place."""
+    a1, a2 = add_output(journal, 1), add_output(journal, 2)
+    b1 = add_output(journal, 3, destination="ARCHIVE")
+    journal.outbox.mark_retry(a1, "PACS", error="association rejected", next_attempt_at=100.0)
+    journal.outbox.mark_retry(a2, "PACS", error="association rejected", next_attempt_at=10.0)
+    a3 = add_output(journal, 4)  # queued during the outage: due at once on its own, but behind a1
+    assert [e.sop_instance_uid for e in journal.outbox.due(now=50.0)] == [b1]
+    assert [e.sop_instance_uid for e in journal.outbox.due(now=100.0)] == [a1, a2, b1, a3]
+    add_output(journal, 2)  # a2 reprocessed: reset, same place in the queue
+    assert [e.sop_instance_uid for e in journal.outbox.due(now=100.0)] == [a1, a2, b1, a3]
+    journal.outbox.mark_dead(a1, "PACS", error="refused")
+    journal.outbox.mark_retry(a2, "PACS", error="timeout", next_attempt_at=200.0)
+    assert [e.sop_instance_uid for e in journal.outbox.due(now=150.0)] == [b1]
+    assert [e.sop_instance_uid for e in journal.outbox.due(now=200.0)] == [a2, b1, a3]
 
 
 def test_retry_dead_purge_and_counts(tmp_path: Path) -> None:
