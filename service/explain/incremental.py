@@ -66,6 +66,12 @@ _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _AVG_POOL_FUNCTIONS: dict[int, Callable[..., torch.Tensor]] = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
+#: A box covering this share of its layer's grid or more is pasted whole: reading regions around
+#: it costs more than the arithmetic it saves (CPU time of 16 windows of 16³ in a 96³ DenseNet121:
+#: whole passes 10.8 s; boxes to the end 4.6 s; pasted whole from half the grid 3.8 s, from 0.35 5.2 s).
+WHOLE_FROM = 0.5
+
+
 @dataclass(frozen=True)
 class _Boxed:
     """A layer's value for ``N`` changed inputs: the clean value of their images everywhere, except
@@ -317,11 +323,13 @@ class IncrementalForward:
     def _boxed(
         self, node: fx.Node, image: torch.Tensor, start: torch.Tensor, values: torch.Tensor
     ) -> _Boxed | torch.Tensor:
-        """``node``'s value: boxes in its clean value, or ``values`` alone once the box is the
-        whole grid (from there on the layers run as the network does)."""
-        if tuple(values.shape[2:]) == tuple(self._clean[node].shape[2:]):
+        """``node``'s value: boxes in its clean value, or whole from the layer where the box covers
+        :data:`WHOLE_FROM` of the grid (from there on the layers run as the network does)."""
+        grid = tuple(self._clean[node].shape[2:])
+        if tuple(values.shape[2:]) == grid:
             return values
-        return _Boxed(self._clean[node], image, start, values)
+        boxed = _Boxed(self._clean[node], image, start, values)
+        return boxed.whole() if math.prod(boxed.size) >= WHOLE_FROM * math.prod(grid) else boxed
 
     def _slide(
         self,
@@ -413,4 +421,4 @@ def _clean_region(clean: torch.Tensor, image: torch.Tensor, start: torch.Tensor,
     )
 
 
-__all__ = ["IncrementalForward"]
+__all__ = ["WHOLE_FROM", "IncrementalForward"]
