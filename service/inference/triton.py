@@ -14,9 +14,10 @@ The server holds the graphs :func:`service.inference.graphs.export_graphs` write
   eager module, loaded on first use, for the methods that back-propagate to the input).
 
 A server that does not answer (or is still loading its models) is retried ``retries`` times with
-a doubling delay; then
-:class:`TritonUnavailableError` names the URL and what to do, and the series fails as any model
-error does (the node retries it later). ``tritonclient`` is the ``triton`` extra, imported only
+a doubling delay; then :class:`TritonUnavailableError` names the URL and what to do. The node does
+not journal the instance failed for it (nothing is wrong with the instance): the batch's unfinished
+instances stay ``received`` and are processed again after a pause
+(``service.node.processor.RETRY_LATER``). ``tritonclient`` is the ``triton`` extra, imported only
 when a URL is configured.
 """
 
