@@ -48,6 +48,21 @@ def test_nothing_listening_is_retried_then_an_error_naming_the_url_and_what_to_d
         TritonLayerGradients(card, settings)(np.zeros((1, 1, 224, 224), np.float32), np.zeros(1, np.int64))
 
 
+def test_a_model_deployed_while_its_server_is_away_starts_and_its_first_pass_waits_for_it(
+    card: ModelCard, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker started while Triton restarts: no crash at start (a restart loop); the error comes
+    with the first real pass, which the node retries later."""
+    url = f"127.0.0.1:{closed_port()}"
+    model = DeployedModel(card, device="cpu", triton=TritonSettings(url, retries=0, timeout_seconds=5))
+    try:
+        assert "warm-up pass skipped, the model server is away" in caplog.text and url in caplog.text
+        with pytest.raises(TritonUnavailableError, match=url):
+            model.predict(np.zeros((1, 1, 224, 224), np.float32))
+    finally:
+        model.close()
+
+
 def test_calls_are_split_into_requests_of_at_most_max_batch_rows_in_order() -> None:
     sizes: list[int] = []
 
