@@ -15,6 +15,7 @@ that back-propagate to the input.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,15 @@ import torch
 from service.inference.backends import AnyRunner, DevicePreference, gradient_runtime, load_runner
 from service.inference.card import Activation, ModelCard
 from service.inference.pool import InferencePool, PoolMetrics
-from service.inference.triton import ServedGradientModel, TritonLayerGradients, TritonRunner, TritonSettings
+from service.inference.triton import (
+    ServedGradientModel,
+    TritonLayerGradients,
+    TritonRunner,
+    TritonSettings,
+    TritonUnavailableError,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,9 +96,15 @@ class DeployedModel:
         return cls(ModelCard.load(path), **kwargs)  # type: ignore[arg-type]
 
     def _warm_up(self, batch: int) -> None:
-        """One full-size forward pass at start-up, so the first study does not pay for lazy initialisation."""
+        """One full-size forward pass at start-up, so the first study does not pay for lazy initialisation.
+
+        A Triton server away (restarting while a worker starts) skips it: the worker starts and its
+        first batch waits for the server, instead of exiting and being restarted again and again."""
         shape = (1 if self.card.input.kind == "volume" else batch, *self.card.input.shape())
-        self.forward_runner.forward(np.zeros(shape, dtype=np.float32))
+        try:
+            self.forward_runner.forward(np.zeros(shape, dtype=np.float32))
+        except TritonUnavailableError as exc:
+            log.warning("warm-up pass skipped, the model server is away: %s", exc)
 
     def close(self) -> None:
         """Stop the inference pool (finishes what is queued)."""

@@ -14,9 +14,10 @@ The server holds the graphs :func:`service.inference.graphs.export_graphs` write
   eager module, loaded on first use, for the methods that back-propagate to the input).
 
 A server that does not answer (or is still loading its models) is retried ``retries`` times with
-a doubling delay; then
-:class:`TritonUnavailableError` names the URL and what to do, and the series fails as any model
-error does (the node retries it later). ``tritonclient`` is the ``triton`` extra, imported only
+a doubling delay; then :class:`TritonUnavailableError` names the URL and what to do. The node does
+not journal the instance failed for it (nothing is wrong with the instance): the batch's unfinished
+instances stay ``received`` and are processed again after a pause
+(``service.node.processor.RETRY_LATER``). ``tritonclient`` is the ``triton`` extra, imported only
 when a URL is configured.
 """
 
@@ -98,7 +99,7 @@ class TritonClient:
                 return [np.asarray(result.as_numpy(name)) for name in outputs]
             except Exception as exc:  # tritonclient's InferenceServerException carries a gRPC status
                 status = str(getattr(exc, "status", lambda: "")() or "")
-                if not _unreachable(status, exc):
+                if not _unreachable(status, exc) and self._serving(model):
                     raise TritonModelError(
                         f"Triton at {self.settings.url} refused a request to {model}: {exc}; check that the server "
                         "serves the graphs of this model card (pacs-xai triton export)"
@@ -115,6 +116,15 @@ class TritonClient:
                 delay = min(2 * delay, self.settings.max_retry_delay_seconds)
                 self._client = self._grpc.InferenceServerClient(url=self.settings.url)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _serving(self, model: str) -> bool:
+        """Whether the server says it and ``model`` are ready: an error from a server that is not
+        (stopping: pytriton cancels the requests in flight with an INTERNAL error) is retried like
+        no answer; one from a ready server is the request's own fault."""
+        try:
+            return bool(self._client.is_server_ready() and self._client.is_model_ready(model))
+        except Exception:  # not listening any more
+            return False
 
     def close(self) -> None:
         self._client.close()

@@ -25,7 +25,7 @@ from service.node.config import NodeConfig
 from service.node.http import HealthServer
 from service.node.intake import listener_settings
 from service.node.metrics import JournalCollector, create_metrics
-from service.node.processor import STORE_RETRY_SECONDS, SeriesProcessor
+from service.node.processor import RETRY_LATER, STORE_RETRY_SECONDS, SeriesProcessor
 from service.node.receiver import Receiver
 from service.node.routing import ModelRegistry, Router, default_card_path, triton_settings
 from service.node.sender import OutboxSender
@@ -189,16 +189,17 @@ class Node:
             for key, sop_uids in self.assembler.wait_ready(timeout=PROCESS_WAIT_SECONDS):
                 try:
                     self.processor.process_batch(key, self.journal.get_instances(sop_uids))
-                except StoreError as exc:  # a full disk: what is not done stays ``received``; try again later
+                except RETRY_LATER as exc:  # a full disk, Triton away: what is not done stays ``received``
                     self._defer(key, sop_uids, exc)
                 self._outputs_ready.set()
 
-    def _defer(self, key: SeriesKey, sop_uids: list[str], exc: StoreError) -> None:
-        """The spool or journal could not be written (a full disk): the batch's unfinished instances
-        rejoin the assembler and the loop waits, so the node recovers by itself when space returns."""
+    def _defer(self, key: SeriesKey, sop_uids: list[str], exc: Exception) -> None:
+        """The spool or journal could not be written (a full disk), or the Triton server did not
+        answer: the batch's unfinished instances rejoin the assembler and the loop waits, so the
+        node recovers by itself when space returns or the server is back."""
         self.metrics.series_processed.labels("deferred").inc()
         log.error(
-            "series %s: %d instance(s) not processed, the store failed (%s); retried in %.0f s",
+            "series %s: %d instance(s) not processed (%s); retried in %.0f s",
             key.series_instance_uid,
             len(sop_uids),
             exc,

@@ -10,7 +10,7 @@ Metric names (the dashboard and the alert rules query exactly these; a test chec
 - ``pacsxai_associations_total{outcome}``: accepted | rejected
 - ``pacsxai_instances_processed_total{outcome}``: done | skipped | failed
 - ``pacsxai_series_processed_total{outcome}``: done | partial | skipped | failed | deferred (per ready batch;
-  deferred: the store failed, e.g. a full disk, and the batch waits to be tried again)
+  deferred: the store failed, e.g. a full disk, or Triton did not answer, and the batch waits to be tried again)
 - ``pacsxai_series_routed_total{route}``: ready batches that a routing rule took (an instance each at least)
 - ``pacsxai_series_unrouted_total``: ready batches no rule took (logged with UIDs, not kept)
 - ``pacsxai_instances_discarded_total{reason}``: instances no rule took, their spool file deleted:

@@ -50,6 +50,7 @@ from dicom_io.errors import DicomInputError
 from dicom_io.faults import fault_point
 from dicom_io.pixels import read_dataset
 from service.explain import ExplainerError
+from service.inference.triton import TritonUnavailableError
 from service.node.assembler import SeriesKey
 from service.node.config import DestinationConfig
 from service.node.metrics import NodeMetrics
@@ -60,8 +61,15 @@ from service.node.volume import VOLUME_SKIP_REASONS, SeriesResult
 
 log = logging.getLogger(__name__)
 
-#: Pause after the store failed (a full disk) before a batch is tried again, seconds.
+#: Pause after the store failed (a full disk) or the model server did not answer before a batch
+#: is tried again, seconds.
 STORE_RETRY_SECONDS = 5.0
+
+#: What leaves a batch's unfinished instances ``received``, to be processed again after
+#: :data:`STORE_RETRY_SECONDS` instead of journaled failed: the store could not be written (a full
+#: disk), or the Triton server did not answer within its client's retries (stopped, restarting).
+#: Nothing is wrong with those instances; a result lost to a server restarting would be a loss.
+RETRY_LATER = (StoreError, TritonUnavailableError)
 
 #: How pydicom names the element an encoding error happened at: "With tag (0008,0070) ...".
 _TAG_IN_MESSAGE = re.compile(r"\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)")
@@ -225,6 +233,8 @@ class SeriesProcessor:
         try:
             with self._metrics.route_seconds.labels(target.name).time():
                 result = target.pipeline.process([dataset for _, dataset in members])
+        except TritonUnavailableError:
+            raise  # the model server is away, the series is fine: processed again later
         except Exception as exc:  # a bug must not stop the node; each instance is journaled failed with the reason
             known = isinstance(exc, DicomInputError | ExplainerError)
             reason = str(exc) if known else _internal_error(exc)
@@ -290,6 +300,8 @@ class SeriesProcessor:
         try:
             with self._metrics.route_seconds.labels(target.name).time():
                 result = target.pipeline.process(dataset)
+        except TritonUnavailableError:
+            raise  # the model server is away, the instance is fine: processed again later
         except (DicomInputError, ExplainerError) as exc:
             log.warning("instance %s cannot be processed by route %s: %s", uid, target.name, exc)
             self._metrics.route_instances.labels(target.name, "failed").inc()

@@ -31,7 +31,7 @@ from service.node.assembler import SeriesKey
 from service.node.child import run_child
 from service.node.config import NodeConfig, available_cores, resolve_processes
 from service.node.metrics import create_metrics
-from service.node.processor import STORE_RETRY_SECONDS, SeriesProcessor
+from service.node.processor import RETRY_LATER, STORE_RETRY_SECONDS, SeriesProcessor
 from service.node.queue.consumer import StreamConsumer
 from service.node.queue.stream import WorkQueue, default_node_name
 from service.node.routing import ModelRegistry, Router, triton_settings
@@ -149,8 +149,8 @@ def _claim_loop(
         key = SeriesKey(ready.study_instance_uid, ready.series_instance_uid)
         try:
             processor.process_batch(key, journal.get_instances(ready.sop_instance_uids))
-        except StoreError as exc:  # a full disk: the unfinished instances stay ``received``; give the claim back
-            log.error("%s: series %s not processed, the store failed (%s); retried later", identity,
+        except RETRY_LATER as exc:  # a full disk, Triton away: the unfinished instances stay ``received``
+            log.error("%s: series %s not processed (%s); claim given back, retried later", identity,
                       ready.series_instance_uid, exc)  # fmt: skip
             _give_back(journal, identity, stop)
 

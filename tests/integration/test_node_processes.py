@@ -84,7 +84,9 @@ def test_a_receiver_process_stores_and_loads_neither_torch_nor_onnxruntime(tmp_p
 class _Node:
     """``pacs-xai serve`` in a subprocess, its log in a file."""
 
-    def __init__(self, tmp_path: Path, destination_port: int, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, tmp_path: Path, destination_port: int, extra_env: dict[str, str] | None = None, *, outputs: str = "sc"
+    ) -> None:
         self.port = free_port()
         self.data_dir = tmp_path / "node"
         self.journal = self.data_dir / "journal.sqlite"
@@ -102,7 +104,7 @@ class _Node:
         }
         command = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)]
         command += ["--data-dir", str(self.data_dir), "--destination", f"DEST@127.0.0.1:{destination_port}"]
-        command += ["--method", "gradcam", "--outputs", "sc"]
+        command += ["--method", "gradcam", "--outputs", outputs]
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=self.log.open("ab"))
         self.address = Destination("PACSXAI", "127.0.0.1", self.port)
         wait_for(lambda: StoreSCU("PROBE").echo(self.address), 60, "the node to listen")

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from service.node.assembler import SeriesKey
-from service.node.processor import STORE_RETRY_SECONDS, SeriesProcessor
+from service.node.processor import RETRY_LATER, STORE_RETRY_SECONDS, SeriesProcessor
 from service.node.queue.stream import QueueError, QueueMessage, WorkQueue
 from service.node.store import Journal, StoreError
 
@@ -113,8 +113,8 @@ class StreamConsumer:
             except QueueError as exc:  # Redis away or emptied: the receiving node refills it; look again
                 log.error("%s: %s", self.consumer, exc)
                 stop.wait(REDIS_RETRY_SECONDS)
-            except StoreError as exc:  # a full disk: what is claimed goes back; the messages stay pending
-                log.error("%s: the store failed (%s); retried later", self.consumer, exc)
+            except RETRY_LATER as exc:  # a full disk, Triton away: what is claimed goes back; the messages stay held
+                log.error("%s: a series not processed (%s); retried later", self.consumer, exc)
                 try:
                     self._journal.series.release(self._worker)
                 except StoreError:
@@ -199,7 +199,7 @@ class StreamConsumer:
         if uids:
             try:
                 self._processor.process_batch(key, self._journal.get_instances(uids))
-            except StoreError:
+            except RETRY_LATER:
                 self._journal.series.release(self._worker)
                 raise
         finished = []

@@ -9,6 +9,7 @@ use it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -41,6 +42,29 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def _descendants(pid: int) -> list[int]:
+    """The live descendants of ``pid``, from ``/proc`` (the server runs on Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 class TritonServer:
@@ -144,17 +168,30 @@ class TritonServer:
             return "(no log)"
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the server's process group (pytriton and tritonserver), SIGKILL if it lingers."""
+    def stop(self, timeout: float = 30.0, linger: float = 5.0) -> None:
+        """SIGTERM to the server's process group, SIGKILL if it lingers; then SIGKILL to any of its
+        descendants still alive after ``linger`` seconds. pytriton starts tritonserver in a session
+        of its own: one stuck in its graceful shutdown (requests in flight) outlived its parent and
+        kept the gRPC port, so the server could not be started again on it."""
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
+        descendants = _descendants(process.pid)
         os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        deadline = time.monotonic() + linger
+        while (alive := [pid for pid in descendants if _alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0  # gone, so the port is free on return
+        while any(_alive(pid) for pid in alive) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def __enter__(self) -> TritonServer:
         return self.start()

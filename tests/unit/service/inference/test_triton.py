@@ -16,6 +16,7 @@ from service.inference.deployed import DeployedModel
 from service.inference.pool import InferencePool
 from service.inference.triton import (
     TritonLayerGradients,
+    TritonModelError,
     TritonRunner,
     TritonSettings,
     TritonUnavailableError,
@@ -46,6 +47,80 @@ def test_nothing_listening_is_retried_then_an_error_naming_the_url_and_what_to_d
     assert 0.6 <= time.monotonic() - started < 10  # 0.2 + 0.4 s of waiting between the three attempts
     with pytest.raises(TritonUnavailableError, match=url):
         TritonLayerGradients(card, settings)(np.zeros((1, 1, 224, 224), np.float32), np.zeros(1, np.int64))
+
+
+def test_a_model_deployed_while_its_server_is_away_starts_and_its_first_pass_waits_for_it(
+    card: ModelCard, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker started while Triton restarts: no crash at start (a restart loop); the error comes
+    with the first real pass, which the node retries later."""
+    url = f"127.0.0.1:{closed_port()}"
+    model = DeployedModel(card, device="cpu", triton=TritonSettings(url, retries=0, timeout_seconds=5))
+    try:
+        assert "warm-up pass skipped, the model server is away" in caplog.text and url in caplog.text
+        with pytest.raises(TritonUnavailableError, match=url):
+            model.predict(np.zeros((1, 1, 224, 224), np.float32))
+    finally:
+        model.close()
+
+
+class _Internal(Exception):
+    """What tritonclient raises for an INTERNAL status (pytriton cancelling the requests in flight)."""
+
+    def status(self) -> str:
+        return "StatusCode.INTERNAL"
+
+
+class _ScriptedServer:
+    """A stand-in for ``tritonclient.grpc.InferenceServerClient``: each infer takes the next
+    scripted answer (an exception is raised); readiness as told."""
+
+    answers: list = []
+    ready: bool = False
+    infers = 0
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def infer(self, model: str, inputs: list, outputs: list, client_timeout: float) -> object:
+        type(self).infers += 1
+        answer = type(self).answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def is_server_ready(self) -> bool:
+        return type(self).ready
+
+    def is_model_ready(self, model: str) -> bool:
+        return type(self).ready
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("ready", [False, True])
+def test_an_internal_error_is_retried_only_from_a_server_that_is_not_ready(
+    card: ModelCard, monkeypatch: pytest.MonkeyPatch, ready: bool
+) -> None:
+    """A stopping server cancels the requests in flight with INTERNAL: retried like no answer. The
+    same status from a ready server is the request's fault: an error at once, not a retry loop."""
+    import tritonclient.grpc as grpcclient
+
+    logits = np.arange(3, dtype=np.float32).reshape(1, 3)
+    answered = type("Result", (), {"as_numpy": lambda self, name: logits})()
+    monkeypatch.setattr(grpcclient, "InferenceServerClient", _ScriptedServer)
+    monkeypatch.setattr(_ScriptedServer, "answers", [_Internal("Cancelled responses handler"), answered])
+    monkeypatch.setattr(_ScriptedServer, "ready", ready)
+    monkeypatch.setattr(_ScriptedServer, "infers", 0)
+    runner = TritonRunner(card, TritonSettings("127.0.0.1:1", retries=2, retry_delay_seconds=0.01))
+    if ready:
+        with pytest.raises(TritonModelError, match="Cancelled responses handler"):
+            runner.forward(np.zeros((1, 1, 224, 224), np.float32))
+        assert _ScriptedServer.infers == 1
+    else:
+        np.testing.assert_array_equal(runner.forward(np.zeros((1, 1, 224, 224), np.float32)), logits)
+        assert _ScriptedServer.infers == 2
 
 
 def test_calls_are_split_into_requests_of_at_most_max_batch_rows_in_order() -> None:

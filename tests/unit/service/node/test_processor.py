@@ -16,6 +16,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from service.inference.deployed import DeployedModel
+from service.inference.triton import TritonUnavailableError
 from service.models import demo_card_path, shortcut_card_path, volume_card_path
 from service.node.assembler import SeriesKey
 from service.node.config import DestinationConfig, load_config
@@ -176,6 +177,39 @@ def test_an_unreadable_spool_file_fails_with_the_reason_and_the_rest_of_the_batc
     )
     assert sample(metrics, "pacsxai_instances_processed_total", outcome="failed") == 1
     assert sample(metrics, "pacsxai_series_processed_total", outcome="partial") == 1
+
+
+def test_a_triton_server_away_leaves_the_rest_of_the_batch_received_for_later_not_failed(
+    processor: SeriesProcessor,
+    pipeline: ExplainPipeline,
+    spool: Spool,
+    journal: Journal,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Triton stopped or restarting is no fault of the instance: journaling it failed would lose its
+    result. The batch stops there; what was done stays done, the rest stays ``received``."""
+    first, second, third = (_receive(spool, journal, _phantom(index), received_at=clock.now) for index in range(3))
+    process = ExplainPipeline.process
+    calls = []
+
+    def away_on_the_second(self: ExplainPipeline, ds: Dataset):  # noqa: ANN202
+        calls.append(ds.SOPInstanceUID)
+        if len(calls) == 2:
+            raise TritonUnavailableError("Triton at 127.0.0.1:1 did not answer a request to x after 5 attempts")
+        return process(self, ds)
+
+    monkeypatch.setattr(ExplainPipeline, "process", away_on_the_second)
+    with pytest.raises(TritonUnavailableError):
+        processor.process_batch(SeriesKey(STUDY, SERIES), [first, second, third])
+    assert journal.instance_state(first.sop_instance_uid) == ("done", "")
+    assert journal.instance_state(second.sop_instance_uid)[0] == "received"
+    assert journal.instance_state(third.sop_instance_uid)[0] == "received"
+
+    # The server is back: the same instances, tried again, are done; nothing is journaled twice.
+    rest = journal.get_instances([second.sop_instance_uid, third.sop_instance_uid])
+    assert processor.process_batch(SeriesKey(STUDY, SERIES), rest) == {"done": 2, "skipped": 0, "failed": 0}
+    assert _outputs_by_source(journal) == {i.sop_instance_uid: _expected_rows() for i in (first, second, third)}
 
 
 def test_flagged_results_are_counted_by_model_and_method(
