@@ -22,6 +22,7 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -45,7 +46,7 @@ class JournalConnection:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open journal {self.path}: {exc}") from exc
         try:
-            self._use_wal(synchronous)
+            self._use_wal(synchronous, busy_timeout)
             self._file_lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             self._sqlite.close()
@@ -54,12 +55,22 @@ class JournalConnection:
             self._sqlite.close()
             raise
 
-    def _use_wal(self, synchronous: str) -> None:
-        try:
-            mode = self._sqlite.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            self._sqlite.execute(f"PRAGMA synchronous={synchronous}")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open journal {self.path}: {exc}") from exc
+    def _use_wal(self, synchronous: str, busy_timeout: float) -> None:
+        # Switching a new database to WAL takes an exclusive lock for which SQLite calls no busy
+        # handler: processes opening one journal at once (receivers starting together) are told
+        # "database is locked" at once. Each tries again until the busy timeout.
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                mode = self._sqlite.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                self._sqlite.execute(f"PRAGMA synchronous={synchronous}")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise StoreError(f"cannot open journal {self.path}: {exc}") from exc
+                time.sleep(0.05)
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open journal {self.path}: {exc}") from exc
         if str(mode).lower() != "wal":
             raise StoreError(f"journal {self.path} cannot use WAL mode (SQLite answered {mode!r})")
 

@@ -3,7 +3,10 @@ errors that name the database. Real SQLite files in tmp_path."""
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.queues
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,33 @@ def test_a_database_that_cannot_be_opened_is_a_store_error_naming_it(tmp_path: P
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(StoreError, match=f"cannot open journal {tmp_path / 'file' / 'c.sqlite'}"):
         JournalConnection(tmp_path / "file" / "c.sqlite", busy_timeout=1.0, synchronous="FULL")
+
+
+def _open_at(path: str, start: float, results: multiprocessing.queues.Queue[str]) -> None:
+    while time.time() < start:  # every process asks for WAL mode at the same moment
+        pass
+    try:
+        JournalConnection(Path(path), busy_timeout=10.0, synchronous="FULL").close()
+        results.put("ok")
+    except StoreError as exc:
+        results.put(str(exc))
+
+
+def test_processes_opening_a_new_journal_at_once_all_get_it(tmp_path: Path) -> None:
+    """Receivers starting together on a fresh data folder (seen in `bench receive`: one receiver
+    exited with "database is locked"): two connections that both read the new database and then
+    want its exclusive lock for the switch to WAL deadlock, and SQLite answers one of them at once,
+    without its busy handler. Each must wait its turn, not fail. The race depends on timing: this
+    test can pass without the retry, but it fails whenever the race happens and the retry is gone."""
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    start = time.time() + 0.5
+    processes = [
+        context.Process(target=_open_at, args=(str(tmp_path / "journal.sqlite"), start, results)) for _ in range(8)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=30)
+    answers = [results.get(timeout=5) for _ in processes]
+    assert answers == ["ok"] * len(processes), answers
