@@ -40,8 +40,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from service.node.assembler import SeriesKey
 from service.node.processor import RETRY_LATER, STORE_RETRY_SECONDS, SeriesProcessor
@@ -119,6 +121,12 @@ class StreamConsumer:
                     self._journal.series.release(self._worker)
                 except StoreError:
                     pass
+                stop.wait(STORE_RETRY_SECONDS)
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive one bad batch, as the claim loop does
+                # Where it broke, not what it said: an exception's text may quote a dataset.
+                frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+                where = f"{Path(frame.filename).name}:{frame.lineno}" if frame else "?"
+                log.error("%s: %s at %s in the stream loop; going on", self.consumer, type(exc).__name__, where)
                 stop.wait(STORE_RETRY_SECONDS)
         self.hand_back()
 
@@ -210,7 +218,9 @@ class StreamConsumer:
                 del held.messages[message.message_id]
         self._finish(finished)
         if held.messages:  # claimed by another worker, or re-sent meanwhile: look again after idle_seconds
-            held.last = self._clock()
+            # The wait starts again, max_wait included: else, past it, the series is ready at once
+            # on every step and the loop spins on its claim.
+            held.first = held.last = self._clock()
         else:
             del self._held[key]
             self._queue.release_series(self.consumer, key.study_instance_uid, key.series_instance_uid)

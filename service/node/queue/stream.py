@@ -19,9 +19,10 @@ try again (the journal holds everything, so nothing is lost while Redis is away)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from service.node.store import NewOutput, OutboxEntry, ReceivedInstance
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DoneNote", "QueueCollector", "QueueError", "QueueMessage", "WorkQueue", "default_node_name"]
 
@@ -158,6 +161,28 @@ class WorkQueue:
         path = Path(sent)
         return path if path.is_absolute() else self.spool_root / path
 
+    def _messages(self, entries: Iterable[tuple[bytes | str, dict | None]]) -> list[QueueMessage]:
+        """The messages of stream entries (deleted ones, without fields, left out). An entry that
+        is not a pacs-xai message (a field missing or unreadable) is acknowledged and logged by
+        its ID, not raised: every consumer reclaiming it in turn would stop on it."""
+        messages, malformed = [], []
+        for message_id, fields in entries:
+            if not fields:
+                continue
+            try:
+                messages.append(self._message(message_id, fields))
+            except (KeyError, ValueError):
+                malformed.append(_text(message_id))
+        if malformed:
+            log.error(
+                "stream %s: %d entries that are not pacs-xai messages acknowledged: %s",
+                self.stream,
+                len(malformed),
+                ", ".join(malformed[:10]),
+            )
+            self.ack(malformed)
+        return messages
+
     def _message(self, message_id: bytes | str, fields: dict) -> QueueMessage:
         f = {_text(k): _text(v) for k, v in fields.items()}
         instance = ReceivedInstance(
@@ -183,7 +208,7 @@ class WorkQueue:
             count=self.read_count,
             block=max(1, int(block_seconds * 1000)),
         )
-        return [self._message(mid, fields) for _, entries in reply or [] for mid, fields in entries if fields]
+        return self._messages(entry for _, entries in reply or [] for entry in entries)
 
     def reclaim(self, consumer: str, *, min_idle_seconds: float) -> list[QueueMessage]:
         """Messages pending longer than ``min_idle_seconds`` with any consumer, now ``consumer``'s (``XAUTOCLAIM``)."""
@@ -201,7 +226,7 @@ class WorkQueue:
                 count=self.read_count,
             )
             start, entries = _text(reply[0]), reply[1]
-            taken.extend(self._message(mid, fields) for mid, fields in entries if fields)
+            taken.extend(self._messages(entries))
             if start == "0-0":
                 return taken
 
@@ -226,7 +251,7 @@ class WorkQueue:
             {self.stream: "0"},
             count=10000,
         )
-        return [self._message(mid, fields) for _, entries in reply or [] for mid, fields in entries if fields]
+        return self._messages(entry for _, entries in reply or [] for entry in entries)
 
     def transfer(self, message_ids: Sequence[str], consumer: str) -> None:
         """Hand pending messages to another consumer (``XCLAIM`` with min idle 0, on its behalf)."""

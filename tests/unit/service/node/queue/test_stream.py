@@ -115,3 +115,20 @@ def test_a_consumer_is_forgotten_only_when_nothing_is_pending_with_it(work_queue
     assert work_queue.forget_consumer("w-1") is True
     names = {c["name"].decode() for c in redis_client.xinfo_consumers(work_queue.stream, work_queue.group)}
     assert names == {"w-2"}
+
+
+def test_an_entry_that_is_not_a_pacs_xai_message_is_acknowledged_not_raised(
+    work_queue: WorkQueue, redis_client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reclaimed entry that raised would stop every consumer that reclaims it in turn."""
+    work_queue.ensure_group()
+    work_queue.publish("node", received_instance(1))
+    stray = redis_client.xadd(work_queue.stream, {"sop": "1.2.3"})  # written by something else: fields missing
+    work_queue.publish("node", received_instance(2))
+    messages = work_queue.read("w-1", block_seconds=0.05)
+    assert [m.instance.sop_instance_uid for m in messages] == [
+        received_instance(1).sop_instance_uid,
+        received_instance(2).sop_instance_uid,
+    ]
+    assert work_queue.lag() == (0, 2), "the stray entry is acknowledged, the two messages pending"
+    assert stray.decode() in caplog.text
