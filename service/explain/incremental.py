@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,9 @@ _MAX_POOL_FUNCTIONS: dict[int, Callable[..., torch.Tensor]] = {1: F.max_pool1d, 
 _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _AVG_POOL_FUNCTIONS: dict[int, Callable[..., torch.Tensor]] = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
+
+#: The graph of each network traced so far (``None``: not traceable), for as long as the network lives.
+_TRACED: weakref.WeakKeyDictionary[nn.Module, fx.GraphModule | None] = weakref.WeakKeyDictionary()
 
 #: A box covering this share of its layer's grid or more is pasted whole: reading regions around
 #: it costs more than the arithmetic it saves (CPU time of 16 windows of 16³ in a 96³ DenseNet121:
@@ -206,13 +210,19 @@ class IncrementalForward:
         with one input."""
         if isinstance(model, torch.jit.ScriptModule):
             return None
-        try:
-            graph_module = fx.symbolic_trace(model)
-        except Exception:  # noqa: BLE001 - any tracing failure means: run whole passes
-            return None
-        if sum(node.op == "placeholder" for node in graph_module.graph.nodes) != 1:
-            return None
-        return cls(graph_module)
+        if model not in _TRACED:  # traced once per network (its modules, weights included, are shared)
+            try:
+                graph_module: fx.GraphModule | None = fx.symbolic_trace(model)
+            except Exception:  # noqa: BLE001 - any tracing failure means: run whole passes
+                graph_module = None
+            if graph_module is not None and (
+                sum(n.op == "placeholder" for n in graph_module.graph.nodes) != 1
+                or any(_mutates_a_value_read_again(n) for n in graph_module.graph.nodes)
+            ):
+                graph_module = None
+            _TRACED[model] = graph_module
+        traced = _TRACED[model]
+        return None if traced is None else cls(traced)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Run and keep the clean pass of ``images`` ``[B, C, *spatial]``; return its output."""
@@ -271,11 +281,12 @@ class IncrementalForward:
             for part in str(node.target).split("."):
                 target = getattr(target, part)
             return target
-        if node.op == "call_module":
-            module = self._modules[str(node.target)]
-            if getattr(module, "inplace", False):
-                # An in-place layer would overwrite the value kept for the layer before it.
-                args = tuple(arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args)
+        module = self._modules[str(node.target)] if node.op == "call_module" else None
+        if _in_place(node, module):
+            # It would overwrite the value kept for the node before it (read by no other node:
+            # :meth:`trace` declines graphs where it is).
+            args = tuple(arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args)
+        if module is not None:
             return module(*args, **kwargs)
         if node.op == "call_method":
             receiver, *rest = args
@@ -295,7 +306,7 @@ class IncrementalForward:
         if node.op == "call_module":
             module = self._modules[str(node.target)]
             if isinstance(module, _POINTWISE_MODULES) and len(node.args) == 1 and not node.kwargs:
-                return self._replace(node, boxed, module(boxed.values.clone()))
+                return self._boxed(node, boxed.image, boxed.start, module(boxed.values.clone()))
             geometry = _sliding_geometry(module, len(boxed.grid))
             if geometry is not None and len(node.args) == 1 and not node.kwargs:
                 return self._slide(node, module, boxed, *geometry)
@@ -303,9 +314,9 @@ class IncrementalForward:
             if node.args and node.args[0] is node.all_input_nodes[0] and len(node.all_input_nodes) == 1:
                 rest, kwargs = self._load(node.args[1:], values), self._load(node.kwargs, values)
                 # On a copy: an in-place activation must not change the box kept for the layer before.
-                return self._replace(node, boxed, node.target(boxed.values.clone(), *rest, **kwargs))
+                return self._boxed(node, boxed.image, boxed.start, node.target(boxed.values.clone(), *rest, **kwargs))
         elif node.op == "call_method" and node.target in _POINTWISE_METHODS and len(node.args) == 1:
-            return self._replace(node, boxed, getattr(boxed.values, str(node.target))())
+            return self._boxed(node, boxed.image, boxed.start, getattr(boxed.values, str(node.target))())
         elif node.op == "call_function" and node.target in _ARITHMETIC and not node.kwargs:
             merged = self._merge(node, values, node.args)
             if merged is not None:
@@ -316,9 +327,6 @@ class IncrementalForward:
             if merged is not None:
                 return merged
         return self._run_whole(node, values)
-
-    def _replace(self, node: fx.Node, boxed: _Boxed, new_values: torch.Tensor) -> _Boxed | torch.Tensor:
-        return self._boxed(node, boxed.image, boxed.start, new_values)
 
     def _boxed(
         self, node: fx.Node, image: torch.Tensor, start: torch.Tensor, values: torch.Tensor
@@ -404,21 +412,41 @@ class IncrementalForward:
         image = parts[0].image
         start, size = self._common_box(node, parts)
         pieces = [
-            value.region(start, size, 0.0) if isinstance(value, _Boxed) else _clean_region(value, image, start, size)
+            value.region(start, size, 0.0) if isinstance(value, _Boxed) else boxes_of(value, image, start, size)
             for value in loaded
         ]
         return self._boxed(node, image, start, torch.cat(pieces, 1))
 
 
-def _clean_region(clean: torch.Tensor, image: torch.Tensor, start: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """``[N, C, *size]``: a value unchanged by the boxes (``[B, C, *grid]``), read on the box of
-    ``size`` at ``start[n]`` (inside the grid) of image ``image[n]``."""
+def _in_place(node: fx.Node, module: nn.Module | None = None) -> bool:
+    """Whether ``node`` writes into its input: a layer with ``inplace=True``, a function called
+    with ``inplace=True``, or a method such as ``relu_``."""
+    name = str(node.target)
+    return bool(
+        getattr(module, "inplace", False)
+        or node.kwargs.get("inplace") is True
+        or (node.op == "call_method" and name.endswith("_") and not name.startswith("__"))
+    )
+
+
+def _mutates_a_value_read_again(node: fx.Node) -> bool:
+    """An in-place ``node`` whose input another node also reads: the network's answer then
+    depends on the order of the writes, which boxes do not keep."""
+    if node.op not in ("call_module", "call_function", "call_method") or not node.all_input_nodes:
+        return False
+    module = node.graph.owning_module.get_submodule(str(node.target)) if node.op == "call_module" else None
+    return _in_place(node, module) and len(node.all_input_nodes[0].users) > 1
+
+
+def boxes_of(images: torch.Tensor, image: torch.Tensor, corner: torch.Tensor, box: Sequence[int]) -> torch.Tensor:
+    """``[n, C, *box]``: the box of size ``box`` at ``corner[i]`` (on the grid) of image
+    ``image[i]`` of ``images`` ``[B, C, *spatial]``."""
     return torch.stack(
         [
-            clean[(index, slice(None), *(slice(a, a + extent) for a, extent in zip(first, size)))]
-            for index, first in zip(image.tolist(), start.tolist())
+            images[(index, slice(None), *(slice(first, first + size) for first, size in zip(start, box)))]
+            for index, start in zip(image.tolist(), corner.tolist())
         ]
     )
 
 
-__all__ = ["WHOLE_FROM", "IncrementalForward"]
+__all__ = ["WHOLE_FROM", "IncrementalForward", "boxes_of"]

@@ -23,9 +23,9 @@ from service.explain.base import (
 )
 from service.explain.healthy.appearance import configured_healthy
 from service.explain.hooks import eval_mode, module_device
-from service.explain.incremental import IncrementalForward
+from service.explain.incremental import IncrementalForward, boxes_of
 from service.explain.methods.perturbation import HEALTHY_CARD_FILES, PERTURBATIONS, healthy_fill, replacement_images
-from service.explain.methods.windows import boxes_of, paint_windows, window_boxes, window_mask, window_masks
+from service.explain.methods.windows import paint_windows, window_boxes, window_mask, window_masks
 from service.explain.scores import LOGIT, forward_scores, target_scores
 from service.explain.settings import boolean, choice, finite_float, optional_positive_int, positive_float, positive_int
 

@@ -56,17 +56,6 @@ def window_boxes(
     return torch.stack(corners, dim=1), mask
 
 
-def boxes_of(images: torch.Tensor, image: torch.Tensor, corner: torch.Tensor, box: Sequence[int]) -> torch.Tensor:
-    """``[n, C, *box]``: the box of size ``box`` at ``corner[i]`` of image ``image[i]`` of
-    ``images`` ``[B, C, *spatial]``."""
-    return torch.stack(
-        [
-            images[(index, slice(None), *(slice(first, first + size) for first, size in zip(start, box)))]
-            for index, start in zip(image.tolist(), corner.tolist())
-        ]
-    )
-
-
 def paint_windows(values: torch.Tensor, axes: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[B, n_1, ..., n_d] -> [B, size_1, ..., size_d]``: each pixel (voxel) gets the sum of the
     values of the windows covering it (``axes[k]`` is axis ``k``'s masks ``[n_k, size_k]``)."""

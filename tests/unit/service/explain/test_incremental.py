@@ -16,8 +16,9 @@ monai_nets = pytest.importorskip("monai.networks.nets")
 
 
 class _Residual(nn.Module):
-    """Residual addition, dilation, padded max and average pooling, an in-place activation, a
-    scalar product and a norm over space (which the engine must run whole)."""
+    """Residual addition, dilation, padded max and average pooling, an in-place activation layer
+    and an in-place function, a scalar product and a norm over space (which the engine must run
+    whole)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -35,7 +36,8 @@ class _Residual(nn.Module):
         y = self.act(self.norm(self.conv1(x)))
         y = y + 0.5 * self.conv2(y)
         y = self.strided(self.avg_pool(self.max_pool(y)))
-        return self.head(self.group_norm(torch.relu(y)).mean((2, 3)))
+        z = nn.functional.relu(y, inplace=True)
+        return self.head(self.group_norm(z).mean((2, 3)))
 
 
 def _randomised(model: nn.Module) -> nn.Module:
@@ -125,8 +127,20 @@ class _DataDependent(nn.Module):
         return y.mean((2, 3))
 
 
+class _ReadAfterWrite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        z = nn.functional.relu(y, inplace=True) + y.neg()  # y is read again after the write
+        return z.mean((2, 3))
+
+
 def test_untraceable_networks_are_declined() -> None:
     assert IncrementalForward.trace(_DataDependent()) is None
+    assert IncrementalForward.trace(_ReadAfterWrite()) is None
     assert IncrementalForward.trace(torch.jit.script(nn.Sequential(nn.Conv2d(1, 2, 3)))) is None
 
 
