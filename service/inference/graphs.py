@@ -11,8 +11,8 @@ under ``torch.fx.experimental.proxy_tensor.make_fx``, which records the forward 
 autograd left in it: a forward-only graph that a server runs and batches like any other, with a
 symbolic batch size. The parameters are constants of the graph.
 
-The graphs are saved with ``torch.save`` (a pickled ``GraphModule``: code plus constants) and need
-only torch to load, not this project: the Triton server's own virtualenv runs them
+The graphs are saved with ``torch.export.save`` (an exported program, dynamic in the batch: code
+plus constants) and need only torch, of the release that wrote them, to load, not this project: the Triton server's own virtualenv runs them
 (:mod:`service.tools.triton.serve`). Load them only from a folder this node wrote.
 """
 

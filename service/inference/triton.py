@@ -114,8 +114,18 @@ class TritonClient:
                 log.warning("Triton at %s did not answer (%s); retrying in %.1f s", self.settings.url, status, delay)
                 time.sleep(delay)
                 delay = min(2 * delay, self.settings.max_retry_delay_seconds)
-                self._client = self._grpc.InferenceServerClient(url=self.settings.url)
+                self._reconnect()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _reconnect(self) -> None:
+        """A new channel for the next attempt; the old one closed, so a long outage does not
+        leave one open per retry (a request another thread has in flight on it fails and is
+        retried like any other)."""
+        old, self._client = self._client, self._grpc.InferenceServerClient(url=self.settings.url)
+        try:
+            old.close()
+        except Exception:  # noqa: BLE001 - a channel that cannot close cleanly is gone all the same
+            log.debug("closing the old channel to Triton at %s failed", self.settings.url)
 
     def _serving(self, model: str) -> bool:
         """Whether the server says it and ``model`` are ready: an error from a server that is not
