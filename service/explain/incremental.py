@@ -207,7 +207,8 @@ class IncrementalForward:
     @classmethod
     def trace(cls, model: nn.Module) -> IncrementalForward | None:
         """The engine for ``model``, or ``None`` when :mod:`torch.fx` cannot trace it to a graph
-        with one input."""
+        with one input. Tracing runs ``model.forward`` once with symbolic values: a forward with
+        side effects (one that records its inputs) sees them."""
         if isinstance(model, torch.jit.ScriptModule):
             return None
         if model not in _TRACED:  # traced once per network (its modules, weights included, are shared)

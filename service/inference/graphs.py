@@ -12,8 +12,9 @@ autograd left in it: a forward-only graph that a server runs and batches like an
 symbolic batch size. The parameters are constants of the graph.
 
 The graphs are saved with ``torch.export.save`` (an exported program, dynamic in the batch: code
-plus constants) and need only torch, of the release that wrote them, to load, not this project: the Triton server's own virtualenv runs them
-(:mod:`service.tools.triton.serve`). Load them only from a folder this node wrote.
+plus constants) and need only torch, of the release that wrote them, to load, not this project:
+the Triton server's own virtualenv runs them (:mod:`service.tools.triton.serve`). Load them only
+from a folder this node wrote.
 """
 
 from __future__ import annotations
