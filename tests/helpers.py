@@ -103,6 +103,17 @@ def require_dcmtk(name: str) -> str:
         pytest.fail(f"{exc} (or run `make system-deps`)")
 
 
+def start_storescp(results: Path, port: int) -> subprocess.Popen:
+    """DCMTK storescp as the destination "DEST" on ``port``: every copy it receives kept under
+    ``results`` with a name of its own (``+uf``), any transfer syntax accepted (``+xa``)."""
+    return subprocess.Popen(
+        [require_dcmtk("storescp"), "-aet", "DEST", "-od", str(results), "+uf", "+xa", str(port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def data_file(name: str) -> str:
     """Path of a file from pydicom's own test data or the pydicom-data package (never downloads)."""
     path = get_testdata_file(name)

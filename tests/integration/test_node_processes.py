@@ -24,7 +24,7 @@ from pynetdicom.presentation import StoragePresentationContexts
 from dicom_io.net.scu import Destination, StoreSCU
 from service.node.config import load_config, write_resolved_config
 from service.synthetic.phantoms import make_phantom
-from tests.helpers import free_port, require_dcmtk, wait_for
+from tests.helpers import free_port, start_storescp, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -150,12 +150,7 @@ def test_two_receivers_two_workers_a_split_series_and_a_killed_worker_lose_nothi
     results = tmp_path / "dest"
     results.mkdir()
     storescp_port = free_port()
-    storescp = subprocess.Popen(
-        [require_dcmtk("storescp"), "-aet", "DEST", "-od", str(results), "+uf", "+xa", str(storescp_port)],
-        env={**os.environ, "TCP_NODELAY": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    storescp = start_storescp(results, storescp_port)
     node = None
     try:
         wait_for(lambda: StoreSCU("PROBE").echo(Destination("DEST", "127.0.0.1", storescp_port)), 15, "storescp")

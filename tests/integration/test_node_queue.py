@@ -24,7 +24,7 @@ import redis
 from dicom_io.net.scu import Destination, StoreSCU
 from service.node.supervisor import DRAIN_SECONDS
 from service.tools.redis_server import RedisServer
-from tests.helpers import free_port, require_dcmtk, wait_for
+from tests.helpers import free_port, require_dcmtk, start_storescp, wait_for
 from tests.integration.test_node_processes import _Node, _open_on_two_receivers, _rows, _series
 
 pytestmark = pytest.mark.integration
@@ -44,12 +44,7 @@ def test_the_queue_delivers_every_result_once_through_a_killed_worker_and_an_emp
     results = tmp_path / "dest"
     results.mkdir()
     storescp_port = free_port()
-    storescp = subprocess.Popen(
-        [require_dcmtk("storescp"), "-aet", "DEST", "-od", str(results), "+uf", "+xa", str(storescp_port)],
-        env={**os.environ, "TCP_NODELAY": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    storescp = start_storescp(results, storescp_port)
     server = RedisServer(tmp_path / "redis").start()
     client = redis.Redis.from_url(server.url)
     node = None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +37,7 @@ from service.models import demo_card_path
 from service.node.pipeline import ExplainPipeline
 from service.tools.redis_server import RedisServer
 from service.tools.triton.launch import TritonServer, triton_python
-from tests.helpers import free_port, require_dcmtk, wait_for
+from tests.helpers import free_port, start_storescp, wait_for
 from tests.integration.test_node_processes import _Node, _rows, _series
 from tests.integration.test_node_queue import GROUP, STREAM, _pending_by_consumer
 
@@ -81,11 +80,7 @@ def test_every_map_arrives_once_and_right_through_a_killed_worker_a_restarted_re
     results = tmp_path / "dest"
     results.mkdir()
     storescp_port = free_port()
-    storescp = subprocess.Popen(
-        [require_dcmtk("storescp"), "-aet", "DEST", "-od", str(results), "+uf", "+xa", str(storescp_port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    storescp = start_storescp(results, storescp_port)
     triton = TritonServer(card, tmp_path / "triton", max_batch=MAX_BATCH, threads=1).start(wait=False)
     server = RedisServer(tmp_path / "redis").start()
     client = redis.Redis.from_url(server.url)
