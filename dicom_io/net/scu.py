@@ -12,6 +12,12 @@ Each object sent gets a :class:`SendOutcome` that tells the outbox what to do wi
 One association carries a whole batch; its presentation contexts are built from the objects'
 (SOP class, transfer syntax) pairs, at most 128 per association (PS3.8 9.3.2.2), so a batch with
 more pairs uses several associations. TCP_NODELAY is set on the socket as soon as it connects.
+
+A Part 10 file whose transfer syntax the destination accepted goes out as stored: pynetdicom's
+``STORE_SEND_CHUNKED_DATASET`` is switched on at import, so its data set is read from the file in
+chunks, neither decoded nor encoded again (a deflated 2k² Secondary Capture is not inflated and
+deflated once more) and never held whole in memory. A file that needs another syntax is read and
+converted.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event, EventType
 from pynetdicom.presentation import PresentationContext, build_context
@@ -53,6 +59,10 @@ from dicom_io.net.network import (
 __all__ = ["Destination", "SendOutcome", "StoreSCU", "MAX_CONTEXTS_PER_ASSOCIATION"]
 
 LOGGER = logging.getLogger(__name__)
+
+# Files go out as stored (see the module docstring); _as_accepted hands pynetdicom a file only
+# when its own transfer syntax was accepted, since a chunked file cannot be converted.
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 #: PS3.8 9.3.2.2: presentation context IDs are odd numbers 1-255, so 128 per association.
 MAX_CONTEXTS_PER_ASSOCIATION = 128
@@ -408,11 +418,13 @@ def _as_accepted(item: _Item, accepted: set[UID], allowed: tuple[UID, ...]) -> D
     """What to hand pynetdicom for ``item``: the object as stored when its syntax was accepted (or
     pynetdicom converts it); for a destination with lossless syntaxes, deflated when that was
     accepted, else decoded to explicit VR little endian (pynetdicom picks the exact context)."""
-    if not allowed or item.transfer_syntax in accepted:
-        return item.source
-    if item.transfer_syntax in _LITTLE_ENDIAN_UNCOMPRESSED and DeflatedExplicitVRLittleEndian not in accepted:
-        return item.source
+    if item.transfer_syntax in accepted:
+        return item.source  # a file goes out as stored, in chunks
     dataset = item.source if isinstance(item.source, Dataset) else dcmread(item.source)
+    if not allowed or (
+        item.transfer_syntax in _LITTLE_ENDIAN_UNCOMPRESSED and DeflatedExplicitVRLittleEndian not in accepted
+    ):
+        return dataset  # pynetdicom converts between the uncompressed syntaxes
     if DeflatedExplicitVRLittleEndian in accepted:
         return uncompressed(dataset, DeflatedExplicitVRLittleEndian)
     return uncompressed(dataset)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
     UID,
     CTImageStorage,
@@ -613,6 +615,30 @@ def test_a_destination_that_takes_jpeg_ls_gets_the_stored_bytes(start_scp, tmp_p
     received = pydicom.dcmread(io.BytesIO(encoded))
     assert received.SOPInstanceUID == original.SOPInstanceUID
     assert np.array_equal(received.pixel_array, original.pixel_array)
+
+
+def test_a_deflated_file_goes_out_as_stored_not_deflated_again(start_scp, tmp_path: Path) -> None:
+    """A deflated file whose syntax the destination accepts is sent byte for byte: its data set is
+    not inflated and deflated again (at zlib's default level, which would give other bytes)."""
+    original = pydicom.dcmread(data_file("SC_rgb.dcm"))
+    original.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    plain = DicomBytesIO()
+    plain.is_little_endian, plain.is_implicit_VR = True, False
+    write_dataset(plain, original)  # the data set alone, explicit VR little endian
+    deflater = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)  # level 1: not what pydicom uses
+    dataset_bytes = deflater.compress(plain.getvalue()) + deflater.flush()
+    path = tmp_path / "sc-deflated-level-1.dcm"
+    with path.open("wb") as handle:
+        handle.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(handle, original.file_meta, enforce_standard=True)
+        handle.write(dataset_bytes)
+    scp, recorder = start_scp()
+    destination = Destination(NODE, LOCALHOST, scp.port, transfer_syntaxes=(DeflatedExplicitVRLittleEndian,))
+    (outcome,) = StoreSCU().send(destination, [path])
+    assert outcome.verdict == "delivered", outcome
+    ((_, _, encoded),) = recorder.stores
+    assert encoded.endswith(dataset_bytes)
+    assert np.array_equal(pydicom.dcmread(io.BytesIO(encoded)).pixel_array, original.pixel_array)
 
 
 def test_deflated_then_uncompressed_when_the_destination_refuses_jpeg_ls(tmp_path: Path) -> None:
