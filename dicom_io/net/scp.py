@@ -1,9 +1,14 @@
 """The node's Storage SCP: C-ECHO and C-STORE over pynetdicom, with nothing acknowledged unstored.
 
-What arrives is handed, still encoded (a DICOM Part 10 byte string, never decoded here), to a
+What arrives is handed, still encoded (a DICOM Part 10 file, never decoded here), to a
 :class:`StorageEvents` implementation (the service: spool file + fsync + journal row); the
 DIMSE status it returns is what the sending AE gets. If it raises, the sender gets 0xA700
 "out of resources", never Success.
+
+A data set is never held whole in memory: pynetdicom's ``STORE_RECV_CHUNKED_DATASET`` is switched
+on at import, so each P-DATA fragment is written to a temporary file (in ``tempfile``'s folder) as
+it arrives. An implementation with ``on_store_file`` gets that file and may move it into place (a
+rename when it is on the same filesystem); one with only ``on_store`` gets its bytes.
 
 Association control (PS3.8 7.1.1.9, A-ASSOCIATE-RJ):
 
@@ -63,7 +68,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event, EventType
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -91,6 +96,9 @@ __all__ = [
 ]
 
 LOGGER = logging.getLogger(__name__)
+
+# Received data sets go to a temporary file as they arrive (see the module docstring).
+_config.STORE_RECV_CHUNKED_DATASET = True
 
 #: Transfer syntaxes accepted for every storage SOP class: the uncompressed ones, deflate, and the
 #: usual compressed ones (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE). The data is
@@ -267,6 +275,9 @@ class StorageEvents(Protocol):
         ...
 
     # Optional (called only where the implementation has it):
+    # def on_store_file(self, path: Path, *, calling_ae: str, association_id: str) -> int:
+    #     """As on_store, with the Part 10 file the data set was written to as it arrived; the
+    #     implementation may move it away (it is deleted after the call otherwise)."""
     # def on_store_refused(self, reason: str, *, calling_ae: str, association_id: str) -> None:
     #     """A C-STORE was answered 0xA700 before ``on_store`` (its data set was over the size limit)."""
 
@@ -690,10 +701,16 @@ def _refuse_oversized(
 
 
 def _store(event: Event, listener: _Listener, state: _AssociationState, sop_instance_uid: str) -> int:
+    who = {"calling_ae": state.calling_ae, "association_id": state.association_id}
     try:
-        status = listener.events.on_store(
-            event.encoded_dataset(), calling_ae=state.calling_ae, association_id=state.association_id
-        )
+        path = _received_file(event)
+        store_file = getattr(listener.events, "on_store_file", None)
+        if path is None:
+            status = listener.events.on_store(event.encoded_dataset(), **who)
+        elif store_file is not None:
+            status = store_file(path, **who)
+        else:
+            status = listener.events.on_store(path.read_bytes(), **who)
     except Exception:
         LOGGER.exception("storing %s from association %s failed", sop_instance_uid, state.association_id)
         return Status.OUT_OF_RESOURCES
@@ -701,6 +718,16 @@ def _store(event: Event, listener: _Listener, state: _AssociationState, sop_inst
         LOGGER.error("on_store returned %r for %s, not a DIMSE status", status, sop_instance_uid)
         return Status.OUT_OF_RESOURCES
     return int(status)
+
+
+def _received_file(event: Event) -> Path | None:
+    """The Part 10 file pynetdicom wrote the data set to, or ``None`` when chunked receive was
+    switched off (by other code in this process): then the data set is in memory."""
+    try:
+        path = event.dataset_path
+    except AttributeError:
+        return None
+    return Path(path) if path else None
 
 
 def _handle_association_end(event: Event, listener: _Listener) -> None:

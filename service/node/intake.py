@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,12 +63,11 @@ def serve_receiver(config: NodeConfig, identity: str, stop: threading.Event) -> 
         stream = WorkQueue(queue.redis_url, stream=queue.stream, group=queue.group, spool_root=data_dir / "spool")
         assembly = PublishingAssembly(journal, identity, stream, queue.node_name or default_node_name(), data_dir)
     try:
-        receiver = Receiver(
-            Spool(data_dir / "spool", durability=durability),
-            journal,
-            assembly,
-            create_metrics(),
-        )
+        spool = Spool(data_dir / "spool", durability=durability)
+        # The listener writes each data set to a temporary file as it arrives: in the spool's
+        # incoming folder, keeping it is a rename, not a copy (this process does nothing else).
+        tempfile.tempdir = str(spool.incoming_dir)
+        receiver = Receiver(spool, journal, assembly, create_metrics())
         scp = StorageSCP(dataclasses.replace(listener_settings(config), reuse_port=True), receiver)
         scp.start()
         stop.wait()

@@ -54,6 +54,15 @@ class Receiver:
         self._clock = clock
 
     def on_store(self, encoded: bytes, *, calling_ae: str, association_id: str) -> int:
+        """Keep a data set given as Part 10 bytes."""
+        return self._received(encoded, calling_ae, association_id)
+
+    def on_store_file(self, path: Path, *, calling_ae: str, association_id: str) -> int:
+        """Keep a data set the listener wrote to ``path`` as it arrived: the file is moved into
+        the spool (or quarantine), never read whole into memory."""
+        return self._received(path, calling_ae, association_id)
+
+    def _received(self, encoded: bytes | Path, calling_ae: str, association_id: str) -> int:
         with self._metrics.stage_seconds.labels("receive").time():
             status = self._store(encoded, calling_ae, association_id)
         outcome = {Status.SUCCESS: "stored", Status.CANNOT_UNDERSTAND: "quarantined"}.get(status, "refused")
@@ -62,7 +71,7 @@ class Receiver:
             self._metrics.last_received.set(self._clock())
         return status
 
-    def _store(self, encoded: bytes, calling_ae: str, association_id: str) -> int:
+    def _store(self, encoded: bytes | Path, calling_ae: str, association_id: str) -> int:
         try:
             instance_uids = parse_instance_uids(encoded)
         except UnusableInstanceError as exc:
@@ -123,7 +132,7 @@ class Receiver:
         self._metrics.associations.labels("rejected").inc()
         log.warning("association from %s at %s rejected: %s", calling_ae, host, reason)
 
-    def _quarantine(self, encoded: bytes, reason: str, calling_ae: str, association_id: str) -> int:
+    def _quarantine(self, encoded: bytes | Path, reason: str, calling_ae: str, association_id: str) -> int:
         try:
             path = self._spool.write_quarantine(encoded, reason_slug="unparseable")
             self._journal.quarantine.record(path, reason, calling_ae, association_id)
@@ -134,10 +143,10 @@ class Receiver:
         return Status.CANNOT_UNDERSTAND
 
 
-def parse_instance_uids(encoded: bytes) -> tuple[str, str, str, str]:
-    """(SOP Class, SOP Instance, Study Instance, Series Instance) UIDs of a Part 10 byte stream."""
+def parse_instance_uids(encoded: bytes | Path) -> tuple[str, str, str, str]:
+    """(SOP Class, SOP Instance, Study Instance, Series Instance) UIDs of a Part 10 byte stream or file."""
     try:
-        ds = pydicom.dcmread(BytesIO(encoded), stop_before_pixels=True)
+        ds = pydicom.dcmread(encoded if isinstance(encoded, Path) else BytesIO(encoded), stop_before_pixels=True)
     except Exception as exc:  # untrusted bytes: BytesLengthException, struct.error, ...: "cannot understand"
         raise UnusableInstanceError(f"cannot parse the dataset: {type(exc).__name__}: {exc}") from exc
     values = []

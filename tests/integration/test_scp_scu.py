@@ -11,6 +11,7 @@ import io
 import os
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import zlib
@@ -264,6 +265,34 @@ def test_storescu_objects_arrive_byte_exact_on_one_association(start_scp) -> Non
     assert wait_until(lambda: recorder.entries("released") == [("released", association_id)])
     assert recorder.log[-1] == ("released", association_id)  # after the last store
     assert recorder.entries("accepted") == [("accepted", "MODALITY", LOCALHOST, association_id)]
+
+
+@dataclass
+class FileRecorder(Recorder):
+    """A Recorder that takes each data set as the file the listener wrote while it arrived."""
+
+    files: list[tuple[Path, bool]] = field(default_factory=list)  # (path, inside tempfile's folder)
+
+    def on_store_file(self, path: Path, *, calling_ae: str, association_id: str) -> int:
+        self.files.append((path, path.parent == Path(tempfile.gettempdir())))
+        return self.on_store(path.read_bytes(), calling_ae=calling_ae, association_id=association_id)
+
+
+def test_a_data_set_arrives_as_a_file_written_while_it_came_and_removed_after(start_scp) -> None:
+    """Chunked receive: the data set is a temporary Part 10 file, byte exact, gone after the call
+    (the handler did not move it); a 2k² radiograph is never held whole in memory."""
+    scp, recorder = start_scp(FileRecorder())
+    source = data_file("RG1_UNCR.dcm")  # a 7 MB CR
+    sent = run_tool("storescu", "-aet", "MODALITY", "-aec", NODE, LOCALHOST, str(scp.port), source)
+    assert sent.returncode == 0, sent.stderr
+    ((path, in_tempdir),) = recorder.files
+    assert in_tempdir
+    ((_, _, encoded),) = recorder.stores
+    original = Path(source).read_bytes()
+    received = pydicom.dcmread(io.BytesIO(encoded))
+    assert received.SOPInstanceUID == pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID
+    assert received.PixelData == pydicom.dcmread(source).PixelData and len(encoded) > 0.9 * len(original)
+    assert wait_until(lambda: not path.exists())
 
 
 def test_nagle_is_off_on_accepted_sockets_while_storescu_sends_50_objects(start_scp, tmp_path: Path) -> None:
@@ -649,7 +678,7 @@ def test_deflated_then_uncompressed_when_the_destination_refuses_jpeg_ls(tmp_pat
     seen: list[tuple[UID, bytes]] = []
 
     def keep(event: Event) -> int:
-        seen.append((UID(event.context.transfer_syntax), event.encoded_dataset()))
+        seen.append((UID(event.context.transfer_syntax), event.dataset_path.read_bytes()))  # chunked receive
         return 0x0000
 
     ae = AE(ae_title="DEFLATE")

@@ -3,7 +3,9 @@ written atomically and, by default, durably.
 
 Every write goes to a temp file in the final folder, is flushed and fsynced, renamed
 (``os.replace``) to its final name, and the folder is fsynced. A reader therefore sees the old
-file or the complete new one, never a partial one.
+file or the complete new one, never a partial one. A received data set comes as the file the
+listener wrote while it arrived (``incoming/``, or wherever ``tempfile`` puts files): it is moved
+to the temp name (a rename on the same filesystem, else a copy in the kernel), then the same.
 
 Invariant kept across SIGKILL at any moment: every journal row points to a complete file, because a
 file is only renamed to its final name after its bytes are fsynced, and the row is only written
@@ -23,8 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import os
 import re
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -82,8 +86,9 @@ class Spool:
     """Durable files: temp file in the same folder, flush + os.fsync, os.replace to the final name, fsync the folder.
 
     Layout below ``root``: ``instances/<study>/<series>/<sop>.dcm`` (received instances),
-    ``quarantine/<time>-<uuid>-<reason>.bin`` (raw bytes that could not be understood) and
-    ``outbox/<sop>.dcm`` (encoded outputs). Every OSError becomes a :class:`StoreError` naming the path.
+    ``quarantine/<time>-<uuid>-<reason>.bin`` (raw bytes that could not be understood),
+    ``outbox/<sop>.dcm`` (encoded outputs) and ``incoming/`` (data sets being received, in a
+    receiver process). Every OSError becomes a :class:`StoreError` naming the path.
     """
 
     def __init__(self, root: Path, *, durability: Durability = "power-loss") -> None:
@@ -93,21 +98,26 @@ class Spool:
         self.instances_dir = self.root / "instances"
         self.quarantine_dir = self.root / "quarantine"
         self.outbox_dir = self.root / "outbox"
-        for folder in (self.instances_dir, self.quarantine_dir, self.outbox_dir):
+        #: Where a receiver process has the listener write data sets as they arrive, so that
+        #: keeping one is a rename: on the spool's filesystem.
+        self.incoming_dir = self.root / "incoming"
+        for folder in (self.instances_dir, self.quarantine_dir, self.outbox_dir, self.incoming_dir):
             try:
                 _ensure_dir(folder)
             except OSError as exc:
                 raise StoreError(f"cannot create spool folder {folder}: {exc}") from exc
 
-    def write_instance(self, data: bytes, *, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        """Store a received instance's encoded bytes; returns ``instances/<study>/<series>/<sop>.dcm``."""
+    def write_instance(self, data: bytes | Path, *, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Store a received instance (its encoded bytes, or the file they were received into, which
+        is moved); returns ``instances/<study>/<series>/<sop>.dcm``."""
         validate_uid(study_uid, "Study Instance UID")
         validate_uid(series_uid, "Series Instance UID")
         validate_uid(sop_uid, "SOP Instance UID")
         return self._write_atomic(self.instances_dir / study_uid / series_uid / f"{sop_uid}.dcm", data)
 
-    def write_quarantine(self, data: bytes, *, reason_slug: str) -> Path:
-        """Keep raw bytes that could not be understood under a unique name (UTC time + uuid + slug)."""
+    def write_quarantine(self, data: bytes | Path, *, reason_slug: str) -> Path:
+        """Keep raw bytes (or the file they were received into, moved) that could not be understood
+        under a unique name (UTC time + uuid + slug)."""
         slug = _SLUG_PATTERN.sub("-", reason_slug).strip("-_")[:_SLUG_MAX_LENGTH] or "unknown"
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
         return self._write_atomic(self.quarantine_dir / f"{stamp}-{uuid.uuid4().hex}-{slug}.bin", data)
@@ -124,29 +134,37 @@ class Spool:
         machines, whose writers may be writing now)."""
         removed = 0
         cutoff = time.time() - older_than_seconds
-        for folder in (self.instances_dir, self.quarantine_dir, self.outbox_dir):
-            for temp in folder.rglob(f".*{_TEMP_SUFFIX}"):
-                try:
-                    if older_than_seconds and temp.stat().st_mtime > cutoff:
-                        continue
-                    temp.unlink()
-                except FileNotFoundError:
+        folders = (self.instances_dir, self.quarantine_dir, self.outbox_dir)
+        temps = [temp for folder in folders for temp in folder.rglob(f".*{_TEMP_SUFFIX}")]
+        for temp in [*temps, *self.incoming_dir.iterdir()]:  # incoming: data sets cut off mid-transfer
+            try:
+                if older_than_seconds and temp.stat().st_mtime > cutoff:
                     continue
-                except OSError as exc:
-                    raise StoreError(f"cannot remove stale temp file {temp}: {exc}") from exc
-                removed += 1
+                temp.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StoreError(f"cannot remove stale temp file {temp}: {exc}") from exc
+            removed += 1
         return removed
 
-    def _write_atomic(self, final: Path, data: bytes) -> Path:
-        """Write ``data`` to ``final`` so that ``final`` is either absent/old or complete, durably."""
+    def _write_atomic(self, final: Path, data: bytes | Path) -> Path:
+        """Write ``data`` (bytes, or a file to move) to ``final`` so that ``final`` is either
+        absent/old or complete, durably."""
         temp = final.with_name(f".{final.name}.{uuid.uuid4().hex}{_TEMP_SUFFIX}")
         try:
             _ensure_dir(final.parent, fsync=self._fsync)
-            with open(temp, "xb") as handle:
-                handle.write(data)
+            if isinstance(data, Path):
+                _move(data, temp)
                 if self._fsync:
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                    with open(temp, "rb") as handle:
+                        os.fsync(handle.fileno())
+            else:
+                with open(temp, "xb") as handle:
+                    handle.write(data)
+                    if self._fsync:
+                        handle.flush()
+                        os.fsync(handle.fileno())
             os.replace(temp, final)
             if self._fsync:
                 _fsync_dir(final.parent)
@@ -155,3 +173,14 @@ class Spool:
                 temp.unlink()
             raise StoreError(f"cannot write {final}: {exc}") from exc
         return final
+
+
+def _move(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``; across filesystems, copy it (in the kernel) and delete it."""
+    try:
+        os.rename(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.copyfile(source, target)
+        source.unlink()

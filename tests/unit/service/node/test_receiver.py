@@ -184,3 +184,29 @@ def test_no_patient_name_or_id_in_the_logs(receiver: Receiver, spool: Spool, cap
     for ds_ in (ds, mr):
         for secret in (str(ds_.PatientName), *str(ds_.PatientName).split("^"), str(ds_.PatientID)):
             assert secret not in text, f"{secret!r} (patient name or ID) in the log"
+
+
+def test_a_data_set_received_into_a_file_is_moved_into_the_spool_and_journaled(
+    receiver: Receiver, spool: Spool, journal: Journal, tmp_path: Path
+) -> None:
+    """What the listener wrote while the data set arrived becomes the spool file: the same
+    bytes, no second copy left behind."""
+    encoded, ds = _ct_small()
+    incoming = tmp_path / "incoming.dcm"
+    incoming.write_bytes(encoded)
+    assert receiver.on_store_file(incoming, calling_ae="MODALITY", association_id="assoc-1") == Status.SUCCESS
+    path = spool.instances_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    assert path.read_bytes() == encoded
+    assert not incoming.exists()
+    assert [row.sop_instance_uid for row in journal.pending_instances()] == [ds.SOPInstanceUID]
+
+
+def test_a_file_that_is_no_data_set_is_moved_into_quarantine(receiver: Receiver, spool: Spool, tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming.dcm"
+    garbage = _file_meta_then(b"this is text, not a data set")
+    incoming.write_bytes(garbage)
+    status = receiver.on_store_file(incoming, calling_ae="MODALITY", association_id="assoc-1")
+    assert status == Status.CANNOT_UNDERSTAND
+    (kept,) = spool.quarantine_dir.iterdir()
+    assert kept.read_bytes() == garbage
+    assert not incoming.exists()

@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -94,6 +96,39 @@ def test_stale_temp_files_are_removed_at_start_up(tmp_path: Path) -> None:
     kept = spool.write_output(b"whole", sop_uid=f"{ROOT_UID}.9.1")
     assert spool.remove_stale_temp_files() == 1
     assert not stale.exists() and kept.read_bytes() == b"whole"
+
+
+def test_data_sets_cut_off_mid_transfer_in_incoming_are_removed_at_start_up(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    (spool.incoming_dir / "tmpab12cd.dcm").write_bytes(b"the first fragments of a data set")
+    assert spool.remove_stale_temp_files() == 1
+    assert list(spool.incoming_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["same filesystem", "another filesystem"])
+def test_a_received_file_is_moved_into_the_spool_whole(tmp_path: Path, where: str) -> None:
+    """The file the listener received into becomes the instance: renamed on the spool's
+    filesystem, copied and deleted from another one (tmpfs /dev/shm against the disk)."""
+    if where == "another filesystem":
+        shm = Path("/dev/shm")
+        if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+            pytest.skip("no second filesystem (/dev/shm) on this machine")
+        folder = Path(tempfile.mkdtemp(dir=shm))
+    else:
+        folder = tmp_path / "incoming"
+        folder.mkdir()
+    data = os.urandom(300_000)
+    received = folder / "tmp-received.dcm"
+    received.write_bytes(data)
+    spool = Spool(tmp_path / "spool")
+    try:
+        path = spool.write_instance(received, study_uid=STUDY, series_uid=SERIES, sop_uid=f"{ROOT_UID}.4.1")
+    finally:
+        if where == "another filesystem":
+            shutil.rmtree(folder, ignore_errors=True)
+    assert path.read_bytes() == data
+    assert not received.exists()
+    assert temp_files(spool.root) == []
 
 
 def test_durability_modes_set_fsync_and_sqlite_synchronous(tmp_path: Path) -> None:
