@@ -60,6 +60,9 @@ def test_a_model_deployed_while_its_server_is_away_starts_and_its_first_pass_wai
         assert "warm-up pass skipped, the model server is away" in caplog.text and url in caplog.text
         with pytest.raises(TritonUnavailableError, match=url):
             model.predict(np.zeros((1, 1, 224, 224), np.float32))
+        # Forward-only explainers stay on the server, even one that would take a local module.
+        assert model.local_module is None
+        assert model.model_for(needs_gradients=False, prefers_module=lambda module: True) is model.pool
     finally:
         model.close()
 
