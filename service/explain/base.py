@@ -31,6 +31,8 @@ from service.inference.runner import Runner
 
 ModelLike = torch.nn.Module | Runner
 ForwardFn = Callable[[torch.Tensor], torch.Tensor]
+#: Whether a forward-only explainer runs faster on this torch module than on the forward runner.
+ModuleCheck = Callable[[torch.nn.Module], bool]
 
 
 class ExplainerError(ValueError):
@@ -66,6 +68,14 @@ class Explainer(ABC):
     #: True when the method takes volumes ``[B, C, D, H, W]`` as well as images (its spatial
     #: operations are written for any number of spatial dimensions).
     supports_volumes: ClassVar[bool] = True
+
+    def module_preference(self) -> ModuleCheck | None:
+        """For a forward-only method that runs faster on a torch module than through any runner
+        (occlusion's incremental inference): a check of the module it would get; ``None`` (the
+        default) when any runner serves it as well. The deployed model asks it once per explainer
+        where it picks the explainer's model
+        (:meth:`~service.inference.deployed.DeployedModel.model_for`)."""
+        return None
 
     def explain(self, model: ModelLike, batch: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
         """Signed attribution maps ``[B, H, W]`` (``[B, D, H, W]`` for volumes, float32) for

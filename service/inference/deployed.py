@@ -2,9 +2,12 @@
 
 Predictions and forward-only explainers use ONNX Runtime when the card ships ONNX weights (the
 fastest CPU path), else TorchScript, else eager torch; gradient explainers get the eager torch
-module (CAM methods need its forward hooks), else the TorchScript one. The differentiable runner
-is loaded only when a gradient method or the out-of-distribution signal (which hooks the eager
-module, :mod:`service.trust.ood`) asks for it.
+module (CAM methods need its forward hooks), else the TorchScript one. A forward-only explainer
+that runs faster on the eager module itself (occlusion's incremental inference, which recomputes
+only the occluded window's reach in each layer, needs a network ``torch.fx`` traces) gets it
+instead of the pool, when it is on the forward runner's device (:meth:`DeployedModel.model_for`).
+The differentiable runner is loaded only when a gradient method, such an explainer or the
+out-of-distribution signal (which hooks the eager module, :mod:`service.trust.ood`) asks for it.
 
 With a Triton server (``triton``, :mod:`service.inference.triton`), the forward passes go to it
 instead of a local runtime, and the CAM methods that need only the target layer's activations and
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +57,13 @@ class Prediction:
     class_name: str
     probability: float  # of class_name, 0..1
     probabilities: tuple[float, ...]  # per class of the card, same order
+
+
+def _device_kind(device: str) -> str:
+    """``"cuda"`` or ``"cpu"`` for a runner's device (``"CUDAExecutionProvider"``, ``"cuda:0"``,
+    ``"CPUExecutionProvider"``, ``"cpu"``); any other device as named."""
+    lower = device.lower()
+    return "cuda" if "cuda" in lower else "cpu" if lower.startswith("cpu") else lower
 
 
 def class_probabilities(activation: Activation, logits: torch.Tensor) -> torch.Tensor:
@@ -127,12 +138,30 @@ class DeployedModel:
         layer_gradients = TritonLayerGradients(self.card, self.triton)
         return ServedGradientModel(self.pool, layer_gradients, lambda: self.gradient_runner.torch_module)
 
-    def model_for(self, *, needs_gradients: bool) -> torch.nn.Module | InferencePool | ServedGradientModel:
-        """What an explainer receives as its model: the differentiable module for a method that
-        back-propagates (with Triton: :attr:`served_gradients`), else the inference pool (forward
-        passes batched with every other caller's)."""
+    @functools.cached_property
+    def local_module(self) -> torch.nn.Module | None:
+        """The eager network on the forward runner's kind of device (CPU or CUDA), for forward-only
+        explainers that run faster on it; ``None`` with Triton (the forward passes belong to the
+        server), for a card without ``torch`` weights, or when it would run on another device."""
+        if self.triton is not None or "torch" not in self.card.weights:
+            return None
+        runner = self.gradient_runner
+        if _device_kind(runner.device) != _device_kind(self.forward_runner.device):
+            return None
+        return runner.torch_module
+
+    def model_for(
+        self, *, needs_gradients: bool, prefers_module: Callable[[torch.nn.Module], bool] | None = None
+    ) -> torch.nn.Module | InferencePool | ServedGradientModel:
+        """What an explainer receives as its model, the one place that chooses it: the
+        differentiable module for a method that back-propagates (with Triton:
+        :attr:`served_gradients`); for a forward-only method, :attr:`local_module` where the
+        method's ``prefers_module`` check (its ``module_preference()``) accepts it, else the
+        inference pool (forward passes batched with every other caller's)."""
         if needs_gradients:
             return self.served_gradients or self.gradient_runner.torch_module
+        if prefers_module is not None and self.local_module is not None and prefers_module(self.local_module):
+            return self.local_module
         return self.pool
 
     def normalise(self, model_inputs: np.ndarray) -> np.ndarray:

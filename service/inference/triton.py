@@ -13,6 +13,12 @@ The server holds the graphs :func:`service.inference.graphs.export_graphs` write
   channels (:class:`ServedGradientModel` hands both to the explainers, with the worker's own
   eager module, loaded on first use, for the methods that back-propagate to the input).
 
+Each request holds at most the server's ``max_batch_size`` for its model, read from the server's
+model configuration once per connection (a new connection after a failure reads it again: the
+server may have restarted with another export), and at most ``max_batch`` when the client sets it;
+larger calls are split and the parts concatenated in order. The server's dynamic batcher merges
+the parts of all clients again, so splitting costs round trips, never batch size on the GPU.
+
 A server that does not answer (or is still loading its models) is retried ``retries`` times with
 a doubling delay; then :class:`TritonUnavailableError` names the URL and what to do. The node does
 not journal the instance failed for it (nothing is wrong with the instance): the batch's unfinished
@@ -60,8 +66,9 @@ class TritonSettings:
     #: The first delay between attempts, seconds; it doubles up to ``max_retry_delay_seconds``.
     retry_delay_seconds: float = 0.5
     max_retry_delay_seconds: float = 5.0
-    #: Images per request at most (the server's ``max_batch_size``; larger calls are split).
-    max_batch: int = 32
+    #: Images per request at most on this client's side, or ``None``: the server's ``max_batch_size``
+    #: alone (read from its model configuration) bounds a request; larger calls are split either way.
+    max_batch: int | None = None
 
 
 def _grpc() -> Any:
@@ -81,22 +88,72 @@ class TritonClient:
         self.settings = settings
         self._grpc = _grpc()
         self._client = self._grpc.InferenceServerClient(url=settings.url)
+        #: Each model's ``max_batch_size`` as this connection's server reported it.
+        self._max_batch: dict[str, int] = {}
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> list[np.ndarray]:
-        """``outputs`` of ``model`` for ``inputs`` (one request; the first dimension is the batch)."""
+        """``outputs`` of ``model`` for ``inputs`` (the first dimension is the batch), in requests
+        of at most :meth:`request_limit` rows, the parts concatenated in order."""
+        limit = self.request_limit(model)
+        try:
+            return self._in_parts(model, inputs, outputs, limit)
+        except TritonModelError:
+            # The server behind this connection may have restarted with another export (gRPC
+            # reconnects on its own): a refusal asks its limit again, and a new one is obeyed.
+            self._max_batch.pop(model, None)
+            if self.request_limit(model) == limit:
+                raise
+            return self._in_parts(model, inputs, outputs, self.request_limit(model))
+
+    def _in_parts(
+        self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...], limit: int
+    ) -> list[np.ndarray]:
+        rows = len(next(iter(inputs.values())))
+        parts = [
+            self._send(model, {name: array[i : i + limit] for name, array in inputs.items()}, outputs)
+            for i in range(0, rows, limit)
+        ]
+        return [np.concatenate(output) for output in zip(*parts)]
+
+    def request_limit(self, model: str) -> int:
+        """Rows per request to ``model``: the server's ``max_batch_size`` for it (asked once per
+        connection), capped by ``settings.max_batch`` when set."""
+        if model not in self._max_batch:
+            config = self._retried(
+                model, lambda: self._client.get_model_config(model, client_timeout=self.settings.timeout_seconds)
+            )
+            served = int(config.config.max_batch_size)
+            if served < 1:
+                raise TritonModelError(
+                    f"Triton at {self.settings.url} serves {model} without batching (max_batch_size {served}); "
+                    "serve the graphs of pacs-xai triton export, which batch on the first dimension"
+                )
+            self._max_batch[model] = served
+        cap = self.settings.max_batch
+        return self._max_batch[model] if cap is None else min(cap, self._max_batch[model])
+
+    def _send(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> list[np.ndarray]:
+        """One request."""
         requested = [self._grpc.InferRequestedOutput(name) for name in outputs]
-        delay = self.settings.retry_delay_seconds
-        for attempt in range(self.settings.retries + 1):
-            request = []
+
+        def request() -> list[np.ndarray]:
+            tensors = []
             for name, array in inputs.items():
                 tensor = self._grpc.InferInput(name, list(array.shape), _triton_type(array))
                 tensor.set_data_from_numpy(array)
-                request.append(tensor)
+                tensors.append(tensor)
+            result = self._client.infer(model, tensors, outputs=requested, client_timeout=self.settings.timeout_seconds)
+            return [np.asarray(result.as_numpy(name)) for name in outputs]
+
+        return self._retried(model, request)
+
+    def _retried(self, model: str, call: Callable[[], Any]) -> Any:
+        """``call()`` (a request about ``model``), retried on a new connection while the server does
+        not answer; a refusal from a ready server is :class:`TritonModelError` at once."""
+        delay = self.settings.retry_delay_seconds
+        for attempt in range(self.settings.retries + 1):
             try:
-                result = self._client.infer(
-                    model, request, outputs=requested, client_timeout=self.settings.timeout_seconds
-                )
-                return [np.asarray(result.as_numpy(name)) for name in outputs]
+                return call()
             except Exception as exc:  # tritonclient's InferenceServerException carries a gRPC status
                 status = str(getattr(exc, "status", lambda: "")() or "")
                 if not _unreachable(status, exc) and self._serving(model):
@@ -122,6 +179,7 @@ class TritonClient:
         leave one open per retry (a request another thread has in flight on it fails and is
         retried like any other)."""
         old, self._client = self._client, self._grpc.InferenceServerClient(url=self.settings.url)
+        self._max_batch = {}  # the server may be another one now: its limits are asked again
         try:
             old.close()
         except Exception:  # noqa: BLE001 - a channel that cannot close cleanly is gone all the same
@@ -156,12 +214,6 @@ def _triton_type(array: np.ndarray) -> str:
     return {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}[array.dtype]
 
 
-def _in_requests(max_batch: int, arrays: tuple[np.ndarray, ...], send: Callable[..., list[np.ndarray]]) -> list:
-    """``send`` on slices of at most ``max_batch`` rows of every array; the outputs concatenated."""
-    parts = [send(*(array[i : i + max_batch] for array in arrays)) for i in range(0, len(arrays[0]), max_batch)]
-    return [np.concatenate(outputs) for outputs in zip(*parts)]
-
-
 class TritonRunner:
     """The card's classifier on Triton: a forward-only :class:`~service.inference.runner.Runner`."""
 
@@ -184,11 +236,8 @@ class TritonRunner:
         inputs = np.ascontiguousarray(batch, dtype=np.float32)
         if len(inputs) == 0:
             return np.zeros((0, self._classes), dtype=np.float32)
-
-        def send(images: np.ndarray) -> list[np.ndarray]:
-            return self._client.infer(self._model, {"images": images}, ("logits",))
-
-        return _in_requests(self._settings.max_batch, (inputs,), send)[0].astype(np.float32, copy=False)
+        (logits,) = self._client.infer(self._model, {"images": inputs}, ("logits",))
+        return logits.astype(np.float32, copy=False)
 
 
 class TritonLayerGradients:
@@ -209,13 +258,9 @@ class TritonLayerGradients:
         """Activations and their gradients ``[B, C', h, w]`` for images ``[B, C, H, W]`` and class indices ``[B]``."""
         inputs = np.ascontiguousarray(images, dtype=np.float32)
         indices = np.ascontiguousarray(np.asarray(targets, dtype=np.int64).reshape(-1, 1))
-
-        def send(part: np.ndarray, part_targets: np.ndarray) -> list[np.ndarray]:
-            return self._client.infer(
-                self._model, {"images": part, "targets": part_targets}, ("activations", "gradients")
-            )
-
-        activations, gradients = _in_requests(self._settings.max_batch, (inputs, indices), send)
+        activations, gradients = self._client.infer(
+            self._model, {"images": inputs, "targets": indices}, ("activations", "gradients")
+        )
         return activations, gradients
 
 

@@ -279,7 +279,9 @@ class ExplainPipeline:
 
     def _explain_samples(self, explainer: Explainer, batch: np.ndarray, samples: list[tuple[int, int]]) -> np.ndarray:
         """Maps ``[S, H, W]`` for the (frame position, class index) samples, in batches of ``max_batch``."""
-        model = self.model.model_for(needs_gradients=explainer.needs_gradients)
+        model = self.model.model_for(
+            needs_gradients=explainer.needs_gradients, prefers_module=explainer.module_preference()
+        )
         maps = []
         for start in range(0, len(samples), self.max_batch):
             chunk = samples[start : start + self.max_batch]

@@ -359,13 +359,14 @@ def compile_rules(config: NodeConfig, load_card: Callable[[Path], ModelCard] = M
 
 
 def triton_settings(config: NodeConfig) -> TritonSettings | None:
-    """The Triton client settings of ``model.triton_url`` (requests of at most ``pool.max_batch``
-    images), or ``None``: the model runs in this process."""
+    """The Triton client settings of ``model.triton_url``, or ``None``: the model runs in this process.
+
+    No client-side request cap: the server's own ``max_batch_size`` bounds each request (the client
+    reads it), and ``pool.max_batch`` already bounds the predictions' calls; a cap below the server's
+    would only add round trips, since Triton's dynamic batcher merges the requests again."""
     if not config.model.triton_url:
         return None
-    return TritonSettings(
-        config.model.triton_url, timeout_seconds=config.model.triton_timeout_seconds, max_batch=config.pool.max_batch
-    )
+    return TritonSettings(config.model.triton_url, timeout_seconds=config.model.triton_timeout_seconds)
 
 
 class ModelRegistry:

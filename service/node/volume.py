@@ -177,7 +177,9 @@ class VolumePipeline:
         sources = list(volume.sources)
         for method, explainer in self.explainers.items():
             started = time.perf_counter()
-            model = self.model.model_for(needs_gradients=explainer.needs_gradients)
+            model = self.model.model_for(
+                needs_gradients=explainer.needs_gradients, prefers_module=explainer.module_preference()
+            )
             maps = explainer.explain(model, torch.from_numpy(batch), [prediction.class_index])
             attribution = grid.to_source(maps[0].cpu().numpy())
             result.timings_ms[f"explain:{method}"] = (time.perf_counter() - started) * 1000.0

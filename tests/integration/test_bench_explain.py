@@ -13,7 +13,7 @@ import torch
 from service.explain.base import ExplainerError
 from service.explain.methods.windows import window_masks
 from service.tools.bench.densenet import densenet121, parameter_count
-from service.tools.bench.explain import check_request, parse_param, run_explain_bench
+from service.tools.bench.explain import NODE_ON_MODULE, check_request, parse_param, run_explain_bench
 
 pytestmark = [
     pytest.mark.integration,
@@ -64,6 +64,10 @@ def test_record_fields(figures: tuple[dict, Path]) -> None:
     occlusion = next(p for p in records["occlusion"]["peers"] if p["name"] == "Occlusion")
     assert occlusion["variant"] in occlusion["variants_s_per_image"]
     assert occlusion["time_s_per_image"] == min(occlusion["variants_s_per_image"].values())
+    # the node runs occlusion on the torch module (incremental inference), not on the ONNX pool it
+    # is also timed on; a gradient method has no ONNX time
+    assert records["occlusion"]["node_path"] == NODE_ON_MODULE and records["occlusion"]["onnx_time_s_per_image"] > 0
+    assert "node_path" not in records["gradcam"]
     # a peer library that is absent is reported, not a crash
     for peer in records["gradcam"]["peers"]:
         assert peer["status"] == "ok" or peer["status"].startswith(("not installed", "failed"))

@@ -1,6 +1,7 @@
 """The pooled GPU tier against a real Triton server (nvidia-pytriton's bundled tritonserver, on the
 CPU, started from .venv-triton on a free loopback port): the classifier, Grad-CAM from the served
-layer-gradient graph and occlusion's forward passes equal the in-process model's; a stopped
+layer-gradient graph and occlusion's forward passes equal the in-process model's, calls larger than
+the server's max_batch_size included (the client reads it and splits at it); a stopped
 server is an error that names it, and a server back within the retries is waited for."""
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from service.explain.methods.occlusion import Occlusion
 from service.inference.backends import load_runner
 from service.inference.card import ModelCard
 from service.inference.deployed import DeployedModel, PoolSettings
+from service.inference.graphs import model_names
 from service.inference.triton import (
     ServedGradientModel,
+    TritonClient,
     TritonLayerGradients,
     TritonRunner,
     TritonSettings,
@@ -67,8 +70,8 @@ def deployed(card: ModelCard, server: TritonServer) -> Iterator[DeployedModel]:
     model = DeployedModel(
         card,
         device="cpu",
-        pool=PoolSettings(max_batch=MAX_BATCH),
-        triton=TritonSettings(server.url, max_batch=MAX_BATCH),
+        pool=PoolSettings(max_batch=2 * MAX_BATCH),  # passes of more images than the server takes
+        triton=TritonSettings(server.url),  # no cap of its own: requests split at the server's max_batch_size
     )
     yield model
     model.close()
@@ -94,9 +97,30 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1])
 
 
+def test_the_client_splits_at_the_servers_max_batch_size_which_the_server_enforces(
+    server: TritonServer, card: ModelCard
+) -> None:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    classifier, cam = model_names(card)
+    client = TritonClient(TritonSettings(server.url))
+    assert (client.request_limit(classifier), client.request_limit(cam)) == (MAX_BATCH, MAX_BATCH)
+    # One request over the limit, as the client sent when it split at pool.max_batch, is refused.
+    raw = grpcclient.InferenceServerClient(server.url)
+    images = grpcclient.InferInput("images", [MAX_BATCH + 1, *card.input.shape()], "FP32")
+    images.set_data_from_numpy(radiograph_like(MAX_BATCH + 1).numpy())
+    try:
+        with pytest.raises(InferenceServerException, match=str(MAX_BATCH)):
+            raw.infer(classifier, [images])
+    finally:
+        raw.close()
+        client.close()
+
+
 def test_the_classifier_on_triton_equals_the_in_process_model(deployed: DeployedModel, eager: torch.nn.Module) -> None:
     assert deployed.forward_runner.device.startswith("triton:")
-    x = radiograph_like(2 * MAX_BATCH + 3)  # split into three requests
+    x = radiograph_like(2 * MAX_BATCH + 3)  # over the server's max_batch_size: split into three requests
     served = deployed.forward_runner.forward(x.numpy())
     with torch.no_grad():
         want = eager(x).numpy()

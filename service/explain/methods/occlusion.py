@@ -18,6 +18,7 @@ from service.explain.base import (
     ExplainerError,
     ForwardFn,
     ModelLike,
+    ModuleCheck,
     chunk_size_for,
     forward_function,
 )
@@ -46,7 +47,9 @@ class Occlusion(Explainer):
     With ``incremental`` (the default) a torch network that :mod:`torch.fx` can trace recomputes,
     for each occluded input, only the region of each layer the window reaches, from the clean
     pass's values (:mod:`service.explain.incremental`): the same scores, to rounding, for a
-    fraction of the arithmetic. Runners and untraceable networks run whole passes.
+    fraction of the arithmetic. Runners and untraceable networks run whole passes. The node hands
+    occlusion the deployed model's torch module when it traces (:meth:`module_preference`), else
+    the forward runner's pool (ONNX Runtime, Triton).
     """
 
     name: ClassVar[str] = "occlusion"
@@ -77,6 +80,13 @@ class Occlusion(Explainer):
         self.blur_sigma = positive_float("blur_sigma", blur_sigma)
         self.healthy = configured_healthy(self.name, self.perturbation, healthy_model)
         self.incremental = boolean("incremental", incremental)
+
+    def module_preference(self) -> ModuleCheck | None:
+        """With ``incremental``: a network :mod:`torch.fx` traces (the node then hands occlusion
+        its torch module instead of the ONNX Runtime pool: boxes beat whole passes on any runtime)."""
+        if not self.incremental:
+            return None
+        return lambda module: IncrementalForward.trace(module) is not None
 
     def _explain(self, model: ModelLike, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         spatial = tuple(batch.shape[2:])

@@ -175,3 +175,13 @@ def test_occlusion_incremental_equals_whole_passes(build, shape, settings) -> No
     with torch.no_grad():
         logit_scale = float(model(batch).abs().max())
     torch.testing.assert_close(incremental, whole, rtol=1e-4, atol=1e-5 * logit_scale)
+
+
+def test_occlusion_asks_for_a_torch_module_only_one_it_can_run_incrementally() -> None:
+    """What the node uses to hand occlusion the torch module instead of the ONNX pool."""
+    check = get_explainer("occlusion").module_preference()
+    assert check is not None
+    assert check(DemoNet().eval()) is True
+    assert check(_DataDependent()) is False and check(torch.jit.script(DemoNet().eval())) is False
+    assert get_explainer("occlusion", incremental=False).module_preference() is None
+    assert get_explainer("rise").module_preference() is None  # any runner serves it as well

@@ -1,5 +1,6 @@
 """The Triton client without a server: nothing listening is retried, then a clear error; large
-calls are split into requests of at most max_batch images; a deployed model without a URL is
+calls are split into requests of at most the server's max_batch_size (asked once per connection)
+and the client's own cap; a deployed model without a URL is
 today's in-process one. (The real server: tests/integration/test_triton.py.)"""
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from service.inference.triton import (
     TritonRunner,
     TritonSettings,
     TritonUnavailableError,
-    _in_requests,
 )
 from service.models import demo_card_path
 
@@ -60,6 +60,9 @@ def test_a_model_deployed_while_its_server_is_away_starts_and_its_first_pass_wai
         assert "warm-up pass skipped, the model server is away" in caplog.text and url in caplog.text
         with pytest.raises(TritonUnavailableError, match=url):
             model.predict(np.zeros((1, 1, 224, 224), np.float32))
+        # Forward-only explainers stay on the server, even one that would take a local module.
+        assert model.local_module is None
+        assert model.model_for(needs_gradients=False, prefers_module=lambda module: True) is model.pool
     finally:
         model.close()
 
@@ -78,6 +81,8 @@ class _ScriptedServer:
     answers: list = []
     ready: bool = False
     infers = 0
+    max_batch_size = 32
+    configs_asked = 0
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -88,6 +93,11 @@ class _ScriptedServer:
         if isinstance(answer, Exception):
             raise answer
         return answer
+
+    def get_model_config(self, model: str, client_timeout: float) -> object:
+        type(self).configs_asked += 1
+        config = type("ModelConfig", (), {"max_batch_size": type(self).max_batch_size})()
+        return type("ModelConfigResponse", (), {"config": config})()
 
     def is_server_ready(self) -> bool:
         return type(self).ready
@@ -123,18 +133,71 @@ def test_an_internal_error_is_retried_only_from_a_server_that_is_not_ready(
         assert _ScriptedServer.infers == 2
 
 
-def test_calls_are_split_into_requests_of_at_most_max_batch_rows_in_order() -> None:
+class _Input:
+    """A stand-in for ``tritonclient.grpc.InferInput`` that keeps the array it is given."""
+
+    def __init__(self, name: str, shape: list[int], datatype: str) -> None:
+        self.name, self.shape, self.datatype = name, shape, datatype
+
+    def set_data_from_numpy(self, array: np.ndarray) -> None:
+        self.array = array.copy()
+
+
+class _EchoServer(_ScriptedServer):
+    """Answers each request with its own images doubled and targets plus one, refusing (as
+    Triton does) a request of more rows than its ``max_batch_size``."""
+
     sizes: list[int] = []
 
-    def send(images: np.ndarray, targets: np.ndarray) -> list[np.ndarray]:
-        sizes.append(len(images))
-        return [images * 2, targets + 1]
+    def infer(self, model: str, inputs: list, outputs: list, client_timeout: float) -> object:
+        images, targets = (tensor.array for tensor in inputs)
+        if len(images) > type(self).max_batch_size:
+            raise _Internal(f"inference request batch-size must be <= {type(self).max_batch_size} for '{model}'")
+        type(self).sizes.append(len(images))
+        answers = {"activations": images * 2, "gradients": targets + 1}
+        return type("Result", (), {"as_numpy": lambda self, name: answers[name]})()
 
-    images, targets = np.arange(11.0).reshape(11, 1), np.arange(11).reshape(11, 1)
-    doubled, shifted = _in_requests(4, (images, targets), send)
-    assert sizes == [4, 4, 3]
+
+def echo_server(monkeypatch: pytest.MonkeyPatch, max_batch_size: int) -> None:
+    import tritonclient.grpc as grpcclient
+
+    monkeypatch.setattr(grpcclient, "InferenceServerClient", _EchoServer)
+    monkeypatch.setattr(grpcclient, "InferInput", _Input)
+    monkeypatch.setattr(_EchoServer, "max_batch_size", max_batch_size)
+    monkeypatch.setattr(_EchoServer, "configs_asked", 0)
+    monkeypatch.setattr(_EchoServer, "sizes", [])
+    monkeypatch.setattr(_EchoServer, "ready", True)
+
+
+@pytest.mark.parametrize(("served", "cap", "sizes"), [(4, None, [4, 4, 3]), (8, 3, [3, 3, 3, 2]), (5, 16, [5, 5, 1])])
+def test_calls_are_split_at_the_servers_max_batch_size_and_the_clients_cap_in_order(
+    card: ModelCard, monkeypatch: pytest.MonkeyPatch, served: int, cap: int | None, sizes: list[int]
+) -> None:
+    echo_server(monkeypatch, served)
+    gradients = TritonLayerGradients(card, TritonSettings("127.0.0.1:1", max_batch=cap))
+    images = np.arange(11 * 4, dtype=np.float32).reshape(11, 1, 2, 2)
+    targets = np.arange(11) % 3
+    for _ in range(2):
+        doubled, shifted = gradients(images, targets)
+        np.testing.assert_array_equal(doubled, images * 2)
+        np.testing.assert_array_equal(shifted, targets.reshape(11, 1) + 1)
+    assert _EchoServer.sizes == sizes * 2
+    assert _EchoServer.configs_asked == 1  # once per connection, not per call
+
+
+def test_a_server_restarted_with_a_smaller_batch_limit_is_obeyed(
+    card: ModelCard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection outlives a server restarted with another export: its refusal of a request
+    over the new limit makes the client ask the limit again and split at it."""
+    echo_server(monkeypatch, 8)
+    gradients = TritonLayerGradients(card, TritonSettings("127.0.0.1:1"))
+    images, targets = np.ones((8, 1, 2, 2), np.float32), np.zeros(8, np.int64)
+    gradients(images, targets)
+    monkeypatch.setattr(_EchoServer, "max_batch_size", 3)
+    doubled, _ = gradients(images, targets)
     np.testing.assert_array_equal(doubled, images * 2)
-    np.testing.assert_array_equal(shifted, targets + 1)
+    assert _EchoServer.sizes == [8, 3, 3, 2] and _EchoServer.configs_asked == 2
 
 
 def test_an_empty_batch_needs_no_server(card: ModelCard) -> None:

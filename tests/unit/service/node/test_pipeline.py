@@ -1,7 +1,8 @@
 """The pipeline's trust signals: the out-of-distribution verdict per frame and the shortcut verdict per
 explanation reach DatasetResult, the SR and the Secondary Capture, and a flagged result is logged
-once, with UIDs only. Real models (the honest demo and the one that cheats), real phantoms and
-pydicom test files."""
+once, with UIDs only. Occlusion runs on the torch module with incremental inference (the card has
+ONNX weights) and writes the map of whole passes on the ONNX pool. Real models (the honest demo and
+the one that cheats), real phantoms and pydicom test files."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
 import pytest
 import yaml
 
+from service.explain.incremental import IncrementalForward
 from service.inference.card import ModelCard
 from service.inference.deployed import DeployedModel
 from service.models import demo_card_path, shortcut_card_path
@@ -71,6 +74,52 @@ def test_an_honest_result_carries_both_signals_unflagged(honest: DeployedModel, 
     assert measured["TRUST-OOD-DIST"] == pytest.approx(ood.distance, abs=1e-3)
     assert "trust" in result.timings_ms
     assert not [r for r in caplog.records if "flagged" in r.getMessage()]
+
+
+def test_occlusion_runs_incrementally_on_the_torch_module_and_writes_the_map_of_whole_onnx_passes(
+    honest: DeployedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert "onnx" in honest.card.weights and honest.forward_runner.device == "CPUExecutionProvider"
+    boxes: list[tuple[int, ...]] = []
+    boxed_pass = IncrementalForward.forward
+
+    def recorded(self: IncrementalForward, image: Any, start: Any, values: Any) -> Any:
+        boxes.append(tuple(values.shape[2:]))
+        return boxed_pass(self, image, start, values)
+
+    monkeypatch.setattr(IncrementalForward, "forward", recorded)
+    pool_rows: list[int] = []
+    pool_pass = honest.pool.forward
+
+    def counted(batch: np.ndarray) -> np.ndarray:
+        pool_rows.append(len(batch))
+        return pool_pass(batch)
+
+    monkeypatch.setattr(honest.pool, "forward", counted)
+    window = {"window": 56, "stride": 28}
+    phantom = make_phantom(3, "nodule", seed=HELD_OUT_SEED).dataset
+    results = {}
+    for incremental in (True, False):
+        boxes.clear()
+        pool_rows.clear()
+        params = {"occlusion": {**window, "incremental": incremental}}
+        results[incremental] = ExplainPipeline(honest, ["occlusion"], ["pm"], method_params=params).process(phantom)
+        frames = len(results[incremental].predictions)
+        if incremental:
+            # The occluded inputs went through the traced torch module as cropped boxes; the pool
+            # (ONNX Runtime) ran only the predictions.
+            rows = honest.card.input.rows
+            assert boxes and all(max(box) < rows for box in boxes)
+            assert sum(pool_rows) == frames
+        else:  # whole passes of every occluded input on the ONNX pool
+            assert not boxes and sum(pool_rows) > frames
+    (incremental_map,), (whole_map,) = (
+        [o.dataset.pixel_array for o in results[key].outputs if o.kind == "pm"] for key in (True, False)
+    )
+    assert np.abs(whole_map).max() > 0
+    np.testing.assert_allclose(incremental_map, whole_map, rtol=1e-4, atol=1e-4 * float(np.abs(whole_map).max()))
+    # A check that declines the module (an untraceable network) leaves the explainer on the pool.
+    assert honest.model_for(needs_gradients=False, prefers_module=lambda module: False) is honest.pool
 
 
 def test_a_cheating_explanation_is_flagged_burned_in_reported_and_logged_with_uids_only(

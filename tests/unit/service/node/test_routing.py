@@ -377,11 +377,12 @@ def test_check_rules_names_what_a_volume_route_asks_for_that_volumes_do_not_have
     assert len(check.errors) == 3, check.errors
 
 
-def test_triton_settings_come_from_model_triton_url_and_the_pool_batch() -> None:
+def test_triton_settings_come_from_model_triton_url_and_leave_the_request_size_to_the_server() -> None:
     assert triton_settings(NodeConfig()) is None  # no URL: the model runs in this process
     config = NodeConfig(
         model={"triton_url": "triton:8001", "triton_timeout_seconds": 12.5}, pool={"max_batch": 48, "max_queue": 96}
     )
     settings = triton_settings(config)
     assert settings is not None
-    assert (settings.url, settings.timeout_seconds, settings.max_batch) == ("triton:8001", 12.5, 48)
+    # pool.max_batch is the in-process pool's; the server's own max_batch_size bounds each request
+    assert (settings.url, settings.timeout_seconds, settings.max_batch) == ("triton:8001", 12.5, None)
