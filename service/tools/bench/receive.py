@@ -330,6 +330,10 @@ class AnswerAtOnce:
     def on_store(self, encoded: bytes, *, calling_ae: str, association_id: str) -> int:
         return 0x0000
 
+    def on_store_file(self, path: Path, *, calling_ae: str, association_id: str) -> int:
+        """The file is not read (the listener deletes it)."""
+        return 0x0000
+
     def on_association_released(self, association_id: str) -> None:
         """Nothing to do."""
 

@@ -133,7 +133,12 @@ class _Counting:
         self._lock = threading.Lock()
 
     def on_store(self, encoded: bytes, *, calling_ae: str, association_id: str) -> int:
-        status = self._receiver.on_store(encoded, calling_ae=calling_ae, association_id=association_id)
+        return self._count(self._receiver.on_store(encoded, calling_ae=calling_ae, association_id=association_id))
+
+    def on_store_file(self, path: Path, *, calling_ae: str, association_id: str) -> int:
+        return self._count(self._receiver.on_store_file(path, calling_ae=calling_ae, association_id=association_id))
+
+    def _count(self, status: int) -> int:
         with self._lock:
             self.stored += 1
             self.statuses[status] = self.statuses.get(status, 0) + 1

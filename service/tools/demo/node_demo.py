@@ -91,6 +91,13 @@ class FolderDestination:
         self.arrivals[str(uid)] = time.monotonic()
         return Status.SUCCESS
 
+    def on_store_file(self, path: Path, *, calling_ae: str, association_id: str) -> int:
+        """The object as the file the listener received it into: moved here (copied across filesystems)."""
+        uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        shutil.move(path, self.folder / f"{uid}.dcm")
+        self.arrivals[str(uid)] = time.monotonic()
+        return Status.SUCCESS
+
     def on_association_accepted(self, calling_ae: str, host: str, association_id: str) -> None: ...
 
     def on_association_released(self, association_id: str) -> None: ...
