@@ -14,15 +14,16 @@ the row takes the new path/association/time, goes back to state ``received`` wha
 :meth:`Journal.record_received` returns ``False``. The receiver hands it to the assembler again, so
 it is processed as a follow-up; derived UIDs are deterministic, so its outputs replace the old
 ones at the destination instead of duplicating them. To avoid marking a copy that arrived while
-the previous one was being processed, the pipeline passes ``received_before`` to
-:meth:`Journal.mark_processed`.
+the previous one was being processed, the pipeline passes ``received_before`` (the ``received_at``
+of the copy it read) to :meth:`Journal.mark_processed`, :meth:`Journal.complete` and
+:meth:`Journal.complete_series`: a row received again since stays ``received``.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -288,55 +289,80 @@ class Journal:
         outputs: Sequence[NewOutput],
         outcome: Literal["done", "failed"] = "done",
         reason: str = "",
-    ) -> None:
+        *,
+        received_before: float | None = None,
+    ) -> bool:
         """In one transaction: queue the outputs of an instance and record its outcome (``failed``
-        when one route failed and others produced these outputs).
+        when one route failed and others produced these outputs); ``True`` when recorded.
 
         One commit, so a process killed at any moment leaves either nothing (the instance is
         processed again) or everything; the outputs of a delivered result are never queued twice.
+        With ``received_before`` (the ``received_at`` of the copy the processing read), an instance
+        re-sent meanwhile stays ``received`` for its follow-up and the old copy's outputs are not
+        queued (``False``), as in :meth:`mark_processed`; its claim ends either way.
         """
         if outcome not in ("done", "failed"):
             raise ValueError(f"outcome must be 'done' or 'failed', got {outcome!r}")
         now = self._clock()
         with self._connection.transaction() as db:
-            cursor = db.execute(
+            row = db.execute(
+                "SELECT received_at FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+            if row is None:
+                raise LookupError(f"SOP Instance UID not in the journal: {sop_instance_uid!r}")
+            drop_claims(db, [sop_instance_uid])
+            if received_before is not None and row[0] > received_before:
+                return False
+            db.execute(
                 "UPDATE instances SET state = ?, reason = ?, updated_at = ? WHERE sop_instance_uid = ?",
                 (outcome, reason, now, sop_instance_uid),
             )
-            if cursor.rowcount == 0:
-                raise LookupError(f"SOP Instance UID not in the journal: {sop_instance_uid!r}")
             for output in outputs:
                 insert_output(db, output, now)
-            drop_claims(db, [sop_instance_uid])
+        return True
 
     def complete_series(
         self,
         outcomes: Sequence[tuple[str, Literal["done", "skipped", "failed"], str]],
         outputs: Sequence[NewOutput],
-    ) -> None:
+        *,
+        received_before: Mapping[str, float] | None = None,
+    ) -> bool:
         """In one transaction: queue the outputs of a series explained as one volume and record
-        each of its instances' ``(SOP Instance UID, outcome, reason)``.
+        each of its instances' ``(SOP Instance UID, outcome, reason)``; ``True`` when recorded.
 
         The volume's objects belong to every instance at once, so all rows change in the same
         commit as the outbox rows: a process killed at any moment leaves the whole series to be
-        processed again, or nothing; never half of it. An unknown UID is a LookupError naming it,
-        and nothing is changed.
+        processed again, or nothing; never half of it. With ``received_before`` (per SOP Instance
+        UID, the ``received_at`` of the copy the processing read): when any instance was re-sent
+        meanwhile, nothing is recorded and no output queued (``False``): the whole series stays
+        ``received``, to be explained again with the new copy. Claims end either way. An unknown
+        UID is a LookupError naming it, and nothing is changed.
         """
         bad = [outcome for _, outcome, _ in outcomes if outcome not in INSTANCE_STATES[1:]]
         if bad:
             raise ValueError(f"outcomes must be one of {INSTANCE_STATES[1:]!r}, got {bad!r}")
         now = self._clock()
+        uids = [uid for uid, _, _ in outcomes]
         with self._connection.transaction() as db:
-            for uid, outcome, reason in outcomes:
-                cursor = db.execute(
-                    "UPDATE instances SET state = ?, reason = ?, updated_at = ? WHERE sop_instance_uid = ?",
-                    (outcome, reason, now, uid),
-                )
-                if cursor.rowcount == 0:
+            received = {}
+            for uid in uids:
+                row = db.execute("SELECT received_at FROM instances WHERE sop_instance_uid = ?", (uid,)).fetchone()
+                if row is None:
                     raise LookupError(f"SOP Instance UID not in the journal: {uid!r}")
+                received[uid] = row[0]
+            drop_claims(db, uids)
+            if received_before is not None and any(
+                uid in received_before and received[uid] > received_before[uid] for uid in uids
+            ):
+                return False
+            db.executemany(
+                "UPDATE instances SET state = ?, reason = ?, updated_at = ? WHERE sop_instance_uid = ?",
+                [(outcome, reason, now, uid) for uid, outcome, reason in outcomes],
+            )
             for output in outputs:
                 insert_output(db, output, now)
-            drop_claims(db, [uid for uid, _, _ in outcomes])
+        return True
 
     def series_instance_count(self, series_instance_uid: str) -> int:
         """Instances of the series journaled so far, in any state (a re-sent instance counts once)."""
