@@ -81,7 +81,6 @@ class StreamConsumer:
         journal: Journal,
         processor: SeriesProcessor,
         *,
-        worker: str,
         consumer: str,
         node: str,
         idle_seconds: float,
@@ -92,7 +91,8 @@ class StreamConsumer:
         self._queue = queue
         self._journal = journal
         self._processor = processor
-        self._worker = worker  # the journal's claims name the worker process (the supervisor releases them)
+        # Its journal claims name this consumer (``thread_claimant(worker, n)``): a retry gives back
+        # this thread's claims only, and the supervisor releases every thread's when the worker dies.
         self.consumer = consumer
         self._node = node
         self._idle = idle_seconds
@@ -118,7 +118,7 @@ class StreamConsumer:
             except RETRY_LATER as exc:  # a full disk, Triton away: what is claimed goes back; the messages stay held
                 log.error("%s: a series not processed (%s); retried later", self.consumer, exc)
                 try:
-                    self._journal.series.release(self._worker)
+                    self._journal.series.release(self.consumer)
                 except StoreError:
                     pass
                 stop.wait(STORE_RETRY_SECONDS)
@@ -203,12 +203,12 @@ class StreamConsumer:
 
     def _process(self, key: SeriesKey) -> None:
         held = self._held[key]
-        uids = self._journal.series.claim_series(self._worker, key.study_instance_uid, key.series_instance_uid)
+        uids = self._journal.series.claim_series(self.consumer, key.study_instance_uid, key.series_instance_uid)
         if uids:
             try:
                 self._processor.process_batch(key, self._journal.get_instances(uids))
             except RETRY_LATER:
-                self._journal.series.release(self._worker)
+                self._journal.series.release(self.consumer)
                 raise
         finished = []
         for message in list(held.messages.values()):

@@ -7,6 +7,7 @@ The processor here journals one output per instance the way the real one does
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from service.node.assembler import SeriesKey
 from service.node.queue.consumer import StreamConsumer
 from service.node.queue.refill import apply_done_notes
 from service.node.queue.stream import WorkQueue
-from service.node.store import Journal, NewOutput, ReceivedInstance
+from service.node.store import Journal, NewOutput, ReceivedInstance, StoreError, thread_claimant
 from tests.unit.service.node.helpers import received_instance
 
 
@@ -43,11 +44,11 @@ class JournalingProcessor:
 
 
 def _consumer(
-    queue: WorkQueue, journal: Journal, processor: JournalingProcessor, name: str, **kwargs: object
+    queue: WorkQueue, journal: Journal, processor: JournalingProcessor, name: str, thread: int = 0, **kwargs: object
 ) -> StreamConsumer:
     settings = {"idle_seconds": 0.2, "max_wait_seconds": 30.0, "reclaim_idle_seconds": 60.0, "node": "node-a"}
     settings.update(kwargs)
-    return StreamConsumer(queue, journal, processor, worker=name, consumer=f"{name}-0", **settings)
+    return StreamConsumer(queue, journal, processor, consumer=thread_claimant(name, thread), **settings)
 
 
 def _publish(journal: Journal, queue: WorkQueue, spool_root: Path, ns: Sequence[int]) -> list[str]:
@@ -229,3 +230,40 @@ def test_the_series_of_a_dead_owner_is_taken_over_with_its_messages(
     later = _publish(journal, work_queue, spool_root, [5])  # the series goes on: to the new owner
     _steps_until(survivor, lambda: len(processor.batches) == 2)
     assert processor.batches[1] == later
+
+
+def test_a_retry_later_in_one_pipeline_thread_leaves_its_siblings_claims_alone(
+    journal: Journal, work_queue: WorkQueue, spool_root: Path
+) -> None:
+    """workers.pipeline = 2 in one worker process: thread 1 meets a full disk while thread 0 processes
+    another series; the claims of thread 0's batch stay, so no other worker takes them meanwhile."""
+    work_queue.ensure_group()
+    first = _publish(journal, work_queue, spool_root, range(2))
+    study = received_instance(0).study_instance_uid
+
+    class FullDisk(JournalingProcessor):
+        def process_batch(self, key: SeriesKey, instances: Sequence[ReceivedInstance]) -> dict[str, int]:
+            raise StoreError("No space left on device")
+
+    sibling = _consumer(work_queue, journal, FullDisk(journal), "worker-0:1", thread=1)
+    kept: list[list[str]] = []
+
+    def while_thread_0_processes() -> None:
+        later = [dataclasses.replace(received_instance(n, spool_root / f"{n}.dcm", at=time.time()),
+                                     series_instance_uid=f"{received_instance(0).series_instance_uid}.2")
+                 for n in (5, 6)]  # fmt: skip
+        for instance in later:
+            journal.record_received(instance)
+            work_queue.publish("node-a", instance)
+        deadline = time.monotonic() + 10
+        with pytest.raises(StoreError):
+            while time.monotonic() < deadline:
+                sibling.step()
+        kept.append(journal.series.claimed_by(thread_claimant("worker-0:1", 0)))
+        assert journal.series.claim_series("worker-1:2-0", study, received_instance(0).series_instance_uid) == ()
+
+    processor = JournalingProcessor(journal, check=while_thread_0_processes)
+    consumer = _consumer(work_queue, journal, processor, "worker-0:1", thread=0)
+    consumer.step()  # reads the first series before the second is published
+    _steps_until(consumer, lambda: processor.batches)
+    assert kept == [first] and processor.batches == [first]
