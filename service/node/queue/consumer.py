@@ -4,7 +4,9 @@ series, process each ready series, and acknowledge only once the outputs are in 
 One :class:`StreamConsumer` per pipeline thread of a worker process (Redis consumer
 ``<worker>-<n>``). Each message's instance is first made known to the worker's journal: on the
 receiving box the row is there already; a worker on another machine journals it in its own
-journal (the path resolved against its mount of the shared spool). An instance the journal says
+journal (the path resolved against its mount of the shared spool), marked as the receiving node's
+(``for_node``): its outputs go back in a done note, and this box's own sender, on a box that also
+receives, never sends them. An instance the journal says
 is processed (a redelivery) is acknowledged at once, never processed twice.
 
 Assembly: one consumer assembles a series, whichever receivers took its instances. The first to
@@ -167,14 +169,16 @@ class StreamConsumer:
             if known is not None and message.message_id in known.messages:
                 continue  # held already (a look at this consumer's own pending messages)
             state = self._journal.instance_state(instance.sop_instance_uid)
+            # Another node's instance: its outputs go back in a done note, never to this box's sender.
+            for_node = None if message.node == self._node else message.node
             if state is None:
-                self._journal.record_received(instance)  # a worker box of its own journal
+                self._journal.record_received(instance, for_node=for_node)  # a worker box of its own journal
             elif state[0] != "received":
                 (row,) = self._journal.get_instances([instance.sop_instance_uid])
                 if row.received_at >= instance.received_at:
                     finished.append(message)  # processed already: a redelivery
                     continue
-                self._journal.record_received(instance)  # a newer copy than the one processed here
+                self._journal.record_received(instance, for_node=for_node)  # a newer copy than the one processed here
             key = SeriesKey(instance.study_instance_uid, instance.series_instance_uid)
             if key not in owners:
                 owners[key] = (

@@ -87,6 +87,17 @@ CREATE INDEX outbox_by_due ON outbox (state, next_attempt_at);
 CREATE INDEX outbox_in_order ON outbox (state, destination, created_at);
 """
 
+#: Instances of another node's journal that this journal's worker processes for it (the Redis queue,
+#: :mod:`service.node.queue.consumer`): their outputs go back to ``node`` in a done note, and this
+#: journal's sender never takes them (:meth:`Outbox.due <service.node.store.outbox.Outbox.due>`).
+#: Additive: created when missing.
+_FOREIGN_SCHEMA = """
+CREATE TABLE IF NOT EXISTS foreign_instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    node             TEXT NOT NULL
+)
+"""
+
 _INSTANCE_COLUMNS = (
     "sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, path, calling_ae, "
     "association_id, received_at"
@@ -177,6 +188,7 @@ class Journal:
             # The multi-process tables (service.node.store.series) are additive: created when missing.
             for statement in filter(str.strip, SERIES_SCHEMA.split(";")):
                 db.execute(statement)
+            db.execute(_FOREIGN_SCHEMA)
 
     def close(self) -> None:
         """Close the connection (checkpointing the WAL); later calls raise StoreError."""
@@ -190,11 +202,13 @@ class Journal:
 
     # ----------------------------------------------------------------------------------- instances
 
-    def record_received(self, instance: ReceivedInstance) -> bool:
+    def record_received(self, instance: ReceivedInstance, *, for_node: str | None = None) -> bool:
         """Journal a received instance (state ``received``); ``True`` when new.
 
         ``False`` when the SOP Instance UID was journaled before: the row is updated to this copy
         and re-queued (state ``received``), to be processed as a follow-up (see the module docstring).
+        ``for_node``: the instance is another node's (a worker of the Redis queue journals it to
+        process it): its outputs are that node's to send, never this journal's sender's.
         """
         validate_uid(instance.sop_instance_uid, "SOP Instance UID")
         validate_uid(instance.sop_class_uid, "SOP Class UID")
@@ -226,6 +240,12 @@ class Journal:
                     now,
                 ),
             )
+            if for_node is not None:
+                db.execute(
+                    "INSERT INTO foreign_instances (sop_instance_uid, node) VALUES (?, ?) "
+                    "ON CONFLICT (sop_instance_uid) DO UPDATE SET node = excluded.node",
+                    (instance.sop_instance_uid, for_node),
+                )
         return known is None
 
     def pending_instances(self) -> list[ReceivedInstance]:

@@ -267,3 +267,26 @@ def test_a_retry_later_in_one_pipeline_thread_leaves_its_siblings_claims_alone(
     consumer.step()  # reads the first series before the second is published
     _steps_until(consumer, lambda: processor.batches)
     assert kept == [first] and processor.batches == [first]
+
+
+def test_a_box_that_also_receives_never_has_another_nodes_outputs_due_for_its_own_sender(
+    journal: Journal, work_queue: WorkQueue, spool_root: Path, tmp_path: Path
+) -> None:
+    """Between the outputs' commit and their hand-over in the done note, this box's sender must not
+    see them: the receiving node delivers them, and two senders would send every result twice."""
+    work_queue.ensure_group()
+    uids = _publish(journal, work_queue, spool_root, range(2))  # received by node-a
+    due_after_commit: list[list[str]] = []
+    with Journal(tmp_path / "box-b.sqlite") as box_b:  # node-b: receives (has a sender) and works
+
+        class Watching(JournalingProcessor):
+            def process_batch(self, key: SeriesKey, instances: Sequence[ReceivedInstance]) -> dict[str, int]:
+                tally = super().process_batch(key, instances)
+                due_after_commit.append([e.sop_instance_uid for e in box_b.outbox.due(time.time() + 3600)])
+                return tally
+
+        processor = Watching(box_b)
+        _steps_until(_consumer(work_queue, box_b, processor, "worker-0:1", node="node-b"), lambda: processor.batches)
+    assert due_after_commit == [[]]
+    assert apply_done_notes(journal, work_queue, "node-a") == 2
+    assert sorted(e.source_sop_instance_uid for e in journal.outbox.due(time.time())) == sorted(uids)
