@@ -26,11 +26,14 @@ Acknowledgement: after :meth:`SeriesProcessor.process_batch
 (one journal transaction per instance), a done note goes to a receiving node whose journal is not
 this one, with the outbox rows (files in the shared spool): that node's journal takes them and its
 sender delivers them (:mod:`service.node.queue.refill`); then ``XACK``, and this journal forgets
-those rows. A box of only workers keeps nothing that is not also in a receiving node's journal
-or in Redis, so it may be replaced at any time (a Kubernetes Deployment). A worker killed before the
-``XACK`` leaves its messages pending; another worker reclaims them after
-``queue.reclaim_idle_seconds`` (``XAUTOCLAIM``) and either processes them (the claim was released
-by the supervisor) or acknowledges them (the journal says done). Derived UIDs are deterministic, so
+those instances and their rows. A box of only workers keeps nothing that is not also in a
+receiving node's journal or in Redis, so it may be replaced at any time (a Kubernetes
+Deployment); and a message for an instance it handed over (Redis emptied before the note was
+read, refilled from the receiving journal) is processed again, never answered with a note
+without its outputs. A worker killed before the ``XACK`` leaves its messages pending; another
+worker reclaims them after ``queue.reclaim_idle_seconds`` (``XAUTOCLAIM``) and either processes
+them (the claim was released by the supervisor) or acknowledges them (the journal says done,
+with the outputs still there for the note). Derived UIDs are deterministic, so
 even an instance processed twice on two machines replaces its results instead of duplicating them.
 
 SIGTERM: the batch in hand finishes; messages held for series not yet ready are published again and
@@ -217,7 +220,7 @@ class StreamConsumer:
         finished = []
         for message in list(held.messages.values()):
             state = self._journal.instance_state(message.instance.sop_instance_uid)
-            if state is not None and state[0] != "received":
+            if state is None or state[0] != "received":  # None: handed over already (see _finish)
                 finished.append(message)
                 del held.messages[message.message_id]
         self._finish(finished)
@@ -231,18 +234,22 @@ class StreamConsumer:
 
     def _finish(self, messages: list[QueueMessage]) -> None:
         """Done notes to receiving nodes of other journals (with the outputs for their senders),
-        then ``XACK``; then this journal forgets those outputs (the receiving node delivers them)."""
+        then ``XACK``; then this journal forgets those instances (:meth:`Journal.hand_over`: a later
+        message for one of them is processed again, never answered with an empty note). An
+        instance another consumer of this journal handed over already (no row) had its note
+        then: its message is only acknowledged."""
         handed_over = []
         for message in messages:
             if message.node != self._node:
                 uid = message.instance.sop_instance_uid
-                state = self._journal.instance_state(uid) or ("failed", "not in the worker's journal")
+                state = self._journal.instance_state(uid)
+                if state is None:
+                    continue
                 outputs = self._journal.outbox.of_source(uid)
                 self._queue.note_done(message.node, message.instance, state[0], state[1], outputs)
                 handed_over.append(uid)
         self._queue.ack([message.message_id for message in messages])
-        for uid in handed_over:
-            self._journal.outbox.forget_of_source(uid)
+        self._journal.hand_over(handed_over)
 
     def hand_back(self) -> None:
         """Stopping: publish the held messages again and acknowledge them, so another worker takes

@@ -384,6 +384,29 @@ class Journal:
                 insert_output(db, output, now)
         return True
 
+    def hand_over(self, sop_instance_uids: Sequence[str]) -> int:
+        """Forget the instances processed here for another node (``record_received(for_node=...)``)
+        once their done note is written: their rows, their outbox rows (the files stay: that node
+        sends them) and claims, in one transaction; returns how many. This node's own instances
+        are left as they are.
+
+        Nothing of them is kept, so a later message for one of them (Redis emptied before that node
+        read the note, then refilled from its journal) finds no row here and is processed again:
+        a done note is never sent again without the outputs it carried.
+        """
+        with self._connection.transaction() as db:
+            foreign = [
+                uid
+                for uid in sop_instance_uids
+                if db.execute("SELECT 1 FROM foreign_instances WHERE sop_instance_uid = ?", (uid,)).fetchone()
+            ]
+            rows = [(uid,) for uid in foreign]
+            db.executemany("DELETE FROM outbox WHERE source_sop_instance_uid = ?", rows)
+            db.executemany("DELETE FROM instances WHERE sop_instance_uid = ?", rows)
+            db.executemany("DELETE FROM foreign_instances WHERE sop_instance_uid = ?", rows)
+            drop_claims(db, foreign)
+        return len(foreign)
+
     def series_instance_count(self, series_instance_uid: str) -> int:
         """Instances of the series journaled so far, in any state (a re-sent instance counts once)."""
         with self._connection.transaction(write=False) as db:

@@ -244,14 +244,6 @@ class Outbox:
             ).fetchall()
         return [_outbox_entry(row) for row in rows]
 
-    def forget_of_source(self, source_sop_instance_uid: str) -> int:
-        """Delete the rows derived from one source instance, keeping their files (another node's
-        journal delivers them now: see :mod:`service.node.queue.consumer`); returns how many."""
-        with self._connection.transaction() as db:
-            return db.execute(
-                "DELETE FROM outbox WHERE source_sop_instance_uid = ?", (source_sop_instance_uid,)
-            ).rowcount
-
     def retry_dead(self, sop_instance_uid: str | None = None) -> int:
         """Dead outputs back to pending, due at once, attempts reset (``None``: all of them); returns how many.
 

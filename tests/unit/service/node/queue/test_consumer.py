@@ -17,7 +17,7 @@ import pytest
 
 from service.node.assembler import SeriesKey
 from service.node.queue.consumer import StreamConsumer
-from service.node.queue.refill import apply_done_notes
+from service.node.queue.refill import Refiller, apply_done_notes
 from service.node.queue.stream import WorkQueue
 from service.node.store import Journal, NewOutput, ReceivedInstance, StoreError, thread_claimant
 from tests.unit.service.node.helpers import received_instance
@@ -143,8 +143,8 @@ def test_a_worker_of_another_journal_hands_its_results_to_the_receiving_node(
         consumer = _consumer(work_queue, own, processor, "worker-0:1", node="node-b")
         _steps_until(consumer, lambda: work_queue.lag() == (0, 0))
         assert processor.batches == [uids]
-        assert [own.instance_state(uid) for uid in uids] == [("done", "")] * 2
-        assert own.counts()["outbox_pending"] == 0  # handed over: this box has no sender
+        assert [own.instance_state(uid) for uid in uids] == [None] * 2  # handed over: this box keeps nothing
+        assert own.counts()["outbox_pending"] == 0
     assert [journal.instance_state(uid) for uid in uids] == [("received", "")] * 2  # until the node reads the notes
     assert apply_done_notes(journal, work_queue, "node-a") == 2
     assert [journal.instance_state(uid) for uid in uids] == [("done", "")] * 2
@@ -290,3 +290,25 @@ def test_a_box_that_also_receives_never_has_another_nodes_outputs_due_for_its_ow
     assert due_after_commit == [[]]
     assert apply_done_notes(journal, work_queue, "node-a") == 2
     assert sorted(e.source_sop_instance_uid for e in journal.outbox.due(time.time())) == sorted(uids)
+
+
+def test_a_result_whose_done_note_redis_lost_is_computed_again_not_noted_empty(
+    journal: Journal, work_queue: WorkQueue, spool_root: Path, tmp_path: Path, redis_client
+) -> None:
+    """Redis empties after the worker box's note was written, before the receiving node read it:
+    the node refills the instance from its journal, and the worker box, which handed the outputs
+    over already, processes it again so that the new note carries them."""
+    uids = _publish(journal, work_queue, spool_root, range(2))
+    work_queue.ensure_group()
+    with Journal(tmp_path / "worker-box.sqlite") as own:
+        processor = JournalingProcessor(own)
+        consumer = _consumer(work_queue, own, processor, "worker-0:1", node="node-b")
+        _steps_until(consumer, lambda: work_queue.lag() == (0, 0) and processor.batches)
+        redis_client.flushall()  # the notes with it
+        refiller = Refiller(journal, work_queue, "node-a", tmp_path, check_seconds=60)
+        refiller.check()  # a new group: the journal's waiting instances published again
+        _steps_until(consumer, lambda: work_queue.lag() == (0, 0) and len(processor.batches) == 2)
+    assert processor.batches == [uids, uids]
+    assert apply_done_notes(journal, work_queue, "node-a") == 2
+    assert sorted(e.source_sop_instance_uid for e in journal.outbox.entries()) == sorted(uids)
+    assert [journal.instance_state(uid) for uid in uids] == [("done", "")] * 2

@@ -122,6 +122,27 @@ def test_complete_series_leaves_the_whole_series_received_when_one_instance_was_
     assert [journal.instance_state(f"{ROOT_UID}.3.{n}") for n in (1, 2, 3)] == [("done", "")] * 3
 
 
+def test_hand_over_forgets_another_nodes_instances_with_their_rows_and_keeps_this_nodes(
+    journal: Journal, tmp_path: Path
+) -> None:
+    """After the done note: nothing of another node's instance stays (a later message for it is
+    processed again); the result files stay for that node's sender; this node's rows are untouched."""
+    kept = tmp_path / "result.dcm"
+    kept.write_bytes(b"result")
+    journal.record_received(received_instance(1), for_node="intake-a")
+    journal.record_received(received_instance(2))
+    add_output(journal, 1, "PACS", kept)
+    add_output(journal, 1, "ARCHIVE", kept)
+    own = add_output(journal, 2, "PACS")
+    journal.mark_processed([f"{ROOT_UID}.3.1", f"{ROOT_UID}.3.2"], "done")
+    assert journal.hand_over([f"{ROOT_UID}.3.1", f"{ROOT_UID}.3.2"]) == 1
+    assert journal.instance_state(f"{ROOT_UID}.3.1") is None
+    assert journal.instance_state(f"{ROOT_UID}.3.2") == ("done", "")
+    assert [e.sop_instance_uid for e in journal.outbox.entries()] == [own]
+    assert kept.read_bytes() == b"result"
+    assert journal.record_received(received_instance(1), for_node="intake-a") is True  # as new: processed again
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["one-journal", "journal-per-thread"])
 def test_concurrent_record_received_all_land(tmp_path: Path, shared: bool) -> None:
     db_path = tmp_path / "journal.sqlite"
