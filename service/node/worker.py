@@ -121,6 +121,7 @@ def _stream_loop(
         idle_seconds=config.assembly.idle_seconds,
         max_wait_seconds=config.assembly.max_wait_seconds,
         reclaim_idle_seconds=queue.reclaim_idle_seconds,
+        refresh_seconds=queue.refresh_period,
     )
 
     def loop() -> None:

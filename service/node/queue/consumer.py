@@ -16,7 +16,11 @@ hands the message to the owner (``XCLAIM`` on its behalf), and the owner finds i
 pending messages. A consumer that reclaims a dead one's messages takes its series over. The
 messages of a series are held until it is ready by the assembler's timers on the receivers' clock
 (``received_at``): ``assembly.idle_seconds`` after its last instance, or
-``assembly.max_wait_seconds`` after its first. Then the worker claims, in its journal, every
+``assembly.max_wait_seconds`` after its first. Meanwhile, and while the batch runs, a thread of
+the consumer refreshes the messages it holds and the series it owns every ``queue.refresh_seconds``
+(:meth:`~service.node.queue.stream.WorkQueue.refresh`), so however long a series waits or runs,
+no other worker reclaims it (``queue.reclaim_idle_seconds`` is only how long a dead consumer's
+messages wait). Then the worker claims, in its journal, every
 unclaimed ``received`` instance of the series (:meth:`~service.node.store.SeriesClaims.claim_series`),
 including any whose message another consumer of the same journal still holds (those acknowledge
 theirs once the journal says done), and processes them as one batch.
@@ -91,8 +95,11 @@ class StreamConsumer:
         idle_seconds: float,
         max_wait_seconds: float,
         reclaim_idle_seconds: float,
+        refresh_seconds: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``refresh_seconds``: how often :meth:`run` tells Redis this consumer still holds its
+        messages (default a quarter of ``reclaim_idle_seconds``; see ``queue.refresh_seconds``)."""
         self._queue = queue
         self._journal = journal
         self._processor = processor
@@ -103,8 +110,12 @@ class StreamConsumer:
         self._idle = idle_seconds
         self._max_wait = max_wait_seconds
         self._reclaim_idle = reclaim_idle_seconds
+        self._refresh_seconds = reclaim_idle_seconds / 4 if refresh_seconds is None else refresh_seconds
         self._clock = clock
         self._held: dict[SeriesKey, _Held] = {}
+        # What the refresher thread refreshes: (message IDs, series), replaced whole by this
+        # consumer's thread when it takes messages (a stale entry is harmless: see WorkQueue.refresh).
+        self._holding: tuple[tuple[str, ...], tuple[tuple[str, str], ...]] = ((), ())
         self._next_reclaim = 0.0
         self._next_own_look = 0.0
 
@@ -114,6 +125,40 @@ class StreamConsumer:
         return sum(len(held.messages) for held in self._held.values())
 
     def run(self, stop: threading.Event) -> None:
+        done = threading.Event()
+        refresher = self.keep_alive(done)
+        try:
+            self._loop(stop)
+        finally:
+            done.set()
+            refresher.join()
+        self.hand_back()
+
+    def keep_alive(self, stop: threading.Event) -> threading.Thread:
+        """Start the thread that refreshes, every ``refresh_seconds`` until ``stop``, the messages
+        this consumer holds and the series it owns (:meth:`WorkQueue.refresh`): a series that
+        waits for ``max_wait_seconds``, or whose batch runs longer than ``reclaim_idle_seconds``,
+        is never reclaimed by another worker and processed twice. A thread of its own, so a long
+        batch (or a journal busy for a while) does not hold the refresh back."""
+        thread = threading.Thread(target=self._refresh_loop, args=(stop,), name=f"{self.consumer}-refresh", daemon=True)
+        thread.start()
+        return thread
+
+    def _refresh_loop(self, stop: threading.Event) -> None:
+        while not stop.wait(self._refresh_seconds):
+            message_ids, series = self._holding
+            try:
+                self._queue.refresh(self.consumer, message_ids, series, ttl_seconds=self._max_wait + self._reclaim_idle)
+            except QueueError as exc:  # Redis away: the messages may be reclaimed; the journal claims still hold
+                log.warning("%s: held messages not refreshed: %s", self.consumer, exc)
+
+    def _note_holding(self) -> None:
+        self._holding = (
+            tuple(message_id for held in self._held.values() for message_id in held.messages),
+            tuple((key.study_instance_uid, key.series_instance_uid) for key in self._held),
+        )
+
+    def _loop(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 self.step()
@@ -133,7 +178,6 @@ class StreamConsumer:
                 where = f"{Path(frame.filename).name}:{frame.lineno}" if frame else "?"
                 log.error("%s: %s at %s in the stream loop; going on", self.consumer, type(exc).__name__, where)
                 stop.wait(STORE_RETRY_SECONDS)
-        self.hand_back()
 
     def step(self) -> int:
         """Reclaim stale messages now and then, read new ones, process the series that are ready;
@@ -204,6 +248,7 @@ class StreamConsumer:
             held.first = min(held.first, instance.received_at)
             held.last = max(held.last, instance.received_at)
             held.messages[message.message_id] = message
+        self._note_holding()
         for owner, message_ids in handed.items():
             self._queue.transfer(message_ids, owner)
         self._finish(finished)
@@ -231,6 +276,7 @@ class StreamConsumer:
         else:
             del self._held[key]
             self._queue.release_series(self.consumer, key.study_instance_uid, key.series_instance_uid)
+        self._note_holding()
 
     def _finish(self, messages: list[QueueMessage]) -> None:
         """Done notes to receiving nodes of other journals (with the outputs for their senders),
@@ -261,6 +307,7 @@ class StreamConsumer:
                 self._queue.ack(list(held.messages))
                 self._queue.release_series(self.consumer, key.study_instance_uid, key.series_instance_uid)
             self._held.clear()
+            self._note_holding()
             self._queue.forget_consumer(self.consumer)
         except QueueError as exc:  # they stay pending and are reclaimed after reclaim_idle_seconds
             log.warning("%s: held messages not handed back (%s); reclaimed later", self.consumer, exc)

@@ -6,8 +6,9 @@ node's name (whose journal holds the instance), its four UIDs, the spool path re
 spool root (workers on other machines resolve it against their mount of the shared spool), the
 calling AE, the association and the Unix time it was received. No patient data: UIDs at most.
 
-A worker reads with ``XREADGROUP`` as consumer ``<worker>-<thread>``, takes over messages left
-pending longer than ``queue.reclaim_idle_seconds`` by a consumer that died (``XAUTOCLAIM``), and
+A worker reads with ``XREADGROUP`` as consumer ``<worker>-<thread>``, refreshes the messages it
+holds well within ``queue.reclaim_idle_seconds`` (``XCLAIM ... JUSTID`` to itself), takes over
+messages left pending longer than that by a consumer that died (``XAUTOCLAIM``), and
 acknowledges (``XACK``) only after the instance's outputs are in its journal's outbox. A worker
 whose journal is not the receiving node's sends a done note (``<stream>:done:<node>``) before
 the ``XACK``, which the receiving node applies to its journal (:mod:`service.node.queue.refill`).
@@ -38,6 +39,28 @@ __all__ = ["DoneNote", "QueueCollector", "QueueError", "QueueMessage", "WorkQueu
 
 #: Connection and socket timeouts, seconds (a read blocks for its own ``block`` on top of this).
 SOCKET_TIMEOUT_SECONDS = 10.0
+
+#: KEYS: the stream, then series owner keys; ARGV: group, consumer, owner time to live (ms), then
+#: message IDs. Each message still pending with this consumer is claimed again by it (XCLAIM
+#: JUSTID: idle time 0, delivery count unchanged); one another consumer took over meanwhile is
+#: left alone. Each owner key still naming this consumer gets its time to live again. One
+#: script, so nothing changes hands between the look and the claim.
+_REFRESH = """
+local refreshed = 0
+for i = 4, #ARGV do
+    local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
+    if entry and entry[2] == ARGV[2] then
+        redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+        refreshed = refreshed + 1
+    end
+end
+for i = 2, #KEYS do
+    if redis.call('GET', KEYS[i]) == ARGV[2] then
+        redis.call('PEXPIRE', KEYS[i], ARGV[3])
+    end
+end
+return refreshed
+"""
 
 
 class QueueError(RuntimeError):
@@ -88,6 +111,7 @@ class WorkQueue:
             url, socket_timeout=SOCKET_TIMEOUT_SECONDS, socket_connect_timeout=SOCKET_TIMEOUT_SECONDS
         )
         self._where = redis_address(url)
+        self._refresh = self._redis.register_script(_REFRESH)
 
     def close(self) -> None:
         self._redis.close()
@@ -239,6 +263,25 @@ class WorkQueue:
         pipe.xdel(self.stream, *message_ids)
         acked, _ = self._call(f"XACK on {self.stream}", pipe.execute)
         return int(acked)
+
+    def refresh(
+        self,
+        consumer: str,
+        message_ids: Sequence[str],
+        series: Sequence[tuple[str, str]] = (),
+        *,
+        ttl_seconds: float,
+    ) -> int:
+        """``consumer`` still holds these messages and assembles these series (study, series):
+        their idle time starts again, so no other consumer reclaims them while it waits or
+        processes (``XCLAIM ... JUSTID`` to itself), and its series owner keys live ``ttl_seconds``
+        more. Messages and series another consumer has taken over are left to it. Returns how
+        many messages were refreshed; one round trip."""
+        if not message_ids and not series:
+            return 0
+        keys = [self.stream, *(self._owner_key(study, uid) for study, uid in series)]
+        args = [self.group, consumer, max(1, int(ttl_seconds * 1000)), *message_ids]
+        return int(self._call(f"refreshing the messages of {consumer}", self._refresh, keys=keys, args=args))
 
     def read_own_pending(self, consumer: str) -> list[QueueMessage]:
         """Every message pending with ``consumer`` (``XREADGROUP 0``): what it holds, and what

@@ -312,3 +312,36 @@ def test_a_result_whose_done_note_redis_lost_is_computed_again_not_noted_empty(
     assert apply_done_notes(journal, work_queue, "node-a") == 2
     assert sorted(e.source_sop_instance_uid for e in journal.outbox.entries()) == sorted(uids)
     assert [journal.instance_state(uid) for uid in uids] == [("done", "")] * 2
+
+
+def test_a_batch_longer_than_reclaim_idle_is_not_reclaimed_by_another_worker_and_processed_twice(
+    journal: Journal, work_queue: WorkQueue, spool_root: Path, tmp_path: Path
+) -> None:
+    """Box A's batch runs 4x reclaim_idle_seconds while box B (its own journal: no journal claim
+    stops it) keeps reclaiming: A's refresher keeps its messages, so B never takes the series."""
+    work_queue.ensure_group()
+    uids = _publish(journal, work_queue, spool_root, range(3))
+    processing, finish = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        processing.set()
+        assert finish.wait(20)
+
+    with Journal(tmp_path / "box-a.sqlite") as box_a, Journal(tmp_path / "box-b.sqlite") as box_b:
+        on_a, on_b = JournalingProcessor(box_a, check=slow), JournalingProcessor(box_b)
+        a = _consumer(work_queue, box_a, on_a, "worker-0:1", node="box-a", reclaim_idle_seconds=0.4)
+        b = _consumer(work_queue, box_b, on_b, "worker-0:2", node="box-b", reclaim_idle_seconds=0.4)
+        stop = threading.Event()
+        thread = threading.Thread(target=a.run, args=(stop,))
+        thread.start()
+        try:
+            assert processing.wait(10)
+            deadline = time.monotonic() + 1.6
+            while time.monotonic() < deadline:
+                b.step()
+        finally:
+            finish.set()
+            _steps_until(b, lambda: work_queue.lag() == (0, 0))
+            stop.set()
+            thread.join(10)
+        assert on_a.batches == [uids] and on_b.batches == []

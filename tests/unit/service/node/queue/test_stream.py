@@ -50,6 +50,31 @@ def test_a_message_left_pending_is_reclaimed_after_min_idle_only(work_queue: Wor
     assert taken.message_id == held.message_id and taken.instance == held.instance
 
 
+def test_refresh_keeps_a_live_consumers_messages_and_series_from_being_reclaimed_and_steals_nothing(
+    work_queue: WorkQueue, redis_client: redis.Redis
+) -> None:
+    work_queue.ensure_group()
+    for n in range(3):
+        work_queue.publish("node", received_instance(n))
+    work_queue.read_count = 2
+    mine = [m.message_id for m in work_queue.read("w-1", block_seconds=0.05)]
+    (theirs,) = work_queue.read("w-2", block_seconds=0.05)
+    study, series = received_instance(0).study_instance_uid, received_instance(0).series_instance_uid
+    assert work_queue.own_series("w-1", study, series, ttl_seconds=0.5) == "w-1"
+    time.sleep(0.3)
+    assert work_queue.refresh("w-1", [*mine, theirs.message_id], [(study, series)], ttl_seconds=5) == 2
+    assert redis_client.pttl(f"{work_queue.stream}:owner:{study}:{series}") > 4000
+    time.sleep(0.1)
+    assert [m.message_id for m in work_queue.reclaim("w-3", min_idle_seconds=0.25)] == [theirs.message_id]
+    pending = redis_client.xpending_range(work_queue.stream, work_queue.group, min="-", max="+", count=10)
+    assert {p["message_id"].decode(): p["consumer"].decode() for p in pending} == {
+        mine[0]: "w-1",
+        mine[1]: "w-1",
+        theirs.message_id: "w-3",
+    }
+    assert {p["times_delivered"] for p in pending if p["consumer"] == b"w-1"} == {1}  # JUSTID: not a delivery
+
+
 def test_ack_ends_pending_and_lag_counts_undelivered_and_pending(work_queue: WorkQueue) -> None:
     work_queue.ensure_group()
     for n in range(4):
