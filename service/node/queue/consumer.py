@@ -12,8 +12,10 @@ is processed (a redelivery) is acknowledged at once, never processed twice.
 Assembly: one consumer assembles a series, whichever receivers took its instances. The first to
 read an instance of it becomes its owner (a Redis key, ``SET NX`` with a time to live of
 ``max_wait_seconds + reclaim_idle_seconds``); another consumer reading an instance of that series
-hands the message to the owner (``XCLAIM`` on its behalf), and the owner finds it among its own
-pending messages. A consumer that reclaims a dead one's messages takes its series over. The
+hands the message to the owner (``XCLAIM`` on its behalf, with a marker), and the owner, seeing
+the marker in its next read's round trip, finds it among its own pending messages (which it reads
+only then, at start and after an error: a message pending with it and never read is reclaimed
+after ``reclaim_idle_seconds`` in any case). A consumer that reclaims a dead one's messages takes its series over. The
 messages of a series are held until it is ready by the assembler's timers on the receivers' clock
 (``received_at``): ``assembly.idle_seconds`` after its last instance, or
 ``assembly.max_wait_seconds`` after its first. Meanwhile, and while the batch runs, a thread of
@@ -56,15 +58,13 @@ from pathlib import Path
 
 from service.node.assembler import SeriesKey
 from service.node.processor import RETRY_LATER, STORE_RETRY_SECONDS, SeriesProcessor
-from service.node.queue.stream import QueueError, QueueMessage, WorkQueue
+from service.node.queue.stream import NoteToSend, QueueError, QueueMessage, WorkQueue
 from service.node.store import Journal, StoreError
 
 log = logging.getLogger(__name__)
 
 #: Longest wait for new messages in one read, seconds (also how often reclaiming is considered).
 READ_BLOCK_SECONDS = 0.5
-#: How often a consumer looks for messages other consumers handed it (series it assembles), seconds.
-OWN_PENDING_SECONDS = 0.25
 #: Pause after Redis could not be reached, seconds.
 REDIS_RETRY_SECONDS = 1.0
 
@@ -117,7 +117,9 @@ class StreamConsumer:
         # consumer's thread when it takes messages (a stale entry is harmless: see WorkQueue.refresh).
         self._holding: tuple[tuple[str, ...], tuple[tuple[str, str], ...]] = ((), ())
         self._next_reclaim = 0.0
-        self._next_own_look = 0.0
+        # Read the messages pending with this consumer at start and after an error (some may be
+        # pending and not held); otherwise only when another consumer marked that it handed some.
+        self._look_own = True
 
     @property
     def held(self) -> int:
@@ -164,6 +166,7 @@ class StreamConsumer:
                 self.step()
             except QueueError as exc:  # Redis away or emptied: the receiving node refills it; look again
                 log.error("%s: %s", self.consumer, exc)
+                self._look_own = True
                 stop.wait(REDIS_RETRY_SECONDS)
             except RETRY_LATER as exc:  # a full disk, Triton away: what is claimed goes back; the messages stay held
                 log.error("%s: a series not processed (%s); retried later", self.consumer, exc)
@@ -177,6 +180,7 @@ class StreamConsumer:
                 frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
                 where = f"{Path(frame.filename).name}:{frame.lineno}" if frame else "?"
                 log.error("%s: %s at %s in the stream loop; going on", self.consumer, type(exc).__name__, where)
+                self._look_own = True
                 stop.wait(STORE_RETRY_SECONDS)
 
     def step(self) -> int:
@@ -185,19 +189,21 @@ class StreamConsumer:
         if time.monotonic() >= self._next_reclaim:
             self._take(self._queue.reclaim(self.consumer, min_idle_seconds=self._reclaim_idle), reclaimed=True)
             self._next_reclaim = time.monotonic() + min(self._reclaim_idle / 2, 5.0)
-        if time.monotonic() >= self._next_own_look:  # instances other consumers handed over
+        if self._look_own:
             self._take(self._queue.read_own_pending(self.consumer))
-            self._next_own_look = time.monotonic() + OWN_PENDING_SECONDS
+            self._look_own = False
         now = self._clock()
         waits = [held.ready_in(now, self._idle, self._max_wait) for held in self._held.values()]
-        block = min([READ_BLOCK_SECONDS, self._next_own_look - time.monotonic(), *waits])
+        block = min([READ_BLOCK_SECONDS, *waits])
         if block > 0.001:
-            self._take(self._queue.read(self.consumer, block_seconds=block))
+            messages, handed = self._queue.poll(self.consumer, block_seconds=block)
+            self._take(messages)
+            if handed:  # instances of series this consumer assembles, from other consumers
+                self._take(self._queue.read_own_pending(self.consumer))
         now = self._clock()
         ready = [key for key, held in self._held.items() if held.ready_in(now, self._idle, self._max_wait) <= 0]
-        if ready:  # what other consumers handed over until now belongs in these batches
+        if ready and self._queue.was_handed(self.consumer):  # what was handed over until now belongs in these batches
             self._take(self._queue.read_own_pending(self.consumer))
-            self._next_own_look = time.monotonic() + OWN_PENDING_SECONDS
             ready = [key for key, held in self._held.items() if held.ready_in(now, self._idle, self._max_wait) <= 0]
         for key in ready:
             self._process(key)
@@ -279,12 +285,12 @@ class StreamConsumer:
         self._note_holding()
 
     def _finish(self, messages: list[QueueMessage]) -> None:
-        """Done notes to receiving nodes of other journals (with the outputs for their senders),
-        then ``XACK``; then this journal forgets those instances (:meth:`Journal.hand_over`: a later
+        """Done notes to receiving nodes of other journals (with the outputs for their senders)
+        and ``XACK``, in one round trip; then this journal forgets those instances (:meth:`Journal.hand_over`: a later
         message for one of them is processed again, never answered with an empty note). An
         instance another consumer of this journal handed over already (no row) had its note
         then: its message is only acknowledged."""
-        handed_over = []
+        notes, handed_over = [], []
         for message in messages:
             if message.node != self._node:
                 uid = message.instance.sop_instance_uid
@@ -292,9 +298,10 @@ class StreamConsumer:
                 if state is None:
                     continue
                 outputs = self._journal.outbox.of_source(uid)
-                self._queue.note_done(message.node, message.instance, state[0], state[1], outputs)
+                notes.append(NoteToSend(message.node, message.instance, state[0], state[1], outputs))
                 handed_over.append(uid)
-        self._queue.ack([message.message_id for message in messages])
+        # One MULTI/EXEC round trip for the batch: the notes, then the acknowledgement.
+        self._queue.ack([message.message_id for message in messages], notes)
         self._journal.hand_over(handed_over)
 
     def hand_back(self) -> None:

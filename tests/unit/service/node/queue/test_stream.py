@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from dicom_io.net.network import free_port
-from service.node.queue.stream import QueueCollector, QueueError, WorkQueue, redis_address
+from service.node.queue.stream import NoteToSend, QueueCollector, QueueError, WorkQueue, redis_address
 from tests.unit.service.node.helpers import received_instance
 
 
@@ -109,6 +109,24 @@ def test_done_notes_reach_their_node_only_and_are_dropped(work_queue: WorkQueue)
     work_queue.drop_done_notes("node-a", [note.note_id])
     assert work_queue.done_notes("node-a") == []
     assert [n.reason for n in work_queue.done_notes("node-b")] == ["cannot decode"]
+
+
+def test_an_acknowledgement_carries_its_done_notes_and_a_hand_over_is_seen_once_by_its_receiver(
+    work_queue: WorkQueue,
+) -> None:
+    work_queue.ensure_group()
+    for n in range(3):
+        work_queue.publish("node-a", received_instance(n))
+    taken = work_queue.read("w-1", block_seconds=0.05)
+    work_queue.transfer([taken[2].message_id], "w-2")
+    assert work_queue.poll("w-2", block_seconds=0.01) == ([], True)
+    assert work_queue.poll("w-2", block_seconds=0.01) == ([], False)  # the marker is taken once
+    assert [m.message_id for m in work_queue.read_own_pending("w-2")] == [taken[2].message_id]
+    notes = [NoteToSend("node-a", m.instance, "done", "") for m in taken[:2]]
+    assert work_queue.ack([m.message_id for m in taken[:2]], notes) == 2
+    assert [n.sop_instance_uid for n in work_queue.done_notes("node-a")] == [received_instance(n).sop_instance_uid
+                                                                             for n in range(2)]  # fmt: skip
+    assert work_queue.lag() == (0, 1)
 
 
 def test_the_collector_reports_lag_and_pending(work_queue: WorkQueue) -> None:
