@@ -435,7 +435,15 @@ class QueueConfig(_Section):
         120.0,
         gt=0,
         description="A message pending this long with a consumer is taken over by another (XAUTOCLAIM): "
-        "longer than a series takes to assemble (assembly.idle_seconds) and process.",
+        "how long a dead worker's messages wait. A live worker refreshes what it holds every "
+        "refresh_seconds, however long its series wait (assembly.max_wait_seconds) and run.",
+    )
+    refresh_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="How often a worker resets the idle time of the messages it holds (XCLAIM JUSTID to "
+        "itself) so that no other worker reclaims them; at most a third of reclaim_idle_seconds. "
+        "Default: a quarter of it.",
     )
     check_seconds: float = Field(
         2.0,
@@ -444,6 +452,23 @@ class QueueConfig(_Section):
         "and reads the done notes of workers on other machines (their results, for its sender).",
     )
     read_count: int = Field(64, ge=1, le=10000, description="Messages one read takes at most.")
+
+    @model_validator(mode="after")
+    def _refresh_well_within_reclaim(self) -> QueueConfig:
+        if self.refresh_seconds is not None and self.refresh_seconds * 3 > self.reclaim_idle_seconds:
+            raise ValueError(
+                f"queue.refresh_seconds ({self.refresh_seconds:g}) must be at most a third of "
+                f"queue.reclaim_idle_seconds ({self.reclaim_idle_seconds:g}), or a live worker's messages "
+                "may be reclaimed by another worker and its series processed twice: set refresh_seconds to "
+                f"{self.reclaim_idle_seconds / 3:g} or less, or reclaim_idle_seconds to "
+                f"{self.refresh_seconds * 3:g} or more (or leave refresh_seconds out: a quarter of it)"
+            )
+        return self
+
+    @property
+    def refresh_period(self) -> float:
+        """``refresh_seconds``, or a quarter of ``reclaim_idle_seconds`` when not set."""
+        return self.reclaim_idle_seconds / 4 if self.refresh_seconds is None else self.refresh_seconds
 
 
 class LoggingConfig(_Section):

@@ -168,12 +168,12 @@ class SeriesProcessor:
             self._metrics.stage_seconds.labels("read").observe(time.perf_counter() - started)
             fault_point("during-processing")
         except DicomInputError as exc:
-            self._journal.mark_processed([uid], "failed", str(exc))
+            self._journal.mark_processed([uid], "failed", str(exc), received_before=instance.received_at)
             log.warning("instance %s cannot be processed: %s", uid, exc)
             return "failed"
         except Exception as exc:  # a bug must not stop the node; it is journaled with its reason and logged
             reason = _internal_error(exc)
-            self._journal.mark_processed([uid], "failed", reason)
+            self._journal.mark_processed([uid], "failed", reason, received_before=instance.received_at)
             log.error("instance %s failed: %s\n%s", uid, reason, "".join(traceback.format_tb(exc.__traceback__)))
             return "failed"
         outcomes = [self._run_route(target, instance, dataset) for target in targets if not target.is_volume]
@@ -186,13 +186,13 @@ class SeriesProcessor:
             return None
         state, reason, queued = _combined(outcomes)
         if state == "failed":  # the routes that did succeed still send their results
-            self._journal.complete(uid, queued, "failed", reason)
+            self._journal.complete(uid, queued, "failed", reason, received_before=instance.received_at)
             return "failed"
         if state == "skipped":
-            self._journal.mark_processed([uid], "skipped", reason)
+            self._journal.mark_processed([uid], "skipped", reason, received_before=instance.received_at)
             log.info("instance %s skipped: %s", uid, reason)
             return "skipped"
-        self._journal.complete(uid, queued)
+        self._journal.complete(uid, queued, received_before=instance.received_at)
         fault_point("after-outputs-stored")
         return "done"
 
@@ -206,12 +206,13 @@ class SeriesProcessor:
             queued.extend(outputs)
             for instance, _ in members:
                 volumes.waiting[instance.sop_instance_uid][1].append((state, reason, []))
-        rows = []
-        for uid, (_, outcomes) in volumes.waiting.items():
+        rows, read = [], {}
+        for uid, (instance, outcomes) in volumes.waiting.items():
             state, reason, outputs = _combined(outcomes)
             queued.extend(outputs)
             rows.append((uid, state, reason))
-        self._journal.complete_series(rows, queued)  # type: ignore[arg-type]
+            read[uid] = instance.received_at
+        self._journal.complete_series(rows, queued, received_before=read)  # type: ignore[arg-type]
         fault_point("after-outputs-stored")
         return [state for _, state, _ in rows]
 

@@ -17,6 +17,7 @@ Run by the supervisor: ``python -m service.node.worker --config FILE --name work
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -35,7 +36,7 @@ from service.node.processor import RETRY_LATER, STORE_RETRY_SECONDS, SeriesProce
 from service.node.queue.consumer import StreamConsumer
 from service.node.queue.stream import WorkQueue, default_node_name
 from service.node.routing import ModelRegistry, Router, triton_settings
-from service.node.store import Journal, Spool, StoreError
+from service.node.store import Journal, Spool, StoreError, thread_claimant
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,10 @@ def serve_worker(config: NodeConfig, identity: str, stop: threading.Event) -> in
             loops = [
                 _stream_loop(config, identity, n, journal, processor, stop) for n in range(config.workers.pipeline)
             ]
-        else:
+        else:  # each thread claims under its own name: a retry gives back its claims only, not its siblings'
             loops = [
-                lambda: _claim_loop(config, identity, journal, processor, stop) for _ in range(config.workers.pipeline)
+                functools.partial(_claim_loop, config, thread_claimant(identity, n), journal, processor, stop)
+                for n in range(config.workers.pipeline)
             ]
         threads = [threading.Thread(target=loop, name=f"{identity}-{n}") for n, loop in enumerate(loops)]
         for thread in threads:
@@ -114,12 +116,12 @@ def _stream_loop(
         stream,
         journal,
         processor,
-        worker=identity,
-        consumer=f"{identity}-{n}",
+        consumer=thread_claimant(identity, n),
         node=queue.node_name or default_node_name(),
         idle_seconds=config.assembly.idle_seconds,
         max_wait_seconds=config.assembly.max_wait_seconds,
         reclaim_idle_seconds=queue.reclaim_idle_seconds,
+        refresh_seconds=queue.refresh_period,
     )
 
     def loop() -> None:
@@ -132,15 +134,16 @@ def _stream_loop(
 
 
 def _claim_loop(
-    config: NodeConfig, identity: str, journal: Journal, processor: SeriesProcessor, stop: threading.Event
+    config: NodeConfig, claimant: str, journal: Journal, processor: SeriesProcessor, stop: threading.Event
 ) -> None:
+    """One pipeline thread: claim a ready series under ``claimant`` (:func:`thread_claimant`), process it."""
     idle, max_wait = config.assembly.idle_seconds, config.assembly.max_wait_seconds
     while not stop.is_set():
         try:
-            ready = journal.series.claim_ready(identity, idle_seconds=idle, max_wait_seconds=max_wait)
+            ready = journal.series.claim_ready(claimant, idle_seconds=idle, max_wait_seconds=max_wait)
             ready_in = None if ready else journal.series.next_ready_in(idle_seconds=idle, max_wait_seconds=max_wait)
         except StoreError as exc:  # e.g. the journal locked longer than its busy timeout: look again later
-            log.error("%s cannot claim a series: %s", identity, exc)
+            log.error("%s cannot claim a series: %s", claimant, exc)
             stop.wait(1.0)
             continue
         if ready is None:
@@ -150,21 +153,22 @@ def _claim_loop(
         try:
             processor.process_batch(key, journal.get_instances(ready.sop_instance_uids))
         except RETRY_LATER as exc:  # a full disk, Triton away: the unfinished instances stay ``received``
-            log.error("%s: series %s not processed (%s); claim given back, retried later", identity,
+            log.error("%s: series %s not processed (%s); claim given back, retried later", claimant,
                       ready.series_instance_uid, exc)  # fmt: skip
-            _give_back(journal, identity, stop)
+            _give_back(journal, claimant, stop)
 
 
-def _give_back(journal: Journal, identity: str, stop: threading.Event) -> None:
-    """Release this worker's claims after a failed store, then wait STORE_RETRY_SECONDS. On the full
+def _give_back(journal: Journal, claimant: str, stop: threading.Event) -> None:
+    """Release this thread's claims after a failed store (its sibling threads' batches go on), then
+    wait STORE_RETRY_SECONDS. On the full
     disk that failed the store the release can fail too: it is tried again after each wait (a claim
     kept by a live worker would hold its instances back until the worker restarts); at stop the
     supervisor releases what is left."""
     while True:
         try:
-            journal.series.release(identity)
+            journal.series.release(claimant)
         except StoreError as exc:
-            log.error("%s cannot give its claims back yet: %s", identity, exc)
+            log.error("%s cannot give its claims back yet: %s", claimant, exc)
             if stop.wait(STORE_RETRY_SECONDS):
                 return
             continue

@@ -177,8 +177,8 @@ def test_two_receivers_two_workers_a_split_series_and_a_killed_worker_lose_nothi
             60,
             "worker-0 to claim a series",
         )
-        (claimant,) = _rows(node.journal, "SELECT DISTINCT worker FROM claims WHERE worker LIKE 'worker-0:%'")
-        victim = int(claimant[0].split(":")[1])
+        claimants = _rows(node.journal, "SELECT DISTINCT worker FROM claims WHERE worker LIKE 'worker-0:%'")
+        (victim,) = {int(row[0].split(":")[1].split("-")[0]) for row in claimants}  # worker-0:<pid>-<thread>
         assert node.pids("worker-0") == [victim]
         os.kill(victim, signal.SIGKILL)
 

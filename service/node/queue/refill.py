@@ -64,11 +64,20 @@ def apply_done_notes(journal: Journal, queue: WorkQueue, node: str) -> int:
                     continue
                 if note.outcome == "done" or note.outputs:
                     outcome = "done" if note.outcome == "done" else "failed"
-                    journal.complete(uid, note.outputs, outcome, note.reason)  # type: ignore[arg-type]
+                    # received_before: a copy re-sent since the check above stays received, and the
+                    # old copy's outputs are not queued (the new copy's own message brings its note).
+                    recorded = journal.complete(
+                        uid,
+                        note.outputs,
+                        outcome,  # type: ignore[arg-type]
+                        note.reason,
+                        received_before=note.received_at,
+                    )
                 else:
                     outcome = note.outcome if note.outcome in ("skipped", "failed") else "failed"
                     journal.mark_processed([uid], outcome, note.reason, received_before=note.received_at)  # type: ignore[arg-type]
-                applied += 1
+                    recorded = True
+                applied += recorded
             except LookupError:  # the row went away meanwhile
                 continue
         queue.drop_done_notes(node, [note.note_id for note in notes])

@@ -6,11 +6,13 @@ node's name (whose journal holds the instance), its four UIDs, the spool path re
 spool root (workers on other machines resolve it against their mount of the shared spool), the
 calling AE, the association and the Unix time it was received. No patient data: UIDs at most.
 
-A worker reads with ``XREADGROUP`` as consumer ``<worker>-<thread>``, takes over messages left
-pending longer than ``queue.reclaim_idle_seconds`` by a consumer that died (``XAUTOCLAIM``), and
+A worker reads with ``XREADGROUP`` as consumer ``<worker>-<thread>``, refreshes the messages it
+holds well within ``queue.reclaim_idle_seconds`` (``XCLAIM ... JUSTID`` to itself), takes over
+messages left pending longer than that by a consumer that died (``XAUTOCLAIM``), and
 acknowledges (``XACK``) only after the instance's outputs are in its journal's outbox. A worker
-whose journal is not the receiving node's sends a done note (``<stream>:done:<node>``) before
-the ``XACK``, which the receiving node applies to its journal (:mod:`service.node.queue.refill`).
+whose journal is not the receiving node's sends a done note (``<stream>:done:<node>``) with the
+``XACK`` (one ``MULTI``/``EXEC`` per batch), which the receiving node applies to its journal
+(:mod:`service.node.queue.refill`).
 
 Every Redis error is a :class:`QueueError` naming the server and what failed; callers wait and
 try again (the journal holds everything, so nothing is lost while Redis is away).
@@ -34,10 +36,43 @@ from service.node.store import NewOutput, OutboxEntry, ReceivedInstance
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DoneNote", "QueueCollector", "QueueError", "QueueMessage", "WorkQueue", "default_node_name"]
+__all__ = [
+    "DoneNote",
+    "NoteToSend",
+    "QueueCollector",
+    "QueueError",
+    "QueueMessage",
+    "WorkQueue",
+    "default_node_name",
+]
 
 #: Connection and socket timeouts, seconds (a read blocks for its own ``block`` on top of this).
 SOCKET_TIMEOUT_SECONDS = 10.0
+#: Time to live of the marker that says messages were handed to a consumer (a dead consumer's
+#: marker goes away; its messages are reclaimed in any case), seconds.
+HANDED_MARKER_SECONDS = 3600
+
+#: KEYS: the stream, then series owner keys; ARGV: group, consumer, owner time to live (ms), then
+#: message IDs. Each message still pending with this consumer is claimed again by it (XCLAIM
+#: JUSTID: idle time 0, delivery count unchanged); one another consumer took over meanwhile is
+#: left alone. Each owner key still naming this consumer gets its time to live again. One
+#: script, so nothing changes hands between the look and the claim.
+_REFRESH = """
+local refreshed = 0
+for i = 4, #ARGV do
+    local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)[1]
+    if entry and entry[2] == ARGV[2] then
+        redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+        refreshed = refreshed + 1
+    end
+end
+for i = 2, #KEYS do
+    if redis.call('GET', KEYS[i]) == ARGV[2] then
+        redis.call('PEXPIRE', KEYS[i], ARGV[3])
+    end
+end
+return refreshed
+"""
 
 
 class QueueError(RuntimeError):
@@ -56,6 +91,18 @@ class QueueMessage:
     message_id: str
     node: str
     instance: ReceivedInstance
+
+
+@dataclass(frozen=True)
+class NoteToSend:
+    """A done note a worker sends with its acknowledgement (:meth:`WorkQueue.ack`): ``node``'s
+    instance, its outcome and the outbox rows its sender is to deliver."""
+
+    node: str
+    instance: ReceivedInstance
+    outcome: str
+    reason: str
+    outputs: Sequence[OutboxEntry] = ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +135,7 @@ class WorkQueue:
             url, socket_timeout=SOCKET_TIMEOUT_SECONDS, socket_connect_timeout=SOCKET_TIMEOUT_SECONDS
         )
         self._where = redis_address(url)
+        self._refresh = self._redis.register_script(_REFRESH)
 
     def close(self) -> None:
         self._redis.close()
@@ -199,16 +247,30 @@ class WorkQueue:
 
     def read(self, consumer: str, *, block_seconds: float) -> list[QueueMessage]:
         """New messages for ``consumer`` (``XREADGROUP >``), waiting up to ``block_seconds`` for one."""
-        reply = self._call(
-            f"XREADGROUP on {self.stream}",
-            self._redis.xreadgroup,
-            self.group,
-            consumer,
-            {self.stream: ">"},
-            count=self.read_count,
-            block=max(1, int(block_seconds * 1000)),
+        messages, _ = self.poll(consumer, block_seconds=block_seconds, handed=False)
+        return messages
+
+    def poll(self, consumer: str, *, block_seconds: float, handed: bool = True) -> tuple[list[QueueMessage], bool]:
+        """New messages for ``consumer`` (``XREADGROUP >``, waiting up to ``block_seconds`` for
+        one) and, in the same round trip, whether another consumer handed it messages since the
+        last look (:meth:`transfer`'s marker, taken: then :meth:`read_own_pending` finds them)."""
+        pipe = self._redis.pipeline(transaction=False)
+        if handed:
+            pipe.delete(self._handed_key(consumer))
+        pipe.xreadgroup(
+            self.group, consumer, {self.stream: ">"}, count=self.read_count, block=max(1, int(block_seconds * 1000))
         )
-        return self._messages(entry for _, entries in reply or [] for entry in entries)
+        replies = self._call(f"XREADGROUP on {self.stream}", pipe.execute)
+        reply = replies[-1]
+        messages = self._messages(entry for _, entries in reply or [] for entry in entries)
+        return messages, bool(handed and replies[0])
+
+    def was_handed(self, consumer: str) -> bool:
+        """Whether another consumer handed ``consumer`` messages since the last look (the marker is taken)."""
+        return bool(self._call("DEL of a handed marker", self._redis.delete, self._handed_key(consumer)))
+
+    def _handed_key(self, consumer: str) -> str:
+        return f"{self.stream}:handed:{consumer}"
 
     def reclaim(self, consumer: str, *, min_idle_seconds: float) -> list[QueueMessage]:
         """Messages pending longer than ``min_idle_seconds`` with any consumer, now ``consumer``'s (``XAUTOCLAIM``)."""
@@ -230,15 +292,40 @@ class WorkQueue:
             if start == "0-0":
                 return taken
 
-    def ack(self, message_ids: Sequence[str]) -> int:
-        """``XACK`` (and delete) these messages: their instances' outputs are in an outbox."""
-        if not message_ids:
+    def ack(self, message_ids: Sequence[str], notes: Sequence[NoteToSend] = ()) -> int:
+        """``XACK`` (and delete) these messages: their instances' outputs are in an outbox. With
+        ``notes``, the done notes are written first, in the same ``MULTI``/``EXEC``: one round trip
+        for a whole batch, and the acknowledgement never without its notes. Returns how many
+        messages were acknowledged."""
+        if not message_ids and not notes:
             return 0
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.xack(self.stream, self.group, *message_ids)
-        pipe.xdel(self.stream, *message_ids)
-        acked, _ = self._call(f"XACK on {self.stream}", pipe.execute)
-        return int(acked)
+        pipe = self._redis.pipeline(transaction=bool(notes))
+        for note in notes:
+            pipe.xadd(self._done_stream(note.node), self._note_fields(note))
+        if message_ids:
+            pipe.xack(self.stream, self.group, *message_ids)
+            pipe.xdel(self.stream, *message_ids)
+        replies = self._call(f"XACK on {self.stream}" + (" with done notes" if notes else ""), pipe.execute)
+        return int(replies[len(notes)]) if message_ids else 0
+
+    def refresh(
+        self,
+        consumer: str,
+        message_ids: Sequence[str],
+        series: Sequence[tuple[str, str]] = (),
+        *,
+        ttl_seconds: float,
+    ) -> int:
+        """``consumer`` still holds these messages and assembles these series (study, series):
+        their idle time starts again, so no other consumer reclaims them while it waits or
+        processes (``XCLAIM ... JUSTID`` to itself), and its series owner keys live ``ttl_seconds``
+        more. Messages and series another consumer has taken over are left to it. Returns how
+        many messages were refreshed; one round trip."""
+        if not message_ids and not series:
+            return 0
+        keys = [self.stream, *(self._owner_key(study, uid) for study, uid in series)]
+        args = [self.group, consumer, max(1, int(ttl_seconds * 1000)), *message_ids]
+        return int(self._call(f"refreshing the messages of {consumer}", self._refresh, keys=keys, args=args))
 
     def read_own_pending(self, consumer: str) -> list[QueueMessage]:
         """Every message pending with ``consumer`` (``XREADGROUP 0``): what it holds, and what
@@ -254,18 +341,14 @@ class WorkQueue:
         return self._messages(entry for _, entries in reply or [] for entry in entries)
 
     def transfer(self, message_ids: Sequence[str], consumer: str) -> None:
-        """Hand pending messages to another consumer (``XCLAIM`` with min idle 0, on its behalf)."""
+        """Hand pending messages to another consumer (``XCLAIM`` with min idle 0, on its behalf)
+        and mark that it was handed some (:meth:`poll`), in one round trip. Should the marker be
+        missed, the messages are reclaimed after ``reclaim_idle_seconds`` like any other."""
         if message_ids:
-            self._call(
-                f"XCLAIM to {consumer}",
-                self._redis.xclaim,
-                self.stream,
-                self.group,
-                consumer,
-                0,
-                list(message_ids),
-                justid=True,
-            )
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xclaim(self.stream, self.group, consumer, 0, list(message_ids), justid=True)
+            pipe.set(self._handed_key(consumer), 1, ex=HANDED_MARKER_SECONDS)
+            self._call(f"XCLAIM to {consumer}", pipe.execute)
 
     # ------------------------------------------------------------------------- series ownership
 
@@ -337,7 +420,11 @@ class WorkQueue:
         self, node: str, instance: ReceivedInstance, outcome: str, reason: str, outputs: Sequence[OutboxEntry] = ()
     ) -> None:
         """Tell ``node`` that its instance was processed, with the outputs its sender is to deliver
-        (a worker whose journal is not ``node``'s)."""
+        (a worker whose journal is not ``node``'s; a worker sends its notes with :meth:`ack`)."""
+        note = NoteToSend(node, instance, outcome, reason, outputs)
+        self._call("XADD of a done note", self._redis.xadd, self._done_stream(node), self._note_fields(note))
+
+    def _note_fields(self, note: NoteToSend) -> dict[str, str]:
         listed = [
             {
                 "uid": o.sop_instance_uid,
@@ -346,16 +433,15 @@ class WorkQueue:
                 "kind": o.kind,
                 "method": o.method,
             }
-            for o in outputs
+            for o in note.outputs
         ]
-        fields = {
-            "sop": instance.sop_instance_uid,
-            "at": repr(instance.received_at),
-            "outcome": outcome,
-            "reason": reason[:1000],
+        return {
+            "sop": note.instance.sop_instance_uid,
+            "at": repr(note.instance.received_at),
+            "outcome": note.outcome,
+            "reason": note.reason[:1000],
             "outputs": json.dumps(listed),
         }
-        self._call("XADD of a done note", self._redis.xadd, self._done_stream(node), fields)
 
     def done_notes(self, node: str, count: int = 1000) -> list[DoneNote]:
         """The oldest done notes for ``node`` not yet dropped."""

@@ -24,7 +24,7 @@ from service.node.store.journal import INSTANCE_STATES, SCHEMA_VERSION, Journal,
 from service.node.store.outbox import OUTBOX_STATES, NewOutput, Outbox, OutboxEntry
 from service.node.store.quarantine import Quarantine, QuarantineEntry
 from service.node.store.retry import backoff_delay
-from service.node.store.series import ReadySeries, SeriesClaims
+from service.node.store.series import ReadySeries, SeriesClaims, thread_claimant
 from service.node.store.spool import DURABILITY_MODES, Durability, Spool
 
 __all__ = [
@@ -46,5 +46,6 @@ __all__ = [
     "Spool",
     "StoreError",
     "backoff_delay",
+    "thread_claimant",
     "validate_uid",
 ]

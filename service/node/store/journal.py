@@ -14,15 +14,16 @@ the row takes the new path/association/time, goes back to state ``received`` wha
 :meth:`Journal.record_received` returns ``False``. The receiver hands it to the assembler again, so
 it is processed as a follow-up; derived UIDs are deterministic, so its outputs replace the old
 ones at the destination instead of duplicating them. To avoid marking a copy that arrived while
-the previous one was being processed, the pipeline passes ``received_before`` to
-:meth:`Journal.mark_processed`.
+the previous one was being processed, the pipeline passes ``received_before`` (the ``received_at``
+of the copy it read) to :meth:`Journal.mark_processed`, :meth:`Journal.complete` and
+:meth:`Journal.complete_series`: a row received again since stays ``received``.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -84,6 +85,17 @@ CREATE TABLE outbox (
 );
 CREATE INDEX outbox_by_due ON outbox (state, next_attempt_at);
 CREATE INDEX outbox_in_order ON outbox (state, destination, created_at);
+"""
+
+#: Instances of another node's journal that this journal's worker processes for it (the Redis queue,
+#: :mod:`service.node.queue.consumer`): their outputs go back to ``node`` in a done note, and this
+#: journal's sender never takes them (:meth:`Outbox.due <service.node.store.outbox.Outbox.due>`).
+#: Additive: created when missing.
+_FOREIGN_SCHEMA = """
+CREATE TABLE IF NOT EXISTS foreign_instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    node             TEXT NOT NULL
+)
 """
 
 _INSTANCE_COLUMNS = (
@@ -176,6 +188,7 @@ class Journal:
             # The multi-process tables (service.node.store.series) are additive: created when missing.
             for statement in filter(str.strip, SERIES_SCHEMA.split(";")):
                 db.execute(statement)
+            db.execute(_FOREIGN_SCHEMA)
 
     def close(self) -> None:
         """Close the connection (checkpointing the WAL); later calls raise StoreError."""
@@ -189,11 +202,13 @@ class Journal:
 
     # ----------------------------------------------------------------------------------- instances
 
-    def record_received(self, instance: ReceivedInstance) -> bool:
+    def record_received(self, instance: ReceivedInstance, *, for_node: str | None = None) -> bool:
         """Journal a received instance (state ``received``); ``True`` when new.
 
         ``False`` when the SOP Instance UID was journaled before: the row is updated to this copy
         and re-queued (state ``received``), to be processed as a follow-up (see the module docstring).
+        ``for_node``: the instance is another node's (a worker of the Redis queue journals it to
+        process it): its outputs are that node's to send, never this journal's sender's.
         """
         validate_uid(instance.sop_instance_uid, "SOP Instance UID")
         validate_uid(instance.sop_class_uid, "SOP Class UID")
@@ -225,6 +240,12 @@ class Journal:
                     now,
                 ),
             )
+            if for_node is not None:
+                db.execute(
+                    "INSERT INTO foreign_instances (sop_instance_uid, node) VALUES (?, ?) "
+                    "ON CONFLICT (sop_instance_uid) DO UPDATE SET node = excluded.node",
+                    (instance.sop_instance_uid, for_node),
+                )
         return known is None
 
     def pending_instances(self) -> list[ReceivedInstance]:
@@ -288,55 +309,103 @@ class Journal:
         outputs: Sequence[NewOutput],
         outcome: Literal["done", "failed"] = "done",
         reason: str = "",
-    ) -> None:
+        *,
+        received_before: float | None = None,
+    ) -> bool:
         """In one transaction: queue the outputs of an instance and record its outcome (``failed``
-        when one route failed and others produced these outputs).
+        when one route failed and others produced these outputs); ``True`` when recorded.
 
         One commit, so a process killed at any moment leaves either nothing (the instance is
         processed again) or everything; the outputs of a delivered result are never queued twice.
+        With ``received_before`` (the ``received_at`` of the copy the processing read), an instance
+        re-sent meanwhile stays ``received`` for its follow-up and the old copy's outputs are not
+        queued (``False``), as in :meth:`mark_processed`; its claim ends either way.
         """
         if outcome not in ("done", "failed"):
             raise ValueError(f"outcome must be 'done' or 'failed', got {outcome!r}")
         now = self._clock()
         with self._connection.transaction() as db:
-            cursor = db.execute(
+            row = db.execute(
+                "SELECT received_at FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+            if row is None:
+                raise LookupError(f"SOP Instance UID not in the journal: {sop_instance_uid!r}")
+            drop_claims(db, [sop_instance_uid])
+            if received_before is not None and row[0] > received_before:
+                return False
+            db.execute(
                 "UPDATE instances SET state = ?, reason = ?, updated_at = ? WHERE sop_instance_uid = ?",
                 (outcome, reason, now, sop_instance_uid),
             )
-            if cursor.rowcount == 0:
-                raise LookupError(f"SOP Instance UID not in the journal: {sop_instance_uid!r}")
             for output in outputs:
                 insert_output(db, output, now)
-            drop_claims(db, [sop_instance_uid])
+        return True
 
     def complete_series(
         self,
         outcomes: Sequence[tuple[str, Literal["done", "skipped", "failed"], str]],
         outputs: Sequence[NewOutput],
-    ) -> None:
+        *,
+        received_before: Mapping[str, float] | None = None,
+    ) -> bool:
         """In one transaction: queue the outputs of a series explained as one volume and record
-        each of its instances' ``(SOP Instance UID, outcome, reason)``.
+        each of its instances' ``(SOP Instance UID, outcome, reason)``; ``True`` when recorded.
 
         The volume's objects belong to every instance at once, so all rows change in the same
         commit as the outbox rows: a process killed at any moment leaves the whole series to be
-        processed again, or nothing; never half of it. An unknown UID is a LookupError naming it,
-        and nothing is changed.
+        processed again, or nothing; never half of it. With ``received_before`` (per SOP Instance
+        UID, the ``received_at`` of the copy the processing read): when any instance was re-sent
+        meanwhile, nothing is recorded and no output queued (``False``): the whole series stays
+        ``received``, to be explained again with the new copy. Claims end either way. An unknown
+        UID is a LookupError naming it, and nothing is changed.
         """
         bad = [outcome for _, outcome, _ in outcomes if outcome not in INSTANCE_STATES[1:]]
         if bad:
             raise ValueError(f"outcomes must be one of {INSTANCE_STATES[1:]!r}, got {bad!r}")
         now = self._clock()
+        uids = [uid for uid, _, _ in outcomes]
         with self._connection.transaction() as db:
-            for uid, outcome, reason in outcomes:
-                cursor = db.execute(
-                    "UPDATE instances SET state = ?, reason = ?, updated_at = ? WHERE sop_instance_uid = ?",
-                    (outcome, reason, now, uid),
-                )
-                if cursor.rowcount == 0:
+            received = {}
+            for uid in uids:
+                row = db.execute("SELECT received_at FROM instances WHERE sop_instance_uid = ?", (uid,)).fetchone()
+                if row is None:
                     raise LookupError(f"SOP Instance UID not in the journal: {uid!r}")
+                received[uid] = row[0]
+            drop_claims(db, uids)
+            if received_before is not None and any(
+                uid in received_before and received[uid] > received_before[uid] for uid in uids
+            ):
+                return False
+            db.executemany(
+                "UPDATE instances SET state = ?, reason = ?, updated_at = ? WHERE sop_instance_uid = ?",
+                [(outcome, reason, now, uid) for uid, outcome, reason in outcomes],
+            )
             for output in outputs:
                 insert_output(db, output, now)
-            drop_claims(db, [uid for uid, _, _ in outcomes])
+        return True
+
+    def hand_over(self, sop_instance_uids: Sequence[str]) -> int:
+        """Forget the instances processed here for another node (``record_received(for_node=...)``)
+        once their done note is written: their rows, their outbox rows (the files stay: that node
+        sends them) and claims, in one transaction; returns how many. This node's own instances
+        are left as they are.
+
+        Nothing of them is kept, so a later message for one of them (Redis emptied before that node
+        read the note, then refilled from its journal) finds no row here and is processed again:
+        a done note is never sent again without the outputs it carried.
+        """
+        with self._connection.transaction() as db:
+            foreign = [
+                uid
+                for uid in sop_instance_uids
+                if db.execute("SELECT 1 FROM foreign_instances WHERE sop_instance_uid = ?", (uid,)).fetchone()
+            ]
+            rows = [(uid,) for uid in foreign]
+            db.executemany("DELETE FROM outbox WHERE source_sop_instance_uid = ?", rows)
+            db.executemany("DELETE FROM instances WHERE sop_instance_uid = ?", rows)
+            db.executemany("DELETE FROM foreign_instances WHERE sop_instance_uid = ?", rows)
+            drop_claims(db, foreign)
+        return len(foreign)
 
     def series_instance_count(self, series_instance_uid: str) -> int:
         """Instances of the series journaled so far, in any state (a re-sent instance counts once)."""

@@ -40,6 +40,9 @@ _OUTBOX_COLUMNS = (
     "next_attempt_at, last_error"
 )
 
+#: An outbox row of this node's own (not of an instance processed for another node's journal).
+_OWN = "source_sop_instance_uid NOT IN (SELECT sop_instance_uid FROM foreign_instances)"
+
 
 @dataclass(frozen=True)
 class OutboxEntry:
@@ -161,20 +164,22 @@ class Outbox:
     def due(self, now: float, limit: int = 100) -> list[OutboxEntry]:
         """Pending outputs of the destinations whose head (oldest pending output) has
         ``next_attempt_at <= now`` (Unix time), in the order they were queued, at most ``limit``
-        (see the module docstring: a destination's queue keeps its order)."""
+        (see the module docstring: a destination's queue keeps its order). Outputs of another
+        node's instance (``foreign_instances``, see :meth:`Journal.record_received
+        <service.node.store.Journal.record_received>`) are never due: they go back to that node."""
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit!r}")
         with self._connection.transaction(write=False) as db:
             heads = db.execute(
                 "SELECT d.destination, (SELECT next_attempt_at FROM outbox WHERE state = 'pending' "
-                "AND destination = d.destination ORDER BY created_at, rowid LIMIT 1) "
-                "FROM (SELECT DISTINCT destination FROM outbox WHERE state = 'pending') AS d"
+                f"AND destination = d.destination AND {_OWN} ORDER BY created_at, rowid LIMIT 1) "
+                f"FROM (SELECT DISTINCT destination FROM outbox WHERE state = 'pending' AND {_OWN}) AS d"
             ).fetchall()
             ready = [destination for destination, head_due in heads if head_due <= now]
             if not ready:
                 return []
             rows = db.execute(
-                f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE state = 'pending' "
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE state = 'pending' AND {_OWN} "
                 f"AND destination IN ({_placeholders(len(ready))}) ORDER BY created_at, rowid LIMIT ?",
                 (*ready, limit),
             ).fetchall()
@@ -238,14 +243,6 @@ class Outbox:
                 (source_sop_instance_uid,),
             ).fetchall()
         return [_outbox_entry(row) for row in rows]
-
-    def forget_of_source(self, source_sop_instance_uid: str) -> int:
-        """Delete the rows derived from one source instance, keeping their files (another node's
-        journal delivers them now: see :mod:`service.node.queue.consumer`); returns how many."""
-        with self._connection.transaction() as db:
-            return db.execute(
-                "DELETE FROM outbox WHERE source_sop_instance_uid = ?", (source_sop_instance_uid,)
-            ).rowcount
 
     def retry_dead(self, sop_instance_uid: str | None = None) -> int:
         """Dead outputs back to pending, due at once, attempts reset (``None``: all of them); returns how many.

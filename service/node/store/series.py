@@ -9,7 +9,8 @@ before them opens unchanged):
 
 - ``associations``: one row per accepted association (``owner`` = the receiver process serving
   it), ``ended_at`` set when it is released or aborted, or when its owner died;
-- ``claims``: one row per instance a worker has taken (``worker`` = the worker process); the
+- ``claims``: one row per instance a worker has taken (``worker`` = the worker process's pipeline
+  thread that took it, :func:`thread_claimant`); the
   instance stays ``received`` in ``instances`` until the worker marks it processed, which deletes
   the claim. The claims of a worker that died are released (deleted), so its instances are taken
   again; derived UIDs are deterministic, so a half-done instance done twice sends replacements,
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 
 from service.node.store.connection import JournalConnection
 
-__all__ = ["SERIES_SCHEMA", "ReadySeries", "SeriesClaims"]
+__all__ = ["SERIES_SCHEMA", "ReadySeries", "SeriesClaims", "thread_claimant"]
 
 #: Created on every open when missing (additive: the journal's schema version is unchanged).
 SERIES_SCHEMA = """
@@ -185,14 +186,28 @@ class SeriesClaims:
             ]
 
     def release(self, worker: str) -> int:
-        """Give back what ``worker`` claimed (it died): its instances can be claimed again; returns how many."""
+        """Give back what ``worker`` claimed: its instances can be claimed again; returns how many.
+
+        A worker process (it died) gives back its pipeline threads' claims with its own
+        (:func:`thread_claimant`); one thread (a full disk, Triton away) gives back only its own.
+        """
+        prefix = thread_claimant(worker, "")
         with self._connection.transaction() as db:
-            return db.execute("DELETE FROM claims WHERE worker = ?", (worker,)).rowcount
+            return db.execute(
+                "DELETE FROM claims WHERE worker = ? OR substr(worker, 1, ?) = ?", (worker, len(prefix), prefix)
+            ).rowcount
 
     def release_all(self) -> int:
         """At start-up, before any worker runs: no claim of an earlier run holds."""
         with self._connection.transaction() as db:
             return db.execute("DELETE FROM claims").rowcount
+
+
+def thread_claimant(worker: str, thread: int | str) -> str:
+    """The name pipeline thread ``thread`` of worker process ``worker`` claims under (``<worker>-<thread>``,
+    also its Redis consumer): a thread that gives its claims back leaves its siblings' alone, and
+    :meth:`SeriesClaims.release` of the process releases them all."""
+    return f"{worker}-{thread}"
 
 
 def drop_claims(db: sqlite3.Connection, sop_instance_uids: Sequence[str]) -> None:

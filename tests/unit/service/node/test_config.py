@@ -281,6 +281,16 @@ def test_the_queue_is_off_by_default_and_allows_a_box_of_only_receivers_or_only_
         load_config(None, {"queue": {"reclaim_idle_seconds": 0}})
 
 
+def test_the_refresh_of_held_messages_must_be_well_within_the_reclaim_time() -> None:
+    assert load_config(None).queue.refresh_period == 30.0  # a quarter of the 120 s default
+    assert load_config(None, {"queue": {"reclaim_idle_seconds": 60, "refresh_seconds": 20}}).queue.refresh_period == 20
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, {"queue": {"reclaim_idle_seconds": 60, "refresh_seconds": 25}})
+    message = str(raised.value)
+    assert "queue.refresh_seconds (25)" in message and "queue.reclaim_idle_seconds (60)" in message
+    assert "refresh_seconds to 20 or less" in message and "reclaim_idle_seconds to 75 or more" in message
+
+
 def test_a_container_cpu_quota_caps_the_cores(tmp_path: Path) -> None:
     quota = tmp_path / "cpu.max"
     quota.write_text("150000 100000\n")  # 1.5 cores: 2 processes' worth

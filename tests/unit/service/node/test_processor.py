@@ -6,6 +6,7 @@ Real phantoms (service.synthetic.phantoms) and pydicom test files in a real spoo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from io import BytesIO
@@ -310,6 +311,21 @@ def test_a_copy_resent_while_its_first_copy_was_found_unrouted_keeps_its_file(
     assert first.path.exists()
 
 
+def test_a_copy_resent_while_its_first_copy_was_explained_stays_received_without_the_old_outputs(
+    processor: SeriesProcessor, spool: Spool, journal: Journal, clock: FakeClock
+) -> None:
+    """The batch read the first copy; a second copy arrived before the outputs' commit: the outcome
+    and outputs belong to the old copy, so neither is journaled (the follow-up explains the new one)."""
+    encoded = _phantom(0)
+    first = _receive(spool, journal, encoded, received_at=clock.now)
+    _receive(spool, journal, encoded, received_at=clock.now + 1)
+
+    processor.process_batch(SeriesKey(STUDY, SERIES), [first])
+
+    assert journal.instance_state(first.sop_instance_uid) == ("received", "")
+    assert journal.outbox.entries(("pending",)) == []
+
+
 def test_continue_runs_every_route_that_takes_an_instance_each_to_its_own_destinations(
     pipeline: ExplainPipeline, spool: Spool, journal: Journal, metrics: NodeMetrics, clock: FakeClock
 ) -> None:
@@ -439,6 +455,25 @@ def test_a_volume_route_explains_the_series_once_and_journals_every_instance_wit
     assert sorted(e.sop_instance_uid for e in journal.outbox.entries(("pending",))) == sorted(
         e.sop_instance_uid for e in entries
     )
+
+
+def test_a_volume_whose_slice_was_resent_during_its_processing_leaves_the_whole_series_received(
+    pipeline: ExplainPipeline,
+    volume_model: DeployedModel,
+    spool: Spool,
+    journal: Journal,
+    metrics: NodeMetrics,
+    clock: FakeClock,
+) -> None:
+    processor = _volume_processor(pipeline, volume_model, spool, journal, metrics, clock)
+    instances = _ct_batch(spool, journal, clock)
+    resent = instances[1]
+    journal.record_received(dataclasses.replace(resent, received_at=resent.received_at + 1))
+
+    processor.process_batch(SeriesKey(STUDY, instances[0].series_instance_uid), instances)
+
+    assert {journal.instance_state(i.sop_instance_uid) for i in instances} == {("received", "")}
+    assert journal.outbox.entries(("pending",)) == []
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["gap", "incomplete"])

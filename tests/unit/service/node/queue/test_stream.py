@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from dicom_io.net.network import free_port
-from service.node.queue.stream import QueueCollector, QueueError, WorkQueue, redis_address
+from service.node.queue.stream import NoteToSend, QueueCollector, QueueError, WorkQueue, redis_address
 from tests.unit.service.node.helpers import received_instance
 
 
@@ -50,6 +50,31 @@ def test_a_message_left_pending_is_reclaimed_after_min_idle_only(work_queue: Wor
     assert taken.message_id == held.message_id and taken.instance == held.instance
 
 
+def test_refresh_keeps_a_live_consumers_messages_and_series_from_being_reclaimed_and_steals_nothing(
+    work_queue: WorkQueue, redis_client: redis.Redis
+) -> None:
+    work_queue.ensure_group()
+    for n in range(3):
+        work_queue.publish("node", received_instance(n))
+    work_queue.read_count = 2
+    mine = [m.message_id for m in work_queue.read("w-1", block_seconds=0.05)]
+    (theirs,) = work_queue.read("w-2", block_seconds=0.05)
+    study, series = received_instance(0).study_instance_uid, received_instance(0).series_instance_uid
+    assert work_queue.own_series("w-1", study, series, ttl_seconds=0.5) == "w-1"
+    time.sleep(0.3)
+    assert work_queue.refresh("w-1", [*mine, theirs.message_id], [(study, series)], ttl_seconds=5) == 2
+    assert redis_client.pttl(f"{work_queue.stream}:owner:{study}:{series}") > 4000
+    time.sleep(0.1)
+    assert [m.message_id for m in work_queue.reclaim("w-3", min_idle_seconds=0.25)] == [theirs.message_id]
+    pending = redis_client.xpending_range(work_queue.stream, work_queue.group, min="-", max="+", count=10)
+    assert {p["message_id"].decode(): p["consumer"].decode() for p in pending} == {
+        mine[0]: "w-1",
+        mine[1]: "w-1",
+        theirs.message_id: "w-3",
+    }
+    assert {p["times_delivered"] for p in pending if p["consumer"] == b"w-1"} == {1}  # JUSTID: not a delivery
+
+
 def test_ack_ends_pending_and_lag_counts_undelivered_and_pending(work_queue: WorkQueue) -> None:
     work_queue.ensure_group()
     for n in range(4):
@@ -84,6 +109,24 @@ def test_done_notes_reach_their_node_only_and_are_dropped(work_queue: WorkQueue)
     work_queue.drop_done_notes("node-a", [note.note_id])
     assert work_queue.done_notes("node-a") == []
     assert [n.reason for n in work_queue.done_notes("node-b")] == ["cannot decode"]
+
+
+def test_an_acknowledgement_carries_its_done_notes_and_a_hand_over_is_seen_once_by_its_receiver(
+    work_queue: WorkQueue,
+) -> None:
+    work_queue.ensure_group()
+    for n in range(3):
+        work_queue.publish("node-a", received_instance(n))
+    taken = work_queue.read("w-1", block_seconds=0.05)
+    work_queue.transfer([taken[2].message_id], "w-2")
+    assert work_queue.poll("w-2", block_seconds=0.01) == ([], True)
+    assert work_queue.poll("w-2", block_seconds=0.01) == ([], False)  # the marker is taken once
+    assert [m.message_id for m in work_queue.read_own_pending("w-2")] == [taken[2].message_id]
+    notes = [NoteToSend("node-a", m.instance, "done", "") for m in taken[:2]]
+    assert work_queue.ack([m.message_id for m in taken[:2]], notes) == 2
+    assert [n.sop_instance_uid for n in work_queue.done_notes("node-a")] == [received_instance(n).sop_instance_uid
+                                                                             for n in range(2)]  # fmt: skip
+    assert work_queue.lag() == (0, 1)
 
 
 def test_the_collector_reports_lag_and_pending(work_queue: WorkQueue) -> None:

@@ -88,6 +88,61 @@ def test_a_resent_instance_replaces_the_row_and_is_requeued_as_a_follow_up(journ
     assert journal.instance_state(uid) == ("done", "")
 
 
+def test_complete_leaves_a_copy_resent_during_processing_received_without_the_old_copys_outputs(
+    journal: Journal,
+) -> None:
+    uid = f"{ROOT_UID}.3.1"
+    journal.record_received(received_instance(1, at=10.0))
+    journal.series.claim_series("worker-0:1-0", received_instance(1).study_instance_uid,
+                                received_instance(1).series_instance_uid)  # fmt: skip
+    journal.record_received(received_instance(1, at=20.0))  # re-sent while the copy of 10.0 was processed
+    output = NewOutput(f"{ROOT_UID}.9.1", uid, "PACS", Path("/spool/outbox/sc.dcm"), "sc", "gradcam")
+    assert journal.complete(uid, [output], received_before=10.0) is False
+    assert journal.instance_state(uid) == ("received", "")
+    assert journal.outbox.entries(("pending",)) == []
+    assert journal.series.claimed_by("worker-0:1-0") == []  # the new copy can be claimed
+    assert journal.complete(uid, [output], "failed", "one route failed", received_before=20.0) is True
+    assert journal.instance_state(uid) == ("failed", "one route failed")
+    assert [e.sop_instance_uid for e in journal.outbox.entries(("pending",))] == [output.sop_instance_uid]
+
+
+def test_complete_series_leaves_the_whole_series_received_when_one_instance_was_resent(journal: Journal) -> None:
+    """The volume was explained from the old copy: nothing of it is journaled, the series is explained again."""
+    for n in (1, 2, 3):
+        journal.record_received(received_instance(n, at=10.0))
+    journal.record_received(received_instance(2, at=30.0))  # re-sent during the volume's processing
+    output = NewOutput(f"{ROOT_UID}.9.1", f"{ROOT_UID}.3.1", "PACS", Path("/spool/outbox/pm.dcm"), "pm", "gradcam")
+    rows = [(f"{ROOT_UID}.3.{n}", "done", "") for n in (1, 2, 3)]
+    read = {f"{ROOT_UID}.3.{n}": 10.0 for n in (1, 2, 3)}
+    assert journal.complete_series(rows, [output], received_before=read) is False  # type: ignore[arg-type]
+    assert [journal.instance_state(f"{ROOT_UID}.3.{n}") for n in (1, 2, 3)] == [("received", "")] * 3
+    assert journal.outbox.entries(("pending",)) == []
+    read[f"{ROOT_UID}.3.2"] = 30.0
+    assert journal.complete_series(rows, [output], received_before=read) is True  # type: ignore[arg-type]
+    assert [journal.instance_state(f"{ROOT_UID}.3.{n}") for n in (1, 2, 3)] == [("done", "")] * 3
+
+
+def test_hand_over_forgets_another_nodes_instances_with_their_rows_and_keeps_this_nodes(
+    journal: Journal, tmp_path: Path
+) -> None:
+    """After the done note: nothing of another node's instance stays (a later message for it is
+    processed again); the result files stay for that node's sender; this node's rows are untouched."""
+    kept = tmp_path / "result.dcm"
+    kept.write_bytes(b"result")
+    journal.record_received(received_instance(1), for_node="intake-a")
+    journal.record_received(received_instance(2))
+    add_output(journal, 1, "PACS", kept)
+    add_output(journal, 1, "ARCHIVE", kept)
+    own = add_output(journal, 2, "PACS")
+    journal.mark_processed([f"{ROOT_UID}.3.1", f"{ROOT_UID}.3.2"], "done")
+    assert journal.hand_over([f"{ROOT_UID}.3.1", f"{ROOT_UID}.3.2"]) == 1
+    assert journal.instance_state(f"{ROOT_UID}.3.1") is None
+    assert journal.instance_state(f"{ROOT_UID}.3.2") == ("done", "")
+    assert [e.sop_instance_uid for e in journal.outbox.entries()] == [own]
+    assert kept.read_bytes() == b"result"
+    assert journal.record_received(received_instance(1), for_node="intake-a") is True  # as new: processed again
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["one-journal", "journal-per-thread"])
 def test_concurrent_record_received_all_land(tmp_path: Path, shared: bool) -> None:
     db_path = tmp_path / "journal.sqlite"

@@ -10,7 +10,7 @@ import pytest
 
 from service.node.store.journal import Journal
 from service.node.store.spool import Spool
-from tests.unit.service.node.helpers import ROOT_UID, FakeClock, add_output
+from tests.unit.service.node.helpers import ROOT_UID, FakeClock, add_output, received_instance
 
 
 def test_add_output_is_idempotent_and_resets_to_pending(journal: Journal) -> None:
@@ -112,15 +112,19 @@ def test_retry_dead_purge_and_counts(tmp_path: Path) -> None:
     journal.close()
 
 
-def test_rows_of_one_source_are_listed_and_forgotten_without_their_files(journal: Journal, tmp_path: Path) -> None:
-    """A worker of the queue hands its rows to the receiving node: it lists them, then forgets them; the files stay."""
-    kept = tmp_path / "result.dcm"
-    kept.write_bytes(b"result")
-    first = add_output(journal, 1, "PACS", kept)
-    add_output(journal, 1, "ARCHIVE", kept)
-    other = add_output(journal, 2, "PACS")
+def test_rows_of_one_source_are_listed(journal: Journal) -> None:
+    """A worker of the queue lists the rows it hands to the receiving node in a done note."""
+    first = add_output(journal, 1, "PACS")
+    add_output(journal, 1, "ARCHIVE")
+    add_output(journal, 2, "PACS")
     listed = journal.outbox.of_source(f"{ROOT_UID}.3.1")
     assert sorted((e.sop_instance_uid, e.destination) for e in listed) == [(first, "ARCHIVE"), (first, "PACS")]
-    assert journal.outbox.forget_of_source(f"{ROOT_UID}.3.1") == 2
-    assert [e.sop_instance_uid for e in journal.outbox.entries()] == [other]
-    assert kept.read_bytes() == b"result"
+
+
+def test_outputs_of_another_nodes_instance_are_never_due_for_this_nodes_sender(journal: Journal) -> None:
+    """A box that receives and works: what its worker made for another node's instance goes back in a done note."""
+    journal.record_received(received_instance(1))
+    journal.record_received(received_instance(2), for_node="intake-a")
+    own, foreign = add_output(journal, 1), add_output(journal, 2)
+    assert [e.sop_instance_uid for e in journal.outbox.due(now=1e12)] == [own]
+    assert [e.sop_instance_uid for e in journal.outbox.of_source(f"{ROOT_UID}.3.2")] == [foreign]

@@ -10,7 +10,7 @@ import dataclasses
 import threading
 from pathlib import Path
 
-from service.node.store import Journal, NewOutput
+from service.node.store import Journal, NewOutput, thread_claimant
 from tests.unit.service.node.helpers import ROOT_UID, FakeClock, received_instance
 
 IDLE, MAX_WAIT = 5.0, 300.0
@@ -104,6 +104,24 @@ def test_a_dead_workers_claims_are_released_and_completed_instances_are_not(tmp_
     again = _claim(journal, "worker-1:78")
     assert again is not None and again.sop_instance_uids == (f"{ROOT_UID}.3.3",)
     assert [e.sop_instance_uid for e in journal.outbox.entries(("pending",))] == [f"{ROOT_UID}.9.1"]
+    journal.close()
+
+
+def test_a_thread_gives_back_only_its_own_claims_and_the_process_gives_back_all_of_its_threads(
+    tmp_path: Path,
+) -> None:
+    """workers.pipeline > 1: a full disk in one thread must not free what a sibling thread is processing."""
+    journal = _open(tmp_path / "j.sqlite", FakeClock(100.0))
+    for n, series in enumerate(("a", "b", "c", "d")):
+        journal.record_received(_instance(n, series, "x", 10.0 + n))
+    claimants = [thread_claimant("worker-0:7", 0), thread_claimant("worker-0:7", 1), thread_claimant("worker-0:77", 0)]
+    for claimant in (*claimants, "worker-0:7"):
+        assert _claim(journal, claimant) is not None
+    assert journal.series.release(claimants[1]) == 1  # thread 1: a full disk
+    assert [journal.series.claimed_by(c) for c in claimants] == [[f"{ROOT_UID}.3.0"], [], [f"{ROOT_UID}.3.2"]]
+    assert journal.series.release("worker-0:7") == 2  # the process died: its threads' claims and its own
+    assert journal.series.claimed_by(claimants[0]) == [] and journal.series.claimed_by("worker-0:7") == []
+    assert journal.series.claimed_by(claimants[2]) == [f"{ROOT_UID}.3.2"]  # worker-0:77 is another process
     journal.close()
 
 
