@@ -75,7 +75,15 @@ class Node:
         for deployed in self.router.models():
             card = deployed.card
             self.metrics.model_info.labels(card.name, card.version, deployed.forward_runner.device).set(1)
-        self.processor = SeriesProcessor(self.router, self.spool, self.journal, config.destinations, self.metrics)
+        self._outputs_ready = threading.Event()  # set when processing journaled new outputs
+        self.processor = SeriesProcessor(
+            self.router,
+            self.spool,
+            self.journal,
+            config.destinations,
+            self.metrics,
+            outputs_queued=self._outputs_ready.set,
+        )
         self.sender = OutboxSender(
             self.journal,
             StoreSCU(config.send.calling_ae_title or config.listener.ae_title),
@@ -94,7 +102,6 @@ class Node:
             else None
         )
         self._stopping = threading.Event()
-        self._outputs_ready = threading.Event()  # set when processing journaled new outputs
         #: Set once the start-up warm-up has run (or failed, or is switched off).
         self.warmed_up = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -191,7 +198,6 @@ class Node:
                     self.processor.process_batch(key, self.journal.get_instances(sop_uids))
                 except RETRY_LATER as exc:  # a full disk, Triton away: what is not done stays ``received``
                     self._defer(key, sop_uids, exc)
-                self._outputs_ready.set()
 
     def _defer(self, key: SeriesKey, sop_uids: list[str], exc: Exception) -> None:
         """The spool or journal could not be written (a full disk), or the Triton server did not

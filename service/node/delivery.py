@@ -1,8 +1,9 @@
 """The sender process of a multi-process node: delivers the outbox the workers fill.
 
 One sender per node (the outbox is per destination, one association per pass, as with one
-process). Workers cannot wake it across processes, so it looks at the outbox every
-``POLL_SECONDS`` when a pass sent nothing (an indexed read of the due rows). SIGTERM: one last
+process). Between passes it waits on the outbox bell (:mod:`service.node.bell`), which a worker
+rings when it has committed outputs, and looks at the outbox anyway every ``POLL_SECONDS`` (an
+indexed read of the due rows: retries that came due, a ring that was lost). SIGTERM: one last
 pass, then exit; what is left waits in the journal.
 
 Run by the supervisor: ``python -m service.node.delivery --config FILE --name sender``.
@@ -10,24 +11,32 @@ Run by the supervisor: ``python -m service.node.delivery --config FILE --name se
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from dicom_io.net.scu import StoreSCU
+from service.node.bell import Bell, outbox_bell
 from service.node.child import run_child
 from service.node.config import NodeConfig
 from service.node.metrics import create_metrics
 from service.node.sender import OutboxSender
 from service.node.store import Journal
 
-#: Seconds between looks at the outbox when the last pass sent nothing.
-POLL_SECONDS = 0.02
+#: Seconds between looks at the outbox when the last pass sent nothing and no worker rang.
+POLL_SECONDS = 0.25
+#: The same without a bell (its name was taken: an earlier sender of this node still runs).
+POLL_SECONDS_WITHOUT_BELL = 0.02
+
+log = logging.getLogger(__name__)
 
 
 def serve_sender(config: NodeConfig, identity: str, stop: threading.Event) -> int:
     journal = Journal(Path(config.storage.data_dir) / "journal.sqlite", durability=config.storage.durability)
+    bell = outbox_bell(Path(config.storage.data_dir))
+    listening = _listen(bell)
     try:
         sender = OutboxSender(
             journal,
@@ -42,9 +51,22 @@ def serve_sender(config: NodeConfig, identity: str, stop: threading.Event) -> in
             if stopping:
                 return 0
             if not any(tally.values()):
-                stop.wait(POLL_SECONDS)
+                if listening:
+                    bell.wait(POLL_SECONDS)
+                else:
+                    stop.wait(POLL_SECONDS_WITHOUT_BELL)
     finally:
+        bell.close()
         journal.close()
+
+
+def _listen(bell: Bell) -> bool:
+    try:
+        bell.listen()
+    except OSError as exc:
+        log.warning("the outbox bell is taken (%s): looking at the outbox every %.2f s", exc, POLL_SECONDS_WITHOUT_BELL)
+        return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -109,14 +109,18 @@ class SeriesProcessor:
         metrics: NodeMetrics,
         *,
         clock: Callable[[], float] = time.time,
+        outputs_queued: Callable[[], None] = lambda: None,
     ) -> None:
         """``router`` decides what takes each instance; a bare pipeline is one rule that takes
-        everything and sends to ``destinations`` (with routing, each rule names its own)."""
+        everything and sends to ``destinations`` (with routing, each rule names its own).
+        ``outputs_queued`` is called each time outputs were committed to the outbox (it wakes
+        the sender: a thread's event, or the outbox bell of a sender process)."""
         self._router = router if isinstance(router, Router) else Router.single(router, destinations)
         self._spool = spool
         self._journal = journal
         self._metrics = metrics
         self._clock = clock
+        self._outputs_queued = outputs_queued
 
     def process_batch(self, key: SeriesKey, instances: Sequence[ReceivedInstance]) -> dict[str, int]:
         """Process one batch of a series; returns how many instances ended done/skipped/failed."""
@@ -187,6 +191,7 @@ class SeriesProcessor:
         state, reason, queued = _combined(outcomes)
         if state == "failed":  # the routes that did succeed still send their results
             self._journal.complete(uid, queued, "failed", reason, received_before=instance.received_at)
+            self._wake_sender(queued)
             return "failed"
         if state == "skipped":
             self._journal.mark_processed([uid], "skipped", reason, received_before=instance.received_at)
@@ -194,7 +199,12 @@ class SeriesProcessor:
             return "skipped"
         self._journal.complete(uid, queued, received_before=instance.received_at)
         fault_point("after-outputs-stored")
+        self._wake_sender(queued)
         return "done"
+
+    def _wake_sender(self, queued: Sequence[NewOutput]) -> None:
+        if queued:
+            self._outputs_queued()
 
     def _finish_volumes(self, key: SeriesKey, batch_size: int, volumes: _VolumeBatch) -> list[str]:
         """Run each volume rule on the instances it takes, then journal the outcome of every waiting
@@ -214,6 +224,7 @@ class SeriesProcessor:
             read[uid] = instance.received_at
         self._journal.complete_series(rows, queued, received_before=read)  # type: ignore[arg-type]
         fault_point("after-outputs-stored")
+        self._wake_sender(queued)
         return [state for _, state, _ in rows]
 
     def _run_volume_route(

@@ -5,7 +5,9 @@ Each worker loads the models and pipelines of the routes (:mod:`service.node.rou
 up, then claims one ready series at a time
 (:meth:`service.node.store.SeriesClaims.claim_ready`, atomic across processes) with
 ``workers.pipeline`` threads. Nothing signals arrivals across processes, so an idle worker looks
-at the journal every ``POLL_SECONDS`` (sooner when a series will be ready sooner). SIGTERM: the
+at the journal every ``POLL_SECONDS`` (sooner when a series will be ready sooner). Outputs
+committed to the outbox ring the outbox bell (:mod:`service.node.bell`), so the sender process
+sends them at once. SIGTERM: the
 batch in hand is finished, then the process exits; SIGKILL: the supervisor releases its claims
 and another worker takes them.
 
@@ -29,6 +31,7 @@ import torch
 
 from service.inference.deployed import PoolSettings
 from service.node.assembler import SeriesKey
+from service.node.bell import outbox_bell
 from service.node.child import run_child
 from service.node.config import NodeConfig, available_cores, resolve_processes
 from service.node.metrics import create_metrics
@@ -61,6 +64,7 @@ def serve_worker(config: NodeConfig, identity: str, stop: threading.Event) -> in
     data_dir = Path(config.storage.data_dir)
     durability = config.storage.durability
     journal = Journal(data_dir / "journal.sqlite", durability=durability)
+    bell = outbox_bell(data_dir)
     metrics = create_metrics()
     models = ModelRegistry(
         device=config.model.device,
@@ -78,7 +82,12 @@ def serve_worker(config: NodeConfig, identity: str, stop: threading.Event) -> in
             log.info("%s warmed up in %.2f s", identity, seconds)
         warm_marker(data_dir, identity).touch()  # the supervisor's readiness: this worker takes work now
         processor = SeriesProcessor(
-            router, Spool(data_dir / "spool", durability=durability), journal, config.destinations, metrics
+            router,
+            Spool(data_dir / "spool", durability=durability),
+            journal,
+            config.destinations,
+            metrics,
+            outputs_queued=bell.ring,  # the sender process sends them now, not at its next look
         )
         if config.queue.redis_url:  # series come from the Redis stream, not from the journal
             loops = [
@@ -96,6 +105,7 @@ def serve_worker(config: NodeConfig, identity: str, stop: threading.Event) -> in
             thread.join()
     finally:
         models.close()
+        bell.close()
         journal.close()
     return 0
 

@@ -141,6 +141,27 @@ def test_a_ready_batch_journals_its_outputs_for_each_destination_with_the_kinds_
     assert recorded <= set(STAGES), f"stages recorded but not in metrics.STAGES: {sorted(recorded - set(STAGES))}"
 
 
+def test_the_sender_is_woken_after_each_commit_of_outputs_and_only_then(
+    pipeline: ExplainPipeline, spool: Spool, journal: Journal, metrics: NodeMetrics, clock: FakeClock
+) -> None:
+    """Each instance's outputs can leave as soon as they are in the outbox: the wake-up comes once
+    per instance that queued outputs, each time after its rows are pending; none for a skipped one."""
+    pending_at_wake: list[int] = []
+
+    def wake() -> None:
+        pending_at_wake.append(len(journal.outbox.entries(("pending",))))
+
+    processor = SeriesProcessor(pipeline, spool, journal, DESTINATIONS, metrics, clock=clock, outputs_queued=wake)
+    instances = [_receive(spool, journal, _phantom(index), received_at=clock.now - 2.0) for index in range(2)]
+    processor.process_batch(SeriesKey(STUDY, SERIES), instances)
+    per_instance = len(_expected_rows())
+    assert pending_at_wake == [per_instance, 2 * per_instance]
+
+    ct = _receive(spool, journal, Path(data_file("CT_small.dcm")).read_bytes(), received_at=clock.now)
+    processor.process_batch(SeriesKey(ct.study_instance_uid, ct.series_instance_uid), [ct])
+    assert len(pending_at_wake) == 2, "a skipped instance queued nothing: no wake-up"
+
+
 def test_an_image_outside_the_cards_applies_to_is_skipped_with_the_reason(
     processor: SeriesProcessor, spool: Spool, journal: Journal, metrics: NodeMetrics, clock: FakeClock
 ) -> None:
