@@ -35,6 +35,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, gene
 from scipy import ndimage
 
 from dicom_io.annotations import write_annotation
+from service.synthetic.shapes import squared_elliptic_radius
 
 CLASSES: tuple[str, ...] = ("normal", "nodule", "effusion")
 #: The SNOMED CT finding of each lesion class (Segmented Property Type of its ground-truth SEG).
@@ -183,9 +184,8 @@ def _random_anatomy(rng: np.random.Generator, rows: int, cols: int) -> _Anatomy:
 
 
 def _ellipse(shape: tuple[int, int], centre: tuple[float, float], radii: tuple[float, float]) -> np.ndarray:
-    """Normalised elliptic radius: < 1 inside the ellipse."""
-    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
-    return np.sqrt(((yy - centre[0]) / radii[0]) ** 2 + ((xx - centre[1]) / radii[1]) ** 2)
+    """Normalised elliptic radius on the pixel grid of ``shape`` (row, column): < 1 inside the ellipse."""
+    return np.sqrt(squared_elliptic_radius(np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32), centre, radii))
 
 
 def _chest_density(rng: np.random.Generator, a: _Anatomy) -> tuple[np.ndarray, np.ndarray]:

@@ -27,6 +27,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
+from service.synthetic.shapes import squared_elliptic_radius
+
 VOLUME_CLASSES: tuple[str, ...] = ("normal", "nodule")
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 #: Stored value = HU + this (Rescale Intercept -1024, slope 1), 12 bits stored.
@@ -75,7 +77,8 @@ def make_ct_phantom(
     half_x = shape[2] * spacing[2] / 2
     body_ry, body_rx = half_y * rng.uniform(0.62, 0.72), half_x * rng.uniform(0.80, 0.88)
     body_cy = rng.uniform(-4, 4)
-    body = ((y - body_cy) / body_ry) ** 2 + (x / body_rx) ** 2
+    y_body = y - body_cy  # mm from the body's centre, positive towards the back (rows)
+    body = squared_elliptic_radius((y_body, x), (0.0, 0.0), (body_ry, body_rx))
     hu = np.full(shape, AIR, dtype=np.float32)
     hu[body < 1] = FAT
     hu[body < 0.82] = SOFT_TISSUE
@@ -87,14 +90,14 @@ def make_ct_phantom(
     lung_cz = rng.uniform(-0.05, 0.05) * length
     for side in (-1, 1):
         cx = side * body_rx * rng.uniform(0.42, 0.48)
-        lungs |= ((x - cx) / lung_rx) ** 2 + ((y - body_cy + 4) / lung_ry) ** 2 + ((z - lung_cz) / lung_rz) ** 2 < 1
-    heart = ((x - body_rx * 0.1) / (body_rx * 0.28)) ** 2 + ((y - body_cy + body_ry * 0.2) / (body_ry * 0.38)) ** 2 + (
-        (z + length * 0.15) / (length * 0.3)
-    ) ** 2 < 1
+        lungs |= squared_elliptic_radius((x, y_body, z), (cx, -4.0, lung_cz), (lung_rx, lung_ry, lung_rz)) < 1
+    heart_centre = (body_rx * 0.1, -(body_ry * 0.2), -(length * 0.15))
+    heart_radii = (body_rx * 0.28, body_ry * 0.38, length * 0.3)
+    heart = squared_elliptic_radius((x, y_body, z), heart_centre, heart_radii) < 1
     lungs &= ~heart
     hu[lungs] = LUNG + rng.normal(0, 25, size=int(lungs.sum())).astype(np.float32)
     hu[heart & (body < 0.82)] = BLOOD
-    spine = (x / (body_rx * 0.14)) ** 2 + ((y - body_cy - body_ry * 0.62) / (body_ry * 0.16)) ** 2 < 1
+    spine = squared_elliptic_radius((x, y_body), (0.0, body_ry * 0.62), (body_rx * 0.14, body_ry * 0.16)) < 1
     hu[spine] = BONE
     table = (y > body_cy + body_ry + 6) & (y < body_cy + body_ry + 12) & (np.abs(x) < half_x * 0.95)
     hu[table] = 200.0

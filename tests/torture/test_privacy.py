@@ -24,7 +24,7 @@ from service.node.store import Journal
 from service.synthetic.phantoms import make_phantom
 from tests.helpers import wait_for
 from tests.torture import report
-from tests.torture.test_crash import Destinations
+from tests.torture.node import Destinations
 
 PATIENT = {
     "PatientName": "ZEPHYRINE^QUAXLEY",

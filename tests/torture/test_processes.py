@@ -12,28 +12,33 @@ their supervisor) under the torture suite's faults:
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
-import subprocess
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
-from dicom_io.faults import ENV_ONCE, FAULT_POINTS
+from dicom_io.faults import FAULT_POINTS
 from dicom_io.net.network import free_port
 from dicom_io.net.scu import Destination, StoreSCU
 from service.node.store import Journal
-from service.synthetic.phantoms import make_phantom
 from tests.helpers import wait_for
 from tests.torture import report
 from tests.torture.conftest import long_run, quiet_logs
-from tests.torture.test_crash import INSTANCES, WHEN, Destinations, check_delivered_once, serve, settle
+from tests.torture.node import (
+    INSTANCES,
+    WHOLE_NODE,
+    Destinations,
+    crash_scenarios,
+    node_processes,
+    phantom_sources,
+    serve,
+    settle,
+    sop_instance_uid,
+)
 from tests.torture.wire import echo, play
 from tests.torture.wire_cases import generate
 
@@ -45,59 +50,9 @@ WIRE_CASES = int(os.environ.get("PACSXAI_PROCESSES_WIRE_CASES", 5_000 if long_ru
 WIRE_SEED = 20261206
 
 
-def _phantoms(folder: Path, count: int, seed: int, series: int = 1) -> list[Path]:
-    """``count`` phantoms of one study, spread over ``series`` series, in sending order."""
-    folder.mkdir(parents=True, exist_ok=True)
-    study, series_uids = generate_uid(), [generate_uid() for _ in range(series)]
-    paths = []
-    for index in range(count):
-        phantom = make_phantom(
-            index, ("normal", "nodule", "effusion")[index % 3], seed=seed, rows=256, cols=240, study_uid=study,
-            series_uid=series_uids[index * series // count],
-        )  # fmt: skip
-        path = folder / f"{seed}-{index}.dcm"
-        phantom.dataset.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
-def _uid(path: Path) -> str:
-    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-
-
-def _node_processes(data_dir: Path) -> list[int]:
-    """Pids of the processes still running for the node in ``data_dir`` (the children name its
-    resolved configuration on their command line; the supervisor its data folder)."""
-    needle = str(data_dir).encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in cmdline and state != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
-def _where(data_dir: Path) -> str:
-    """What each process of the node is waiting in (kernel wait channel), for a drain that hangs."""
-    seen = []
-    for pid in _node_processes(data_dir):
-        try:
-            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[2:3]
-            seen.append(f"{pid} {name[0].decode() if name else '?'}: {Path(f'/proc/{pid}/wchan').read_text()}")
-        except OSError:
-            continue
-    return "; ".join(seen)
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return _phantoms(tmp_path_factory.mktemp("sources"), INSTANCES, seed=37)
+    return phantom_sources(tmp_path_factory.mktemp("sources"), INSTANCES, seed=37)
 
 
 # ----------------------------------------------------------------------- a crash between two steps
@@ -108,97 +63,7 @@ def test_sigkill_of_one_child_at_each_fault_point_or_of_the_whole_node_delivers_
 ) -> None:
     """Six scenarios at the same time (each its own node, destination and folder): the five fault
     points, each killing the one child that reaches it, and SIGKILL of the supervisor."""
-    cases = [*FAULT_POINTS, "whole node"]
-    with ThreadPoolExecutor(len(cases)) as pool:
-        futures = {case: pool.submit(_scenario, case, sources, tmp_path / case.replace(" ", "-")) for case in cases}
-    for case, future in futures.items():
-        try:
-            future.result()
-        except BaseException as exc:  # name the case that failed
-            raise AssertionError(f"many-process node, {case}: {exc}") from exc
-
-
-def _scenario(case: str, sources: list[Path], tmp_path: Path) -> None:
-    tmp_path.mkdir(parents=True)
-    destination = Destinations(tmp_path / "dest")
-    data_dir, log, port = tmp_path / "node", tmp_path / "node.log", free_port()
-    fired = tmp_path / "fired"
-    whole = case == "whole node"
-    started: list[subprocess.Popen] = []
-    target = Destination("PACSXAI", "127.0.0.1", port)
-    scu = StoreSCU("MODALITY", acse_timeout=10, dimse_timeout=10, network_timeout=10)
-    try:
-        fault = None if whole else f"{case}:{WHEN[case]}"
-        node = serve(port, data_dir, destination.port, log, fault, processes=PROCESSES, env={ENV_ONCE: str(fired)})
-        started.append(node)
-        first = scu.send(target, sources)
-        acknowledged = {o.sop_instance_uid for o in first if o.verdict == "delivered"}
-        if whole:
-            # the whole node at once, while it works on what it acknowledged
-            children = [pid for pid in _node_processes(data_dir) if pid != node.pid]
-            node.send_signal(signal.SIGKILL)
-            assert node.wait(timeout=30) == -signal.SIGKILL
-            wait_for(lambda: not _node_processes(data_dir), 30, "the children to follow their supervisor")
-            assert len(children) == sum(PROCESSES) + 1, f"children before the kill: {children}"
-            node = serve(port, data_dir, destination.port, log, None, processes=PROCESSES)
-            started.append(node)
-        else:
-            wait_for(fired.exists, 180, f"a child to reach {case}")
-            wait_for(lambda: "exited with status -9" in log.read_text(), 30, "the supervisor to see its child die")
-            assert node.poll() is None, "the supervisor died with its child"
-        remaining = [p for p in sources if _uid(p) not in acknowledged]
-        for _ in range(3):  # a connection can reach the killed receiver's closing socket
-            resent = scu.send(target, remaining)
-            remaining = [p for p, o in zip(remaining, resent, strict=True) if o.verdict != "delivered"]
-            if not remaining:
-                break
-            time.sleep(1)
-        assert not remaining, [o.detail for o in resent]
-        resent_count = len(sources) - len(acknowledged)
-        wait_for(lambda: len(destination.sources_of()) >= INSTANCES, 240, f"results for {INSTANCES} sources", 0.5)
-        settle(data_dir, log, INSTANCES)
-        node.send_signal(signal.SIGTERM)
-        try:
-            assert node.wait(timeout=120) == 0
-        except subprocess.TimeoutExpired as exc:
-            where, tail = _where(data_dir), log.read_text()[-1500:]
-            raise AssertionError(f"the node did not drain: {where}; log tail: {tail}") from exc
-        wait_for(lambda: not _node_processes(data_dir), 30, "every child to stop")
-    finally:
-        for process in started:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=30)
-        destination.stop()
-
-    copies = check_delivered_once(destination, data_dir, INSTANCES)
-    restarts = len(re.findall(r"exited with status -9", log.read_text()))
-    resends = sum(copies.values()) - len(copies)
-    if whole:
-        fault = "SIGKILL of the whole node (the supervisor; the children follow it) right after the caller's send"
-    else:
-        fault = f"SIGKILL of the one child reaching {case} (its {WHEN[case]}. arrival); the supervisor restarts it"
-    report.record(
-        report.Finding(
-            "crash",
-            f"many-process node (2 receivers, 2 workers, a sender): {fault}",
-            "every acknowledged instance explained and delivered; one result per source; no orphan file; "
-            "no process left",
-            INSTANCES,
-            {
-                "acknowledged before the kill": len(acknowledged),
-                "re-sent by the caller": resent_count,
-                "children restarted by the supervisor": restarts,
-                "results at storescp": len(copies),
-                "same-UID re-deliveries": resends,
-            },
-            "a re-delivery carries the same SOP Instance UID and replaces the first copy at the destination"
-            if resends
-            else "",
-            lost=0,
-            duplicated=0,
-        )
-    )
+    crash_scenarios([*FAULT_POINTS, WHOLE_NODE], sources, tmp_path, PROCESSES)
 
 
 # ----------------------------------------------------------------------------- garbage on the wire
@@ -218,7 +83,7 @@ def test_garbage_on_the_wire_against_the_receiver_processes(tmp_path: Path) -> N
     sources = [f"127.0.0.{60 + i}" for i in range(8)]
     cases = list(generate(WIRE_SEED, WIRE_CASES))
     try:
-        pids = _node_processes(tmp_path / "node")
+        pids = node_processes(tmp_path / "node")
         receivers = [pid for pid in pids if b"intake" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(receivers) == PROCESSES[0], receivers
 
@@ -282,8 +147,8 @@ def test_full_disk_with_the_destination_down_keeps_the_outbox_order(small_disk: 
     re-sends what was refused, the destination comes up. Everything is delivered, and a real DCMTK
     storescp receives each output in the order the outbox queued it."""
     data_dir, log, port = small_disk / "node", small_disk.parent / "node.log", free_port()
-    before = _phantoms(small_disk.parent / "before", 6, seed=41, series=2)
-    during = _phantoms(small_disk.parent / "during", 6, seed=43, series=1)
+    before = phantom_sources(small_disk.parent / "before", 6, seed=41, series=2)
+    during = phantom_sources(small_disk.parent / "during", 6, seed=43, series=1)
     # The destination's port, bound but not listening until storescp takes it: connections are refused
     # meanwhile, and no outgoing connection of this busy machine can take it as its ephemeral port.
     holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -341,7 +206,7 @@ def test_full_disk_with_the_destination_down_keeps_the_outbox_order(small_disk: 
         counts = journal.counts()
     finally:
         journal.close()
-    early = {_uid(p) for p in before}
+    early = {sop_instance_uid(p) for p in before}
     positions = [by_uid[uid] in early for uid in first_arrivals]
     assert positions == sorted(positions, reverse=True), "an output of the later series overtook an earlier one"
     assert counts["instances_done"] == len(before) + len(during) and counts["quarantined"] == 0, counts

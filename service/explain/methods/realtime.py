@@ -41,6 +41,7 @@ from torch import nn
 from service.explain.base import Explainer, ExplainerError, ModelLike
 from service.explain.stored import load_payload, save_payload
 from service.inference.runner import Runner
+from service.models.demo.network import conv_block
 
 #: File name of a masker beside its model (the demo card's folder holds the shipped one).
 MASKER_FILE = "saliency-masker.pt"
@@ -51,15 +52,6 @@ FILE_FORMAT = "pacs-xai-saliency-masker"
 FORMAT_VERSION = 1
 #: How to rebuild a masker file (named in the errors).
 TRAIN_COMMAND = "pacs-xai demo train-saliency"
-
-
-def _conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
-    """3x3 convolution, batch norm, ReLU: the demo classifier's block (same parameter names)."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
 
 
 def _up_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -94,13 +86,13 @@ class SaliencyMasker(nn.Module):
         self.logit_bound = float(logit_bound)
         self.encoder = nn.Sequential(
             OrderedDict(
-                stem=_conv_block(in_channels, w1, stride=2),  # 1/2
-                block1=_conv_block(w1, w1),
+                stem=conv_block(in_channels, w1, stride=2),  # 1/2
+                block1=conv_block(w1, w1),
                 pool1=nn.MaxPool2d(2),  # 1/4
-                block2=_conv_block(w1, w2),
+                block2=conv_block(w1, w2),
                 pool2=nn.MaxPool2d(2),  # 1/8
-                block3=_conv_block(w2, w3),
-                block4=_conv_block(w3, w3),
+                block3=conv_block(w2, w3),
+                block4=conv_block(w3, w3),
             )
         )
         #: The class selector: one embedding per class at the bottleneck, and a bias per class.

@@ -16,10 +16,22 @@ from torch import nn
 TARGET_LAYER = "features.block4"
 
 
-def _conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+#: Convolution and batch norm of a block, by the number of spatial dimensions.
+_LAYERS: dict[int, tuple[type[nn.Module], type[nn.Module]]] = {
+    2: (nn.Conv2d, nn.BatchNorm2d),
+    3: (nn.Conv3d, nn.BatchNorm3d),
+}
+
+
+def conv_block(in_channels: int, out_channels: int, stride: int = 1, *, dimensions: int = 2) -> nn.Sequential:
+    """The demo networks' block: a 3-wide convolution without bias (``0.weight``), batch norm
+    (``1.*``) and ReLU, over 2 (images) or 3 (volumes) spatial dimensions."""
+    if dimensions not in _LAYERS:
+        raise ValueError(f"a block has 2 or 3 spatial dimensions, not {dimensions!r}")
+    conv, norm = _LAYERS[dimensions]
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
+        conv(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
+        norm(out_channels),
         nn.ReLU(inplace=True),
     )
 
@@ -49,13 +61,13 @@ class DemoNet(nn.Module):
         super().__init__()
         self.features = nn.Sequential(
             OrderedDict(
-                stem=_conv_block(in_channels, 16, stride=2),  # 112²
-                block1=_conv_block(16, 16),
+                stem=conv_block(in_channels, 16, stride=2),  # 112²
+                block1=conv_block(16, 16),
                 pool1=nn.MaxPool2d(2),  # 56²
-                block2=_conv_block(16, 32),
+                block2=conv_block(16, 32),
                 pool2=nn.MaxPool2d(2),  # 28²
-                block3=_conv_block(32, 64),
-                block4=_conv_block(64, 64),
+                block3=conv_block(32, 64),
+                block4=conv_block(64, 64),
             )
         )
         self.pool = nn.AdaptiveAvgPool2d(1)

@@ -16,18 +16,10 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from service.models.demo.network import ZeroSumLinear
+from service.models.demo.network import ZeroSumLinear, conv_block
 
 #: The layer whose activations CAM-family explainers use (named in the model card).
 TARGET_LAYER = "features.block4"
-
-
-def _conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm3d(out_channels),
-        nn.ReLU(inplace=True),
-    )
 
 
 class VolumeDemoNet(nn.Module):
@@ -37,12 +29,12 @@ class VolumeDemoNet(nn.Module):
         super().__init__()
         self.features = nn.Sequential(
             OrderedDict(
-                stem=_conv_block(in_channels, 8, stride=2),  # 24³
-                block1=_conv_block(8, 8),
+                stem=conv_block(in_channels, 8, stride=2, dimensions=3),  # 24³
+                block1=conv_block(8, 8, dimensions=3),
                 pool1=nn.MaxPool3d(2),  # 12³
-                block2=_conv_block(8, 16),
-                block3=_conv_block(16, 16),
-                block4=_conv_block(16, 16),
+                block2=conv_block(8, 16, dimensions=3),
+                block3=conv_block(16, 16, dimensions=3),
+                block4=conv_block(16, 16, dimensions=3),
             )
         )
         self.pool = nn.AdaptiveMaxPool3d(1)

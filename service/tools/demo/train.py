@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from dicom_io.pixels import InputSpec, prepare_frames
 from service.inference.card import sha256_of
 from service.models.demo.network import TARGET_LAYER, DemoNet
 from service.synthetic.phantoms import CLASSES, SHORTCUT_TOKEN, make_phantom
+from service.tools.demo.trainer import TrainingReport, evaluate, fit, save_weights, write_card
 from service.tools.progress import Progress
 
 MODEL_NAME = "pacs-xai-demo-chest"
@@ -41,8 +42,6 @@ INPUT_SPEC = InputSpec(rows=224, columns=224, channels=1, aspect="letterbox", wi
 MEAN, STD = 0.5, 0.25
 #: Held-out images come from a different seed than any training image.
 HELD_OUT_SEED_OFFSET = 1000
-#: How the card names the eager architecture for the ``torch`` runtime.
-ARCHITECTURE = f"{DemoNet.__module__}:{DemoNet.__name__}"
 
 
 @dataclass(frozen=True)
@@ -63,16 +62,6 @@ class TrainingSettings:
     threads: int = 2
     #: ``None`` for the honest model; a class name to burn the shortcut token into that class only.
     shortcut_class: str | None = None
-
-
-@dataclass(frozen=True)
-class TrainingReport:
-    held_out_accuracy: float
-    per_class_accuracy: dict[str, float]
-    seconds: float
-    files: dict[str, Path]
-    #: Shortcut models only: held-out accuracy with the token moved to the other classes.
-    token_moved_accuracy: float | None = None
 
 
 def phantom_arrays(
@@ -118,8 +107,6 @@ def train(
 ) -> TrainingReport:
     """Train, evaluate on held-out phantoms, export ONNX + TorchScript and write the model card."""
     started = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    torch.set_num_threads(settings.threads)
     token = frozenset({settings.shortcut_class}) if settings.shortcut_class else frozenset()
     if settings.shortcut_class is not None and settings.shortcut_class not in CLASSES:
         raise ValueError(f"shortcut class {settings.shortcut_class!r} is not one of {', '.join(CLASSES)}")
@@ -127,58 +114,35 @@ def train(
     train_x, train_y = phantom_arrays(settings.train_per_class, settings.seed, progress, token_classes=token)
     progress(f"generating {settings.held_out_per_class * len(CLASSES)} held-out phantoms")
     held_out_seed = settings.seed + HELD_OUT_SEED_OFFSET
-    test_x, test_y = phantom_arrays(settings.held_out_per_class, held_out_seed, progress, token_classes=token)
+    held_out = phantom_arrays(settings.held_out_per_class, held_out_seed, progress, token_classes=token)
 
-    model = DemoNet(num_classes=len(CLASSES))
-    optimiser = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
-    steps = settings.epochs * int(np.ceil(len(train_x) / settings.batch_size))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=settings.learning_rate, total_steps=steps)
-    loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(settings.seed)
-    x_all, y_all = torch.from_numpy(train_x), torch.from_numpy(train_y)
-    for epoch in range(settings.epochs):
-        model.train()
-        order = torch.randperm(len(x_all), generator=generator)
-        total = 0.0
-        for start in range(0, len(order), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
-            xb = x_all[idx]
-            flip = torch.rand(len(idx), generator=generator) < 0.5  # lesions occur in either lung
-            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-            optimiser.zero_grad()
-            logits, cams = model.logits_and_cams(xb)
-            loss = loss_fn(logits, y_all[idx]) + settings.cam_sparsity * cams.abs().mean()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            total += loss.item() * len(idx)
-        accuracy = evaluate(model, test_x, test_y)[0]
-        progress(
-            f"epoch {epoch + 1}/{settings.epochs}: loss {total / len(x_all):.4f}, "
-            f"held-out accuracy {accuracy:.1%} ({time.perf_counter() - started:.0f} s)"
-        )
-    accuracy, per_class = evaluate(model, test_x, test_y)
+    def loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits, cams = model.logits_and_cams(inputs)
+        return nn.functional.cross_entropy(logits, labels) + settings.cam_sparsity * cams.abs().mean()
+
+    model, accuracy, per_class = fit(
+        partial(DemoNet, num_classes=len(CLASSES)),
+        lambda _epoch: (train_x, train_y),
+        len(train_x),
+        held_out,
+        CLASSES,
+        settings,
+        schedule=lambda optimiser, steps: torch.optim.lr_scheduler.OneCycleLR(
+            optimiser, max_lr=settings.learning_rate, total_steps=steps
+        ),
+        loss=loss,
+        started=started,
+        progress=progress,
+    )
     moved = None
     if settings.shortcut_class is not None:
         progress("held-out phantoms with the token moved to the other classes")
         moved_x, moved_y = phantom_arrays(
             settings.held_out_per_class, held_out_seed, progress, token_classes=frozenset(CLASSES) - token
         )
-        moved = evaluate(model, moved_x, moved_y)[0]
-    files = export(model.eval(), Path(out_dir), accuracy, shortcut_class=settings.shortcut_class, moved=moved)
+        moved = evaluate(model, moved_x, moved_y, CLASSES)[0]
+    files = export(model, Path(out_dir), accuracy, shortcut_class=settings.shortcut_class, moved=moved)
     return TrainingReport(accuracy, per_class, time.perf_counter() - started, files, moved)
-
-
-def evaluate(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, float]]:
-    """Overall and per-class accuracy of ``model`` on normalised inputs."""
-    model.eval()
-    with torch.no_grad():
-        predicted = torch.cat(
-            [model(torch.from_numpy(inputs[i : i + 64])).argmax(1) for i in range(0, len(inputs), 64)]
-        )
-    hits = predicted.numpy() == labels
-    per_class = {name: float(hits[labels == k].mean()) for k, name in enumerate(CLASSES)}
-    return float(hits.mean()), per_class
 
 
 def export(
@@ -194,7 +158,7 @@ def export(
     torchscript_path = out_dir / "demo.pt"
     torch.jit.save(torch.jit.script(model), str(torchscript_path))
     state_path = out_dir / "demo.pth"
-    torch.save(model.state_dict(), state_path)
+    weights = save_weights(model, state_path)
     onnx_path = out_dir / "demo.onnx"
     example = torch.zeros(2, 1, INPUT_SPEC.rows, INPUT_SPEC.columns)
     try:
@@ -231,7 +195,7 @@ def export(
         "weights": {
             "onnx": {"file": onnx_path.name, "sha256": sha256_of(onnx_path)},
             "torchscript": {"file": torchscript_path.name, "sha256": sha256_of(torchscript_path)},
-            "torch": {"file": state_path.name, "sha256": sha256_of(state_path), "architecture": ARCHITECTURE},
+            "torch": weights,
         },
         "input": {
             "channels": 1,
@@ -247,6 +211,5 @@ def export(
         "applies_to": {"modalities": ["CR", "DX"], "body_parts": ["CHEST"]},
         "defaults": {"methods": ["gradcam"], "outputs": ["sc"]},
     }
-    card_path = out_dir / "model.yaml"
-    card_path.write_text(yaml.safe_dump(card, sort_keys=False), encoding="utf-8")
+    card_path = write_card(out_dir, card)
     return {"onnx": onnx_path, "torchscript": torchscript_path, "torch": state_path, "card": card_path}

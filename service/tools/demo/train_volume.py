@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from dicom_io.pixels.volume import prepare_values
-from service.inference.card import sha256_of
 from service.models.volume_demo.network import TARGET_LAYER, VolumeDemoNet
 from service.synthetic.volumes import HU_OFFSET, VOLUME_CLASSES, make_ct_phantom
+from service.tools.demo.trainer import TrainingReport, fit, save_weights, write_card
 from service.tools.progress import Progress
 
 MODEL_NAME = "pacs-xai-demo-chest-ct"
@@ -38,7 +38,6 @@ SPACING: tuple[float, float, float] = (2.5, 4.0, 4.0)
 WINDOW: tuple[float, float] = (-1000.0, 400.0)
 MEAN, STD = 0.4, 0.3
 HELD_OUT_SEED_OFFSET = 1000
-ARCHITECTURE = f"{VolumeDemoNet.__module__}:{VolumeDemoNet.__name__}"
 
 
 @dataclass(frozen=True)
@@ -53,14 +52,6 @@ class VolumeTrainingSettings:
     learning_rate: float = 2e-3
     seed: int = 11
     threads: int = 2
-
-
-@dataclass(frozen=True)
-class VolumeTrainingReport:
-    held_out_accuracy: float
-    per_class_accuracy: dict[str, float]
-    seconds: float
-    files: dict[str, Path]
 
 
 def volume_model_input(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
@@ -92,65 +83,37 @@ def phantom_volumes(
 
 def train_volume(
     out_dir: str | Path, settings: VolumeTrainingSettings = VolumeTrainingSettings(), progress: Progress = print
-) -> VolumeTrainingReport:
+) -> TrainingReport:
     """Train, evaluate on held-out phantom volumes, write the weights and the card."""
     started = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    torch.set_num_threads(settings.threads)
     per_epoch = settings.train_per_class * len(VOLUME_CLASSES)
     progress(f"{per_epoch} fresh training volumes per epoch (seed {settings.seed})")
     progress(f"generating {settings.held_out_per_class * len(VOLUME_CLASSES)} held-out volumes")
-    test_x, test_y = phantom_volumes(settings.held_out_per_class, settings.seed + HELD_OUT_SEED_OFFSET, progress)
-    model = VolumeDemoNet(num_classes=len(VOLUME_CLASSES))
-    optimiser = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
-    steps = settings.epochs * int(np.ceil(per_epoch / settings.batch_size))
-    # No warm-up: the max-pooled head learns from the first steps (a one-cycle warm-up left it at chance).
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
-    loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(settings.seed)
-    for epoch in range(settings.epochs):
-        train_x, train_y = phantom_volumes(
+    held_out = phantom_volumes(settings.held_out_per_class, settings.seed + HELD_OUT_SEED_OFFSET, progress)
+    model, accuracy, per_class = fit(
+        partial(VolumeDemoNet, num_classes=len(VOLUME_CLASSES)),
+        lambda epoch: phantom_volumes(
             settings.train_per_class, settings.seed, on_model_grid=True, first=epoch * per_epoch
-        )
-        x_all, y_all = torch.from_numpy(train_x), torch.from_numpy(train_y)
-        model.train()
-        order = torch.randperm(len(x_all), generator=generator)
-        total = 0.0
-        for start in range(0, len(order), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
-            xb = x_all[idx]
-            flip = torch.rand(len(idx), generator=generator) < 0.5  # nodules occur in either lung
-            xb = torch.where(flip[:, None, None, None, None], xb.flip(-1), xb)
-            optimiser.zero_grad()
-            loss = loss_fn(model(xb), y_all[idx])
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            total += loss.item() * len(idx)
-        accuracy = evaluate_volumes(model, test_x, test_y)[0]
-        progress(
-            f"epoch {epoch + 1}/{settings.epochs}: loss {total / len(x_all):.4f}, "
-            f"held-out accuracy {accuracy:.1%} ({time.perf_counter() - started:.0f} s)"
-        )
-    accuracy, per_class = evaluate_volumes(model, test_x, test_y)
-    files = export_volume_model(model.eval(), Path(out_dir), accuracy)
-    return VolumeTrainingReport(accuracy, per_class, time.perf_counter() - started, files)
-
-
-def evaluate_volumes(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, float]]:
-    """Overall and per-class accuracy of ``model`` on normalised volumes."""
-    model.eval()
-    with torch.no_grad():
-        predicted = torch.cat([model(torch.from_numpy(inputs[i : i + 8])).argmax(1) for i in range(0, len(inputs), 8)])
-    hits = predicted.numpy() == labels
-    return float(hits.mean()), {name: float(hits[labels == k].mean()) for k, name in enumerate(VOLUME_CLASSES)}
+        ),
+        per_epoch,
+        held_out,
+        VOLUME_CLASSES,
+        settings,
+        # No warm-up: the max-pooled head learns from the first steps (a one-cycle warm-up left it at chance).
+        schedule=lambda optimiser, steps: torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps),
+        evaluation_batch=8,
+        started=started,
+        progress=progress,
+    )
+    files = export_volume_model(model, Path(out_dir), accuracy)
+    return TrainingReport(accuracy, per_class, time.perf_counter() - started, files)
 
 
 def export_volume_model(model: nn.Module, out_dir: Path, accuracy: float) -> dict[str, Path]:
     """Write ``volume.pth`` and ``model.yaml`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "volume.pth"
-    torch.save(model.state_dict(), state_path)
+    weights = save_weights(model, state_path)
     card = {
         "name": MODEL_NAME,
         "version": MODEL_VERSION,
@@ -159,7 +122,7 @@ def export_volume_model(model: nn.Module, out_dir: Path, accuracy: float) -> dic
             f"Held-out accuracy {accuracy:.1%}. Rebuild with: pacs-xai demo train-volume"
         ),
         "weights": {
-            "torch": {"file": state_path.name, "sha256": sha256_of(state_path), "architecture": ARCHITECTURE},
+            "torch": weights,
         },
         "input": {
             "kind": "volume",
@@ -177,6 +140,4 @@ def export_volume_model(model: nn.Module, out_dir: Path, accuracy: float) -> dic
         "applies_to": {"modalities": ["CT"], "body_parts": ["CHEST"]},
         "defaults": {"methods": ["gradcam"], "outputs": ["pm", "seg_fractional"]},
     }
-    card_path = out_dir / "model.yaml"
-    card_path.write_text(yaml.safe_dump(card, sort_keys=False), encoding="utf-8")
-    return {"torch": state_path, "card": card_path}
+    return {"torch": state_path, "card": write_card(out_dir, card)}
