@@ -3,8 +3,8 @@
 A *batch* is the instances of one series that arrived since the series was last taken. It is
 ready when
 
-* every association that delivered to it has ended (released or aborted) and nothing new arrived
-  for ``idle_seconds``, or
+* every association that delivered to it has ended (released or aborted) or has moved on to
+  another series, and nothing new arrived for ``idle_seconds``, or
 * ``max_wait_seconds`` have passed since its first arrival, even with an association still open
   (a sender that never releases cannot hold a series back for ever).
 
@@ -16,6 +16,13 @@ instances are put back with :meth:`Assembler.restore`.
 
 An association that sends again after :meth:`Assembler.association_ended` was called for it (not
 expected from a DICOM SCP) counts as open again; ``max_wait_seconds`` still bounds that batch.
+
+"Moved on": senders send a series' instances one after the other, so once an association delivers
+an instance of another series, it holds the series it sent before no longer. A PACS forwarding
+a hundred radiographs over one association gets each explained while the rest still arrive,
+instead of after the last. A sender that interleaves two series sends them within
+``idle_seconds`` of each other, so neither is ready before the interleaving stops (a series
+interleaved more slowly than that is processed in batches, as a series split over time is).
 
 A node of several processes assembles in the journal instead (the same rule, see
 :mod:`service.node.store.series`): its receivers use :class:`JournalAssembly`, which records
@@ -85,11 +92,17 @@ class Assembler:
         self._changed = threading.Condition(self._lock)
         self._wakes = 0  # counts wake() calls
         self._batches: dict[SeriesKey, _Batch] = {}
+        #: The series each open association delivered last.
+        self._last_series: dict[str, SeriesKey] = {}
 
     def instance_arrived(self, key: SeriesKey, sop_instance_uid: str, association_id: str) -> None:
         """An instance of ``key`` was stored (spooled and journaled) on association ``association_id``."""
         with self._lock:
             now = self._clock()
+            before = self._last_series.get(association_id)
+            if before is not None and before != key and before in self._batches:  # it moved on
+                self._batches[before].open_associations.discard(association_id)
+            self._last_series[association_id] = key
             batch = self._batch(key, now)
             batch.add(sop_instance_uid, now)
             batch.open_associations.add(association_id)
@@ -101,6 +114,7 @@ class Assembler:
     def association_ended(self, association_id: str) -> None:
         """Association ``association_id`` was released or aborted: it no longer holds any series back."""
         with self._lock:
+            self._last_series.pop(association_id, None)
             for batch in self._batches.values():
                 batch.open_associations.discard(association_id)
             self._changed.notify_all()

@@ -186,7 +186,10 @@ class AssemblyConfig(_Section):
     """When a series counts as complete."""
 
     idle_seconds: float = Field(
-        5.0, gt=0, description="Ready this long after its last instance, once its associations ended."
+        5.0,
+        gt=0,
+        description="Ready this long after its last instance, once its associations ended or moved on to "
+        "another series.",
     )
     max_wait_seconds: float = Field(300.0, gt=0, description="Ready at the latest this long after its first instance.")
 

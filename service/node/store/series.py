@@ -19,7 +19,8 @@ before them opens unchanged):
 Readiness is the assembler's rule (see :mod:`service.node.assembler`) over the unclaimed
 ``received`` instances of a series, on Unix time (``received_at``), which every process shares:
 ready when ``max_wait_seconds`` have passed since its first instance, or when none of the
-associations that delivered its instances is open and ``idle_seconds`` have passed since its last.
+associations that delivered its instances is open (or each has moved on to another series) and
+``idle_seconds`` have passed since its last.
 An instance whose association has no row (journaled by a single-process node, or restored after a
 restart) counts as delivered on an ended association.
 
@@ -54,13 +55,20 @@ CREATE TABLE IF NOT EXISTS claims (
 );
 CREATE INDEX IF NOT EXISTS claims_by_worker ON claims (worker);
 CREATE INDEX IF NOT EXISTS instances_waiting_by_series ON instances (state, study_instance_uid, series_instance_uid);
+CREATE INDEX IF NOT EXISTS instances_by_association ON instances (association_id, received_at);
 """
 
 # The unclaimed received instances of each series: first and last arrival, and whether any of
-# the associations that delivered them is still open.
+# the associations that delivered them is still open and has not moved on (delivered an instance
+# of another series after it).
 _WAITING_SERIES = """
 SELECT i.study_instance_uid, i.series_instance_uid, MIN(i.received_at), MAX(i.received_at),
-       MAX(CASE WHEN a.association_id IS NOT NULL AND a.ended_at IS NULL THEN 1 ELSE 0 END)
+       MAX(CASE WHEN a.association_id IS NOT NULL AND a.ended_at IS NULL AND NOT EXISTS (
+               SELECT 1 FROM instances AS later
+               WHERE later.association_id = i.association_id AND later.received_at > i.received_at
+               AND (later.series_instance_uid != i.series_instance_uid
+                    OR later.study_instance_uid != i.study_instance_uid))
+           THEN 1 ELSE 0 END)
 FROM instances AS i
 LEFT JOIN associations AS a ON a.association_id = i.association_id
 WHERE i.state = 'received' AND NOT EXISTS (SELECT 1 FROM claims AS c WHERE c.sop_instance_uid = i.sop_instance_uid)

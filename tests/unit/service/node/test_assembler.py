@@ -197,3 +197,45 @@ def test_wait_ready_returns_empty_on_timeout_and_on_wake() -> None:
     assembler.wake()
     thread.join(timeout=30)
     assert out["ready"] == [] and out["seconds"] < 10
+
+
+def test_an_open_association_that_moved_on_to_another_series_holds_the_first_no_longer(
+    assembler: Assembler, clock: FakeClock
+) -> None:
+    """A PACS forwarding many series over one association: each is ready idle_seconds after its
+    last instance once the association sends another series; the series it sends now waits."""
+    assembler.instance_arrived(CT, "1.1", "assoc-A")
+    assembler.instance_arrived(CT, "1.2", "assoc-A")
+    clock.now += 1
+    assembler.instance_arrived(MR, "2.1", "assoc-A")
+    clock.now += 3.9
+    assert assembler.take_ready() == [], "idle counts from the series' last instance"
+    clock.now += 0.1
+    assert assembler.take_ready() == [(CT, ["1.1", "1.2"])]
+    clock.now += 30
+    assert assembler.take_ready() == [], "the series the open association sends now is held"
+    assembler.association_ended("assoc-A")
+    assert assembler.take_ready() == [(MR, ["2.1"])]
+
+
+def test_series_interleaved_within_idle_seconds_are_held_while_the_interleaving_goes_on(
+    assembler: Assembler, clock: FakeClock
+) -> None:
+    for n in range(6):
+        assembler.instance_arrived((CT, MR)[n % 2], f"{n % 2 + 1}.{n}", "assoc-A")
+        clock.now += 1
+        assert assembler.take_ready() == []
+    clock.now += 4  # the sender paused: CT (moved on from, idle 5 s) is ready; MR, sent last, is held
+    assert assembler.take_ready() == [(CT, ["1.0", "1.2", "1.4"])]
+    assembler.association_ended("assoc-A")
+    assert assembler.take_ready() == [(MR, ["2.1", "2.3", "2.5"])]
+
+
+def test_another_association_still_sending_the_series_holds_it(assembler: Assembler, clock: FakeClock) -> None:
+    assembler.instance_arrived(CT, "1.1", "assoc-A")
+    assembler.instance_arrived(CT, "1.2", "assoc-B")
+    assembler.instance_arrived(MR, "2.1", "assoc-A")  # A moved on; B has not
+    clock.now += 10
+    assert assembler.take_ready() == []
+    assembler.association_ended("assoc-B")
+    assert [key for key, _ in assembler.take_ready()] == [CT]

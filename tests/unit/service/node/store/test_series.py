@@ -74,6 +74,36 @@ def test_idle_time_and_max_wait_decide_readiness(tmp_path: Path) -> None:
     journal.close()
 
 
+def test_an_open_association_that_moved_on_to_another_series_holds_the_first_no_longer(tmp_path: Path) -> None:
+    """As in memory (:mod:`service.node.assembler`): one association forwarding two series; the
+    first is ready idle seconds after its last instance, the second waits while it is open; an
+    association that has not moved on still holds its series."""
+    clock = FakeClock(3000.0)
+    journal = _open(tmp_path / "m.sqlite", clock)
+    journal.series.association_opened("A", "receiver-0:1")
+    journal.series.association_opened("B", "receiver-0:1")
+    journal.record_received(_instance(1, "first", "A", 3000.0))
+    journal.record_received(_instance(2, "first", "A", 3000.5))
+    journal.record_received(_instance(3, "second", "A", 3001.0))
+    journal.record_received(_instance(4, "held", "B", 3000.0))
+    journal.record_received(_instance(5, "held", "A", 3000.2))  # A sent "held" too, then moved on
+    clock.now = 3000.5 + IDLE - 0.1
+    assert _claim(journal, "w:1") is None
+    clock.now = 3000.5 + IDLE
+    first = _claim(journal, "w:1")
+    assert first is not None and first.sop_instance_uids == (f"{ROOT_UID}.3.1", f"{ROOT_UID}.3.2")
+    clock.now = 3100.0
+    assert _claim(journal, "w:1") is None, "A is on 'second' now, and B still sends 'held'"
+    journal.series.association_ended("B")
+    held = _claim(journal, "w:1")
+    assert held is not None and held.series_instance_uid == _series_uid("held")
+    assert _claim(journal, "w:1") is None
+    journal.series.association_ended("A")
+    second = _claim(journal, "w:1")
+    assert second is not None and second.sop_instance_uids == (f"{ROOT_UID}.3.3",)
+    journal.close()
+
+
 def test_the_oldest_ready_series_is_claimed_first_and_later_arrivals_form_a_follow_up(tmp_path: Path) -> None:
     clock = FakeClock(100.0)
     journal = _open(tmp_path / "j.sqlite", clock)
