@@ -48,3 +48,4 @@ def test_receiver_processes_figures_and_their_memory(tmp_path: Path) -> None:
     assert all(peak >= 0.9 * rest for peak, rest in zip(figure.receiver_peak_mb, figure.receiver_rss_mb, strict=True))
     written = json.loads((tmp_path / "receive-processes.json").read_text())
     assert written[0]["ratio"] == round(figure.ratio, 3)
+    assert (tmp_path / "receive-processes.png").stat().st_size > 1000

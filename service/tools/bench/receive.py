@@ -258,7 +258,7 @@ def run_receivers_bench(
     rounds: int = 3,
 ) -> list[ProcessesFigure]:
     """One receiver process against K, same files, same sender, same run, in ``rounds`` alternating
-    rounds (medians); ``receive-processes.json``."""
+    rounds (medians); ``receive-processes.json`` and ``receive-processes.png``."""
     figures = []
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pacs-xai-bench-") as temp:
@@ -306,7 +306,43 @@ def run_receivers_bench(
             indent=2,
         )
     )
+    plot_processes(figures, out_dir / "receive-processes.png")
     return figures
+
+
+def plot_processes(figures: Sequence[ProcessesFigure], path: Path) -> None:
+    """A bar chart (PIL): images/s into one process and into K receiver processes, with and without
+    fsync, and each receiver's peak resident memory."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, row = 900, 130
+    image = Image.new("RGB", (width, 60 + row * len(figures)), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=14)
+    draw.text((10, 10), "receive, one process against K receiver processes, images/s", fill="black", font=font)
+    top = max([max(f.processes_no_fsync_per_second, f.processes_per_second, 1.0) for f in figures] + [1.0])
+    for i, figure in enumerate(figures):
+        y = 45 + i * row
+        draw.text((10, y + 8), f"{figure.images}", fill="black", font=font)
+        draw.text((10, y + 28), f"{figure.associations} assoc, K = {figure.receivers}", fill="black", font=font)
+        draw.text(
+            (10, y + 48), f"peak {', '.join(f'{mb:.0f}' for mb in figure.receiver_peak_mb)} MB", fill="black", font=font
+        )
+        bars = (
+            ("1 process (fsync)", figure.one_process_per_second, (60, 90, 180)),
+            (f"{figure.receivers} processes (fsync) {figure.ratio:.2f}x", figure.processes_per_second, (220, 90, 30)),
+            ("1 process (no fsync)", figure.one_process_no_fsync_per_second, (130, 150, 210)),
+            (
+                f"{figure.receivers} processes (no fsync) {figure.ratio_no_fsync:.2f}x",
+                figure.processes_no_fsync_per_second,
+                (240, 160, 60),
+            ),
+        )
+        for j, (name, value, colour) in enumerate(bars):
+            x0, bar_y = 260, y + j * 26
+            draw.rectangle((x0, bar_y, x0 + int(420 * value / top), bar_y + 20), fill=colour)
+            draw.text((x0 + int(420 * value / top) + 6, bar_y + 2), f"{name} {value:.0f}", fill="black", font=font)
+    image.save(path)
 
 
 def print_processes(figures: Sequence[ProcessesFigure]) -> None:
