@@ -23,7 +23,11 @@ small and on pynetdicom's documented extension points where there is one:
   a command set over 64 KiB or a DIMSE decoding error aborts the association (A-ABORT) instead
   of killing the Upper Layer thread silently; a data set over ``max_instance_bytes`` is counted
   and dropped as it arrives (never buffered) and its C-STORE is marked for refusal
-  (:func:`oversized_bytes`).
+  (:func:`oversized_bytes`). The file a data set is written to as it arrives (pynetdicom's
+  chunked receive) records a write error (a full disk) instead of raising it, so that C-STORE
+  is answered 0xA700 and the association goes on (:func:`unwritten_reason`); for that, each
+  presentation data value is handed to pynetdicom on its own, and the file is wrapped as soon
+  as it exists, before any data set byte is written to it.
 
 Everything here relies on pynetdicom 3.0 internals (the request handler's association factory,
 the DUL's read pattern of a 6-byte header then the body, the acceptor's reactor); the version
@@ -49,7 +53,7 @@ from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import set_timer_resolution
@@ -69,6 +73,7 @@ __all__ = [
     "Slot",
     "calling_ae_title",
     "oversized_bytes",
+    "unwritten_reason",
     "reject_pdu",
 ]
 
@@ -310,15 +315,38 @@ class GuardedDIMSE(DIMSEServiceProvider):
         try:
             problem = self._account(primitive)
             if problem is None:
-                super().receive_primitive(primitive)
-                if self.message is None:  # a message completed (and was queued, marked if oversized)
-                    self._command_bytes = self._dataset_bytes = 0
+                for value in primitive.presentation_data_value_list:
+                    self._receive_value(value)
         except Exception as exc:  # a DIMSE decoding error must end the association, not the thread
             problem = f"invalid DIMSE message: {type(exc).__name__}: {exc}"
         if problem is not None:
             LOGGER.warning("aborting the association from %s: %s", _peer(self.assoc), problem)
             self.message = None
             self.dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT to the peer, A-P-ABORT to the user
+
+    def _receive_value(self, value: tuple[int, bytes]) -> None:
+        """One presentation data value through pynetdicom; then the data set's file, if pynetdicom
+        just created it, is wrapped so that no write to it can raise."""
+        single = P_DATA()
+        single.presentation_data_value_list = [list(value)]
+        try:
+            super().receive_primitive(single)
+        except OSError as exc:  # creating the file or writing its File Meta failed (a full disk)
+            if self.message is None:
+                raise
+            self._wrap_data_set_file(exc)
+        if self.message is None:  # a message completed (and was queued, marked if oversized)
+            self._command_bytes = self._dataset_bytes = 0
+        else:
+            self._wrap_data_set_file()
+
+    def _wrap_data_set_file(self, error: OSError | None = None) -> None:
+        message = self.message
+        written = getattr(message, "_data_set_file", None)
+        if written is not None and not isinstance(written, _DataSetFile):
+            written = message._data_set_file = _DataSetFile(written)  # type: ignore[union-attr]
+        if isinstance(written, _DataSetFile) and error is not None:
+            written.failed(error)
 
     def _account(self, primitive: P_DATA) -> str | None:
         """Count command and data set bytes; drop data past the instance limit; a problem, or ``None``."""
@@ -352,6 +380,50 @@ class _MarkingQueue(queue.Queue):
         if size > self._dimse.instance_limit and isinstance(item, tuple) and len(item) == 2:
             setattr(item[1], _OVERSIZED, size)
         super().put(item, block, timeout)
+
+
+class _DataSetFile:
+    """pynetdicom's temporary file for a data set received in chunks, where a write error (a full
+    disk) is recorded and the rest of the data set dropped, instead of an exception that would
+    end the association: the C-STORE is then answered 0xA700 (:func:`unwritten_reason`)."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self.name = file.name
+        self.error: OSError | None = None
+        self.file = self  # pynetdicom flushes through ``.file``
+
+    def failed(self, error: OSError) -> None:
+        if self.error is None:
+            self.error = error
+
+    def write(self, data: bytes) -> None:
+        if self.error is None:
+            try:
+                self._file.write(data)
+            except OSError as exc:
+                self.failed(exc)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._file.flush()
+            except OSError as exc:
+                self.failed(exc)
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError as exc:  # the bytes that did not fit, flushed once more
+            self.failed(exc)
+
+
+def unwritten_reason(request: Any) -> str | None:
+    """Why a C-STORE request's data set could not be written to its file as it arrived, else ``None``."""
+    written = getattr(request, "_dataset_file", None)
+    if isinstance(written, _DataSetFile) and written.error is not None:
+        return f"its data set could not be written as it arrived: {written.error}"
+    return None
 
 
 def oversized_bytes(request: Any) -> int | None:

@@ -82,6 +82,7 @@ from dicom_io.net.guard import (
     Slot,
     oversized_bytes,
     reject_pdu,
+    unwritten_reason,
 )
 from dicom_io.net.network import Status, describe_status, server_ssl_context, set_tcp_nodelay, validate_ae_title
 
@@ -664,7 +665,12 @@ def _handle_store(event: Event, listener: _Listener) -> int:
     state = listener.associations.get(event.assoc)
     oversized = oversized_bytes(event.request)
     if oversized is not None:
-        return _refuse_oversized(listener, state, sop_instance_uid, oversized, event)
+        limit = listener.settings.max_instance_bytes
+        reason = f"data set of {oversized} bytes is over max_instance_bytes ({limit}); its bytes were not kept"
+        return _refuse(listener, state, sop_instance_uid, reason, event)
+    unwritten = unwritten_reason(event.request)
+    if unwritten is not None:  # a full disk while it arrived: the caller sends it again later
+        return _refuse(listener, state, sop_instance_uid, unwritten, event)
     if state is None:
         LOGGER.error("C-STORE of %s from %s outside a known association", sop_instance_uid, _peer(event.assoc))
         return Status.OUT_OF_RESOURCES
@@ -680,12 +686,11 @@ def _handle_store(event: Event, listener: _Listener) -> int:
     return status
 
 
-def _refuse_oversized(
-    listener: _Listener, state: _AssociationState | None, sop_instance_uid: str, size: int, event: Event
+def _refuse(
+    listener: _Listener, state: _AssociationState | None, sop_instance_uid: str, reason: str, event: Event
 ) -> int:
-    """0xA700 for a data set over ``max_instance_bytes``: its bytes were dropped as they arrived."""
-    limit = listener.settings.max_instance_bytes
-    reason = f"data set of {size} bytes is over max_instance_bytes ({limit}); its bytes were not kept"
+    """0xA700 for a data set the guard could not keep as it arrived (over ``max_instance_bytes``,
+    or its file not written), reported to ``on_store_refused``."""
     LOGGER.warning("C-STORE of %s from %s refused: %s", sop_instance_uid, _peer(event.assoc), reason)
     refused = getattr(listener.events, "on_store_refused", None)
     if refused is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -51,10 +52,15 @@ def _instance(index: int, size: int = 128) -> object:
     return ds
 
 
-def test_full_disk_answers_out_of_resources_acknowledges_only_what_is_stored_and_recovers(small_disk: Path) -> None:
+def test_full_disk_answers_out_of_resources_acknowledges_only_what_is_stored_and_recovers(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Fill the data folder's filesystem while instances arrive: every Success is a journaled,
-    readable file; every other answer is 0xA700; once space returns the same node stores again."""
+    readable file; every other answer is 0xA700 (also when the file a data set is written to as it
+    arrives cannot grow: it is on the same disk, as in a receiver process); once space returns the
+    same node stores again."""
     running = start_node(small_disk, acse_timeout=10, network_timeout=10, dimse_timeout=10)
+    monkeypatch.setattr(tempfile, "tempdir", str(small_disk / "spool" / "incoming"))
     filler = small_disk / "filler"
     try:
         # leave about 600 KiB: a few 16 KiB instances fit, then the disk is full
@@ -78,6 +84,7 @@ def test_full_disk_answers_out_of_resources_acknowledges_only_what_is_stored_and
         spooled = {path.stem for path in (small_disk / "spool" / "instances").rglob("*.dcm")}
         assert spooled == set(acknowledged), f"files kept for refused instances: {sorted(spooled - set(acknowledged))}"
         assert not [p for p in (small_disk / "spool").rglob(".*") if p.is_file()], "temp files left behind"
+        assert not list((small_disk / "spool" / "incoming").iterdir()), "data sets left in incoming/"
 
         # space returns: the same node, no restart, stores what it refused
         filler.unlink()
