@@ -59,15 +59,15 @@ CREATE INDEX IF NOT EXISTS instances_by_association ON instances (association_id
 """
 
 # The unclaimed received instances of each series: first and last arrival, and whether any of
-# the associations that delivered them is still open and has not moved on (delivered an instance
-# of another series after it).
+# the associations that delivered them is still open and still on this series (the latest
+# instance it delivered is of this series: it has not moved on). One indexed look per instance.
 _WAITING_SERIES = """
 SELECT i.study_instance_uid, i.series_instance_uid, MIN(i.received_at), MAX(i.received_at),
-       MAX(CASE WHEN a.association_id IS NOT NULL AND a.ended_at IS NULL AND NOT EXISTS (
-               SELECT 1 FROM instances AS later
-               WHERE later.association_id = i.association_id AND later.received_at > i.received_at
-               AND (later.series_instance_uid != i.series_instance_uid
-                    OR later.study_instance_uid != i.study_instance_uid))
+       MAX(CASE WHEN a.association_id IS NOT NULL AND a.ended_at IS NULL AND (
+               SELECT latest.series_instance_uid = i.series_instance_uid
+                      AND latest.study_instance_uid = i.study_instance_uid
+               FROM instances AS latest WHERE latest.association_id = i.association_id
+               ORDER BY latest.received_at DESC LIMIT 1)
            THEN 1 ELSE 0 END)
 FROM instances AS i
 LEFT JOIN associations AS a ON a.association_id = i.association_id
