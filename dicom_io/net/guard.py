@@ -36,8 +36,10 @@ is pinned below 4 in pyproject.toml and the torture suite exercises each path.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
 import queue
 import socket
 import ssl
@@ -340,6 +342,17 @@ class GuardedDIMSE(DIMSEServiceProvider):
         else:
             self._wrap_data_set_file()
 
+    def discard_unfinished(self) -> None:
+        """The association ended: a data set still arriving will never be complete, and pynetdicom
+        removes its file only after a C-STORE handler, which will not run: remove it now."""
+        written = getattr(self.message, "_data_set_file", None)
+        if written is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            written.close()
+        with contextlib.suppress(OSError):
+            os.unlink(written.name)
+
     def _wrap_data_set_file(self, error: OSError | None = None) -> None:
         message = self.message
         written = getattr(message, "_data_set_file", None)
@@ -401,8 +414,8 @@ class _DataSetFile:
         if self.error is None:
             try:
                 self._file.write(data)
-            except OSError as exc:
-                self.failed(exc)
+            except (OSError, ValueError) as exc:  # ValueError: closed by discard_unfinished meanwhile
+                self.failed(exc if isinstance(exc, OSError) else OSError(str(exc)))
 
     def flush(self) -> None:
         if self.error is None:

@@ -77,6 +77,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_io.net.guard import (
     ConnectionGate,
+    GuardedDIMSE,
     GuardedRequestHandler,
     PduLimits,
     Slot,
@@ -737,7 +738,11 @@ def _received_file(event: Event) -> Path | None:
 
 def _handle_association_end(event: Event, listener: _Listener) -> None:
     """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE, whichever comes first: report the end once,
-    after any store in progress on that association has finished."""
+    after any store in progress on that association has finished. The file of a data set cut off
+    half-way is removed."""
+    dimse = getattr(event.assoc, "dimse", None)
+    if isinstance(dimse, GuardedDIMSE):
+        dimse.discard_unfinished()
     state = listener.associations.close(event.assoc)
     if state is None:
         return

@@ -36,7 +36,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     generate_uid,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import MRImageStorage
@@ -293,6 +293,42 @@ def test_a_data_set_arrives_as_a_file_written_while_it_came_and_removed_after(st
     assert received.SOPInstanceUID == pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID
     assert received.PixelData == pydicom.dcmread(source).PixelData and len(encoded) > 0.9 * len(original)
     assert wait_until(lambda: not path.exists())
+
+
+def test_a_data_set_cut_off_half_way_leaves_no_file_behind(
+    start_scp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender dies after 5 P-DATA of a 2 MB data set: no C-STORE handler runs, and the file it
+    was being written to is removed when the association ends (pynetdicom removes it only after a
+    handler)."""
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(incoming))
+    scp, recorder = start_scp(FileRecorder(), max_pdu=16384)
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.Rows = ds.Columns = 1024
+    ds.PixelData = np.zeros((1024, 1024), np.uint16).tobytes()
+    whole = dimse_messages.DIMSEMessage.encode_msg
+
+    def first_five(self, context_id, max_pdu):  # the peer stops sending mid data set
+        for number, primitive in enumerate(whole(self, context_id, max_pdu)):
+            if number >= 5:
+                return
+            yield primitive
+
+    monkeypatch.setattr(dimse_messages.DIMSEMessage, "encode_msg", first_five)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.dimse_timeout = 1
+    assoc = ae.associate(LOCALHOST, scp.port, ae_title=NODE)
+    assert assoc.is_established
+    assoc.send_c_store(ds)  # no answer within the DIMSE timeout: the sender aborts
+    if assoc.is_established:
+        assoc.abort()
+    assert wait_until(lambda: recorder.entries("released") != [])
+    assert recorder.stores == [] and recorder.files == []
+    assert wait_until(lambda: list(incoming.iterdir()) == []), list(incoming.iterdir())
 
 
 def test_nagle_is_off_on_accepted_sockets_while_storescu_sends_50_objects(start_scp, tmp_path: Path) -> None:

@@ -136,7 +136,8 @@ class Spool:
         cutoff = time.time() - older_than_seconds
         folders = (self.instances_dir, self.quarantine_dir, self.outbox_dir)
         temps = [temp for folder in folders for temp in folder.rglob(f".*{_TEMP_SUFFIX}")]
-        for temp in [*temps, *self.incoming_dir.iterdir()]:  # incoming: data sets cut off mid-transfer
+        incoming = [path for path in self.incoming_dir.iterdir() if path.is_file()]  # cut off mid-transfer
+        for temp in [*temps, *incoming]:
             try:
                 if older_than_seconds and temp.stat().st_mtime > cutoff:
                     continue
