@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 from dicom_io.net.scp import StorageSCP
@@ -198,6 +199,8 @@ class Node:
                     self.processor.process_batch(key, self.journal.get_instances(sop_uids))
                 except RETRY_LATER as exc:  # a full disk, Triton away: what is not done stays ``received``
                     self._defer(key, sop_uids, exc)
+                else:  # a copy re-sent during the batch left its instance (a volume: its series) received
+                    restore_unfinished(self.assembler, self.journal, key, sop_uids)
 
     def _defer(self, key: SeriesKey, sop_uids: list[str], exc: Exception) -> None:
         """The spool or journal could not be written (a full disk), or the Triton server did not
@@ -211,13 +214,7 @@ class Node:
             exc,
             STORE_RETRY_SECONDS,
         )
-        for uid in sop_uids:
-            try:
-                state = self.journal.instance_state(uid)
-            except StoreError:
-                state = ("received", "")
-            if state is not None and state[0] == "received":
-                self.assembler.restore(key, uid)
+        restore_unfinished(self.assembler, self.journal, key, sop_uids)
         self._stopping.wait(STORE_RETRY_SECONDS)
 
     def _send_loop(self) -> None:
@@ -229,3 +226,20 @@ class Node:
                 return
             if not any(tally.values()):
                 self._outputs_ready.wait(SEND_POLL_SECONDS)
+
+
+def restore_unfinished(assembler: Assembler, journal: Journal, key: SeriesKey, sop_uids: Iterable[str]) -> int:
+    """Put back into the assembler each instance of a processed batch that the journal still says
+    is ``received``: deferred by a full disk or an absent Triton, or left for a copy re-sent while
+    it was processed (a volume is then left whole, and taken again with that copy). A journal that
+    cannot be read counts as ``received``. Returns how many were put back."""
+    restored = 0
+    for uid in sop_uids:
+        try:
+            state = journal.instance_state(uid)
+        except StoreError:
+            state = ("received", "")
+        if state is not None and state[0] == "received":
+            assembler.restore(key, uid)
+            restored += 1
+    return restored

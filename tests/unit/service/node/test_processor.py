@@ -19,7 +19,8 @@ from pydicom.dataset import Dataset
 from service.inference.deployed import DeployedModel
 from service.inference.triton import TritonUnavailableError
 from service.models import demo_card_path, shortcut_card_path, volume_card_path
-from service.node.assembler import SeriesKey
+from service.node.app import restore_unfinished
+from service.node.assembler import Assembler, SeriesKey
 from service.node.config import DestinationConfig, load_config
 from service.node.metrics import STAGES, NodeMetrics
 from service.node.pipeline import ExplainPipeline
@@ -495,6 +496,43 @@ def test_a_volume_whose_slice_was_resent_during_its_processing_leaves_the_whole_
 
     assert {journal.instance_state(i.sop_instance_uid) for i in instances} == {("received", "")}
     assert journal.outbox.entries(("pending",)) == []
+
+
+def test_the_single_process_node_takes_such_a_volume_again_whole_with_the_resent_copy(
+    pipeline: ExplainPipeline,
+    volume_model: DeployedModel,
+    spool: Spool,
+    journal: Journal,
+    metrics: NodeMetrics,
+    clock: FakeClock,
+) -> None:
+    """As the node's processing loop does (service/node/app.py): the batch is taken from the
+    assembler, a slice is re-sent while it runs (journal, then the assembler, as the receiver
+    does), and what is still received after the batch is put back: the next batch is the whole
+    series, explained once; before, the re-sent slice came alone and the rest waited for ever."""
+    processor = _volume_processor(pipeline, volume_model, spool, journal, metrics, clock)
+    assembler = Assembler(idle_seconds=1.0, max_wait_seconds=100.0, clock=clock)
+    instances = _ct_batch(spool, journal, clock)
+    key = SeriesKey(STUDY, instances[0].series_instance_uid)
+    for instance in instances:
+        assembler.instance_arrived(key, instance.sop_instance_uid, "assoc-1")
+    assembler.association_ended("assoc-1")
+    clock.now += 2
+    ((taken, uids),) = assembler.take_ready()
+    batch = journal.get_instances(uids)
+    resent = dataclasses.replace(instances[1], received_at=clock.now, association_id="assoc-2")
+    journal.record_received(resent)
+    assembler.instance_arrived(key, resent.sop_instance_uid, "assoc-2")
+    assembler.association_ended("assoc-2")
+    processor.process_batch(taken, batch)
+
+    assert restore_unfinished(assembler, journal, taken, uids) == len(instances)
+    clock.now += 2
+    ((again, again_uids),) = assembler.take_ready()
+    assert sorted(again_uids) == sorted(i.sop_instance_uid for i in instances)
+    processor.process_batch(again, journal.get_instances(again_uids))
+    assert {journal.instance_state(i.sop_instance_uid)[0] for i in instances} == {"done"}
+    assert restore_unfinished(assembler, journal, again, again_uids) == 0 and assembler.pending() == 0
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["gap", "incomplete"])
