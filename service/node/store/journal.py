@@ -208,7 +208,8 @@ class Journal:
         ``False`` when the SOP Instance UID was journaled before: the row is updated to this copy
         and re-queued (state ``received``), to be processed as a follow-up (see the module docstring).
         ``for_node``: the instance is another node's (a worker of the Redis queue journals it to
-        process it): its outputs are that node's to send, never this journal's sender's.
+        process it): its outputs are that node's to send, never this journal's sender's. Received
+        here (no ``for_node``), the instance is this node's own again, even if it was another's.
         """
         validate_uid(instance.sop_instance_uid, "SOP Instance UID")
         validate_uid(instance.sop_class_uid, "SOP Class UID")
@@ -246,6 +247,8 @@ class Journal:
                     "ON CONFLICT (sop_instance_uid) DO UPDATE SET node = excluded.node",
                     (instance.sop_instance_uid, for_node),
                 )
+            else:  # received here: this node's own now, its outputs this node's to send
+                db.execute("DELETE FROM foreign_instances WHERE sop_instance_uid = ?", (instance.sop_instance_uid,))
         return known is None
 
     def pending_instances(self) -> list[ReceivedInstance]:

@@ -143,6 +143,21 @@ def test_hand_over_forgets_another_nodes_instances_with_their_rows_and_keeps_thi
     assert journal.record_received(received_instance(1), for_node="intake-a") is True  # as new: processed again
 
 
+def test_an_instance_received_here_after_it_was_processed_for_another_node_is_this_nodes_own(
+    journal: Journal,
+) -> None:
+    """A modality's retry brings here an instance a worker of this box held for another node: its
+    outputs are this node's to send, and the other node's hand-over leaves its row alone."""
+    uid = f"{ROOT_UID}.3.1"
+    journal.record_received(received_instance(1, at=1.0), for_node="intake-a")
+    journal.record_received(received_instance(1, at=2.0))
+    add_output(journal, 1)
+    journal.mark_processed([uid], "done")
+    assert [e.source_sop_instance_uid for e in journal.outbox.due(now=1e12)] == [uid]
+    assert journal.hand_over([uid]) == 0
+    assert journal.instance_state(uid) == ("done", "")
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["one-journal", "journal-per-thread"])
 def test_concurrent_record_received_all_land(tmp_path: Path, shared: bool) -> None:
     db_path = tmp_path / "journal.sqlite"
