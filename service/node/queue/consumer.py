@@ -170,6 +170,7 @@ class StreamConsumer:
                 stop.wait(REDIS_RETRY_SECONDS)
             except RETRY_LATER as exc:  # a full disk, Triton away: what is claimed goes back; the messages stay held
                 log.error("%s: a series not processed (%s); retried later", self.consumer, exc)
+                self._look_own = True  # messages read but not yet held are this consumer's to take again
                 try:
                     self._journal.series.release(self.consumer)
                 except StoreError:

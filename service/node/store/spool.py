@@ -95,6 +95,8 @@ class Spool:
         self.root = Path(os.path.abspath(root))
         self.durability = check_durability(durability)
         self._fsync = durability == "power-loss"
+        #: What a file written here gets (0666 less the umask), also given to a file moved in.
+        self._file_mode = 0o666 & ~_umask()
         self.instances_dir = self.root / "instances"
         self.quarantine_dir = self.root / "quarantine"
         self.outbox_dir = self.root / "outbox"
@@ -157,6 +159,7 @@ class Spool:
             _ensure_dir(final.parent, fsync=self._fsync)
             if isinstance(data, Path):
                 _move(data, temp)
+                os.chmod(temp, self._file_mode)  # a temporary file is private (0600): as if written here
                 if self._fsync:
                     with open(temp, "rb") as handle:
                         os.fsync(handle.fileno())
@@ -174,6 +177,18 @@ class Spool:
                 temp.unlink()
             raise StoreError(f"cannot write {final}: {exc}") from exc
         return final
+
+
+def _umask() -> int:
+    """The process's umask, from /proc (reading it with os.umask means setting it, for a moment,
+    for every thread)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _move(source: Path, target: Path) -> None:

@@ -118,7 +118,9 @@ def test_a_received_file_is_moved_into_the_spool_whole(tmp_path: Path, where: st
         folder = tmp_path / "incoming"
         folder.mkdir()
     data = os.urandom(300_000)
-    received = folder / "tmp-received.dcm"
+    handle, name = tempfile.mkstemp(dir=folder, suffix=".dcm")  # private (0600), as pynetdicom's file
+    os.close(handle)
+    received = Path(name)
     received.write_bytes(data)
     spool = Spool(tmp_path / "spool")
     try:
@@ -129,6 +131,8 @@ def test_a_received_file_is_moved_into_the_spool_whole(tmp_path: Path, where: st
     assert path.read_bytes() == data
     assert not received.exists()
     assert temp_files(spool.root) == []
+    written = spool.write_instance(data, study_uid=STUDY, series_uid=SERIES, sop_uid=f"{ROOT_UID}.4.2")
+    assert path.stat().st_mode == written.stat().st_mode, "a moved file is readable as a written one"
 
 
 def test_durability_modes_set_fsync_and_sqlite_synchronous(tmp_path: Path) -> None:
