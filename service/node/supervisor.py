@@ -46,6 +46,7 @@ from pathlib import Path
 
 from prometheus_client import multiprocess
 
+from service.node.bell import outbox_bell
 from service.node.child import SUPERVISOR_PID_ENV
 from service.node.config import NodeConfig, write_resolved_config
 from service.node.http import HealthServer
@@ -158,6 +159,7 @@ class Supervisor:
                 queue.node_name or default_node_name(),
                 Path(self.config.storage.data_dir),
                 check_seconds=queue.check_seconds,
+                outputs_queued=outbox_bell(Path(self.config.storage.data_dir)).ring,
             )
             self.refiller.check()
             self.refiller.start()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from service.node.queue.stream import QueueError, WorkQueue
@@ -88,7 +89,18 @@ class Refiller:
     """Checks every ``check_seconds``: group present (else create it and refill), publish backlog,
     done notes. :meth:`check` once before the children start; then :meth:`start`."""
 
-    def __init__(self, journal: Journal, queue: WorkQueue, node: str, data_dir: Path, *, check_seconds: float) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        queue: WorkQueue,
+        node: str,
+        data_dir: Path,
+        *,
+        check_seconds: float,
+        outputs_queued: Callable[[], None] = lambda: None,
+    ) -> None:
+        """``outputs_queued``: called when done notes put outputs in the outbox (the outbox bell)."""
+        self._outputs_queued = outputs_queued
         self._journal = journal
         self._queue = queue
         self._node = node
@@ -114,7 +126,8 @@ class Refiller:
                 if count:
                     log.warning("queue refilled from the journal (%s): %d instance(s) published again", why, count)
                 self._refill_next = False
-            apply_done_notes(self._journal, self._queue, self._node)
+            if apply_done_notes(self._journal, self._queue, self._node):
+                self._outputs_queued()  # the sender sends them now, not at its next look
         except (QueueError, StoreError) as exc:
             log.error("queue check failed, trying again in %.1f s: %s", self._check_seconds, exc)
 

@@ -90,6 +90,25 @@ def test_done_notes_queue_the_outputs_for_this_nodes_sender_once(
     assert len(work_queue.done_notes("node-b")) == 1
 
 
+def test_done_notes_that_queue_outputs_wake_the_sender(
+    journal: Journal, work_queue: WorkQueue, spool_root: Path, tmp_path: Path
+) -> None:
+    rings: list[int] = []
+    refiller = Refiller(
+        journal, work_queue, "node-a", tmp_path, check_seconds=60, outputs_queued=lambda: rings.append(1)
+    )
+    refiller.check()
+    assert rings == [], "no note, no wake-up"
+    (first,) = _journal_with(journal, spool_root, received=1, done=0)
+    (row,) = journal.get_instances([first])
+    result = OutboxEntry(
+        f"{first}.1", first, "PACS", spool_root / "outbox" / "r.dcm", "sc", "gradcam", "pending", 0, 0, ""
+    )
+    work_queue.note_done("node-a", row, "done", "", [result])
+    refiller.check()
+    assert rings == [1] and [e.sop_instance_uid for e in journal.outbox.entries(["pending"])] == [f"{first}.1"]
+
+
 def test_a_requested_refill_publishes_the_waiting_instances_again(
     journal: Journal, work_queue: WorkQueue, spool_root: Path, tmp_path: Path
 ) -> None:
