@@ -137,7 +137,7 @@ class SeriesProcessor:
         if volumes.waiting:
             outcomes.extend(self._finish_volumes(key, len(instances), volumes))
         for outcome in outcomes:
-            if outcome is not None:  # None: the instance waited for a volume; its outcome came from there
+            if outcome is not None:  # None: waited for a volume (its outcome came from there), or re-sent
                 tally[outcome] += 1
                 self._metrics.instances_processed.labels(outcome).inc()
         self._metrics.series_processed.labels(_series_outcome(tally)).inc()
@@ -158,7 +158,8 @@ class SeriesProcessor:
         self, instance: ReceivedInstance, in_series: int, routes_taken: dict[str, int], volumes: _VolumeBatch
     ) -> str | None:
         """Route one instance and run its 2D rules; its outcome (journaled), or None when a volume
-        rule takes it too (then its outcome is journaled with its series', see :meth:`_finish_volumes`)."""
+        rule takes it too (then its outcome is journaled with its series', see :meth:`_finish_volumes`)
+        or when a copy re-sent meanwhile left it for that copy (nothing recorded, nothing counted)."""
         uid = instance.sop_instance_uid
         try:
             started = time.perf_counter()
@@ -190,14 +191,16 @@ class SeriesProcessor:
             return None
         state, reason, queued = _combined(outcomes)
         if state == "failed":  # the routes that did succeed still send their results
-            self._journal.complete(uid, queued, "failed", reason, received_before=instance.received_at)
+            if not self._journal.complete(uid, queued, "failed", reason, received_before=instance.received_at):
+                return None  # re-sent meanwhile: its newer copy's batch counts it
             self._wake_sender(queued)
             return "failed"
         if state == "skipped":
             self._journal.mark_processed([uid], "skipped", reason, received_before=instance.received_at)
             log.info("instance %s skipped: %s", uid, reason)
             return "skipped"
-        self._journal.complete(uid, queued, received_before=instance.received_at)
+        if not self._journal.complete(uid, queued, received_before=instance.received_at):
+            return None  # re-sent meanwhile: its newer copy's batch counts it
         fault_point("after-outputs-stored")
         self._wake_sender(queued)
         return "done"
@@ -222,7 +225,8 @@ class SeriesProcessor:
             queued.extend(outputs)
             rows.append((uid, state, reason))
             read[uid] = instance.received_at
-        self._journal.complete_series(rows, queued, received_before=read)  # type: ignore[arg-type]
+        if not self._journal.complete_series(rows, queued, received_before=read):  # type: ignore[arg-type]
+            return []  # a slice re-sent meanwhile: the series is taken again whole, and counted then
         fault_point("after-outputs-stored")
         self._wake_sender(queued)
         return [state for _, state, _ in rows]

@@ -334,18 +334,24 @@ def test_a_copy_resent_while_its_first_copy_was_found_unrouted_keeps_its_file(
 
 
 def test_a_copy_resent_while_its_first_copy_was_explained_stays_received_without_the_old_outputs(
-    processor: SeriesProcessor, spool: Spool, journal: Journal, clock: FakeClock
+    pipeline: ExplainPipeline, spool: Spool, journal: Journal, metrics: NodeMetrics, clock: FakeClock
 ) -> None:
     """The batch read the first copy; a second copy arrived before the outputs' commit: the outcome
-    and outputs belong to the old copy, so neither is journaled (the follow-up explains the new one)."""
+    and outputs belong to the old copy, so neither is journaled (the follow-up explains the new one),
+    nothing is counted as processed and the sender is not woken."""
+    wakes: list[int] = []
+    processor = SeriesProcessor(
+        pipeline, spool, journal, DESTINATIONS, metrics, clock=clock, outputs_queued=lambda: wakes.append(1)
+    )
     encoded = _phantom(0)
     first = _receive(spool, journal, encoded, received_at=clock.now)
     _receive(spool, journal, encoded, received_at=clock.now + 1)
 
-    processor.process_batch(SeriesKey(STUDY, SERIES), [first])
+    assert processor.process_batch(SeriesKey(STUDY, SERIES), [first]) == {"done": 0, "skipped": 0, "failed": 0}
 
     assert journal.instance_state(first.sop_instance_uid) == ("received", "")
     assert journal.outbox.entries(("pending",)) == []
+    assert wakes == [] and sample(metrics, "pacsxai_instances_processed_total", outcome="done") == 0
 
 
 def test_continue_runs_every_route_that_takes_an_instance_each_to_its_own_destinations(
