@@ -471,7 +471,15 @@ class QueueConfig(_Section):
     @property
     def refresh_period(self) -> float:
         """``refresh_seconds``, or a quarter of ``reclaim_idle_seconds`` when not set."""
-        return self.reclaim_idle_seconds / 4 if self.refresh_seconds is None else self.refresh_seconds
+        return (
+            default_refresh_seconds(self.reclaim_idle_seconds) if self.refresh_seconds is None else self.refresh_seconds
+        )
+
+
+def default_refresh_seconds(reclaim_idle_seconds: float) -> float:
+    """How often a queue consumer refreshes what it holds when ``queue.refresh_seconds`` is not
+    set: a quarter of ``reclaim_idle_seconds``, so three refreshes can be late before a reclaim."""
+    return reclaim_idle_seconds / 4
 
 
 class LoggingConfig(_Section):

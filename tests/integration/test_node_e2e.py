@@ -228,7 +228,6 @@ def test_broken_dataset_is_quarantined_and_the_node_keeps_serving(start_node, tm
     finally:
         assoc.release()
     assert 0xC000 <= status.Status <= 0xCFFF, f"status {status.Status:#06x}"
-    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", False)
     (outcome,) = StoreSCU("MODALITY").send(Destination("PACSXAI", "127.0.0.1", node.port), [good])
     assert outcome.verdict == "delivered"
     journal = Journal(Path(node.config.storage.data_dir) / "journal.sqlite")

@@ -435,7 +435,6 @@ def test_bytes_that_are_not_a_dataset_get_cannot_understand(start_scp, tmp_path:
     assert response.Status == Status.CANNOT_UNDERSTAND
     assert recorder.stores == []
 
-    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", False)
     (outcome,) = StoreSCU("SENDER").send(Destination(NODE, LOCALHOST, scp.port), [data_file("CT_small.dcm")])
     assert outcome.verdict == "delivered"
 

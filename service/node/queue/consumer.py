@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.node.assembler import SeriesKey
+from service.node.config import default_refresh_seconds
 from service.node.processor import RETRY_LATER, STORE_RETRY_SECONDS, SeriesProcessor
 from service.node.queue.stream import NoteToSend, QueueError, QueueMessage, WorkQueue
 from service.node.store import Journal, StoreError
@@ -110,7 +111,9 @@ class StreamConsumer:
         self._idle = idle_seconds
         self._max_wait = max_wait_seconds
         self._reclaim_idle = reclaim_idle_seconds
-        self._refresh_seconds = reclaim_idle_seconds / 4 if refresh_seconds is None else refresh_seconds
+        self._refresh_seconds = (
+            default_refresh_seconds(reclaim_idle_seconds) if refresh_seconds is None else refresh_seconds
+        )
         self._clock = clock
         self._held: dict[SeriesKey, _Held] = {}
         # What the refresher thread refreshes: (message IDs, series), replaced whole by this
