@@ -104,8 +104,12 @@ class Destinations:
         folder.mkdir()
         self.log = log
         # A free port can be taken between free_port() and storescp's bind (scenarios run in parallel):
-        # storescp then exits at once, and another port is tried.
-        for _ in range(1 if port else 5):
+        # storescp then exits at once, and another port is tried. A given port is tried again a few
+        # times: a node retrying its sends to it can hold it for a moment (a TCP self-connect, when the
+        # kernel picks that very port as the connection's own).
+        for attempt in range(5):
+            if attempt and port:
+                time.sleep(1.0)
             self.port = port or free_port()
             self.process = subprocess.Popen(
                 [require_dcmtk("storescp"), *(["-v"] if log else []), "-aet", "DEST", "-od", str(folder), "+uf",
